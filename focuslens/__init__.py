@@ -1,0 +1,50 @@
+"""focuslens: which attention heads decide what a language model reads in a long prompt, and how to steer them.
+
+Implements (and goes beyond) *Focus Directions Make Your Language Models Pay More Attention to
+Relevant Contexts* (Zhu et al., 2025) on TransformerLens hooked models:
+
+* contextual scoring of heads (attention mass from response tokens to the relevant span),
+* single-head interventions (split softmax, patching, ablation, query/key vector injection),
+* focus directions (learned per-head query vectors applied with a factor alpha),
+* figures: head-location heatmaps and ablation curves.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+# Never wait on a model hub from inside the library's own defaults.
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .hooks import HookHandle, attach_hooks, count_hooks  # noqa: E402
+from .models import (  # noqa: E402
+    DEFAULT_MODEL_NAME,
+    HookedModel,
+    ModelInfo,
+    check_heads,
+    hook_name,
+    load_model,
+    model_info,
+)
+from .prompts import LabelledPrompt, Segment, Span, as_span, build_prompt  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "DEFAULT_MODEL_NAME",
+    "HookedModel",
+    "ModelInfo",
+    "load_model",
+    "model_info",
+    "hook_name",
+    "check_heads",
+    "HookHandle",
+    "attach_hooks",
+    "count_hooks",
+    "LabelledPrompt",
+    "Segment",
+    "Span",
+    "as_span",
+    "build_prompt",
+]

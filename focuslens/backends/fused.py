@@ -1,0 +1,605 @@
+"""Fused-attention backend: contextual scores and head interventions without N×N patterns.
+
+Why this exists
+---------------
+A TransformerLens bridge runs attention eagerly: every layer materialises a ``[heads, N, N]`` score
+matrix and pattern, so memory grows with N² and long prompts (8k tokens on SmolLM2, 32k on Llama-3.2)
+run out of memory long before the model's own context limit. The quantities focuslens needs never
+require the full pattern: a contextual score only involves the *response rows*
+(``O(heads · |R| · N)``), split softmax only the *selected heads*, and a focus direction is a change
+of the selected heads' post-RoPE queries.
+
+How it works
+------------
+:class:`FusedModel` keeps a plain Hugging Face causal LM on its fast attention (PyTorch SDPA) and,
+only while one of its measurements or interventions is active, switches the model to a registered
+attention function (``transformers.AttentionInterface``, name :data:`ATTN_IMPL`). Transformers calls
+that function in every layer with the **post-RoPE** query ``[b, H, q, d]``, key and value
+``[b, G, k, d]`` (``G`` KV heads under grouped-query attention, after the KV-cache update), the mask and
+the scaling. The function
+
+1. adds ``α·u`` to the selected heads' queries (:meth:`FusedModel.inject_vectors`),
+2. computes the fused SDPA output for all heads (exactly what the model computes without focuslens),
+3. recomputes the split-softmax heads explicitly, row block by row block, and overwrites their slices
+   of the output (:meth:`FusedModel.split_softmax`),
+4. for a scoring pass, computes the response rows of every head's pattern (``[b, H, |R|, N]``, fp32),
+   applies the same split-softmax edits to them, and adds their mass on each named span into an fp32
+   ``[layer, head]`` accumulator (:meth:`FusedModel.score_spans`).
+
+On exit the previous attention implementation is restored and the registration is removed (also after
+exceptions). Numbers agree with the eager TransformerLens path to ~1e-6 in fp32.
+
+Which backend should you use? The TransformerLens bridge for exploration (every hook point, caches,
+patching); this backend for long prompts, large models, bf16 on GPU, and batch scoring where only
+``[layer, head]`` results matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..prompts import Span, SpanLike, as_span
+
+__all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "PI_EPS"]
+
+#: Name under which the focuslens attention function is registered while a context is active.
+ATTN_IMPL = "focuslens_sdpa"
+#: Split softmax leaves rows whose span mass π is within PI_EPS of 0 or 1 unchanged (no mass to scale
+#: up, or nothing outside the span to take it from); elsewhere it is exact.
+PI_EPS = 1e-6
+_DEFAULT_ROW_BLOCK = 1024
+
+Head = tuple[int, int]
+
+_REG_LOCK = threading.Lock()
+_REG_COUNT = 0
+# attention module -> (weak ref to its FusedModel, layer index)
+_OWNERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, int]]" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration of the attention function (refcounted, removed when the last context exits)
+# --------------------------------------------------------------------------------------------------
+
+
+def _register() -> None:
+    global _REG_COUNT
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    with _REG_LOCK:
+        if _REG_COUNT == 0:
+            AttentionInterface.register(ATTN_IMPL, _focuslens_attention)
+            # Without a mask function registered under the same name transformers would build no mask at
+            # all for a custom implementation; SDPA's mask keeps padding and sliding windows exact.
+            AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+        _REG_COUNT += 1
+
+
+def _unregister() -> None:
+    global _REG_COUNT
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    with _REG_LOCK:
+        _REG_COUNT -= 1
+        if _REG_COUNT == 0:
+            AttentionInterface._global_mapping.pop(ATTN_IMPL, None)
+            AttentionMaskInterface._global_mapping.pop(ATTN_IMPL, None)
+
+
+def is_registered() -> bool:
+    """Whether the focuslens attention function is currently registered in transformers."""
+    from transformers import AttentionInterface
+
+    return ATTN_IMPL in AttentionInterface._global_mapping
+
+
+# --------------------------------------------------------------------------------------------------
+# Active edits and recorders
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SplitEdit:
+    heads_by_layer: dict[int, list[int]]
+    span: Span
+    tau: float
+
+
+@dataclass
+class _Injection:
+    # layer -> (head indices [n], vectors [n, d] fp32 on CPU; moved to the query's device lazily)
+    by_layer: dict[int, tuple[list[int], Tensor]]
+    alpha: float
+
+
+@dataclass
+class _Recorder:
+    rows: Span  # absolute query positions whose patterns are reduced
+    spans: list[Span]  # key spans, absolute positions
+    out: Tensor  # [n_spans, n_layers, n_heads] fp32 accumulator
+    seen: set  # layers visited (sanity check: every layer must report once)
+
+
+def _split_softmax_rows(
+    pattern: Float[Tensor, "b h q k"], span: Span, tau: float
+) -> Float[Tensor, "b h q k"]:
+    """Move each row's mass on ``span`` from π to π^τ, keeping shares inside and outside the span."""
+    inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
+    inside[span.start : min(span.end, pattern.shape[-1])] = True
+    pi = (pattern * inside).sum(-1, keepdim=True)  # [b, h, q, 1]
+    ok = (pi > PI_EPS) & (pi < 1 - PI_EPS)
+    safe = torch.where(ok, pi, torch.full_like(pi, 0.5))
+    f_in = safe.pow(tau) / safe
+    f_out = (1 - safe.pow(tau)) / (1 - safe)
+    scaled = pattern * torch.where(inside, f_in, f_out)
+    return torch.where(ok, scaled, pattern)
+
+
+def _explicit_rows(
+    query: Float[Tensor, "b h r d"],
+    key: Float[Tensor, "b g k d"],
+    q_heads: Sequence[int] | None,
+    group: int,
+    row_pos: Int[Tensor, " r"],
+    mask: Tensor | None,
+    scaling: float,
+    q_offset: int,
+) -> Float[Tensor, "b h r k"]:
+    """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
+
+    ``row_pos`` holds the rows' indices into the *query* block (used to slice a given mask) and
+    the causal limit is ``key_pos <= q_offset + row`` when no mask is given (transformers passes no
+    mask when SDPA's ``is_causal`` suffices; ``q_offset`` = cached keys before this block).
+    """
+    b, _, r, d = query.shape
+    kv = key.shape[2]
+    qf = query.float()
+    kf = key.float()
+    if q_heads is None:
+        g = kf.shape[1]
+        # [b, G, group·r, d] @ [b, G, d, k]: no expanded keys under GQA (query head h uses KV h // group)
+        scores = (qf.reshape(b, g, group * r, d) @ kf.transpose(-1, -2)).reshape(b, g * group, r, kv)
+    else:
+        kv_idx = torch.tensor([h // group for h in q_heads], device=key.device)
+        scores = qf @ kf.index_select(1, kv_idx).transpose(-1, -2)  # [b, n, r, k]
+    scores = scores * scaling
+    if mask is not None:
+        m = mask[..., row_pos.to(mask.device), :] if mask.shape[-2] != 1 else mask
+        m = m[..., :kv].to(scores.device)
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, torch.finfo(torch.float32).min)
+        else:
+            scores = scores + m.float()
+    else:
+        key_pos = torch.arange(kv, device=scores.device)
+        allowed = key_pos[None, :] <= (row_pos.to(scores.device)[:, None] + q_offset)
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=-1)
+
+
+def _focuslens_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The registered attention function: SDPA plus focuslens edits and response-row reductions.
+
+    Shapes (transformers' attention-function contract): ``query [b, H, q, d]`` post-RoPE,
+    ``key``/``value`` ``[b, G, k, d]`` (after the KV-cache update), returns ``([b, q, H, d], None)``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    owner = _OWNERS.get(module)
+    fm = owner[0]() if owner is not None else None
+    if fm is None or not fm._active_depth:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer = owner[1]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n_heads = query.shape[1]
+    group = n_heads // key.shape[1]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_offset = kv_len - q_len  # absolute position of query row 0 (no left padding assumed for spans)
+
+    # 1. query vectors, post-RoPE, every position
+    for inj in fm._injections:
+        entry = inj.by_layer.get(layer)
+        if entry is None:
+            continue
+        heads, vecs = entry
+        query = query.clone()
+        idx = torch.tensor(heads, device=query.device)
+        add = (inj.alpha * vecs.to(device=query.device, dtype=torch.float32)).to(query.dtype)  # [n, d]
+        query.index_add_(1, idx, add[None, :, None, :].expand(query.shape[0], -1, q_len, -1))
+
+    # 2. the fused output for all heads
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    # 3. split-softmax heads: explicit rows, overwriting their output slices
+    edits = [(e, e.heads_by_layer[layer]) for e in fm._splits if layer in e.heads_by_layer]
+    if edits:
+        heads = sorted({h for _, hs in edits for h in hs})
+        pos_of = {h: i for i, h in enumerate(heads)}
+        kv_idx = torch.tensor([h // group for h in heads], device=value.device)
+        v_sel = value.float().index_select(1, kv_idx)  # [b, n, k, d]
+        q_sel = query.index_select(1, torch.tensor(heads, device=query.device))
+        out = out.clone()
+        for start in range(0, q_len, fm.row_block):
+            stop = min(q_len, start + fm.row_block)
+            rows = torch.arange(start, stop, device=query.device)
+            pat = _explicit_rows(q_sel[:, :, start:stop], key, heads, group, rows, attention_mask, scaling, q_offset)
+            pat = _apply_edits(pat, edits, pos_of)
+            z = (pat.to(v_sel.device) @ v_sel).transpose(1, 2)  # [b, r, n, d]
+            out[:, start:stop, heads, :] = z.to(out.dtype).to(out.device)
+
+    # 4. response-row reductions for scoring
+    rec = fm._recorder
+    if rec is not None:
+        lo = max(rec.rows.start - q_offset, 0)
+        hi = min(rec.rows.end - q_offset, q_len)
+        if hi > lo:
+            rows = torch.arange(lo, hi, device=query.device)
+            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, scaling, q_offset)  # [b, H, r, k]
+            if edits:
+                idx = torch.tensor(heads, device=pat.device)
+                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of)
+                pat = pat.index_copy(1, idx, sub)
+            row_sums = pat.sum(dim=2)  # [b, H, k]: Σ over response rows
+            parts = torch.stack([row_sums[..., s.start : min(s.end, kv_len)].sum(-1) for s in rec.spans])  # [S, b, H]
+            rec.out[:, layer] += parts.sum(1).to(device=rec.out.device, dtype=torch.float32)
+            rec.seen.add(layer)
+    return out, None
+
+
+def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int]) -> Tensor:
+    """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``."""
+    for edit, hs in edits:
+        idx = torch.tensor([pos_of[h] for h in hs], device=pat.device)
+        sub = _split_softmax_rows(pat.index_select(1, idx), edit.span, edit.tau)
+        pat = pat.index_copy(1, idx, sub)
+    return pat
+
+
+# --------------------------------------------------------------------------------------------------
+# The model wrapper
+# --------------------------------------------------------------------------------------------------
+
+
+class FusedModel:
+    """A Hugging Face causal LM scored and steered through its fused (SDPA) attention.
+
+    Mirrors the TransformerLens-path functions of focuslens with ``[layer, head]`` results, but never
+    builds an ``[N, N]`` pattern for heads that are not selected. Works with any HF decoder whose
+    attention uses ``ALL_ATTENTION_FUNCTIONS`` and has ``layer_idx`` (Llama, Qwen2, Mistral, Gemma...),
+    on CPU or GPU, fp32 or bf16 (reductions in fp32), and with ``device_map="auto"`` splits (partial
+    results are moved to one device).
+
+    Args:
+        hf_model: an HF ``PreTrainedModel`` (``...ForCausalLM``), eval mode. Its attention
+            implementation is switched only inside focuslens contexts and restored afterwards.
+        tokenizer: its tokenizer (kept for convenience; methods take token ids).
+        row_block: query rows per explicit block for split-softmax heads (bounds the explicit
+            pattern to ``[heads, row_block, N]``).
+
+    Example:
+        >>> fm = load_fused()                                    # SmolLM2, sdpa, fp32, cpu
+        >>> s = fm.contextual_scores(p.tokens, relevant=p["doc_3"], response=p.response)
+        >>> s.shape                                              # [layer, head]
+        torch.Size([30, 9])
+        >>> with fm.split_softmax([(8, 0), (17, 3)], span=p["doc_3"], tau=0.2):
+        ...     out = fm.generate(p.tokens[None], max_new_tokens=20, do_sample=False)
+    """
+
+    def __init__(self, hf_model: Any, tokenizer: Any = None, *, row_block: int = _DEFAULT_ROW_BLOCK):
+        if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
+            raise TypeError(f"FusedModel wraps a Hugging Face PreTrainedModel, got {type(hf_model).__name__}.")
+        if row_block < 1:
+            raise ValueError(f"row_block must be >= 1, got {row_block}.")
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.row_block = int(row_block)
+        cfg = hf_model.config
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        layers = {}
+        for m in hf_model.modules():
+            idx = getattr(m, "layer_idx", None)
+            if idx is not None and hasattr(m, "o_proj") and hasattr(m, "q_proj"):
+                layers[int(idx)] = m
+        if sorted(layers) != list(range(self.n_layers)):
+            raise ValueError(
+                f"Could not find one attention module with layer_idx per layer (found {sorted(layers)}, "
+                f"expected 0..{self.n_layers - 1}); this backend supports HF decoders whose attention "
+                "modules have q_proj/o_proj and layer_idx (Llama, Qwen2, Mistral, Gemma...)."
+            )
+        self._attn_modules = [layers[i] for i in range(self.n_layers)]
+        me = weakref.ref(self)
+        for i, m in enumerate(self._attn_modules):
+            _OWNERS[m] = (me, i)
+        self._active_depth = 0
+        self._saved_impl: str | None = None
+        self._splits: list[_SplitEdit] = []
+        self._injections: list[_Injection] = []
+        self._recorder: _Recorder | None = None
+
+    # ---------------------------------------------------------------- plumbing
+    @property
+    def attn_implementation(self) -> str:
+        """The attention implementation currently set on the model's config."""
+        return self.hf_model.config._attn_implementation
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embeddings (where token ids go, and where scores are accumulated)."""
+        return self.hf_model.get_input_embeddings().weight.device
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        """Switch to the focuslens attention function; restore the previous one on exit."""
+        if self._active_depth == 0:
+            _register()
+            try:
+                self._saved_impl = self.hf_model.config._attn_implementation
+                self.hf_model.set_attn_implementation(ATTN_IMPL)
+            except BaseException:
+                _unregister()
+                raise
+        self._active_depth += 1
+        try:
+            yield
+        finally:
+            self._active_depth -= 1
+            if self._active_depth == 0:
+                try:
+                    self.hf_model.set_attn_implementation(self._saved_impl or "sdpa")
+                finally:
+                    _unregister()
+
+    def _tokens(self, tokens: Any) -> Int[Tensor, "1 pos"]:
+        if hasattr(tokens, "tokens") and not isinstance(tokens, Tensor):  # LabelledPrompt
+            tokens = tokens.tokens
+        t = torch.as_tensor(tokens)
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[0] != 1:
+            raise ValueError(
+                f"Scoring takes one sequence of token ids, shaped [pos] or [1, pos]; got {tuple(t.shape)}. "
+                "Score a batch one example at a time (spans differ between examples)."
+            )
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be integer ids, got dtype {t.dtype}.")
+        return t.to(self.input_device)
+
+    def _check_heads(self, heads: Iterable[Sequence[int]]) -> list[Head]:
+        out: list[Head] = []
+        for h in heads:
+            try:
+                l, hh = (int(x) for x in h)
+            except (TypeError, ValueError):
+                raise ValueError(f"Heads must be (layer, head) pairs of ints, got {h!r}.") from None
+            if not (0 <= l < self.n_layers and 0 <= hh < self.n_heads):
+                raise ValueError(
+                    f"Unknown head (layer={l}, head={hh}): this model has layers 0..{self.n_layers - 1} "
+                    f"and query heads 0..{self.n_heads - 1}."
+                )
+            if (l, hh) in out:
+                raise ValueError(f"Head ({l}, {hh}) is listed twice.")
+            out.append((l, hh))
+        if not out:
+            raise ValueError("No heads given: pass at least one (layer, head) pair.")
+        return out
+
+    # ---------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score_spans(
+        self,
+        tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
+        *,
+        response: SpanLike,
+        spans: Mapping[str, SpanLike],
+    ) -> dict[str, Float[Tensor, "layer head"]]:
+        """Mean attention mass that the response rows put on each named span, per head.
+
+        ``s[name][l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈span} A^{l,h}_{t,j}`` with ``R = response``, computed in
+        one forward pass that builds only the ``[H, |R|, N]`` rows of each layer (fp32). Active
+        split-softmax edits are applied to those rows (the score is that of the pattern the model uses).
+
+        Args:
+            tokens: token ids ``[pos]`` or ``[1, pos]`` (a ``LabelledPrompt`` works too).
+            response: the scoring rows, a half-open token span.
+            spans: named key spans (``{"relevant": p["doc_3"], "sink": (0, 1)}``).
+
+        Returns:
+            ``{name: Tensor[n_layers, n_heads]}`` in fp32 on the CPU.
+        """
+        ids = self._tokens(tokens)
+        n = ids.shape[1]
+        rows = as_span(response, seq_len=n, name="response")
+        if not spans:
+            raise ValueError("spans is empty: name at least one key span, e.g. {'relevant': (10, 40)}.")
+        names = list(spans)
+        key_spans = [as_span(spans[k], seq_len=n, name=f"span {k!r}") for k in names]
+        if self._recorder is not None:
+            raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
+        acc = torch.zeros(len(names), self.n_layers, self.n_heads, dtype=torch.float32, device=self.input_device)
+        rec = _Recorder(rows=rows, spans=key_spans, out=acc, seen=set())
+        with self._active():
+            self._recorder = rec
+            try:
+                self.hf_model(input_ids=ids, use_cache=False, **_logits_kwargs(self.hf_model))
+            finally:
+                self._recorder = None
+        if len(rec.seen) != self.n_layers:
+            raise RuntimeError(
+                f"Only layers {sorted(rec.seen)} reported response rows; the model's attention did not go "
+                f"through {ATTN_IMPL!r} in every layer."
+            )
+        acc = (acc / len(rows)).cpu()
+        return {k: acc[i] for i, k in enumerate(names)}
+
+    def contextual_scores(
+        self,
+        tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
+        *,
+        relevant: SpanLike,
+        response: SpanLike,
+    ) -> Float[Tensor, "layer head"]:
+        """Contextual score of every head: response rows' mean attention mass on ``relevant``.
+
+        Same definition and numbers as the TransformerLens path
+        (``focuslens.scoring.contextual_scores(bridge, tokens, relevant=..., response=...)``), in
+        ``O(heads · |R| · N)`` extra memory instead of ``O(heads · N²)``.
+
+        Returns:
+            ``Tensor[n_layers, n_heads]`` fp32 on the CPU.
+        """
+        return self.score_spans(tokens, response=response, spans={"relevant": relevant})["relevant"]
+
+    # ---------------------------------------------------------------- interventions
+    @contextlib.contextmanager
+    def split_softmax(self, heads: Iterable[Sequence[int]], *, span: SpanLike, tau: float) -> Iterator["FusedModel"]:
+        """Split softmax on ``heads``: each query row's mass on ``span`` goes from π to π^τ.
+
+        ``A'_{t,j} = A_{t,j}·π^τ/π`` inside the span, ``A_{t,j}·(1−π^τ)/(1−π)`` outside; rows with π
+        within :data:`PI_EPS` of 0 or 1 are unchanged; ``tau = 1`` is the identity. Applied at prefill
+        and every decoding step of ``generate`` (the span is in absolute key positions, so it holds
+        for the cached prompt keys). Only the selected heads get an explicit pattern, in blocks of
+        ``row_block`` query rows; the other heads stay fused.
+
+        Example:
+            >>> with fm.split_softmax([(8, 0)], span=p["doc_3"], tau=0.2):
+            ...     fm.generate(p.tokens[None], max_new_tokens=20, do_sample=False)
+        """
+        hs = self._check_heads(heads)
+        sp = as_span(span, name="span")
+        tau = float(tau)
+        if not math.isfinite(tau) or tau < 0:
+            raise ValueError(f"tau must be a finite number >= 0 (1 = identity, < 1 raises attention on the span); got {tau}.")
+        by_layer: dict[int, list[int]] = {}
+        for l, h in hs:
+            by_layer.setdefault(l, []).append(h)
+        edit = _SplitEdit(by_layer, sp, tau)
+        with self._active():
+            self._splits.append(edit)
+            try:
+                yield self
+            finally:
+                self._splits.remove(edit)
+
+    @contextlib.contextmanager
+    def inject_vectors(
+        self, vectors: Mapping[Head, Float[Tensor, " d_head"]], *, alpha: float = 1.0
+    ) -> Iterator["FusedModel"]:
+        """Add ``alpha · u^{l,h}`` to the post-RoPE query of head (l, h) at every position.
+
+        ``vectors`` maps ``(layer, head)`` to a ``[d_head]`` vector (a focus direction). Applied at
+        prefill and every decoding step; ``alpha = 0`` is the identity.
+        """
+        if not vectors:
+            raise ValueError("vectors is empty: map at least one (layer, head) to a [d_head] vector.")
+        hs = self._check_heads(list(vectors))
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}.")
+        by_layer: dict[int, tuple[list[int], list[Tensor]]] = {}
+        for (l, h), key in zip(hs, vectors):
+            v = torch.as_tensor(vectors[key]).detach()
+            if v.shape != (self.d_head,):
+                raise ValueError(f"Vector for head ({l}, {h}) has shape {tuple(v.shape)}; expected ({self.d_head},).")
+            by_layer.setdefault(l, ([], []))
+            by_layer[l][0].append(h)
+            by_layer[l][1].append(v.float().cpu())
+        inj = _Injection({l: (h, torch.stack(v)) for l, (h, v) in by_layer.items()}, alpha)
+        with self._active():
+            self._injections.append(inj)
+            try:
+                yield self
+            finally:
+                self._injections.remove(inj)
+
+    # ---------------------------------------------------------------- running
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the HF model (under any active focuslens contexts)."""
+        return self.hf_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``hf_model.generate`` (KV cache on by default); active interventions apply at every step."""
+        kwargs.setdefault("pad_token_id", getattr(self.hf_model.generation_config, "pad_token_id", None) or getattr(self.hf_model.config, "eos_token_id", None))
+        return self.hf_model.generate(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        name = getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__
+        return (
+            f"<FusedModel {name}: {self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} KV), "
+            f"attn={self.attn_implementation}, dtype={next(self.hf_model.parameters()).dtype}>"
+        )
+
+
+def _logits_kwargs(hf_model: Any) -> dict:
+    """Ask for the last position's logits only: scoring needs none, and [N, vocab] is the largest tensor."""
+    import inspect
+
+    try:
+        if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
+            return {"logits_to_keep": 1}
+    except (TypeError, ValueError):
+        pass
+    return {}
+
+
+def load_fused(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    row_block: int = _DEFAULT_ROW_BLOCK,
+) -> FusedModel:
+    """Load an HF causal LM with SDPA attention and wrap it as a :class:`FusedModel`.
+
+    Args:
+        name_or_path: ``None`` for the embedded SmolLM2-135M-Instruct (``default_model_dir()``,
+            created on first use), a local checkpoint folder, or a hub name (network or HF cache).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ignored when ``device_map`` is given.
+        dtype: parameter dtype, e.g. ``torch.bfloat16`` on GPUs (reductions stay fp32).
+        device_map: e.g. ``"auto"`` to split a large model over several GPUs (needs ``accelerate``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        from ..models import _ensure_default_checkpoint
+
+        src = str(_ensure_default_checkpoint())
+    else:
+        src = str(Path(name_or_path).expanduser()) if Path(str(name_or_path)).expanduser().exists() else str(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    if device_map is None and device is not None:
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(src)
+    return FusedModel(model, tok, row_block=row_block)

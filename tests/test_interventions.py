@@ -117,6 +117,13 @@ def _generate(model, tokens, n):
     )
 
 
+def _generate_logits(model, tokens, n):
+    return model.generate(
+        tokens, max_new_tokens=n, do_sample=False, verbose=False, use_past_kv_cache=True,
+        stop_at_eos=False, output_logits=True,
+    )
+
+
 def _rand_vectors(model, heads, seed=0, scale=2.0, n_slots=None):
     g = torch.Generator().manual_seed(seed)
     d = model_info(model).d_head
@@ -250,4 +257,210 @@ def test_inject_validation(tiny_llama):
         inject_vectors(tiny_llama, {})
     with pytest.raises(ValueError, match="site"):
         inject_vectors(tiny_llama, {(0, 0): torch.zeros(d)}, site="value")
+    assert count_hooks(tiny_llama) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# split_softmax
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_HEADS = [(0, 1), (1, 0), (1, 3)]
+
+
+def _mask_fn(spans):
+    def fn(k):
+        m = torch.zeros(k, dtype=torch.bool)
+        for s in spans:
+            m[s.start:s.end] = True
+        return m
+
+    return fn
+
+
+def test_split_tau_one_is_exact_identity(tiny_any):
+    base = tiny_any(TOKENS)
+    with split_softmax(tiny_any, SPLIT_HEADS, SPAN, 1.0):
+        out = tiny_any(TOKENS)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("tau", [0.2, 2.5])
+def test_split_matches_hf_reference_prefill(tiny_any, tau):
+    arch = _arch(tiny_any)
+    spans = [Span(2, 5), Span(8, 11)]
+    with hf_reference(arch, pattern_edit=_ref_split(SPLIT_HEADS, _mask_fn(spans), tau)) as hf:
+        ref = hf(TOKENS).logits
+    base = tiny_any(TOKENS)
+    with split_softmax(tiny_any, SPLIT_HEADS, spans, tau):
+        out = tiny_any(TOKENS)
+    assert (out - base).abs().max() > 1e-2, "split softmax must change the logits"
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_split_cached_generation_matches_full_forward_and_hf(arch_fixture, request):
+    model = request.getfixturevalue(arch_fixture)
+    arch = _arch(model)
+    tau = 0.1
+    heads = [(0, 0), (0, 2), (1, 1), (1, 2)]
+    with hf_reference(arch, pattern_edit=_ref_split(heads, _mask_fn([SPAN]), tau)) as hf:
+        ref_seq, ref_logits = _hf_greedy(hf, TOKENS, 8)
+    plain = _generate_logits(model, TOKENS, 8)
+    with split_softmax(model, heads, SPAN, tau):
+        gen = _generate_logits(model, TOKENS, 8)
+        full = _bridge_greedy_full(model, TOKENS, 8)
+    assert torch.equal(gen.sequences, full)
+    assert torch.equal(gen.sequences, ref_seq[:, : full.shape[1]])
+    # per-step logits of the cached decoding equal the HF reference's cached decoding
+    steps = torch.stack(gen.logits, 1)
+    torch.testing.assert_close(steps, ref_logits[:, : steps.shape[1]], atol=2e-5, rtol=1e-5)
+    assert (steps - torch.stack(plain.logits, 1)).abs().amax(-1).min() > 1e-3, (
+        "every decoding step must be edited"
+    )
+
+
+def test_split_pattern_properties_and_other_heads(tiny_llama):
+    tau = 0.3
+    names = [hook_name(1, "hook_pattern"), hook_name(1, "hook_z"), hook_name(0, "hook_z")]
+    _, base = tiny_llama.run_with_cache(TOKENS, names_filter=names)
+    with split_softmax(tiny_llama, [(1, 2)], SPAN, tau):
+        _, c = tiny_llama.run_with_cache(TOKENS, names_filter=names)
+    p0, p1 = base[names[0]][0], c[names[0]][0]  # [H, q, k]
+    assert torch.equal(c[names[2]], base[names[2]]), "an earlier layer must not change"
+    for h in range(4):
+        assert torch.equal(c[names[1]][:, :, h], base[names[1]][:, :, h]) == (h != 2)
+        assert torch.equal(p1[h], p0[h]) == (h != 2)
+    a0, a1 = p0[2].double(), p1[2].double()
+    # rows that cannot see the span are untouched, bit for bit
+    assert torch.equal(a1[: SPAN.start], a0[: SPAN.start].to(a1.dtype))
+    rows = slice(SPAN.start, None)
+    torch.testing.assert_close(a1[rows].sum(-1), torch.ones_like(a1[rows, 0]), atol=1e-6, rtol=0)
+    pi0 = a0[rows, SPAN.slice].sum(-1)
+    pi1 = a1[rows, SPAN.slice].sum(-1)
+    torch.testing.assert_close(pi1, pi0**tau, atol=1e-6, rtol=1e-5)
+    assert (pi1 > pi0).all()
+    # proportions inside C and outside C are kept
+    t = TOKENS.shape[1] - 1
+    inside0 = a0[t, SPAN.slice] / a0[t, SPAN.slice].sum()
+    inside1 = a1[t, SPAN.slice] / a1[t, SPAN.slice].sum()
+    torch.testing.assert_close(inside1, inside0, atol=1e-6, rtol=1e-5)
+    out_idx = torch.ones(a0.shape[-1], dtype=torch.bool)
+    out_idx[SPAN.slice] = False
+    torch.testing.assert_close(
+        a1[t, out_idx] / a1[t, out_idx].sum(), a0[t, out_idx] / a0[t, out_idx].sum(), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_split_softmax_pattern_guards():
+    m = torch.tensor([False, True, True, False])
+    pat = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # pi = 0: untouched
+            [0.0, 0.5, 0.5, 0.0],  # pi = 1: untouched
+            [0.25, 0.25, 0.25, 0.25],
+            [1e-9, 0.5, 0.5 - 2e-9, 1e-9],  # pi close to 1: finite, mass kept
+        ]
+    )
+    out = split_softmax_pattern(pat, m, 0.5)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], pat[0]) and torch.equal(out[1], pat[1])
+    torch.testing.assert_close(out[2, 1:3].sum(), torch.tensor(0.5**0.5))
+    torch.testing.assert_close(out.sum(-1), pat.sum(-1))
+    # near 1: (1 - p^tau)/(1 - p) -> tau, so the outside entries are scaled by ~0.5
+    torch.testing.assert_close(out[3, [0, 3]], pat[3, [0, 3]] * 0.5, rtol=1e-3, atol=0)
+    # the absolute-position guard
+    out = split_softmax_pattern(pat[2:3], m, 0.5, query_positions=torch.tensor([2]), min_query=3)
+    assert torch.equal(out, pat[2:3])
+
+
+def test_split_validation(tiny_llama):
+    for bad in (0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            split_softmax(tiny_llama, [(0, 0)], SPAN, bad)
+    with pytest.raises(ValueError, match="Unknown head"):
+        split_softmax(tiny_llama, [(2, 0)], SPAN, 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        split_softmax(tiny_llama, [(0, 0)], Span(3, 3), 0.5)
+    with pytest.raises(ValueError, match="at least one"):
+        split_softmax(tiny_llama, [], SPAN, 0.5)
+    with pytest.raises(ValueError, match="reaches outside"):
+        split_softmax(tiny_llama, [(0, 0)], SPAN, 0.5, seq_len=6)
+    assert count_hooks(tiny_llama) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition and hygiene (fault injection)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compose_equals_nesting(tiny_llama):
+    d = model_info(tiny_llama).d_head
+    vecs = {(0, 3): torch.randn(d) * 2}
+    with split_softmax(tiny_llama, [(1, 1)], SPAN, 0.3), inject_vectors(tiny_llama, vecs):
+        nested = tiny_llama(TOKENS)
+    h = compose(split_softmax(tiny_llama, [(1, 1)], SPAN, 0.3), inject_vectors(tiny_llama, vecs))
+    with h:
+        assert h.n_hooks == 2 and h.active
+        composed = tiny_llama(TOKENS)
+    assert not h.active
+    assert torch.equal(nested, composed)
+    with split_softmax(tiny_llama, [(1, 1)], SPAN, 0.3):
+        only_split = tiny_llama(TOKENS)
+    assert not torch.allclose(only_split, composed)
+
+
+def test_span_past_sequence_raises_in_forward_and_leaves_nothing(tiny_llama):
+    base = tiny_llama(TOKENS)
+    with pytest.raises(ValueError, match="reach past the sequence"):
+        with split_softmax(tiny_llama, [(0, 0)], Span(10, 40), 0.5):
+            tiny_llama(TOKENS)
+    assert count_hooks(tiny_llama) == 0
+    assert torch.equal(tiny_llama(TOKENS), base)
+
+
+def test_fault_injection_leaves_model_clean(tiny_llama):
+    base = tiny_llama(TOKENS)
+    base_gen = _generate(tiny_llama, TOKENS, 5)
+    d = model_info(tiny_llama).d_head
+    vecs = {(0, 1): torch.randn(d), (1, 2): torch.randn(d)}
+
+    # 1. exception raised inside the context
+    with pytest.raises(RuntimeError, match="boom"):
+        with compose(split_softmax(tiny_llama, [(0, 0)], SPAN, 0.2), inject_vectors(tiny_llama, vecs)):
+            tiny_llama(TOKENS)
+            raise RuntimeError("boom")
+    assert count_hooks(tiny_llama) == 0
+
+    # 2. exception raised inside a hook during generation, with other interventions attached
+    def bad_hook(x, hook):
+        raise KeyError("hook failure")
+
+    with pytest.raises(KeyError, match="hook failure"):
+        with split_softmax(tiny_llama, [(1, 0)], SPAN, 0.2), inject_vectors(tiny_llama, vecs):
+            with attach_hooks(tiny_llama, [(hook_name(1, "hook_z"), bad_hook)]):
+                _generate(tiny_llama, TOKENS, 3)
+    assert count_hooks(tiny_llama) == 0
+
+    # 3. a handle removed by hand, twice; afterwards forward and generation are bit-identical
+    h = split_softmax(tiny_llama, [(0, 0)], SPAN, 0.2)
+    h.remove()
+    h.remove()
+    assert count_hooks(tiny_llama) == 0
+    assert torch.equal(tiny_llama(TOKENS), base)
+    assert torch.equal(_generate(tiny_llama, TOKENS, 5), base_gen)
+
+
+def test_compose_removes_all_even_if_one_remove_fails(tiny_llama):
+    a = split_softmax(tiny_llama, [(0, 0)], SPAN, 0.2)
+    b = split_softmax(tiny_llama, [(1, 0)], SPAN, 0.2)
+
+    orig = b.remove
+
+    def failing_remove():
+        orig()
+        raise RuntimeError("remove failed")
+
+    b.remove = failing_remove
+    with pytest.raises(RuntimeError, match="remove failed"):
+        compose(a, b).remove()
     assert count_hooks(tiny_llama) == 0

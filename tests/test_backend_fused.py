@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from focuslens.backends.fused import ATTN_IMPL, PI_EPS, FusedModel, is_registered, load_fused
+from focuslens.backends.fused import ATTN_IMPL, FusedModel, is_registered, load_fused
 from focuslens.hooks import attach_hooks
 from focuslens.testing import tiny_hf_model
 
@@ -42,8 +42,10 @@ def _split_ref(pattern: torch.Tensor, span, tau: float) -> torch.Tensor:
     s, e = span
     for i in range(flat.shape[0]):
         row = src[i]
-        pi = float(row[s:e].sum())
-        if PI_EPS < pi < 1 - PI_EPS:
+        pi = float(row[s:e].double().sum())
+        rho = float(row[:s].double().sum() + row[e:].double().sum())
+        if pi > 0 and rho > 0:
+            pi = pi / (pi + rho)
             flat[i, s:e] = row[s:e] * (pi**tau / pi)
             flat[i, :s] = row[:s] * ((1 - pi**tau) / (1 - pi))
             flat[i, e:] = row[e:] * ((1 - pi**tau) / (1 - pi))
@@ -344,3 +346,37 @@ def test_validation_errors():
     with pytest.raises(TypeError):
         FusedModel(object())
     assert fm.attn_implementation == "sdpa" and not is_registered()
+
+
+# ------------------------------------------------------- against the TransformerLens-path modules
+
+
+def test_split_softmax_matches_interventions_module(tiny_llama):
+    interventions = pytest.importorskip("focuslens.interventions")
+    fm = FusedModel(tiny_hf_model("llama"))
+    ids = _ids(28, seed=15)
+    heads, span, tau = [(0, 2), (1, 0)], (3, 11), 0.3
+    with interventions.split_softmax(tiny_llama, heads, span, tau):
+        with torch.no_grad():
+            ref = tiny_llama(ids[None])
+        ref_gen = tiny_llama.generate(ids[None], max_new_tokens=5, do_sample=False, verbose=False, use_past_kv_cache=True)
+    with fm.split_softmax(heads, span=span, tau=tau):
+        with torch.no_grad():
+            got = fm(ids[None]).logits
+        gen = fm.generate(ids[None], max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert torch.equal(gen.cpu(), torch.as_tensor(ref_gen).cpu())
+
+
+def test_inject_vectors_matches_interventions_module(tiny_llama):
+    interventions = pytest.importorskip("focuslens.interventions")
+    fm = FusedModel(tiny_hf_model("llama"))
+    ids = _ids(20, seed=16)
+    g = torch.Generator().manual_seed(3)
+    vecs = {(0, 3): torch.randn(16, generator=g), (1, 1): torch.randn(16, generator=g)}
+    with interventions.inject_vectors(tiny_llama, vecs, alpha=0.5):
+        with torch.no_grad():
+            ref = tiny_llama(ids[None])
+    with fm.inject_vectors(vecs, alpha=0.5), torch.no_grad():
+        got = fm(ids[None]).logits
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)

@@ -51,13 +51,10 @@ from torch import Tensor
 
 from ..prompts import Span, SpanLike, as_span
 
-__all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "PI_EPS"]
+__all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "is_registered"]
 
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
-#: Split softmax leaves rows whose span mass π is within PI_EPS of 0 or 1 unchanged (no mass to scale
-#: up, or nothing outside the span to take it from); elsewhere it is exact.
-PI_EPS = 1e-6
 _DEFAULT_ROW_BLOCK = 1024
 
 Head = tuple[int, int]
@@ -136,16 +133,17 @@ class _Recorder:
 def _split_softmax_rows(
     pattern: Float[Tensor, "b h q k"], span: Span, tau: float
 ) -> Float[Tensor, "b h q k"]:
-    """Move each row's mass on ``span`` from π to π^τ, keeping shares inside and outside the span."""
+    """Move each row's mass on ``span`` from π to π^τ, keeping shares inside and outside the span.
+
+    Delegates to :func:`focuslens.interventions.split_softmax_pattern`, the TransformerLens path's
+    definition (factors in float64; rows with no mass on the span or none outside it unchanged), so
+    both backends make exactly the same edit.
+    """
+    from ..interventions import split_softmax_pattern
+
     inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
     inside[span.start : min(span.end, pattern.shape[-1])] = True
-    pi = (pattern * inside).sum(-1, keepdim=True)  # [b, h, q, 1]
-    ok = (pi > PI_EPS) & (pi < 1 - PI_EPS)
-    safe = torch.where(ok, pi, torch.full_like(pi, 0.5))
-    f_in = safe.pow(tau) / safe
-    f_out = (1 - safe.pow(tau)) / (1 - safe)
-    scaled = pattern * torch.where(inside, f_in, f_out)
-    return torch.where(ok, scaled, pattern)
+    return split_softmax_pattern(pattern, inside, tau)
 
 
 def _explicit_rows(
@@ -480,8 +478,8 @@ class FusedModel:
     def split_softmax(self, heads: Iterable[Sequence[int]], *, span: SpanLike, tau: float) -> Iterator["FusedModel"]:
         """Split softmax on ``heads``: each query row's mass on ``span`` goes from π to π^τ.
 
-        ``A'_{t,j} = A_{t,j}·π^τ/π`` inside the span, ``A_{t,j}·(1−π^τ)/(1−π)`` outside; rows with π
-        within :data:`PI_EPS` of 0 or 1 are unchanged; ``tau = 1`` is the identity. Applied at prefill
+        ``A'_{t,j} = A_{t,j}·π^τ/π`` inside the span, ``A_{t,j}·(1−π^τ)/(1−π)`` outside; rows with no
+        mass on the span (e.g. before it) or none outside it are unchanged; ``tau = 1`` is the identity. Applied at prefill
         and every decoding step of ``generate`` (the span is in absolute key positions, so it holds
         for the cached prompt keys). Only the selected heads get an explicit pattern, in blocks of
         ``row_block`` query rows; the other heads stay fused.
@@ -493,8 +491,8 @@ class FusedModel:
         hs = self._check_heads(heads)
         sp = as_span(span, name="span")
         tau = float(tau)
-        if not math.isfinite(tau) or tau < 0:
-            raise ValueError(f"tau must be a finite number >= 0 (1 = identity, < 1 raises attention on the span); got {tau}.")
+        if not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"tau must be a finite number > 0 (1 = identity, < 1 raises attention on the span); got {tau}.")
         by_layer: dict[int, list[int]] = {}
         for l, h in hs:
             by_layer.setdefault(l, []).append(h)

@@ -1,0 +1,372 @@
+"""The ``focuslens`` command line: the demo, and each step of the method on any model and data file.
+
+    focuslens demo [--full]                 the whole pipeline on the embedded default model
+    focuslens score    --output DIR         contextual scores, ranking JSON, head-location heatmap
+    focuslens sweep    --heads R.json       split softmax on the top-k heads for k x tau, random control
+    focuslens train    --heads R.json       learn focus directions (saved as a folder)
+    focuslens evaluate [--directions DIR]   accuracy with/without an intervention
+    focuslens plot     R.json               heatmap of a saved ranking
+    focuslens info                          the model's architecture
+
+Every command takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a local Hugging Face
+folder, or a hub name where the network works), ``--data`` (``synthetic`` or a Lost-in-the-Middle
+``.jsonl(.gz)`` file), ``--seed`` and ``--output``. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="model: omitted = embedded SmolLM2-135M-Instruct; a local HF checkpoint folder; or a hub name")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1) [cpu]")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="parameter dtype [float32]")
+    if data:
+        g.add_argument("--data", default="synthetic",
+                       help="'synthetic' (entity-attribute multi-document QA) or a Lost-in-the-Middle .jsonl(.gz) file [synthetic]")
+        g.add_argument("--n", type=int, default=100, help="number of examples [100]")
+        g.add_argument("--n-docs", type=int, default=10, help="documents per synthetic example [10]")
+        g.add_argument("--offset", type=int, default=0,
+                       help="skip this many examples first (keep ranking/training/test sets disjoint) [0]")
+        g.add_argument("--max-new-tokens", type=int, default=24, help="greedy generation budget [24]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="focuslens",
+        description="Find the attention heads that read the relevant context (contextual heads), test them "
+                    "causally with split softmax, and steer them with focus directions.",
+        epilog="Run 'focuslens COMMAND --help' for the options of a command.",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the default model and task (about 10 minutes)",
+                       description="Baselines, contextual scores + heatmap, split-softmax sweep with random-head control, "
+                                   "focus-direction training and alpha sweep with magnitude control. Resumable: a rerun "
+                                   "reuses finished steps.")
+    p.add_argument("--full", action="store_true", help="the larger protocol (hundreds of examples; about an hour)")
+    p.add_argument("--output", default="demo_output", help="output folder [demo_output]")
+    p.add_argument("--figures", default=None, help="also write the figures into this folder (e.g. figures)")
+    p.add_argument("--objective", default="likelihood", choices=["attention", "likelihood", "both"],
+                   help="focus-direction objective [likelihood]")
+    p.add_argument("--n-test", type=int, default=None, help="override the number of test examples per condition")
+    _common(p, data=False)
+
+    p = sub.add_parser("score", help="contextual scores of every head, ranking and heatmap",
+                       description="Score every head by the attention mass that the response tokens put on the gold "
+                                   "document (averaged over examples), rank them and draw the head-location heatmap.")
+    _common(p)
+    p.add_argument("--response", default="generate", choices=["generate", "gold", "gold_only"],
+                   help="response rows: the model's own answer (paper), the gold answer text, or the gold-only answer [generate]")
+    p.add_argument("--top-k", type=int, default=20, help="heads to mark [20]")
+    p.add_argument("--output", default="focuslens_scores", help="output folder")
+
+    p = sub.add_parser("sweep", help="split softmax on the top-k contextual heads for k x tau, with random heads",
+                       description="Accuracy under split softmax (oracle gold span) on the top-k heads of a ranking, "
+                                   "for each k and tau, with k random heads as the control; writes a table and the "
+                                   "ablation-curve figure.")
+    _common(p)
+    p.add_argument("--heads", required=True, help="ranking JSON from 'focuslens score' (or the authors' relevant_heads.json)")
+    p.add_argument("--ks", type=_ints, default=[5, 20], help="comma-separated k values [5,20]")
+    p.add_argument("--taus", type=_floats, default=[0.2, 0.5], help="comma-separated tau values in (0, 1] [0.2,0.5]")
+    p.add_argument("--random-seeds", type=_ints, default=[0], help="seeds of the random-head control [0]")
+    p.add_argument("--output", default="focuslens_sweep", help="output folder")
+
+    p = sub.add_parser("train", help="learn focus directions on the top-k heads",
+                       description="Learn one query vector per head (the paper's attention objective on cached q/k, or "
+                                   "the end-to-end likelihood objective) and save them as a folder "
+                                   "(directions.safetensors + config.json).")
+    _common(p)
+    p.add_argument("--heads", required=True, help="ranking JSON from 'focuslens score'")
+    p.add_argument("--k", type=int, default=20, help="number of top heads [20]")
+    p.add_argument("--objective", default="attention", choices=["attention", "likelihood", "both"], help="[attention]")
+    p.add_argument("--n-val", type=int, default=30, help="validation examples for early stopping [30]")
+    p.add_argument("--output", default="focus_directions", help="artefact folder")
+
+    p = sub.add_parser("evaluate", help="accuracy with and without an intervention",
+                       description="Greedy answers and best-subspan EM on a task, optionally with focus directions "
+                                   "(--directions) or split softmax (--heads + --tau). Resumable JSONL records.")
+    _common(p)
+    p.add_argument("--variant", default="original", choices=["original", "gold_only", "negative"], help="[original]")
+    p.add_argument("--directions", default=None, help="a focus-directions folder")
+    p.add_argument("--alpha", default=None, help="alpha for the directions (a number, or 'auto' for magnitude control)")
+    p.add_argument("--heads", default=None, help="ranking JSON: apply split softmax to its top --k heads")
+    p.add_argument("--k", type=int, default=20, help="heads for split softmax [20]")
+    p.add_argument("--tau", type=float, default=None, help="split-softmax exponent, > 0")
+    p.add_argument("--output", default="focuslens_eval", help="output folder")
+
+    p = sub.add_parser("plot", help="head-location heatmap of a saved ranking",
+                       description="Draw the [layer, head] heatmap of a ranking JSON written by 'score' or the demo.")
+    p.add_argument("ranking", help="ranking JSON")
+    p.add_argument("--top-k", type=int, default=20, help="heads to mark [20]")
+    p.add_argument("--output", default="figures/contextual_heads", help="path stem: writes .html and .png")
+
+    p = sub.add_parser("info", help="print the model's architecture", description="Load a model and print its fingerprint.")
+    _common(p, data=False)
+    return ap
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _model(args):
+    import torch
+
+    from .models import load_model
+
+    torch.set_num_threads(args.threads)
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _examples(args, n: int | None = None, offset: int | None = None):
+    n = args.n if n is None else n
+    offset = args.offset if offset is None else offset
+    if n <= 0:
+        raise ValueError(f"--n must be positive, got {n}")
+    if args.data == "synthetic":
+        from .tasks import make_synthetic_qa
+
+        return make_synthetic_qa(offset + n, n_docs=args.n_docs, seed=args.seed)[offset:]
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file (use 'synthetic' or a LitM .jsonl/.jsonl.gz file)")
+    from .tasks import litm
+
+    ex = litm.load_litm(path)
+    if offset >= len(ex):
+        raise ValueError(f"--offset {offset} skips all {len(ex)} examples of {path}")
+    return ex[offset : offset + n]
+
+
+def _out(args) -> Path:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_heads(path: str, model, k: int | None = None):
+    from .scoring import load_heads
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such ranking file (make one with 'focuslens score')")
+    return load_heads(path, k=k, model=model)
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    kw = dict(model=args.model, seed=args.seed, threads=args.threads, objective=args.objective)
+    if args.n_test:
+        kw["n_test"] = args.n_test
+    cfg = DemoConfig.full(**kw) if args.full else DemoConfig(**kw)
+    run_demo(cfg, args.output, figures_dir=args.figures)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .models import model_info
+    from .plotting import head_heatmap, save_figure
+    from .scoring import score_dataset
+    from .tasks import render
+
+    model = _model(args)
+    out = _out(args)
+    rendered = [render(e, model.tokenizer) for e in _examples(args)]
+    ds = score_dataset(model, rendered, response=args.response, max_new_tokens=args.max_new_tokens)
+    ds.save(out / "contextual_heads.json")
+    fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k,
+                       title=f"Contextual scores ({model_info(model).name}, n={ds.n})")
+    save_figure(fig, out / "contextual_heads")
+    print(f"scored {ds.n} examples ({ds.n_skipped} skipped); top-{args.top_k} heads:")
+    for i, (l, h, v) in enumerate(ds.ranking()[: args.top_k], 1):
+        print(f"  {i:>3}. L{l}H{h}  {v:.4f}")
+    print(f"wrote {out / 'contextual_heads.json'} and the heatmap")
+    return 0
+
+
+def _eval(model, examples, args, out: Path, name: str, intervene=None, variant: str = "original") -> dict:
+    from .evaluation import evaluate
+
+    res = evaluate(model, examples, variant=variant, intervene=intervene, output=out / f"{name}.jsonl",
+                   max_new_tokens=args.max_new_tokens, tag=name)
+    s = res.summary()
+    print(f"  {name:<32} n={s['n']:<4} accuracy {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}   "
+          f"distractor copy {s['distractor_copy']:.3f}")
+    return {k: s[k] for k in ("n", "accuracy", "accuracy_se", "distractor_copy", "distractor_copy_se")}
+
+
+def cmd_sweep(args) -> int:
+    from .interventions import split_softmax
+    from .models import model_info
+    from .plotting import ablation_curve, save_figure
+    from .tasks import render
+
+    for t in args.taus:
+        if not t > 0:
+            raise ValueError(f"tau must be > 0 (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
+    model = _model(args)
+    info = model_info(model)
+    ranking = _load_heads(args.heads, model)
+    if max(args.ks) > len(ranking):
+        raise ValueError(f"k={max(args.ks)} exceeds the {len(ranking)} heads in {args.heads}")
+    out = _out(args)
+    examples = [render(e, model.tokenizer) for e in _examples(args)]
+    res = {"original": _eval(model, examples, args, out, "original")}
+    all_heads = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
+    for tau in args.taus:
+        for k in args.ks:
+            heads = ranking[:k]
+            res[f"top{k}_tau{tau}"] = _eval(model, examples, args, out, f"top{k}_tau{tau}",
+                                            intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
+            for s in args.random_seeds:
+                rh = random.Random(1000 + s).sample(all_heads, k)
+                res[f"random{k}_tau{tau}_s{s}"] = _eval(
+                    model, examples, args, out, f"random{k}_tau{tau}_s{s}",
+                    intervene=lambda r, rh=rh, tau=tau: split_softmax(model, rh, r.relevant, tau))
+    series = {}
+    for tau in args.taus:
+        series[f"top-k, τ={tau}"] = ([res[f"top{k}_tau{tau}"]["accuracy"] for k in args.ks],
+                                     [res[f"top{k}_tau{tau}"]["accuracy_se"] for k in args.ks])
+        series[f"random k, τ={tau}"] = (
+            [sum(res[f"random{k}_tau{tau}_s{s}"]["accuracy"] for s in args.random_seeds) / len(args.random_seeds) for k in args.ks],
+            None)
+    fig = ablation_curve(args.ks, series, baselines={"original": res["original"]["accuracy"]},
+                         xaxis="k", yaxis="accuracy", title="Split softmax on the top-k contextual heads")
+    save_figure(fig, out / "split_softmax_curve")
+    (out / "sweep.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {out / 'sweep.json'} and the ablation curve")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import directions as fd
+
+    model = _model(args)
+    heads = _load_heads(args.heads, model, k=args.k)
+    train = _examples(args)
+    val = _examples(args, n=args.n_val, offset=args.offset + args.n)
+    train_d = fd.make_direction_examples(model, train, max_new_tokens=args.max_new_tokens)
+    val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens)
+    d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
+                                  seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
+    d.save(args.output)
+    print(f"saved {len(d)} focus directions ({args.objective}) to {args.output}")
+    if d.training:
+        print(json.dumps({k: v for k, v in d.training.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .tasks import render
+
+    model = _model(args)
+    out = _out(args)
+    examples = _examples(args)
+    if args.variant == "original":
+        examples = [render(e, model.tokenizer) for e in examples]
+    if args.directions and args.heads:
+        raise ValueError("give either --directions or --heads/--tau, not both")
+    if args.directions:
+        from .directions import FocusDirections
+
+        if not Path(args.directions).exists():
+            raise FileNotFoundError(f"--directions {args.directions}: no such folder")
+        d = FocusDirections.load(args.directions)
+        alpha = args.alpha if args.alpha is not None else d.alpha
+        if alpha == "auto":
+            intervene = lambda r: d.apply(model, alpha="auto", tokens=r.prompt.tokens)  # noqa: E731
+        else:
+            try:
+                a = float(alpha)
+            except ValueError:
+                raise ValueError(f"--alpha must be a number or 'auto', got {alpha!r}") from None
+            intervene = lambda r: d.apply(model, alpha=a)  # noqa: E731
+        _eval(model, examples, args, out, f"directions_alpha{alpha}", intervene=intervene, variant=args.variant)
+    elif args.heads:
+        from .interventions import split_softmax
+
+        if args.tau is None or not args.tau > 0:
+            raise ValueError(f"--tau must be given and > 0 with --heads (got {args.tau})")
+        heads = _load_heads(args.heads, model, k=args.k)
+        _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau}",
+              intervene=lambda r: split_softmax(model, heads, r.relevant, args.tau), variant=args.variant)
+    else:
+        _eval(model, examples, args, out, f"plain_{args.variant}", variant=args.variant)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plotting import head_heatmap, save_figure
+    from .scoring import DatasetScores
+
+    p = Path(args.ranking)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such ranking file")
+    ds = DatasetScores.load(p)
+    fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k, title=f"Contextual scores ({ds.model}, n={ds.n})")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    for f in save_figure(fig, args.output):
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models import model_info
+
+    info = model_info(_model(args))
+    print(json.dumps({"name": info.name, **info.fingerprint()}, indent=2))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "score": cmd_score, "sweep": cmd_sweep, "train": cmd_train,
+            "evaluate": cmd_evaluate, "plot": cmd_plot, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("focuslens: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, TypeError) as e:
+        if os.environ.get("FOCUSLENS_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"focuslens {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

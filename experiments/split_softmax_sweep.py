@@ -1,0 +1,284 @@
+"""Split softmax on the top-k contextual heads vs k random heads: accuracy against k for several τ.
+
+METHOD.md §3: on the selected heads, every query row's attention mass on the gold document moves
+from π to π^τ. If the contextual heads are the ones that read the relevant context, this raises
+accuracy from the *original* baseline toward the *gold-only* baseline, while k random heads do much
+less.
+
+Protocol (SmolLM2-135M-Instruct, synthetic multi-document QA, 10 documents, chat template, greedy):
+  1. rank heads on separate examples (``--rank-seed``, ``--n-rank``) by the paper's contextual
+     score (response = the model's own answer to the full prompt), with
+     ``focuslens.scoring.score_dataset`` (a small local routine if that module is not importable);
+  2. on ``--n`` held-out examples (``--seed``): the original, gold-only and negative baselines;
+     split softmax on the top-k heads for every k in ``--ks`` and τ in ``--taus``; k random heads
+     (``--random-k``, seeds ``--random-seeds``) at every τ;
+  3. write the table (markdown, JSON) and the figure (``figures/split_softmax_curve.html/.png``).
+
+Every condition is a resumable JSONL file under ``runs/split_softmax/`` (git-ignored): a killed run
+restarts where it stopped. Run it in the background, politely:
+
+    nice -n 10 python experiments/split_softmax_sweep.py --n 100 > runs/split_softmax.log 2>&1 &
+
+Quick look (teacher-forced margins instead of generation is not needed here: generation is short):
+    python experiments/split_softmax_sweep.py --n 20 --ks 20 --taus 0.2 --random-seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import focuslens as fl  # noqa: E402
+from focuslens.evaluation import evaluate  # noqa: E402
+from focuslens.interventions import split_softmax  # noqa: E402
+from focuslens.models import hook_name, model_info  # noqa: E402
+from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
+
+RUN_DIR = ROOT / "runs" / "split_softmax"
+FIG_BASE = ROOT / "figures" / "split_softmax_curve"
+
+
+def rank_heads(model, examples, *, max_new_tokens: int) -> tuple[list[tuple[int, int, float]], str]:
+    """(layer, head, score) sorted by the dataset contextual score, and how it was computed."""
+    rendered = [render(ex, model.tokenizer, variant="original", chat=True) for ex in examples]
+    try:
+        from focuslens.scoring import score_dataset
+
+        ds = score_dataset(model, rendered, response="generate", max_new_tokens=max_new_tokens, progress=False)
+        return [(int(l), int(h), float(s)) for l, h, s in ds.ranking("relevant")], "focuslens.scoring.score_dataset"
+    except ImportError:
+        pass
+    # Local fallback: the paper's score, reduced inside the hook (never stores a full pattern).
+    info = model_info(model)
+    total = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+    n = 0
+    for r in rendered:
+        out = model.generate(r.prompt.tokens[None], max_new_tokens=max_new_tokens, do_sample=False,
+                             verbose=False, use_past_kv_cache=True)
+        resp = out[0, len(r.prompt):]
+        if resp.numel() == 0:
+            continue
+        tokens = out[0]
+        R = slice(len(r.prompt), tokens.shape[0])
+        C = r.relevant.slice
+        scores = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+
+        def make(l):
+            def hook(pattern, hook):  # [batch, head, q, k]
+                scores[l] = pattern[0, :, R, C].sum(-1).mean(-1).double()
+            return hook
+
+        with torch.no_grad(), fl.attach_hooks(model, [(hook_name(l, "hook_pattern"), make(l)) for l in range(info.n_layers)]):
+            model(tokens[None])
+        total += scores
+        n += 1
+    if n == 0:
+        raise RuntimeError("No usable ranking example (all responses empty).")
+    mean = total / n
+    ranking = sorted(((l, h, float(mean[l, h])) for l in range(info.n_layers) for h in range(info.n_heads)),
+                     key=lambda x: -x[2])
+    return ranking, "local"
+
+
+def random_heads(model, k: int, seed: int) -> list[tuple[int, int]]:
+    info = model_info(model)
+    allh = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
+    return sorted(random.Random(seed).sample(allh, k))
+
+
+def summarise(res) -> dict:
+    s = res.summary()
+    return {k: s[k] for k in ("n", "accuracy", "accuracy_se", "distractor_copy", "distractor_copy_se",
+                              "seconds_per_example")}
+
+
+def plot(results: dict, path_base: Path) -> list[str]:
+    """The ablation-curve figure: accuracy vs k, one line per τ, random-k markers, baselines."""
+    try:
+        from focuslens.plotting import ablation_curve  # the scoring engineer's, if it exists
+    except ImportError:
+        ablation_curve = None
+    import plotly.graph_objects as go
+
+    base = results["baselines"]
+    if ablation_curve is not None:
+        try:
+            fig = ablation_curve(results)
+        except Exception:
+            fig = None
+    else:
+        fig = None
+    if fig is None:
+        fig = go.Figure()
+        colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+        for i, (tau, pts) in enumerate(sorted(results["top"].items(), key=lambda x: float(x[0]))):
+            ks = sorted(pts, key=int)
+            fig.add_trace(go.Scatter(
+                x=[int(k) for k in ks], y=[pts[k]["accuracy"] for k in ks],
+                error_y=dict(type="data", array=[pts[k]["accuracy_se"] for k in ks]),
+                mode="lines+markers", name=f"top-k contextual heads, τ={tau}",
+                line=dict(color=colours[i % len(colours)]),
+            ))
+        for i, (tau, pts) in enumerate(sorted(results["random"].items(), key=lambda x: float(x[0]))):
+            for k, d in pts.items():
+                fig.add_trace(go.Scatter(
+                    x=[int(k)], y=[d["mean"]], error_y=dict(type="data", array=[d["sd"]]),
+                    mode="markers", marker=dict(symbol="x", size=11, color=colours[i % len(colours)]),
+                    name=f"{k} random heads, τ={tau} (mean ± sd of {len(d['seeds'])} seeds)",
+                ))
+        for name, dash in (("gold_only", "dot"), ("original", "solid"), ("negative", "dash")):
+            if name in base:
+                fig.add_hline(y=base[name]["accuracy"], line_dash=dash, line_color="grey",
+                              annotation_text=f"{name} {base[name]['accuracy']:.2f}",
+                              annotation_position="right")
+        fig.update_layout(
+            title=f"Split softmax on SmolLM2-135M-Instruct, {results['n_docs']} documents, n={results['n']}",
+            xaxis_title="k (heads edited)", yaxis_title="accuracy (best-subspan EM)",
+            yaxis_range=[0, 1], template="plotly_white", width=900, height=520,
+        )
+    path_base.parent.mkdir(parents=True, exist_ok=True)
+    written = [str(path_base.with_suffix(".html"))]
+    fig.write_html(written[0], include_plotlyjs="cdn")
+    try:
+        import shutil
+
+        if "BROWSER_PATH" not in os.environ and shutil.which("chromium"):
+            os.environ["BROWSER_PATH"] = shutil.which("chromium")
+        fig.write_image(str(path_base.with_suffix(".png")), scale=2)
+        written.append(str(path_base.with_suffix(".png")))
+    except Exception as e:  # kaleido without a browser
+        print(f"[sweep] PNG export failed ({e}); install chromium (apt-get install -y chromium) "
+              "and set BROWSER_PATH, the HTML figure was written.", flush=True)
+    return written
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100, help="held-out test examples")
+    p.add_argument("--n-docs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seed of the test examples")
+    p.add_argument("--n-rank", type=int, default=30, help="examples used to rank heads (separate)")
+    p.add_argument("--rank-seed", type=int, default=1000)
+    p.add_argument("--ks", type=int, nargs="+", default=[5, 20, 50])
+    p.add_argument("--taus", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--random-k", type=int, default=20)
+    p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    p.add_argument("--no-figure", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    model = fl.load_model(verbose=False)
+    # --- ranking on separate examples (cached) ---
+    rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}.json"
+    if rank_path.exists():
+        ranking_info = json.loads(rank_path.read_text())
+    else:
+        rank_ex = make_synthetic_qa(args.n_rank, n_docs=args.n_docs, seed=args.rank_seed)
+        ranking, how = rank_heads(model, rank_ex, max_new_tokens=args.max_new_tokens)
+        ranking_info = {"ranking": ranking, "method": how, "n_rank": args.n_rank, "rank_seed": args.rank_seed}
+        rank_path.write_text(json.dumps(ranking_info))
+    ranking = [(int(l), int(h)) for l, h, _ in ranking_info["ranking"]]
+    print(f"[sweep] ranking ({ranking_info['method']}): top-10 {ranking[:10]}", flush=True)
+
+    test = make_synthetic_qa(args.n, n_docs=args.n_docs, seed=args.seed)
+    tag_base = f"docs{args.n_docs}_seed{args.seed}_n{args.n}_mnt{args.max_new_tokens}"
+
+    def run(name: str, *, variant="original", heads=None, tau=None):
+        out = run_dir / f"{tag_base}_{name}.jsonl"
+        intervene = None
+        if heads is not None:
+            intervene = lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau)  # noqa: E731
+        res = evaluate(model, test, variant=variant, max_new_tokens=args.max_new_tokens, intervene=intervene,
+                       output=out, progress=False, tag=name)
+        s = summarise(res)
+        print(f"[sweep] {name:28s} acc {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}  "
+              f"copy {s['distractor_copy']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        return s
+
+    results: dict = {"n": args.n, "n_docs": args.n_docs, "seed": args.seed, "ranking": ranking_info["method"],
+                     "n_rank": args.n_rank, "rank_seed": args.rank_seed, "max_new_tokens": args.max_new_tokens,
+                     "baselines": {}, "top": {}, "random": {}, "top_heads": {},
+                     "command": "python experiments/split_softmax_sweep.py " + " ".join(argv or sys.argv[1:])}
+    # Priority order: what the claim needs first (top-k vs random-k at the first τ, baselines), so a
+    # run stopped early has the most useful part; then the other k, then the other τ.
+    taus = sorted(args.taus)
+    rk = args.random_k
+    other_k = [k for k in sorted(args.ks) if k != rk]
+    plan: list[tuple] = [("base", "original")]
+    for i, tau in enumerate(taus):
+        if rk in args.ks:
+            plan.append(("top", rk, tau))
+        plan.append(("random", rk, tau))
+        if i == 0:
+            plan += [("base", "gold_only"), ("base", "negative")]
+        plan += [("top", k, tau) for k in other_k]
+    for item in plan:
+        if item[0] == "base":
+            name = item[1]
+            results["baselines"][name] = run(name, variant=name)
+        elif item[0] == "top":
+            _, k, tau = item
+            heads = ranking[:k]
+            results["top_heads"][str(k)] = heads
+            results["top"].setdefault(str(tau), {})[str(k)] = run(f"top{k}_tau{tau}", heads=heads, tau=tau)
+        else:
+            _, k, tau = item
+            per = [run(f"random{k}_seed{s}_tau{tau}", heads=random_heads(model, k, s), tau=tau)
+                   for s in args.random_seeds]
+            accs = [d["accuracy"] for d in per]
+            m = sum(accs) / len(accs)
+            sd = math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else float("nan")
+            results["random"].setdefault(str(tau), {})[str(k)] = {
+                "mean": m, "sd": sd, "seeds": list(args.random_seeds), "per_seed": per,
+                "copy_mean": sum(d["distractor_copy"] for d in per) / len(per),
+            }
+    results["wall_seconds"] = time.time() - t0
+    (run_dir / f"{tag_base}_results.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results), flush=True)
+    if not args.no_figure:
+        print("[sweep] figure:", plot(results, FIG_BASE), flush=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    b = results["baselines"]
+    lines = [f"n = {results['n']} held-out examples, {results['n_docs']} documents; heads ranked on "
+             f"{results['n_rank']} separate examples ({results['ranking']}).", "",
+             "| condition | k | τ | accuracy ± se | distractor copy |", "|---|---|---|---|---|"]
+    for name in ("original", "gold_only", "negative"):
+        if name in b:
+            lines.append(f"| baseline {name} | – | – | {b[name]['accuracy']:.3f} ± {b[name]['accuracy_se']:.3f} | "
+                         f"{b[name]['distractor_copy']:.3f} |")
+    for tau, pts in sorted(results["top"].items(), key=lambda x: float(x[0])):
+        for k, d in sorted(pts.items(), key=lambda x: int(x[0])):
+            lines.append(f"| top-k contextual | {k} | {tau} | {d['accuracy']:.3f} ± {d['accuracy_se']:.3f} | "
+                         f"{d['distractor_copy']:.3f} |")
+    for tau, pts in sorted(results["random"].items(), key=lambda x: float(x[0])):
+        for k, d in pts.items():
+            per = ", ".join(f"{x['accuracy']:.2f}" for x in d["per_seed"])
+            lines.append(f"| random (seeds {d['seeds']}: {per}) | {k} | {tau} | {d['mean']:.3f} (sd {d['sd']:.3f}) | "
+                         f"{d['copy_mean']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,19 @@ from .models import (  # noqa: E402
     model_info,
 )
 from .prompts import LabelledPrompt, Segment, Span, as_span, build_prompt  # noqa: E402
+from .scoring import (  # noqa: E402
+    DatasetScores,
+    HeadScores,
+    contextual_heads,
+    contextual_scores,
+    load_heads,
+    save_heads,
+    score_dataset,
+    score_spans,
+)
+from .interventions import compose, inject_vectors, split_softmax  # noqa: E402
+from .directions import FocusDirections, train_focus_directions  # noqa: E402
+from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -47,4 +60,20 @@ __all__ = [
     "Span",
     "as_span",
     "build_prompt",
+    "contextual_scores",
+    "score_spans",
+    "score_dataset",
+    "contextual_heads",
+    "HeadScores",
+    "DatasetScores",
+    "load_heads",
+    "save_heads",
+    "split_softmax",
+    "inject_vectors",
+    "compose",
+    "FocusDirections",
+    "train_focus_directions",
+    "head_heatmap",
+    "ablation_curve",
+    "save_figure",
 ]

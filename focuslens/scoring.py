@@ -157,6 +157,7 @@ class DatasetScores:
         per_example: name -> ``[n, n_layers, n_heads]`` the example scores.
         n: number of scored examples; ``n_skipped`` examples had no usable response.
         responses: the response text of every scored example.
+        indices: the position in the input list of every scored example (skipped ones are absent).
         response_mode: how responses were chosen ("generate", "gold", "gold_only", "callable", ...).
         model: the model's name; ``fingerprint`` its architecture (checked by :meth:`load` users).
     """
@@ -167,6 +168,7 @@ class DatasetScores:
     n: int
     n_skipped: int = 0
     responses: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
     response_mode: str = "generate"
     model: str = ""
     fingerprint: dict = field(default_factory=dict)
@@ -204,6 +206,7 @@ class DatasetScores:
             "mean": {k: v.tolist() for k, v in self.mean.items()},
             "stderr": {k: v.tolist() for k, v in self.stderr.items()},
             "responses": self.responses,
+            "indices": self.indices,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -223,6 +226,7 @@ class DatasetScores:
         stderr = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["stderr"].items()}
         return cls(mean=mean, stderr=stderr, per_example={}, n=int(data["n"]),
                    n_skipped=int(data.get("n_skipped", 0)), responses=list(data.get("responses", [])),
+                   indices=list(data.get("indices", [])),
                    response_mode=str(data.get("response_mode", "")), model=str(data.get("model", "")),
                    fingerprint=dict(data.get("fingerprint", {})))
 
@@ -766,6 +770,7 @@ def score_dataset(
         raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {response!r}.")
     per: dict[str, list[Tensor]] = {}
     texts: list[str] = []
+    used: list[int] = []
     skipped: list[str] = []
     it: Iterable = examples
     bar = None
@@ -789,6 +794,7 @@ def score_dataset(
             if name in hs:
                 per.setdefault(name, []).append(hs[name])
         texts.append(model.tokenizer.decode(full.tokens[full.response.slice].tolist()))
+        used.append(i)
         if bar is not None:
             bar.set_postfix(used=len(texts), skipped=len(skipped))
     n = len(texts)
@@ -804,5 +810,5 @@ def score_dataset(
               for k, v in stacked.items()}
     info = model_info(model)
     return DatasetScores(mean=mean, stderr=stderr, per_example=stacked, n=n, n_skipped=len(skipped),
-                         responses=texts, response_mode=mode_name, model=info.name,
+                         responses=texts, indices=used, response_mode=mode_name, model=info.name,
                          fingerprint=info.fingerprint())

@@ -233,7 +233,7 @@ def test_score_dataset_gold_matches_per_example(tok, tiny_llama):
     assert all(a[2] >= b[2] for a, b in zip(rank, rank[1:]))
     top = ds.top_k(3)
     assert top == [(l, h) for l, h, _ in rank[:3]] == contextual_heads(ds, k=3) == contextual_heads(ds.relevant, 3)
-    assert ds.responses == [ex.answers[0] for ex in exs]
+    assert ds.responses == [ex.answers[0] for ex in exs] and ds.indices == [0, 1, 2, 3]
 
 
 def test_score_dataset_generate_and_callable(tok, tiny_gpt2):

@@ -317,7 +317,10 @@ def make_synthetic_qa(
                 gold_index=pos,
                 distractor_answers=[d.answers[0] for d in docs if not d.isgold],
                 task="synthetic_qa",
-                meta={**settings, "index": i, "relation_name": rel.name, "entity": entity},
+                meta={
+                    **settings, "index": i, "relation_name": rel.name, "entity": entity,
+                    "answer_prefix": rel.statement.format(entity=entity, value="\0").split("\0")[0],
+                },
                 id=f"synthetic_qa-s{seed}-{i}",
                 template="qa",
             )

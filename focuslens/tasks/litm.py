@@ -1,0 +1,276 @@
+"""Real data: *Lost in the Middle* JSONL files, and N-document examples built from the oracle file.
+
+The *Lost in the Middle* study (Liu et al., 2023; github nelson-liu/lost-in-the-middle) publishes
+NaturalQuestions-Open questions as gzipped JSON lines: ``question``, ``answers``, ``ctxs`` (passages
+with ``title``, ``text``, ``hasanswer``, ``isgold`` and, for retrieved ones, ``id``, ``score``,
+``original_retrieval_index``). ``qa_data/nq-open-oracle.jsonl.gz`` holds each question with only its
+gold passage; ``qa_data/{10,20,30}_total_documents/nq-open-*_gold_at_{k}.jsonl.gz`` add retrieved
+distractors with the gold passage at position ``k``. Users download those files; focuslens ships
+no copy of them (a 30-line slice of the oracle file is a test fixture).
+
+* :func:`load_litm` reads any of them into :class:`~focuslens.tasks.records.TaskExample` records
+  (errors name the file and line), :func:`save_litm` writes records back (LitM readers ignore the
+  extra keys ``gold_index``, ``distractor_answers``, ``id``, ``task``).
+* :func:`build_from_oracle` makes N-document examples from the oracle file alone: the distractors are
+  *other questions'* gold passages that contain none of this question's answers, chosen at random or
+  "hard" (the most similar to the question by TF-IDF, :class:`TfidfIndex`, plain numpy). Since a
+  distractor is another question's gold passage, the answer it supports is known: it goes into
+  ``distractor_answers``, which makes the distractor-copy rate measurable on real text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+
+from .metrics import normalize_answer
+from .records import Document, TaskExample
+from .synthetic import GoldPosition, _gold_position
+
+__all__ = ["load_litm", "save_litm", "build_from_oracle", "TfidfIndex", "contains_answer"]
+
+_WORD = re.compile(r"\w+")
+_STOP = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been it its this that as "
+    "which who whom what when where why how did do does not no".split()
+)
+
+
+def _open_text(path: Path, mode: str):
+    gz = path.suffix == ".gz"
+    if "r" in mode and not gz:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+    if gz:
+        if "w" in mode:
+            # mtime=0: the same records give byte-identical files.
+            raw = open(path, "wb")
+            return io.TextIOWrapper(gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0), encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, mode + "t" if "t" not in mode else mode, encoding="utf-8")
+
+
+def load_litm(
+    path: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    task: str | None = None,
+) -> list[TaskExample]:
+    """Read a LitM ``.jsonl.gz`` (or plain ``.jsonl``) file into records.
+
+    Args:
+        path: the file (gzip detected by extension or content).
+        limit: read at most this many records.
+        task: the records' ``task`` name (default: ``"litm"``, or what a line written by
+            :func:`save_litm` says).
+
+    Returns:
+        One :class:`TaskExample` per non-empty line, ``id`` = ``"{file name}:{line}"`` unless the
+        line has an ``id``; ``gold_index`` from ``isgold``; extra top-level keys (e.g.
+        ``nq_annotated_gold``) kept in ``meta``.
+
+    Raises:
+        ValueError: ``"{path}:{line}: ..."`` for a line that is not JSON or not a valid record.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p} does not exist. LitM files are downloaded from the lost-in-the-middle repository "
+            "(qa_data/nq-open-oracle.jsonl.gz, qa_data/20_total_documents/...)."
+        )
+    name = p.name
+    out: list[TaskExample] = []
+    with _open_text(p, "r") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            try:
+                ex = TaskExample.from_dict(obj, id=f"{name}:{lineno}")
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{p}:{lineno}: malformed record: {e}") from None
+            if task is not None:
+                ex.task = task
+            out.append(ex)
+    return out
+
+
+def save_litm(examples: Iterable[TaskExample], path: str | os.PathLike) -> Path:
+    """Write records as LitM JSON lines (gzipped when ``path`` ends in ``.gz``, byte-reproducibly)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with _open_text(p, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+    return p
+
+
+def contains_answer(text: str, answers: Sequence[str]) -> bool:
+    """True if a normalised answer occurs in the normalised text (as whole words)."""
+    t = f" {normalize_answer(text)} "
+    return any(f" {na} " in t for na in (normalize_answer(a) for a in answers) if na)
+
+
+# --------------------------------------------------------------------------------------------------
+# TF-IDF with numpy
+# --------------------------------------------------------------------------------------------------
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+class TfidfIndex:
+    """Cosine similarity of TF-IDF vectors over a fixed set of passages (numpy, inverted index).
+
+    Weights: sublinear term frequency ``1 + log(tf)`` times smoothed IDF ``log((1 + N) / (1 + df)) + 1``
+    (scikit-learn's defaults), each vector L2-normalised; words are ``\\w+`` lower-cased, minus a
+    few English stop words.
+
+    Example:
+        >>> idx = TfidfIndex(["the cat sat", "a dog barked", "cats and dogs"])
+        >>> idx.scores("cat").argmax()
+        0
+    """
+
+    def __init__(self, texts: Sequence[str]):
+        self.n = len(texts)
+        docs = [Counter(_terms(t)) for t in texts]
+        df: Counter[str] = Counter()
+        for c in docs:
+            df.update(c.keys())
+        self.vocab = {w: i for i, w in enumerate(sorted(df))}
+        self.idf = np.array([math.log((1 + self.n) / (1 + df[w])) + 1.0 for w in sorted(df)])
+        rows: list[list[int]] = [[] for _ in self.vocab]
+        vals: list[list[float]] = [[] for _ in self.vocab]
+        for d, c in enumerate(docs):
+            if not c:
+                continue
+            ids = np.array([self.vocab[w] for w in c])
+            w = (1.0 + np.log(np.array(list(c.values()), dtype=np.float64))) * self.idf[ids]
+            w /= np.linalg.norm(w)
+            for t, x in zip(ids.tolist(), w.tolist()):
+                rows[t].append(d)
+                vals[t].append(x)
+        self._post_docs = [np.array(r, dtype=np.int64) for r in rows]
+        self._post_vals = [np.array(v, dtype=np.float64) for v in vals]
+
+    def scores(self, query: str) -> np.ndarray:
+        """``[n_passages]`` cosine similarities of the query to every passage."""
+        c = Counter(t for t in _terms(query) if t in self.vocab)
+        out = np.zeros(self.n, dtype=np.float64)
+        if not c:
+            return out
+        ids = np.array([self.vocab[w] for w in c])
+        q = (1.0 + np.log(np.array(list(c.values()), dtype=np.float64))) * self.idf[ids]
+        q /= np.linalg.norm(q)
+        for t, x in zip(ids.tolist(), q.tolist()):
+            np.add.at(out, self._post_docs[t], x * self._post_vals[t])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# N-document examples from the oracle file
+# --------------------------------------------------------------------------------------------------
+
+
+def build_from_oracle(
+    oracle: Sequence[TaskExample] | str | os.PathLike,
+    *,
+    n_docs: int = 20,
+    distractors: Literal["random", "hard"] = "random",
+    gold_position: GoldPosition = "random",
+    n_examples: int | None = None,
+    seed: int = 0,
+) -> list[TaskExample]:
+    """N-document QA examples from the oracle file: distractors are other questions' gold passages.
+
+    Args:
+        oracle: oracle records (one gold passage each) or the path of ``nq-open-oracle.jsonl.gz``.
+        n_docs: documents per example (gold + ``n_docs - 1`` distractors).
+        distractors: ``"random"`` (uniform among the eligible passages) or ``"hard"`` (the eligible
+            passages most similar to the question by TF-IDF cosine; in decreasing similarity, as
+            LitM orders retrieved passages). Eligible: another question's gold passage, with a
+            different text, containing none of this question's answers.
+        gold_position: 0-based gold position: an int, a list cycled over examples, or ``"random"``.
+        n_examples: use only the first ``n_examples`` questions (default: all).
+        seed: random choices are a pure function of ``(seed, question index)``.
+
+    Returns:
+        Records with ``task="litm_oracle_{distractors}"``; each distractor lists the answers of its
+        own question that it contains in ``answers``, and ``distractor_answers`` collects them.
+    """
+    if isinstance(oracle, (str, os.PathLike)):
+        oracle = load_litm(oracle)
+    if distractors not in ("random", "hard"):
+        raise ValueError(f"distractors must be 'random' or 'hard', got {distractors!r}.")
+    pool = []
+    for j, ex in enumerate(oracle):
+        g = ex.gold if ex.gold is not None else (ex.ctxs[0] if ex.ctxs else None)
+        if g is None:
+            raise ValueError(f"Oracle record {ex.id or j} has no passage.")
+        pool.append((j, ex, g))
+    if n_docs < 1 or n_docs > len(pool):
+        raise ValueError(f"n_docs must be in 1..{len(pool)} (the number of oracle passages), got {n_docs}.")
+    index = TfidfIndex([f"{g.title} {g.text}" for _, _, g in pool]) if distractors == "hard" else None
+    norm_texts = [f" {normalize_answer(f'{g.title} {g.text}')} " for _, _, g in pool]
+    todo = pool if n_examples is None else pool[:n_examples]
+    out: list[TaskExample] = []
+    for i, (j, ex, gold) in enumerate(todo):
+        rng = random.Random(f"litm_oracle:{seed}:{j}")
+        nas = [f" {na} " for na in (normalize_answer(a) for a in ex.answers) if na]
+        eligible = [
+            k for k, (_, _, g) in enumerate(pool)
+            if k != j and g.text != gold.text and not any(na in norm_texts[k] for na in nas)
+        ]
+        need = n_docs - 1
+        if len(eligible) < need:
+            raise ValueError(
+                f"Question {ex.id or j}: only {len(eligible)} eligible distractor passages for {need}."
+            )
+        if distractors == "random":
+            chosen = rng.sample(eligible, need)
+        else:
+            s = index.scores(ex.question)[eligible]  # type: ignore[union-attr]
+            order = np.lexsort((np.array(eligible), -s))  # by score desc, then pool index
+            chosen = [eligible[o] for o in order[:need]]
+        docs = []
+        for k in chosen:
+            _, other, g = pool[k]
+            own = [a for a in other.answers if contains_answer(norm_texts[k], [a])]
+            docs.append(Document(
+                title=g.title, text=g.text, isgold=False, hasanswer=False, answers=own, kind=distractors,
+                extra={"source_id": other.id},
+            ))
+        pos = _gold_position(gold_position, i, n_docs, rng)
+        g_doc = Document(title=gold.title, text=gold.text, isgold=True, hasanswer=gold.hasanswer,
+                         answers=list(ex.answers), kind="gold", extra=dict(gold.extra))
+        docs.insert(pos, g_doc)
+        dist_answers: list[str] = []
+        for d in docs:
+            if not d.isgold:
+                for a in d.answers:
+                    if a not in dist_answers:
+                        dist_answers.append(a)
+        out.append(TaskExample(
+            question=ex.question, answers=list(ex.answers), ctxs=docs, gold_index=pos,
+            distractor_answers=dist_answers, task=f"litm_oracle_{distractors}",
+            meta={"source_id": ex.id, "n_docs": n_docs, "seed": seed},
+            id=f"{ex.id}|{distractors}{n_docs}-s{seed}",
+        ))
+    return out

@@ -1,0 +1,435 @@
+"""Focus directions on SmolLM2: accuracy vs alpha, both objectives, random control, magnitude control.
+
+Command (economical, resumable; every stage caches under runs/focus_directions/):
+
+    nice -n 10 python experiments/focus_directions.py --stage all
+
+Stages: data (synthetic 10-document QA, train/val/test), responses (gold-only greedy responses of
+train+val: the training targets), baseline (test accuracy of the unmodified model), rank (contextual
+head scores on the training examples), train_attention / train_likelihood, val_sweep (alpha x k on
+the validation split), test (selected configurations + negative alpha + random matched-norm control +
+magnitude control on the test split), figure (figures/focus_directions_alpha.html/.png + table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RUN = ROOT / "runs" / "focus_directions"
+FIG = ROOT / "figures"
+
+import focuslens as fl  # noqa: E402
+from focuslens.tasks import Document, TaskExample, render  # noqa: E402
+
+N_DOCS = 10
+N_TRAIN = 120  # CPU budget: 2 cores shared by 5 engineers (see docs/directions.md)
+MAX_NEW = 14
+
+
+# ------------------------------------------------------------------ data (local fallback generator)
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_examples(n: int, *, n_docs: int, seed: int) -> list[TaskExample]:
+    """Synthetic "The capital of E is V." QA (METHOD.md §6), gold position uniform over the documents.
+
+    A local generator, frozen here so that cached runs stay valid (ids ``s{seed}-{i}``).
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        names: set[str] = set()
+        while len(names) < 2 * n_docs:
+            names.add(_word(rng))
+        names_l = sorted(names)
+        rng.shuffle(names_l)
+        ents, caps = names_l[:n_docs], names_l[n_docs:]
+        gold = rng.randrange(n_docs)
+        ctxs = [Document(title=e, text=f"The capital of {e} is {c}.", isgold=(k == gold), hasanswer=(k == gold))
+                for k, (e, c) in enumerate(zip(ents, caps))]
+        out.append(TaskExample(question=f"What is the capital of {ents[gold]}?", answers=[caps[gold]], ctxs=ctxs,
+                               gold_index=gold, distractor_answers=[c for k, c in enumerate(caps) if k != gold],
+                               meta={"id": f"s{seed}-{i}"}))
+    return out
+
+
+def _norm(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def best_subspan_em(pred: str, answers: list[str]) -> float:
+    pred = _norm(pred.strip().split("\n")[0])
+    return float(any(_norm(a) in pred for a in answers))
+
+
+def generate(model, tokens: torch.Tensor, max_new: int = MAX_NEW) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(tokens[None], max_new_tokens=max_new, do_sample=False, verbose=False,
+                             use_past_kv_cache=True)
+    new = out[0, tokens.shape[0]:].tolist()
+    eos = model.tokenizer.eos_token_id
+    ends = {eos, model.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for i, t in enumerate(new):
+        if t in ends:
+            return new[:i]
+    return new
+
+
+def load_jsonl(path: Path) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[r["id"]] = r
+    return out
+
+
+def eval_split(model, name: str, examples, *, attach=None, limit: int | None = None) -> dict:
+    """Greedy generation + best-subspan EM, resumable JSONL under runs/. ``attach(tokens)`` -> handle."""
+    path = RUN / "evals" / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = load_jsonl(path)
+    exs = examples[:limit] if limit else examples
+    with path.open("a") as f:
+        for ex in exs:
+            eid = ex.meta["id"]
+            if eid in done:
+                continue
+            r = render(ex, model.tokenizer, variant="original")
+            handle = attach(r) if attach is not None else None
+            try:
+                ids = generate(model, r.prompt.tokens)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            text = model.tokenizer.decode(ids)
+            rec = {"id": eid, "pred": text, "em": best_subspan_em(text, ex.answers),
+                   "distractor": best_subspan_em(text, ex.distractor_answers)}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done[eid] = rec
+    ems = [done[ex.meta["id"]]["em"] for ex in exs]
+    dis = [done[ex.meta["id"]]["distractor"] for ex in exs]
+    n = len(ems)
+    acc = sum(ems) / n
+    return {"name": name, "n": n, "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / n),
+            "distractor": sum(dis) / n}
+
+
+def stage_data():
+    RUN.mkdir(parents=True, exist_ok=True)
+    splits = {"train": make_examples(200, n_docs=N_DOCS, seed=1), "val": make_examples(50, n_docs=N_DOCS, seed=2),
+              "test": make_examples(200, n_docs=N_DOCS, seed=3)}
+    return splits
+
+
+def stage_responses(model, splits) -> dict[str, str]:
+    """Gold-only greedy responses (the paper's training targets), resumable."""
+    path = RUN / "gold_responses.jsonl"
+    done = load_jsonl(path)
+    with path.open("a") as f:
+        for split, lim in (("val", None), ("train", N_TRAIN)):
+            for ex in splits[split][:lim]:
+                eid = ex.meta["id"]
+                if eid in done:
+                    continue
+                r = render(ex, model.tokenizer, variant="gold_only")
+                ids = generate(model, r.prompt.tokens)
+                rec = {"id": eid, "ids": ids, "text": model.tokenizer.decode(ids)}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[eid] = rec
+    return done
+
+
+# ------------------------------------------------------------------ training data, ranking, training
+def direction_examples(model, splits, responses, split: str, limit: int | None = None):
+    from focuslens.directions import DirectionExample
+
+    out = []
+    for ex in splits[split][:limit]:
+        ids = responses[ex.meta["id"]]["ids"]
+        if not ids:
+            continue
+        full = render(ex, model.tokenizer, variant="original")
+        out.append(DirectionExample(full.prompt.with_response(model.tokenizer, ids), full.relevant))
+    return out
+
+
+def stage_rank(model, train_dx, n: int = 60, k: int = 30) -> list[tuple[int, int]]:
+    path = RUN / "ranking.json"
+    if path.exists():
+        return [tuple(h) for h in json.loads(path.read_text())["heads"]]
+    from focuslens.scoring import contextual_scores
+
+    tot = None
+    for dx in train_dx[:n]:
+        s = contextual_scores(model, dx.prompt.tokens, relevant=dx.relevant, response=dx.prompt.response)
+        tot = s if tot is None else tot + s
+    tot = tot / min(n, len(train_dx))
+    flat = [(float(tot[l, h]), l, h) for l in range(tot.shape[0]) for h in range(tot.shape[1])]
+    flat.sort(reverse=True)
+    heads = [(l, h) for _, l, h in flat[:k]]
+    path.write_text(json.dumps({"heads": heads, "scores": [round(x, 4) for x, _, _ in flat[:k]],
+                                "n_examples": min(n, len(train_dx)), "mean_all_heads": float(tot.mean())}))
+    return heads
+
+
+def stage_train_attention(model, heads, train_dx, val_dx):
+    from focuslens.directions import FocusDirections, cache_qk, heldout_attention, train_focus_directions
+
+    out = RUN / "fd_attention"
+    if (out / "config.json").exists():
+        return FocusDirections.load(out, model=model)
+    t0 = time.time()
+    tr = cache_qk(model, train_dx, heads)
+    va = cache_qk(model, val_dx, heads)
+    t_cache = time.time() - t0
+    log = {"cache_seconds": round(t_cache, 1)}
+    # fast default: full-batch Adam, lr 0.05, norm limit = mean query norm, early stopping on val
+    t0 = time.time()
+    d = train_focus_directions(model, train_dx, heads=heads, val_examples=val_dx, caches=(tr, va), steps=300,
+                               patience=6, progress=False)
+    log["batched_seconds"] = round(time.time() - t0, 1)
+    log["batched_val_mass"] = float(heldout_attention(va, d).mean())
+    log["batched_train_mass"] = float(heldout_attention(tr, d).mean())
+    log["before_val_mass"] = float(heldout_attention(va, None).mean())
+    log["before_val_sink"] = float(heldout_attention(va, None, column="sink").mean())
+    log["after_val_sink"] = float(heldout_attention(va, d, column="sink").mean())
+    # variants: no norm limit; paper settings through the authors' per-layer loop (reference)
+    t0 = time.time()
+    d_free = train_focus_directions(model, train_dx, heads=heads, val_examples=val_dx, caches=(tr, va), steps=300,
+                                    patience=6, max_norm=None, progress=False)
+    log["batched_nolimit_seconds"] = round(time.time() - t0, 1)
+    log["batched_nolimit_val_mass"] = float(heldout_attention(va, d_free).mean())
+    log["batched_nolimit_norm_mean"] = float(d_free.norms().mean())
+    log["batched_norm_mean"] = float(d.norms().mean())
+    t0 = time.time()
+    d_ref = train_focus_directions(model, train_dx, heads=heads, caches=(tr, va), method="per_layer",
+                                   max_norm=None, progress=False)
+    log["per_layer_seconds"] = round(time.time() - t0, 1)
+    log["per_layer_val_mass"] = float(heldout_attention(va, d_ref).mean())
+    log["per_layer_train_mass"] = float(heldout_attention(tr, d_ref).mean())
+    log["per_layer_norm_mean"] = float(d_ref.norms().mean())
+    log["history"] = d.training["history"]
+    d.save(out)
+    d_free.save(RUN / "fd_attention_nolimit")
+    d_ref.save(RUN / "fd_attention_paper")
+    (RUN / "attention_training.json").write_text(json.dumps(log, indent=1))
+    print("[attention]", {k: v for k, v in log.items() if k != "history"}, flush=True)
+    return d
+
+
+def stage_train_likelihood(model, heads, train_dx, val_dx, *, k: int = 20, epochs: int = 2, n_train: int = 100):
+    from focuslens.directions import FocusDirections, train_focus_directions
+
+    out = RUN / "fd_likelihood"
+    if (out / "config.json").exists():
+        return FocusDirections.load(out, model=model)
+    t0 = time.time()
+    d = train_focus_directions(model, train_dx[:n_train], heads=heads[:k], val_examples=val_dx[:30],
+                               objective="likelihood", lr=1e-2, epochs=epochs, patience=1, max_norm=None,
+                               checkpoint_dir=RUN / "ckpt_likelihood", progress=False)
+    d.training["wall_seconds"] = round(time.time() - t0, 1)
+    d.save(out)
+    print("[likelihood]", d.training["history"], round(time.time() - t0), "s", flush=True)
+    return d
+
+
+# ------------------------------------------------------------------ cheap validation proxy
+def forced_prefix_items(model, examples):
+    """Prompt + the answer prefix "The capital of E is"; the next token decides the answer.
+
+    Returns (tokens, gold_first_token, distractor_first_tokens, prompt_len) per example.
+    """
+    items = []
+    for ex in examples:
+        r = render(ex, model.tokenizer, variant="original")
+        gold_doc = ex.ctxs[ex.gold_index].text
+        value = ex.answers[0]
+        prefix = gold_doc[: gold_doc.rindex(value)].rstrip()
+        p = r.prompt.with_response(model.tokenizer, prefix)
+        n = len(p)
+        first = lambda v: int(r.prompt.with_response(model.tokenizer, prefix + " " + v).tokens[n])  # noqa: E731
+        items.append((p.tokens, first(value), {first(v) for v in ex.distractor_answers}, len(r.prompt), r))
+    return items
+
+
+def proxy_eval(model, name, items, make_dirs=None, *, alpha=None, auto_target=None, batch=8) -> dict:
+    """First-token accuracy after the forced answer prefix (one forward per example), cached."""
+    path = RUN / "proxy" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    correct, copies = [], []
+    pad = model.tokenizer.eos_token_id
+    bs = 1 if auto_target is not None else batch
+    for a in range(0, len(items), bs):
+        chunk = items[a:a + bs]
+        n_max = max(len(t) for t, *_ in chunk)
+        toks = torch.full((len(chunk), n_max), pad, dtype=torch.long)
+        for b, (t, *_rest) in enumerate(chunk):
+            toks[b, : len(t)] = t  # right padding: causal rows before the pad are exact
+        handle = None
+        if make_dirs is not None:
+            if auto_target is not None:
+                handle = make_dirs.apply(model, alpha="auto", tokens=chunk[0][4].prompt.tokens, target=auto_target)
+            else:
+                handle = make_dirs.apply(model, alpha=alpha)
+        try:
+            with torch.no_grad():
+                logits = model(toks)
+        finally:
+            if handle is not None:
+                handle.remove()
+        for b, (t, g, ds, _, _) in enumerate(chunk):
+            pred = int(logits[b, len(t) - 1].argmax())
+            correct.append(float(pred == g))
+            copies.append(float(pred in ds and pred != g))
+    n = len(correct)
+    acc = sum(correct) / n
+    res = {"name": name, "n": n, "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "copy": sum(copies) / n}
+    path.write_text(json.dumps(res))
+    return res
+
+
+ALPHAS = [-1.0, 0.5, 1.0, 2.0]
+KS = [10, 20]
+TARGETS = [0.5]
+
+
+def stage_val_sweep(model, splits, dirs: dict) -> dict:
+    from focuslens.directions import random_like
+
+    items = forced_prefix_items(model, splits["val"])
+    res = {"baseline": proxy_eval(model, "val_baseline", items)}
+    for obj, d in dirs.items():
+        ks = [k for k in KS if k <= len(d)]
+        for k in ks:
+            dk = d.top(k)
+            rnd = random_like(dk, seed=k)
+            for a in ALPHAS:
+                res[f"{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_{obj}_k{k}_a{a:g}", items, dk, alpha=a)
+                res[f"random_{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_random_{obj}_k{k}_a{a:g}", items, rnd,
+                                                              alpha=a)
+            for tgt in TARGETS:
+                res[f"{obj}_k{k}_auto{tgt:g}"] = proxy_eval(model, f"val_{obj}_k{k}_auto{tgt:g}", items, dk,
+                                                            auto_target=tgt)
+            print(f"[val] {obj} k={k}:", {a: round(res[f'{obj}_k{k}_a{a:g}']['acc'], 2) for a in ALPHAS},
+                  {t: round(res[f'{obj}_k{k}_auto{t:g}']['acc'], 2) for t in TARGETS}, flush=True)
+    (RUN / "val_sweep.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def choose(res: dict, obj: str) -> dict:
+    """Best fixed (k, alpha>0) and best auto target for ``obj`` on the validation proxy."""
+    fixed = [(v["acc"], -abs(float(n.split("_a")[-1])), n) for n, v in res.items()
+             if n.startswith(f"{obj}_k") and "_a" in n and "auto" not in n and float(n.split("_a")[-1]) > 0]
+    auto = [(v["acc"], n) for n, v in res.items() if n.startswith(f"{obj}_k") and "auto" in n]
+    bf = max(fixed)[2]
+    ba = max(auto)[1]
+    k = int(bf.split("_k")[1].split("_")[0])
+    return {"fixed": bf, "k": k, "alpha": float(bf.split("_a")[-1]), "auto": ba,
+            "auto_k": int(ba.split("_k")[1].split("_")[0]), "auto_target": float(ba.split("auto")[-1])}
+
+
+def stage_test(model, splits, dirs, res, objs, *, generate_for: tuple[str, ...] = ()) -> dict:
+    """Test split: the forced-prefix proxy for every selected condition; full greedy generation
+    (best-subspan EM) for the baseline and the configurations named in ``generate_for``."""
+    from focuslens.directions import random_like
+
+    items = forced_prefix_items(model, splits["test"])
+    out = {"proxy": {"baseline": proxy_eval(model, "test_baseline", items)}, "generation": {}, "choice": {}}
+    for obj in objs:
+        d = dirs[obj]
+        c = choose(res, obj)
+        out["choice"][obj] = c
+        dk, da = d.top(c["k"]), d.top(c["auto_k"])
+        rnd = random_like(dk, seed=c["k"])
+        conds = {
+            f"{obj}_best": (dk, c["alpha"], None),
+            f"{obj}_negative": (dk, -c["alpha"], None),
+            f"{obj}_random": (rnd, c["alpha"], None),
+            f"{obj}_auto": (da, None, c["auto_target"]),
+        }
+        for name, (dd, a, tgt) in conds.items():
+            tag = f"test_{name}_k{len(dd)}_" + (f"a{a:g}" if tgt is None else f"auto{tgt:g}")
+            out["proxy"][name] = {**proxy_eval(model, tag, items, dd, alpha=a, auto_target=tgt), "k": len(dd),
+                                  "alpha": a, "target": tgt}
+            print("[test proxy]", out["proxy"][name], flush=True)
+        (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
+    out["generation"]["baseline"] = eval_split(model, "test_baseline", splits["test"])
+    for name in generate_for:
+        obj = name.split("_")[0]
+        c = out["choice"][obj]
+        dk = dirs[obj].top(c["k"])
+        if name.endswith("_random"):
+            dk = random_like(dk, seed=c["k"])
+        a = -c["alpha"] if name.endswith("_negative") else c["alpha"]
+        out["generation"][name] = {**eval_split(model, f"test_gen_{name}_k{c['k']}_a{a:g}", splits["test"],
+                                                attach=lambda r, dk=dk, a=a: dk.apply(model, alpha=a)),
+                                   "k": c["k"], "alpha": a}
+        print("[test generation]", out["generation"][name], flush=True)
+        (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
+    (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", default="all",
+                    help="prep | train | val | test | figure | all (each stage reuses cached results)")
+    ap.add_argument("--objectives", default="likelihood,attention", help="order of the test stage")
+    ap.add_argument("--generate", default="", help="comma list, e.g. likelihood_best,likelihood_random")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    model = fl.load_model(verbose=False)
+    splits = stage_data()
+    if args.stage in ("prep", "all"):
+        stage_responses(model, splits)
+        print(f"[responses] done {time.time() - t0:.0f}s", flush=True)
+        (RUN / "responses.done").write_text("ok")
+        print("[baseline test]", eval_split(model, "test_baseline", splits["test"]), flush=True)
+        if args.stage == "prep":
+            return
+    responses = stage_responses(model, splits)
+    train_dx = direction_examples(model, splits, responses, "train", N_TRAIN)
+    val_dx = direction_examples(model, splits, responses, "val")
+    heads = stage_rank(model, train_dx)
+    print(f"[rank] top-30 {heads[:10]}... {time.time() - t0:.0f}s", flush=True)
+    dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
+    if args.stage in ("train", "all", "val", "test", "figure"):
+        dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
+    if args.stage == "train":
+        return
+    res = stage_val_sweep(model, splits, dirs)
+    if args.stage == "val":
+        return
+    objs = [o for o in args.objectives.split(",") if o in dirs]
+    stage_test(model, splits, dirs, res, objs, generate_for=tuple(x for x in args.generate.split(",") if x))
+    print(f"[done] {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

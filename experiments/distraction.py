@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=8, help="examples decoded together")
     ap.add_argument("--run-dir", default="runs/distraction")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = evaluate(
             model, examples, variant=variant, max_new_tokens=args.max_new_tokens,
             output=run_dir / f"{args.relation}-{args.distractors}-docs{n_docs}-{variant}-s{args.seed}.jsonl",
-            progress=not args.no_progress,
+            progress=not args.no_progress, batch_size=args.batch_size,
         )
         wall = time.perf_counter() - t0
         s = res.summary()
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Model {fl.DEFAULT_MODEL_NAME}; task make_synthetic_qa(relation={args.relation!r}, "
         f"distractors={args.distractors!r}, gold position uniform, seed={args.seed}); chat template; "
         f"greedy, max_new_tokens={args.max_new_tokens}, stop at EOS / first newline; "
-        f"torch threads={args.threads}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+        f"batch size {args.batch_size}; torch threads={args.threads}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
         "",
         "| documents | variant | n | accuracy (EM) | distractor copy | prompt tokens | new tokens | generation wall (s) | generation CPU (s) | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|",

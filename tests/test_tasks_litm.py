@@ -1,0 +1,199 @@
+"""LitM files: loading, round trips, malformed lines, and N-document examples from the oracle file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from focuslens.tasks import render
+from focuslens.tasks.litm import TfidfIndex, build_from_oracle, contains_answer, load_litm, save_litm
+
+DATA = Path(__file__).parent / "data" / "nq-open-oracle-30.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return load_litm(DATA)
+
+
+def test_load_oracle_slice(oracle):
+    assert len(oracle) == 30
+    ex = oracle[0]
+    assert ex.question == "who got the first nobel prize in physics"
+    assert ex.answers == ["Wilhelm Conrad Röntgen"]
+    assert ex.n_docs == 1 and ex.gold_index == 0 and ex.gold.isgold and ex.gold.hasanswer
+    assert "nq_annotated_gold" in ex.meta
+    assert ex.id == "nq-open-oracle-30.jsonl.gz:1"
+    # Every raw line's fields are represented.
+    raw = [json.loads(line) for line in gzip.open(DATA, "rt")]
+    for r, e in zip(raw, oracle):
+        assert e.question == r["question"] and e.answers == r["answers"]
+        assert [c.text for c in e.ctxs] == [c["text"] for c in r["ctxs"]]
+
+
+def test_round_trip_identical(oracle, tmp_path):
+    p = save_litm(oracle, tmp_path / "a.jsonl.gz")
+    again = load_litm(p)
+    assert again == oracle
+    # Saving again gives the same bytes (gzip without a timestamp), plain JSONL too.
+    q = save_litm(again, tmp_path / "b.jsonl.gz")
+    assert p.read_bytes() == q.read_bytes()
+    plain = save_litm(oracle, tmp_path / "c.jsonl")
+    assert load_litm(plain) == oracle
+    # Raw LitM keys survive the trip.
+    first = json.loads(gzip.open(p, "rt").readline())
+    raw = json.loads(gzip.open(DATA, "rt").readline())
+    for k, v in raw.items():
+        assert first[k] == v
+
+
+def test_round_trip_retrieved_distractor_file(tmp_path):
+    # The 10/20/30-document files: distractors carry id, score, original_retrieval_index.
+    rec = {
+        "question": "who wrote x", "answers": ["A. Writer"],
+        "ctxs": [
+            {"id": "123", "title": "T1", "text": "unrelated", "score": "1.5", "hasanswer": False,
+             "original_retrieval_index": 0, "isgold": False},
+            {"title": "T2", "text": "x was written by A. Writer", "hasanswer": True, "isgold": True},
+        ],
+    }
+    src = tmp_path / "nq-open-2_total_documents_gold_at_1.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        f.write(json.dumps(rec) + "\n")
+    ex = load_litm(src)[0]
+    assert ex.gold_index == 1 and ex.ctxs[0].extra == {"id": "123", "score": "1.5", "original_retrieval_index": 0}
+    out = save_litm([ex], tmp_path / "out.jsonl.gz")
+    assert load_litm(out) == [ex]
+    d = json.loads(gzip.open(out, "rt").readline())
+    assert d["ctxs"][0]["score"] == "1.5" and d["ctxs"][1]["isgold"] is True
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"question": "q", "ctxs": []}), "answers"),
+        (json.dumps({"question": "q", "answers": ["a"], "ctxs": [{"title": "t"}]}), "ctxs\\[0\\]"),
+        (json.dumps({"question": "q", "answers": "", "ctxs": []}), "answers"),
+        (json.dumps([1, 2]), "JSON object"),
+    ],
+)
+def test_malformed_line_names_the_line(tmp_path, bad, match):
+    good = gzip.open(DATA, "rt").readline()
+    p = tmp_path / "bad.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write(good + good + bad + "\n" + good)
+    with pytest.raises(ValueError, match=f"bad.jsonl.gz:3: .*{match}"):
+        load_litm(p)
+
+
+def test_missing_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lost-in-the-middle"):
+        load_litm(tmp_path / "nope.jsonl.gz")
+
+
+def test_limit(oracle):
+    assert load_litm(DATA, limit=5) == oracle[:5]
+
+
+def test_tfidf_matches_dense_reference():
+    texts = ["the cat sat on the mat", "a dog barked at the cat", "cats and dogs and mats", "zebra"]
+    idx = TfidfIndex(texts)
+    # Dense reference, written independently.
+    import math
+    import re
+    from collections import Counter
+
+    stop = {"the", "a", "on", "at", "and"}
+    toks = [[w for w in re.findall(r"\w+", t.lower()) if w not in stop] for t in texts]
+    vocab = sorted({w for t in toks for w in t})
+    n = len(texts)
+    df = {w: sum(w in t for t in toks) for w in vocab}
+    idf = np.array([math.log((1 + n) / (1 + df[w])) + 1 for w in vocab])
+
+    def vec(words):
+        c = Counter(w for w in words if w in df)
+        v = np.array([(1 + math.log(c[w])) if c[w] else 0.0 for w in vocab]) * idf
+        return v / (np.linalg.norm(v) or 1)
+
+    dense = np.stack([vec(t) for t in toks])
+    q = "Where is the cat and the mat"
+    ref = dense @ vec([w for w in re.findall(r"\w+", q.lower()) if w not in stop])
+    assert np.allclose(idx.scores(q), ref)
+    assert idx.scores("unknownword").tolist() == [0.0] * 4
+
+
+def test_contains_answer():
+    assert contains_answer("Born in 1845, Röntgen won.", ["röntgen"])
+    assert not contains_answer("Parisian cafe", ["Paris"])  # whole words only
+    assert contains_answer("the U.S. Army", ["U.S."])
+
+
+@pytest.mark.parametrize("kind", ["random", "hard"])
+def test_build_from_oracle(oracle, kind):
+    built = build_from_oracle(oracle, n_docs=8, distractors=kind, gold_position=[0, 3, 7], seed=1)
+    assert len(built) == 30
+    for i, (ex, src) in enumerate(zip(built, oracle)):
+        assert ex.n_docs == 8 and ex.gold_index == [0, 3, 7][i % 3]
+        assert ex.question == src.question and ex.gold.text == src.gold.text
+        texts = [d.text for d in ex.ctxs]
+        assert len(set(texts)) == 8
+        for d in ex.distractors:
+            assert not d.isgold and not contains_answer(f"{d.title} {d.text}", ex.answers)
+            assert d.text != src.gold.text and d.extra["source_id"] != src.id
+            for a in d.answers:
+                assert a in ex.distractor_answers
+    assert build_from_oracle(oracle, n_docs=8, distractors=kind, seed=1) == build_from_oracle(
+        oracle, n_docs=8, distractors=kind, seed=1
+    )
+
+
+def test_hard_distractors_are_the_most_similar(oracle):
+    built = build_from_oracle(oracle, n_docs=4, distractors="hard", gold_position=0, n_examples=5)
+    idx = TfidfIndex([f"{e.gold.title} {e.gold.text}" for e in oracle])
+    for ex, src in zip(built, oracle):
+        s = idx.scores(src.question)
+        chosen = [d.extra["source_id"] for d in ex.distractors]
+        ranks = {e.id: float(s[k]) for k, e in enumerate(oracle)}
+        eligible = [
+            e.id for e in oracle
+            if e.id != src.id and not contains_answer(f"{e.gold.title} {e.gold.text}", src.answers)
+        ]
+        best = sorted(eligible, key=lambda i: -ranks[i])[:3]
+        assert sorted(ranks[c] for c in chosen) == sorted(ranks[b] for b in best)
+        assert [ranks[c] for c in chosen] == sorted((ranks[c] for c in chosen), reverse=True)
+    rnd = build_from_oracle(oracle, n_docs=4, distractors="random", gold_position=0, n_examples=5)
+    hard_mean = np.mean([idx.scores(e.question)[[int(d.extra["source_id"].split(":")[1]) - 1 for d in e.distractors]].mean() for e in built])
+    rnd_mean = np.mean([idx.scores(e.question)[[int(d.extra["source_id"].split(":")[1]) - 1 for d in e.distractors]].mean() for e in rnd])
+    assert hard_mean > rnd_mean
+
+
+def test_build_errors(oracle):
+    with pytest.raises(ValueError, match="n_docs"):
+        build_from_oracle(oracle, n_docs=31)
+    with pytest.raises(ValueError, match="random"):
+        build_from_oracle(oracle, distractors="easy")
+
+
+def test_real_records_render_with_exact_spans(smollm, oracle):
+    from test_tasks import assert_spans_exact
+
+    built = build_from_oracle(oracle, n_docs=5, distractors="hard", n_examples=4)
+    for variant in ("original", "gold_only", "negative"):
+        for ex in built:
+            assert_spans_exact(smollm.tokenizer, render(ex, smollm, variant=variant))
+
+
+def test_shared_oracle_file_when_present():
+    # CI has ../shared; the package tests do not need it (the slice above is self-contained).
+    full = Path(__file__).resolve().parents[2] / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"
+    if not full.exists():
+        pytest.skip("../shared/data/litm/nq-open-oracle.jsonl.gz is not here")
+    ex = load_litm(full)
+    assert len(ex) == 2655 and all(e.gold_index == 0 for e in ex)
+    for a, b in zip(ex[:30], load_litm(DATA)):  # the shipped slice is the file's first 30 lines
+        assert (a.question, a.answers, a.ctxs, a.meta) == (b.question, b.answers, b.ctxs, b.meta)

@@ -285,13 +285,17 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .tasks import render
 
+    if args.directions and args.heads:
+        raise ValueError("give either --directions or --heads/--tau, not both")
+    if args.heads and (args.tau is None or not args.tau > 0):
+        raise ValueError(f"--tau must be given and > 0 with --heads (got {args.tau})")
+    if args.n <= 0:
+        raise ValueError(f"--n must be positive, got {args.n}")
     model = _model(args)
     out = _out(args)
     examples = _examples(args)
     if args.variant == "original":
         examples = [render(e, model.tokenizer) for e in examples]
-    if args.directions and args.heads:
-        raise ValueError("give either --directions or --heads/--tau, not both")
     if args.directions:
         from .directions import FocusDirections
 
@@ -311,8 +315,6 @@ def cmd_evaluate(args) -> int:
     elif args.heads:
         from .interventions import split_softmax
 
-        if args.tau is None or not args.tau > 0:
-            raise ValueError(f"--tau must be given and > 0 with --heads (got {args.tau})")
         heads = _load_heads(args.heads, model, k=args.k)
         _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau}",
               intervene=lambda r: split_softmax(model, heads, r.relevant, args.tau), variant=args.variant)
@@ -355,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep the CLI's own output readable
+    except Exception:  # pragma: no cover - transformers is a hard dependency
+        pass
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

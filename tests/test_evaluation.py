@@ -1,0 +1,281 @@
+"""Evaluation runner: exact greedy decoding, stopping rules, batching, resumable records, margins."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from focuslens.evaluation import (
+    EvalResult,
+    evaluate,
+    greedy_generate,
+    greedy_generate_batch,
+    teacher_forced_margins,
+)
+from focuslens.hooks import attach_hooks, count_hooks
+from focuslens.tasks import make_kv_retrieval, make_synthetic_qa, render
+
+
+def _naive_greedy(model, tokens, n):
+    """Slow reference: a full forward pass without any cache for every new token."""
+    seq = tokens[None]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(seq)[0, -1].argmax())
+            out.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2", "tiny_qwen2"])
+def test_greedy_generate_matches_no_cache_reference(request, arch):
+    model = request.getfixturevalue(arch)
+    r = render(make_synthetic_qa(1, n_docs=3, seed=0)[0], model)
+    ids, text = greedy_generate(model, r.tokens, max_new_tokens=8, stop_at_newline=False, stop_ids=[])
+    assert ids == _naive_greedy(model, r.tokens, 8)
+    assert text == model.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_batched_generation_equals_one_by_one(request, arch):
+    model = request.getfixturevalue(arch)
+    rs = [render(e, model) for e in make_synthetic_qa(4, n_docs=3, seed=1, doc_sentences=1)]
+    assert len({len(r) for r in rs}) > 1  # different lengths: left padding is exercised
+    one = [greedy_generate(model, r.tokens, max_new_tokens=6, stop_at_newline=False, stop_ids=[]) for r in rs]
+    bat = greedy_generate_batch(model, [r.tokens for r in rs], max_new_tokens=6, stop_at_newline=False, stop_ids=[])
+    assert [b[0] for b in bat] == [o[0] for o in one]
+
+
+class _ScriptedModel:
+    """A fake hooked model that emits a fixed token script, to test the stopping rules exactly."""
+
+    def __init__(self, tok, script):
+        self.tokenizer = tok
+        self.script = script
+        self.calls = 0
+        self.cfg = SimpleNamespace(n_layers=1, n_heads=1, d_head=1, d_model=1, n_ctx=100_000, model_name="scripted")
+        self.hook_dict = {}
+
+    def __call__(self, tokens, return_type="logits", past_key_values=None, **kw):
+        step = self.calls
+        self.calls += 1
+        logits = torch.zeros(tokens.shape[0], 1, len(self.tokenizer))
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 1.0
+        return logits, object()
+
+
+def test_stopping_rules(tok):
+    nl = tok("\n", add_special_tokens=False).input_ids
+    word = tok(" City", add_special_tokens=False).input_ids
+    assert len(nl) == 1
+    eos = tok.eos_token_id
+    prompt = torch.tensor([1, 2, 3])
+    # A leading newline does not stop; the newline after the answer does (and is kept).
+    m = _ScriptedModel(tok, nl + word + nl + word)
+    ids, text = greedy_generate(m, prompt, max_new_tokens=20)
+    assert ids == nl + word + nl and text.strip() == "City" and m.calls == len(ids)
+    # EOS stops and is not included.
+    m = _ScriptedModel(tok, word + [eos] + word)
+    assert greedy_generate(m, prompt)[0] == word
+    # max_new_tokens.
+    m = _ScriptedModel(tok, word * 30)
+    assert len(greedy_generate(m, prompt, max_new_tokens=5)[0]) == 5
+    # Without the newline rule, generation continues past newlines.
+    m = _ScriptedModel(tok, word + nl + word + [eos])
+    assert greedy_generate(m, prompt, stop_at_newline=False)[0] == word + nl + word
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_generate(m, prompt, max_new_tokens=0)
+
+
+def test_hooks_fire_at_prefill_and_every_step(tiny_llama):
+    r = render(make_synthetic_qa(1, n_docs=2)[0], tiny_llama)
+    shapes = []
+    fn = lambda x, hook: shapes.append(tuple(x.shape))  # noqa: E731
+    with attach_hooks(tiny_llama, [("blocks.0.attn.hook_pattern", fn)]):
+        ids, _ = greedy_generate(tiny_llama, r.tokens, max_new_tokens=4, stop_at_newline=False, stop_ids=[])
+    P, H = len(r), tiny_llama.cfg.n_heads
+    assert shapes[0] == (1, H, P, P)
+    assert shapes[1:] == [(1, H, 1, P + i + 1) for i in range(3)]
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption(tiny_llama, tmp_path):
+    examples = make_synthetic_qa(6, n_docs=3, seed=2)
+    out = tmp_path / "run.jsonl"
+    seen = []
+
+    def crashing(r):
+        seen.append(r.id)
+        if len(seen) == 3:
+            raise _Boom("interrupted")
+        return contextlib.nullcontext()
+
+    with pytest.raises(_Boom):
+        evaluate(tiny_llama, examples, intervene=crashing, output=out, progress=False, max_new_tokens=4)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 2  # header + the two finished examples
+    assert count_hooks(tiny_llama) == 0
+
+    resumed = []
+
+    def counting(r):
+        resumed.append(r.id)
+        return contextlib.nullcontext()
+
+    # Same label as the crashed run (the intervention's identity is part of the configuration).
+    counting.__qualname__ = crashing.__qualname__
+    res = evaluate(tiny_llama, examples, intervene=counting, output=out, progress=False, max_new_tokens=4)
+    assert resumed == [e.id for e in examples[2:]]  # only the unfinished ones ran
+    assert res.n_resumed == 2 and len(res) == 6
+    assert [r["index"] for r in res.records] == list(range(6))
+    # Same answers as an uninterrupted run.
+    fresh = evaluate(tiny_llama, examples, progress=False, max_new_tokens=4, batch_size=1)
+    assert res.predictions == fresh.predictions
+    # A third call recomputes nothing.
+    again = []
+    counting2 = lambda r: again.append(r) or contextlib.nullcontext()  # noqa: E731
+    counting2.__qualname__ = crashing.__qualname__
+    evaluate(tiny_llama, examples, intervene=counting2, output=out, progress=False, max_new_tokens=4)
+    assert again == []
+
+
+def test_records_file_format_and_torn_line(tiny_llama, tmp_path):
+    examples = make_synthetic_qa(4, n_docs=2, seed=3)
+    out = tmp_path / "r.jsonl"
+    res = evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=3, batch_size=2)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["focuslens_eval"] == 1 and lines[0]["config_hash"] == res.config_hash
+    assert [x["key"] for x in lines[1:]] == [f"{i}:{e.id}" for i, e in enumerate(examples)]
+    for x in lines[1:]:
+        assert {"prediction", "em", "distractor_copy", "gold_position", "seconds", "prompt_hash"} <= set(x)
+    # Simulate a crash in the middle of writing the last record.
+    text = out.read_text()
+    cut = text.rstrip("\n").rfind("\n") + 1
+    out.write_text(text[: cut + 25])
+    res2 = evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=3)
+    assert res2.n_resumed == 3 and res2.predictions == res.predictions
+    assert len(out.read_text().splitlines()) == 5
+    assert all(json.loads(x) for x in out.read_text().splitlines())
+
+
+def test_config_mismatch_is_a_clear_error(tiny_llama, tmp_path):
+    examples = make_synthetic_qa(2, n_docs=2, seed=4)
+    out = tmp_path / "c.jsonl"
+    evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens=3 there, 5 now"):
+        evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=5)
+    with pytest.raises(ValueError, match="variant"):
+        evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=3, variant="gold_only")
+    with pytest.raises(ValueError, match="different prompt"):
+        evaluate(tiny_llama, make_synthetic_qa(2, n_docs=3, seed=4), output=out, progress=False, max_new_tokens=3)
+    # resume=False overwrites.
+    res = evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=5, resume=False)
+    assert res.n_resumed == 0 and len(out.read_text().splitlines()) == 3
+
+
+def test_context_manager_intervene_entered_once(tiny_llama):
+    examples = make_synthetic_qa(3, n_docs=2, seed=5)
+    calls = []
+    fn = lambda x, hook: calls.append(1)  # noqa: E731
+    handle = attach_hooks(tiny_llama, [("blocks.0.attn.hook_pattern", fn)], label="probe")
+    res = evaluate(tiny_llama, examples, intervene=handle, progress=False, max_new_tokens=2,
+                   stop_at_newline=False, batch_size=1)
+    # Active during the run (prefill + one step per example, unless EOS came first), removed after.
+    assert 3 <= len(calls) <= 6 and count_hooks(tiny_llama) == 0
+    assert res.config["intervene"] == "probe"
+    with pytest.raises(TypeError, match="intervene"):
+        evaluate(tiny_llama, examples, intervene=42, progress=False)
+
+
+def test_per_example_intervention_changes_answers_and_sees_its_own_span(tiny_llama):
+    examples = make_synthetic_qa(3, n_docs=3, seed=6)
+    spans = []
+
+    def zero_gold(r):
+        spans.append(r.relevant)
+
+        def fn(pattern, hook):  # [batch, head, q, k]: remove all attention to the gold document
+            pattern = pattern.clone()
+            pattern[..., r.relevant.start : r.relevant.end] = 0
+            return pattern / pattern.sum(-1, keepdim=True)
+
+        return attach_hooks(tiny_llama, [(f"blocks.{l}.attn.hook_pattern", fn) for l in range(2)])
+
+    base = evaluate(tiny_llama, examples, progress=False, max_new_tokens=6, stop_at_newline=False)
+    edited = evaluate(tiny_llama, examples, intervene=zero_gold, progress=False, max_new_tokens=6,
+                      stop_at_newline=False)
+    assert spans == [render(e, tiny_llama).relevant for e in examples]
+    assert base.predictions != edited.predictions
+    assert base.config_hash != edited.config_hash
+
+
+def test_summary_and_table(tiny_llama):
+    res = evaluate(tiny_llama, make_synthetic_qa(4, n_docs=3, seed=7, gold_position=[0, 2]),
+                   progress=False, max_new_tokens=2)
+    # Override predictions to check the summary arithmetic.
+    for rec, em, copy in zip(res.records, [1, 0, 1, 1], [0, 1, 0, 0]):
+        rec["em"], rec["distractor_copy"] = float(em), float(copy)
+    s = res.summary()
+    assert s["n"] == 4 and s["accuracy"] == 0.75 and s["distractor_copy"] == 0.25
+    assert s["by_position"] == {0: {"accuracy": 1.0, "se": 0.0, "n": 2},
+                                2: {"accuracy": 0.5, "se": 0.5, "n": 2}}
+    t = res.table()
+    assert "| 4 | original | 0.750 ± 0.250 |" in t and "| 3 | 2 | 0.500 ± 0.500 |" in t
+    assert isinstance(res, EvalResult) and "accuracy=0.750" in repr(res)
+
+
+def test_evaluate_scores_real_answers_on_smollm(smollm):
+    # One 1-document example: SmolLM2 reads the answer off the document.
+    ex = make_synthetic_qa(2, n_docs=1, seed=0)
+    res = evaluate(smollm, ex, progress=False)
+    for rec in res.records:
+        assert rec["n_new_tokens"] <= 24 and "\n" not in rec["prediction"].strip()
+    assert res.summary()["accuracy"] == 1.0, res.predictions
+
+
+# ---- teacher-forced margins ---------------------------------------------------------------------
+
+
+def _naive_logprob(model, prompt, cont):
+    seq = torch.cat([prompt, torch.tensor(cont)])[None]
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(seq)[0].double(), -1)
+    P = len(prompt)
+    return sum(float(lsm[P - 1 + t, c]) for t, c in enumerate(cont))
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("chat", [True, False])
+def test_margins_match_full_forward(request, arch, chat):
+    model = request.getfixturevalue(arch)
+    tok = model.tokenizer
+    exs = make_synthetic_qa(2, n_docs=4, seed=8) + make_kv_retrieval(1, n_docs=3, key_length=8, seed=8)
+    rs = [render(e, model, chat=chat) for e in exs]
+    res = teacher_forced_margins(model, rs, batch_size=2)
+    assert len(res) == 3
+    for j, r in enumerate(rs):
+        prefix = r.example.meta.get("answer_prefix") or ("" if chat else " ")
+        g = max(_naive_logprob(model, r.tokens, tok(prefix + a, add_special_tokens=False).input_ids) for a in r.answers)
+        ds = [_naive_logprob(model, r.tokens, tok(prefix + a, add_special_tokens=False).input_ids)
+              for a in r.distractor_answers]
+        assert res.gold_logprob[j] == pytest.approx(g, abs=1e-3)
+        assert res.distractor_logprob[j] == pytest.approx(max(ds), abs=1e-3)
+        assert res.margin[j] == pytest.approx(g - max(ds), abs=2e-3)
+        assert res.best_distractor[j] == r.distractor_answers[max(range(len(ds)), key=ds.__getitem__)]
+
+
+def test_margins_without_distractors_are_nan(tiny_llama):
+    rs = [render(make_synthetic_qa(1, n_docs=1)[0], tiny_llama)]
+    res = teacher_forced_margins(tiny_llama, rs)
+    assert torch.isnan(res.margin).all() and torch.isinf(res.distractor_logprob).all()

@@ -173,18 +173,19 @@ def _explicit_rows(
     else:
         kv_idx = torch.tensor([h // group for h in q_heads], device=key.device)
         scores = qf @ kf.index_select(1, kv_idx).transpose(-1, -2)  # [b, n, r, k]
-    scores = scores * scaling
+    # in place from here on: the row block is the largest tensor this backend adds
+    scores.mul_(scaling)
     if mask is not None:
         m = mask[..., row_pos.to(mask.device), :] if mask.shape[-2] != 1 else mask
         m = m[..., :kv].to(scores.device)
         if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, torch.finfo(torch.float32).min)
+            scores.masked_fill_(~m, torch.finfo(torch.float32).min)
         else:
-            scores = scores + m.float()
+            scores.add_(m.float())
     else:
         key_pos = torch.arange(kv, device=scores.device)
-        allowed = key_pos[None, :] <= (row_pos.to(scores.device)[:, None] + q_offset)
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        blocked = key_pos[None, :] > (row_pos.to(scores.device)[:, None] + q_offset)  # [r, k]
+        scores.masked_fill_(blocked, torch.finfo(torch.float32).min)
     return torch.softmax(scores, dim=-1)
 
 

@@ -144,10 +144,12 @@ def stage_data():
     return splits
 
 
-def stage_responses(model, splits) -> dict[str, str]:
+def stage_responses(model, splits, *, generate_missing: bool = True) -> dict[str, str]:
     """Gold-only greedy responses (the paper's training targets), resumable."""
     path = RUN / "gold_responses.jsonl"
     done = load_jsonl(path)
+    if not generate_missing:
+        return done
     with path.open("a") as f:
         for split, lim in (("val", None), ("train", N_TRAIN)):
             for ex in splits[split][:lim]:
@@ -169,15 +171,17 @@ def direction_examples(model, splits, responses, split: str, limit: int | None =
 
     out = []
     for ex in splits[split][:limit]:
-        ids = responses[ex.meta["id"]]["ids"]
-        if not ids:
+        rec = responses.get(ex.meta["id"])
+        # CPU budget: validation examples without a cached gold-only response use the gold sentence
+        resp = rec["ids"] if rec is not None else ex.ctxs[ex.gold_index].text
+        if not resp:
             continue
         full = render(ex, model.tokenizer, variant="original")
-        out.append(DirectionExample(full.prompt.with_response(model.tokenizer, ids), full.relevant))
+        out.append(DirectionExample(full.prompt.with_response(model.tokenizer, resp), full.relevant))
     return out
 
 
-def stage_rank(model, train_dx, n: int = 60, k: int = 30) -> list[tuple[int, int]]:
+def stage_rank(model, train_dx, n: int = 40, k: int = 30) -> list[tuple[int, int]]:
     path = RUN / "ranking.json"
     if path.exists():
         return [tuple(h) for h in json.loads(path.read_text())["heads"]]
@@ -241,14 +245,14 @@ def stage_train_attention(model, heads, train_dx, val_dx):
     return d
 
 
-def stage_train_likelihood(model, heads, train_dx, val_dx, *, k: int = 20, epochs: int = 2, n_train: int = 100):
+def stage_train_likelihood(model, heads, train_dx, val_dx, *, k: int = 20, epochs: int = 2, n_train: int = 60):
     from focuslens.directions import FocusDirections, train_focus_directions
 
     out = RUN / "fd_likelihood"
     if (out / "config.json").exists():
         return FocusDirections.load(out, model=model)
     t0 = time.time()
-    d = train_focus_directions(model, train_dx[:n_train], heads=heads[:k], val_examples=val_dx[:30],
+    d = train_focus_directions(model, train_dx[:n_train], heads=heads[:k], val_examples=val_dx[:16],
                                objective="likelihood", lr=1e-2, epochs=epochs, patience=1, max_norm=None,
                                checkpoint_dir=RUN / "ckpt_likelihood", progress=False)
     d.training["wall_seconds"] = round(time.time() - t0, 1)
@@ -319,25 +323,31 @@ KS = [10, 20]
 TARGETS = [0.5]
 
 
+VAL_PLAN = {  # (k, alphas, random-control alphas, auto targets): trimmed to the CPU budget
+    "attention": [(20, ALPHAS, [1.0, 2.0], TARGETS), (10, [1.0, 2.0], [], [])],
+    "likelihood": [(20, ALPHAS, [1.0], TARGETS)],
+}
+
+
 def stage_val_sweep(model, splits, dirs: dict) -> dict:
     from focuslens.directions import random_like
 
     items = forced_prefix_items(model, splits["val"])
     res = {"baseline": proxy_eval(model, "val_baseline", items)}
     for obj, d in dirs.items():
-        ks = [k for k in KS if k <= len(d)]
-        for k in ks:
+        for k, alphas, ralphas, targets in VAL_PLAN[obj]:
             dk = d.top(k)
             rnd = random_like(dk, seed=k)
-            for a in ALPHAS:
+            for a in alphas:
                 res[f"{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_{obj}_k{k}_a{a:g}", items, dk, alpha=a)
+            for a in ralphas:
                 res[f"random_{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_random_{obj}_k{k}_a{a:g}", items, rnd,
                                                               alpha=a)
-            for tgt in TARGETS:
+            for tgt in targets:
                 res[f"{obj}_k{k}_auto{tgt:g}"] = proxy_eval(model, f"val_{obj}_k{k}_auto{tgt:g}", items, dk,
                                                             auto_target=tgt)
-            print(f"[val] {obj} k={k}:", {a: round(res[f'{obj}_k{k}_a{a:g}']['acc'], 2) for a in ALPHAS},
-                  {t: round(res[f'{obj}_k{k}_auto{t:g}']['acc'], 2) for t in TARGETS}, flush=True)
+            print(f"[val] {obj} k={k}:", {n: round(v["acc"], 2) for n, v in res.items() if f"{obj}_k{k}" in n},
+                  flush=True)
     (RUN / "val_sweep.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -396,6 +406,46 @@ def stage_test(model, splits, dirs, res, objs, *, generate_for: tuple[str, ...] 
     return out
 
 
+def stage_figure() -> None:
+    """figures/focus_directions_alpha.html/.png from the validation sweep, plus a markdown table."""
+    from focuslens.plotting import ablation_curve, save_figure
+
+    res = json.loads((RUN / "val_sweep.json").read_text())
+    series = {}
+    for obj in ("attention", "likelihood"):
+        for k in KS:
+            for pre, label in ((f"{obj}_k{k}", f"{obj} k={k}"), (f"random_{obj}_k{k}", f"random (matched norm) {obj} k={k}")):
+                keys = [f"{pre}_a{a:g}" for a in ALPHAS]
+                if all(kk in res for kk in keys):
+                    series[label] = ([res[kk]["acc"] for kk in keys], [res[kk]["stderr"] for kk in keys])
+    baselines = {"unmodified": res["baseline"]["acc"]}
+    for obj in ("attention", "likelihood"):
+        autos = [(v["acc"], n) for n, v in res.items() if n.startswith(f"{obj}_k") and "auto" in n]
+        if autos:
+            best = max(autos)
+            baselines[f"{obj} auto α ({best[1].split('_', 1)[1]})"] = best[0]
+    fig = ablation_curve(ALPHAS, series, baselines=baselines, xaxis="α (negative: pushes attention away)",
+                         yaxis="validation accuracy (forced-prefix first token)",
+                         title=f"Focus directions on SmolLM2-135M-Instruct, {N_DOCS} documents, validation n={res['baseline']['n']}")
+    paths = save_figure(fig, FIG / "focus_directions_alpha")
+    print("[figure]", [str(p) for p in paths])
+    test = json.loads((RUN / "test_results.json").read_text()) if (RUN / "test_results.json").exists() else None
+    lines = ["| split | metric | condition | k | α / target | n | accuracy | stderr | distractor copy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n_, v in sorted(res.items()):
+        lines.append(f"| val | proxy | {n_} | | | {v['n']} | {v['acc']:.3f} | {v['stderr']:.3f} | {v['copy']:.3f} |")
+    if test:
+        for n_, v in test["proxy"].items():
+            at = v.get("alpha") if v.get("target") is None else f"auto {v.get('target')}"
+            lines.append(f"| test | proxy | {n_} | {v.get('k', '')} | {at if at is not None else ''} | {v['n']} | "
+                         f"{v['acc']:.3f} | {v['stderr']:.3f} | {v['copy']:.3f} |")
+        for n_, v in test["generation"].items():
+            lines.append(f"| test | generation EM | {n_} | {v.get('k', '')} | {v.get('alpha', '')} | {v['n']} | "
+                         f"{v['acc']:.3f} | {v['stderr']:.3f} | {v['distractor']:.3f} |")
+    (RUN / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", default="all",
@@ -404,8 +454,16 @@ def main(argv=None):
     ap.add_argument("--generate", default="", help="comma list, e.g. likelihood_best,likelihood_random")
     args = ap.parse_args(argv)
     t0 = time.time()
+    if args.stage == "figure":
+        stage_figure()
+        return
     model = fl.load_model(verbose=False)
     splits = stage_data()
+    if args.stage == "baseline":
+        for split in ("val", "test"):
+            print(f"[baseline {split}]", proxy_eval(model, f"{split}_baseline", forced_prefix_items(model, splits[split])),
+                  flush=True)
+        return
     if args.stage in ("prep", "all"):
         stage_responses(model, splits)
         print(f"[responses] done {time.time() - t0:.0f}s", flush=True)
@@ -413,14 +471,18 @@ def main(argv=None):
         print("[baseline test]", eval_split(model, "test_baseline", splits["test"]), flush=True)
         if args.stage == "prep":
             return
-    responses = stage_responses(model, splits)
+    responses = stage_responses(model, splits, generate_missing=False)
     train_dx = direction_examples(model, splits, responses, "train", N_TRAIN)
     val_dx = direction_examples(model, splits, responses, "val")
     heads = stage_rank(model, train_dx)
     print(f"[rank] top-30 {heads[:10]}... {time.time() - t0:.0f}s", flush=True)
+    if args.stage == "train_likelihood":
+        stage_train_likelihood(model, heads, train_dx, val_dx)
+        return
     dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
-    if args.stage in ("train", "all", "val", "test", "figure"):
-        dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
+    if args.stage == "train_attention":
+        return
+    dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
     if args.stage == "train":
         return
     res = stage_val_sweep(model, splits, dirs)

@@ -968,7 +968,7 @@ def _live_forward(model, ex: DirectionExample, heads: list[Head], u: Tensor, alp
     nll = -lp.gather(-1, tgt[:, None]).mean()
     if not want_attention:
         return nll, None
-    masses = []
+    masses: list[Tensor | None] = [None] * len(heads)  # in ``heads`` order
     n = r.end
     for l, rows in by_layer.items():
         q = stash[hook_name(l, qs)][0, r.start:r.end]  # [R, H, d]
@@ -978,8 +978,8 @@ def _live_forward(model, ex: DirectionExample, heads: list[Head], u: Tensor, alp
             lg = (q[:, h] @ k[:, h].T) * scale
             t = torch.arange(r.start, r.end)[:, None]
             lg = lg.masked_fill(torch.arange(n)[None] > t, _NEG)
-            masses.append(torch.softmax(lg.float(), -1)[:, ex.relevant.slice].sum(-1).mean())
-    return nll, torch.stack(masses)
+            masses[i] = torch.softmax(lg.float(), -1)[:, ex.relevant.slice].sum(-1).mean()
+    return nll, torch.stack(masses)  # type: ignore[arg-type]
 
 
 def _train_live(model, examples, val_examples, heads, u0, *, objective, alpha, lr, epochs, limit, patience,

@@ -352,3 +352,22 @@ def test_errors(tiny_llama, dx_llama):
         train_focus_directions(tiny_llama, dx_llama, heads=[(5, 0)])
     with pytest.raises(ValueError, match="one row per head"):
         FocusDirections(heads=HEADS, vectors=torch.zeros(2, 16), fingerprint={})
+
+
+def test_live_attention_term_matches_cache(tiny_llama, dx_llama):
+    """objective="both": the live attention term equals the cached objective (layer-0 head exact)."""
+    ex = dx_llama[1]
+    cache = cache_qk(tiny_llama, [ex], HEADS)
+    u = torch.zeros(3, 16)
+    _, mass = fdm._live_forward(tiny_llama, ex, HEADS, u, 1.0, want_attention=True,
+                                scale=attention_scale(tiny_llama))
+    torch.testing.assert_close(mass, heldout_attention(cache, None), atol=1e-5, rtol=1e-4)
+
+
+def test_make_direction_examples_generates_gold_only_response(tiny_llama):
+    dx = make_direction_examples(tiny_llama, [_example(0), _example(1)], max_new_tokens=3)
+    for d in dx:
+        assert 1 <= len(d.prompt.response) <= 3
+        assert d.relevant.end <= d.prompt.response.start
+    with pytest.raises(ValueError, match="responses for"):
+        make_direction_examples(tiny_llama, [_example(0)], responses=["a", "b"])

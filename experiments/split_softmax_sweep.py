@@ -106,63 +106,36 @@ def summarise(res) -> dict:
 
 
 def plot(results: dict, path_base: Path) -> list[str]:
-    """The ablation-curve figure: accuracy vs k, one line per τ, random-k markers, baselines."""
-    try:
-        from focuslens.plotting import ablation_curve  # the scoring engineer's, if it exists
-    except ImportError:
-        ablation_curve = None
-    import plotly.graph_objects as go
+    """The ablation-curve figure: accuracy vs k, one line per τ (top-k), random-k points, baselines."""
+    from focuslens.plotting import ablation_curve, save_figure
 
-    base = results["baselines"]
-    if ablation_curve is not None:
-        try:
-            fig = ablation_curve(results)
-        except Exception:
-            fig = None
-    else:
-        fig = None
-    if fig is None:
-        fig = go.Figure()
-        colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-        for i, (tau, pts) in enumerate(sorted(results["top"].items(), key=lambda x: float(x[0]))):
-            ks = sorted(pts, key=int)
-            fig.add_trace(go.Scatter(
-                x=[int(k) for k in ks], y=[pts[k]["accuracy"] for k in ks],
-                error_y=dict(type="data", array=[pts[k]["accuracy_se"] for k in ks]),
-                mode="lines+markers", name=f"top-k contextual heads, τ={tau}",
-                line=dict(color=colours[i % len(colours)]),
-            ))
-        for i, (tau, pts) in enumerate(sorted(results["random"].items(), key=lambda x: float(x[0]))):
-            for k, d in pts.items():
-                fig.add_trace(go.Scatter(
-                    x=[int(k)], y=[d["mean"]], error_y=dict(type="data", array=[d["sd"]]),
-                    mode="markers", marker=dict(symbol="x", size=11, color=colours[i % len(colours)]),
-                    name=f"{k} random heads, τ={tau} (mean ± sd of {len(d['seeds'])} seeds)",
-                ))
-        for name, dash in (("gold_only", "dot"), ("original", "solid"), ("negative", "dash")):
-            if name in base:
-                fig.add_hline(y=base[name]["accuracy"], line_dash=dash, line_color="grey",
-                              annotation_text=f"{name} {base[name]['accuracy']:.2f}",
-                              annotation_position="right")
-        fig.update_layout(
-            title=f"Split softmax on SmolLM2-135M-Instruct, {results['n_docs']} documents, n={results['n']}",
-            xaxis_title="k (heads edited)", yaxis_title="accuracy (best-subspan EM)",
-            yaxis_range=[0, 1], template="plotly_white", width=900, height=520,
+    ks = sorted({int(k) for pts in results["top"].values() for k in pts}
+                | {int(k) for pts in results["random"].values() for k in pts})
+    nan = float("nan")
+    series: dict = {}
+    for tau, pts in sorted(results["top"].items(), key=lambda x: float(x[0])):
+        series[f"top-k contextual heads, τ={tau}"] = (
+            [pts[str(k)]["accuracy"] if str(k) in pts else nan for k in ks],
+            [pts[str(k)]["accuracy_se"] if str(k) in pts else nan for k in ks],
         )
-    path_base.parent.mkdir(parents=True, exist_ok=True)
-    written = [str(path_base.with_suffix(".html"))]
-    fig.write_html(written[0], include_plotlyjs="cdn")
-    try:
-        import shutil
-
-        if "BROWSER_PATH" not in os.environ and shutil.which("chromium"):
-            os.environ["BROWSER_PATH"] = shutil.which("chromium")
-        fig.write_image(str(path_base.with_suffix(".png")), scale=2)
-        written.append(str(path_base.with_suffix(".png")))
-    except Exception as e:  # kaleido without a browser
-        print(f"[sweep] PNG export failed ({e}); install chromium (apt-get install -y chromium) "
-              "and set BROWSER_PATH, the HTML figure was written.", flush=True)
-    return written
+    for tau, pts in sorted(results["random"].items(), key=lambda x: float(x[0])):
+        seeds = next(iter(pts.values()))["seeds"]
+        series[f"k random heads, τ={tau} (mean ± sd, {len(seeds)} seeds)"] = (
+            [pts[str(k)]["mean"] if str(k) in pts else nan for k in ks],
+            [pts[str(k)]["sd"] if str(k) in pts else nan for k in ks],
+        )
+    baselines = {f"{name} ({d['accuracy']:.2f})": d["accuracy"] for name, d in results["baselines"].items()}
+    fig = ablation_curve(
+        ks, series, baselines=baselines, xaxis="k (heads edited by split softmax)",
+        yaxis="accuracy (best-subspan EM)",
+        title=f"Split softmax, SmolLM2-135M-Instruct, {results['n_docs']} documents, n={results['n']}",
+    )
+    for tr in fig.data:  # random-k appear at one k only: show markers
+        if tr.name and tr.name.startswith("k random"):
+            tr.mode = "markers"
+            tr.marker.symbol = "x"
+            tr.marker.size = 11
+    return [str(x) for x in save_figure(fig, path_base)]
 
 
 def main(argv=None) -> dict:

@@ -511,6 +511,12 @@ def evaluate(
             for i, ex in enumerate(examples):
                 if isinstance(ex, RenderedExample):
                     r = ex
+                    if r.variant != variant or r.prompt.chat != chat:
+                        raise ValueError(
+                            f"examples[{i}] was rendered with variant={r.variant!r}, chat={r.prompt.chat}, "
+                            f"but evaluate was called with variant={variant!r}, chat={chat}: pass the "
+                            "same settings (they are part of the records' configuration)."
+                        )
                 elif isinstance(ex, TaskExample):
                     r = render(ex, model, variant=variant, chat=chat, gold_position=gold_position,
                                system=system, index=i)

@@ -279,3 +279,13 @@ def test_margins_without_distractors_are_nan(tiny_llama):
     rs = [render(make_synthetic_qa(1, n_docs=1)[0], tiny_llama)]
     res = teacher_forced_margins(tiny_llama, rs)
     assert torch.isnan(res.margin).all() and torch.isinf(res.distractor_logprob).all()
+
+
+def test_prerendered_examples_must_match_the_settings(tiny_llama):
+    exs = make_synthetic_qa(2, n_docs=3, seed=9)
+    rs = [render(e, tiny_llama, variant="gold_only", index=i) for i, e in enumerate(exs)]
+    a = evaluate(tiny_llama, rs, variant="gold_only", progress=False, max_new_tokens=3)
+    b = evaluate(tiny_llama, exs, variant="gold_only", progress=False, max_new_tokens=3)
+    assert a.predictions == b.predictions and all(r["n_docs"] == 1 for r in a.records)
+    with pytest.raises(ValueError, match="variant='gold_only'"):
+        evaluate(tiny_llama, rs, progress=False, max_new_tokens=3)

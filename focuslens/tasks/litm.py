@@ -144,7 +144,7 @@ class TfidfIndex:
 
     Example:
         >>> idx = TfidfIndex(["the cat sat", "a dog barked", "cats and dogs"])
-        >>> idx.scores("cat").argmax()
+        >>> int(idx.scores("cat").argmax())
         0
     """
 

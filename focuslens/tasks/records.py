@@ -27,7 +27,7 @@ Example:
     >>> ex = make_synthetic_qa(1, n_docs=10, seed=0)[0]
     >>> r = render(ex, model.tokenizer, chat=True)
     >>> model.tokenizer.decode(r.tokens[r.relevant.slice])
-    'Document [4](Title: Veloria) The capital of Veloria is Quentor.'
+    'Document [6](Title: Grothova) The capital of Grothova is Drulport.'
 """
 
 from __future__ import annotations

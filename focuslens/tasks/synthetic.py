@@ -229,8 +229,8 @@ def make_synthetic_qa(
 
     Example:
         >>> ex = make_synthetic_qa(1, n_docs=3, gold_position=1, seed=0)[0]
-        >>> [d.text for d in ex.ctxs]  # doctest: +SKIP
-        ['The capital of Drousk is Pletis.', 'The capital of Veloria is Quentor.', ...]
+        >>> [d.text for d in ex.ctxs]
+        ['The capital of Vaefeania is Stosturholm.', 'The capital of Grothova is Drulport.', 'The capital of Seisora is Ruceton.']
     """
     if n_examples < 0:
         raise ValueError(f"n_examples must be >= 0, got {n_examples}.")

@@ -276,133 +276,146 @@ def forced_prefix_items(model, examples):
         p = r.prompt.with_response(model.tokenizer, prefix)
         n = len(p)
         first = lambda v: int(r.prompt.with_response(model.tokenizer, prefix + " " + v).tokens[n])  # noqa: E731
-        items.append((p.tokens, first(value), {first(v) for v in ex.distractor_answers}, len(r.prompt), r))
+        items.append((p.tokens, first(value), {first(v) for v in ex.distractor_answers}, len(r.prompt), r,
+                      ex.meta["id"]))
     return items
 
 
 def proxy_eval(model, name, items, make_dirs=None, *, alpha=None, auto_target=None, batch=8) -> dict:
-    """First-token accuracy after the forced answer prefix (one forward per example), cached."""
-    path = RUN / "proxy" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    """First-token accuracy after the forced answer prefix (one forward per example).
+
+    Per-example results are appended to ``runs/focus_directions/proxy/{name}.jsonl`` (resumable); the
+    summary covers exactly the ``items`` given, so subsets share cached rows.
+    """
+    path = RUN / "proxy" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    correct, copies = [], []
+    done = load_jsonl(path)
+    todo = [it for it in items if it[5] not in done]
     pad = model.tokenizer.eos_token_id
     bs = 1 if auto_target is not None else batch
-    for a in range(0, len(items), bs):
-        chunk = items[a:a + bs]
-        n_max = max(len(t) for t, *_ in chunk)
-        toks = torch.full((len(chunk), n_max), pad, dtype=torch.long)
-        for b, (t, *_rest) in enumerate(chunk):
-            toks[b, : len(t)] = t  # right padding: causal rows before the pad are exact
-        handle = None
-        if make_dirs is not None:
-            if auto_target is not None:
-                handle = make_dirs.apply(model, alpha="auto", tokens=chunk[0][4].prompt.tokens, target=auto_target)
-            else:
-                handle = make_dirs.apply(model, alpha=alpha)
-        try:
-            with torch.no_grad():
-                logits = model(toks)
-        finally:
-            if handle is not None:
-                handle.remove()
-        for b, (t, g, ds, _, _) in enumerate(chunk):
-            pred = int(logits[b, len(t) - 1].argmax())
-            correct.append(float(pred == g))
-            copies.append(float(pred in ds and pred != g))
+    with path.open("a") as f:
+        for a in range(0, len(todo), bs):
+            chunk = todo[a:a + bs]
+            n_max = max(len(t) for t, *_ in chunk)
+            toks = torch.full((len(chunk), n_max), pad, dtype=torch.long)
+            for b, (t, *_rest) in enumerate(chunk):
+                toks[b, : len(t)] = t  # right padding: causal rows before the pad are exact
+            handle = None
+            if make_dirs is not None:
+                if auto_target is not None:
+                    handle = make_dirs.apply(model, alpha="auto", tokens=chunk[0][4].prompt.tokens,
+                                             target=auto_target)
+                else:
+                    handle = make_dirs.apply(model, alpha=alpha)
+            try:
+                with torch.no_grad():
+                    logits = model(toks)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            for b, (t, g, ds, _, _, eid) in enumerate(chunk):
+                pred = int(logits[b, len(t) - 1].argmax())
+                rec = {"id": eid, "correct": float(pred == g), "copy": float(pred in ds and pred != g)}
+                f.write(json.dumps(rec) + "\n")
+                done[eid] = rec
+            f.flush()
+    correct = [done[it[5]]["correct"] for it in items]
+    copies = [done[it[5]]["copy"] for it in items]
     n = len(correct)
     acc = sum(correct) / n
-    res = {"name": name, "n": n, "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "copy": sum(copies) / n}
-    path.write_text(json.dumps(res))
-    return res
+    return {"name": name, "n": n, "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "copy": sum(copies) / n}
 
 
 ALPHAS = [-1.0, 0.5, 1.0, 2.0]
-KS = [10, 20]
-TARGETS = [0.5]
 
 
-VAL_PLAN = {  # (k, alphas, random-control alphas, auto targets): trimmed to the CPU budget
-    "attention": [(20, ALPHAS, [1.0, 2.0], TARGETS), (10, [1.0, 2.0], [], [])],
-    "likelihood": [(20, ALPHAS, [1.0], TARGETS)],
-}
+# Ordered by importance: each condition is resumable per example, so a run cut short keeps what it did.
+# (objective, k, alpha or None, auto target or None, random control?)
+VAL_PLAN = [
+    ("likelihood", 20, 1.0, None, False),
+    ("attention", 20, 1.0, None, False),
+    ("likelihood", 20, 2.0, None, False),
+    ("attention", 20, 2.0, None, False),
+    ("likelihood", 20, 0.5, None, False),
+    ("likelihood", 20, None, 0.5, False),
+    ("attention", 20, None, 0.5, False),
+    ("likelihood", 20, -1.0, None, False),
+    ("likelihood", 20, 1.0, None, True),
+    ("attention", 20, 0.5, None, False),
+    ("attention", 20, -1.0, None, False),
+    ("attention", 10, 1.0, None, False),
+    ("attention", 20, 2.0, None, True),
+]
 
 
-def stage_val_sweep(model, splits, dirs: dict) -> dict:
+def cond_name(obj, k, alpha, target, rnd) -> str:
+    return f"{'random_' if rnd else ''}{obj}_k{k}_" + (f"a{alpha:g}" if target is None else f"auto{target:g}")
+
+
+def run_condition(model, split, items, dirs, obj, k, alpha, target, rnd) -> dict:
     from focuslens.directions import random_like
 
-    items = forced_prefix_items(model, splits["val"])
+    d = dirs[obj].top(k)
+    if rnd:
+        d = random_like(d, seed=k)
+    name = cond_name(obj, k, alpha, target, rnd)
+    return {**proxy_eval(model, f"{split}_{name}", items, d, alpha=alpha, auto_target=target),
+            "objective": obj, "k": k, "alpha": alpha, "target": target, "random": rnd}
+
+
+def stage_val_sweep(model, splits, dirs: dict, n_val: int) -> dict:
+    items = forced_prefix_items(model, splits["val"][:n_val])
     res = {"baseline": proxy_eval(model, "val_baseline", items)}
-    for obj, d in dirs.items():
-        for k, alphas, ralphas, targets in VAL_PLAN[obj]:
-            dk = d.top(k)
-            rnd = random_like(dk, seed=k)
-            for a in alphas:
-                res[f"{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_{obj}_k{k}_a{a:g}", items, dk, alpha=a)
-            for a in ralphas:
-                res[f"random_{obj}_k{k}_a{a:g}"] = proxy_eval(model, f"val_random_{obj}_k{k}_a{a:g}", items, rnd,
-                                                              alpha=a)
-            for tgt in targets:
-                res[f"{obj}_k{k}_auto{tgt:g}"] = proxy_eval(model, f"val_{obj}_k{k}_auto{tgt:g}", items, dk,
-                                                            auto_target=tgt)
-            print(f"[val] {obj} k={k}:", {n: round(v["acc"], 2) for n, v in res.items() if f"{obj}_k{k}" in n},
-                  flush=True)
-    (RUN / "val_sweep.json").write_text(json.dumps(res, indent=1))
+    for obj, k, alpha, target, rnd in VAL_PLAN:
+        if obj not in dirs:
+            continue
+        name = cond_name(obj, k, alpha, target, rnd)
+        res[name] = run_condition(model, "val", items, dirs, obj, k, alpha, target, rnd)
+        print(f"[val] {name}: acc {res[name]['acc']:.3f} ± {res[name]['stderr']:.3f} copy {res[name]['copy']:.2f}"
+              f" (baseline {res['baseline']['acc']:.3f})", flush=True)
+        (RUN / "val_sweep.json").write_text(json.dumps(res, indent=1))
     return res
 
 
 def choose(res: dict, obj: str) -> dict:
-    """Best fixed (k, alpha>0) and best auto target for ``obj`` on the validation proxy."""
-    fixed = [(v["acc"], -abs(float(n.split("_a")[-1])), n) for n, v in res.items()
-             if n.startswith(f"{obj}_k") and "_a" in n and "auto" not in n and float(n.split("_a")[-1]) > 0]
-    auto = [(v["acc"], n) for n, v in res.items() if n.startswith(f"{obj}_k") and "auto" in n]
-    bf = max(fixed)[2]
-    ba = max(auto)[1]
-    k = int(bf.split("_k")[1].split("_")[0])
-    return {"fixed": bf, "k": k, "alpha": float(bf.split("_a")[-1]), "auto": ba,
-            "auto_k": int(ba.split("_k")[1].split("_")[0]), "auto_target": float(ba.split("auto")[-1])}
+    """Best fixed positive (k, alpha) and best auto target for ``obj`` on the validation proxy."""
+    fixed = [(v["acc"], -v["alpha"], n) for n, v in res.items()
+             if n != "baseline" and v["objective"] == obj and not v["random"] and v["target"] is None and v["alpha"] > 0]
+    auto = [(v["acc"], n) for n, v in res.items()
+            if n != "baseline" and v["objective"] == obj and not v["random"] and v["target"] is not None]
+    if not fixed:
+        return {}
+    bf = res[max(fixed)[2]]
+    out = {"k": bf["k"], "alpha": bf["alpha"], "val_acc": bf["acc"]}
+    if auto:
+        ba = res[max(auto)[1]]
+        out.update(auto_k=ba["k"], auto_target=ba["target"], auto_val_acc=ba["acc"])
+    return out
 
 
-def stage_test(model, splits, dirs, res, objs, *, generate_for: tuple[str, ...] = ()) -> dict:
-    """Test split: the forced-prefix proxy for every selected condition; full greedy generation
-    (best-subspan EM) for the baseline and the configurations named in ``generate_for``."""
-    from focuslens.directions import random_like
-
-    items = forced_prefix_items(model, splits["test"])
-    out = {"proxy": {"baseline": proxy_eval(model, "test_baseline", items)}, "generation": {}, "choice": {}}
+def stage_test(model, splits, dirs, res, objs, n_test: int) -> dict:
+    """Test split, forced-prefix proxy: baseline, then per objective the val-chosen fixed α, random
+    vectors of matched norm at that α, the auto magnitude control (val-chosen target) and −α."""
+    items = forced_prefix_items(model, splits["test"][:n_test])
+    out = {"baseline": proxy_eval(model, "test_baseline", items), "choice": {}}
+    print("[test] baseline", out["baseline"], flush=True)
+    plan = []
     for obj in objs:
-        d = dirs[obj]
         c = choose(res, obj)
+        if not c:
+            continue
         out["choice"][obj] = c
-        dk, da = d.top(c["k"]), d.top(c["auto_k"])
-        rnd = random_like(dk, seed=c["k"])
-        conds = {
-            f"{obj}_best": (dk, c["alpha"], None),
-            f"{obj}_negative": (dk, -c["alpha"], None),
-            f"{obj}_random": (rnd, c["alpha"], None),
-            f"{obj}_auto": (da, None, c["auto_target"]),
-        }
-        for name, (dd, a, tgt) in conds.items():
-            tag = f"test_{name}_k{len(dd)}_" + (f"a{a:g}" if tgt is None else f"auto{tgt:g}")
-            out["proxy"][name] = {**proxy_eval(model, tag, items, dd, alpha=a, auto_target=tgt), "k": len(dd),
-                                  "alpha": a, "target": tgt}
-            print("[test proxy]", out["proxy"][name], flush=True)
+        plan.append((obj, c["k"], c["alpha"], None, False))
+        plan.append((obj, c["k"], c["alpha"], None, True))
+        if "auto_target" in c:
+            plan.append((obj, c["auto_k"], None, c["auto_target"], False))
+        plan.append((obj, c["k"], -c["alpha"], None, False))
+    for obj, k, alpha, target, rnd in plan:
+        name = cond_name(obj, k, alpha, target, rnd)
+        out[name] = run_condition(model, "test", items, dirs, obj, k, alpha, target, rnd)
+        print(f"[test] {name}: acc {out[name]['acc']:.3f} ± {out[name]['stderr']:.3f} copy {out[name]['copy']:.2f}",
+              flush=True)
         (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
-    out["generation"]["baseline"] = eval_split(model, "test_baseline", splits["test"])
-    for name in generate_for:
-        obj = name.split("_")[0]
-        c = out["choice"][obj]
-        dk = dirs[obj].top(c["k"])
-        if name.endswith("_random"):
-            dk = random_like(dk, seed=c["k"])
-        a = -c["alpha"] if name.endswith("_negative") else c["alpha"]
-        out["generation"][name] = {**eval_split(model, f"test_gen_{name}_k{c['k']}_a{a:g}", splits["test"],
-                                                attach=lambda r, dk=dk, a=a: dk.apply(model, alpha=a)),
-                                   "k": c["k"], "alpha": a}
-        print("[test generation]", out["generation"][name], flush=True)
-        (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
-    (RUN / "test_results.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -411,37 +424,39 @@ def stage_figure() -> None:
     from focuslens.plotting import ablation_curve, save_figure
 
     res = json.loads((RUN / "val_sweep.json").read_text())
+    conds = {n: v for n, v in res.items() if n != "baseline"}
+    alphas = sorted({v["alpha"] for v in conds.values() if v["target"] is None})
     series = {}
-    for obj in ("attention", "likelihood"):
-        for k in KS:
-            for pre, label in ((f"{obj}_k{k}", f"{obj} k={k}"), (f"random_{obj}_k{k}", f"random (matched norm) {obj} k={k}")):
-                keys = [f"{pre}_a{a:g}" for a in ALPHAS]
-                if all(kk in res for kk in keys):
-                    series[label] = ([res[kk]["acc"] for kk in keys], [res[kk]["stderr"] for kk in keys])
-    baselines = {"unmodified": res["baseline"]["acc"]}
-    for obj in ("attention", "likelihood"):
-        autos = [(v["acc"], n) for n, v in res.items() if n.startswith(f"{obj}_k") and "auto" in n]
-        if autos:
-            best = max(autos)
-            baselines[f"{obj} auto α ({best[1].split('_', 1)[1]})"] = best[0]
-    fig = ablation_curve(ALPHAS, series, baselines=baselines, xaxis="α (negative: pushes attention away)",
-                         yaxis="validation accuracy (forced-prefix first token)",
-                         title=f"Focus directions on SmolLM2-135M-Instruct, {N_DOCS} documents, validation n={res['baseline']['n']}")
+    groups = sorted({(v["objective"], v["k"], v["random"]) for v in conds.values() if v["target"] is None})
+    for obj, k, rnd in groups:
+        pts = {v["alpha"]: v for v in conds.values()
+               if v["target"] is None and (v["objective"], v["k"], v["random"]) == (obj, k, rnd)}
+        label = f"{'random, matched norm: ' if rnd else ''}{obj} objective, k={k}"
+        # ablation_curve needs a value per x: missing alphas are drawn as gaps (NaN)
+        series[label] = ([pts[a]["acc"] if a in pts else float("nan") for a in alphas],
+                         [pts[a]["stderr"] if a in pts else float("nan") for a in alphas])
+    baselines = {f"unmodified ({res['baseline']['acc']:.2f})": res["baseline"]["acc"]}
+    for v in conds.values():
+        if v["target"] is not None:
+            baselines[f"{v['objective']} k={v['k']} auto α, target {v['target']:g} ({v['acc']:.2f})"] = v["acc"]
+    fig = ablation_curve(alphas, series, baselines=baselines, xaxis="α (negative pushes attention away)",
+                         yaxis="accuracy (forced answer prefix, next token = gold value)",
+                         title=f"Focus directions, SmolLM2-135M-Instruct, {N_DOCS} documents, validation "
+                               f"n={res['baseline']['n']}")
     paths = save_figure(fig, FIG / "focus_directions_alpha")
     print("[figure]", [str(p) for p in paths])
-    test = json.loads((RUN / "test_results.json").read_text()) if (RUN / "test_results.json").exists() else None
-    lines = ["| split | metric | condition | k | α / target | n | accuracy | stderr | distractor copy |",
+    lines = ["| split | condition | objective | k | α / auto target | n | accuracy | stderr | distractor copy |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for n_, v in sorted(res.items()):
-        lines.append(f"| val | proxy | {n_} | | | {v['n']} | {v['acc']:.3f} | {v['stderr']:.3f} | {v['copy']:.3f} |")
-    if test:
-        for n_, v in test["proxy"].items():
-            at = v.get("alpha") if v.get("target") is None else f"auto {v.get('target')}"
-            lines.append(f"| test | proxy | {n_} | {v.get('k', '')} | {at if at is not None else ''} | {v['n']} | "
+    for split, path in (("val", RUN / "val_sweep.json"), ("test", RUN / "test_results.json")):
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        for n_, v in r.items():
+            if n_ == "choice":
+                continue
+            at = "" if n_ == "baseline" else (f"auto {v['target']:g}" if v["target"] is not None else f"{v['alpha']:g}")
+            lines.append(f"| {split} | {n_} | {v.get('objective', '')} | {v.get('k', '')} | {at} | {v['n']} | "
                          f"{v['acc']:.3f} | {v['stderr']:.3f} | {v['copy']:.3f} |")
-        for n_, v in test["generation"].items():
-            lines.append(f"| test | generation EM | {n_} | {v.get('k', '')} | {v.get('alpha', '')} | {v['n']} | "
-                         f"{v['acc']:.3f} | {v['stderr']:.3f} | {v['distractor']:.3f} |")
     (RUN / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -449,9 +464,10 @@ def stage_figure() -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", default="all",
-                    help="prep | train | val | test | figure | all (each stage reuses cached results)")
-    ap.add_argument("--objectives", default="likelihood,attention", help="order of the test stage")
-    ap.add_argument("--generate", default="", help="comma list, e.g. likelihood_best,likelihood_random")
+                    help="prep | baseline | train_attention | train_likelihood | train | val | test | figure | all")
+    ap.add_argument("--objectives", default="likelihood,attention")
+    ap.add_argument("--n-val", type=int, default=50)
+    ap.add_argument("--n-test", type=int, default=200)
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.stage == "figure":
@@ -460,15 +476,14 @@ def main(argv=None):
     model = fl.load_model(verbose=False)
     splits = stage_data()
     if args.stage == "baseline":
-        for split in ("val", "test"):
-            print(f"[baseline {split}]", proxy_eval(model, f"{split}_baseline", forced_prefix_items(model, splits[split])),
-                  flush=True)
+        print("[baseline test]", proxy_eval(model, "test_baseline", forced_prefix_items(model, splits["test"][:args.n_test])),
+              flush=True)
+        print("[baseline val]", proxy_eval(model, "val_baseline", forced_prefix_items(model, splits["val"][:args.n_val])),
+              flush=True)
         return
     if args.stage in ("prep", "all"):
         stage_responses(model, splits)
         print(f"[responses] done {time.time() - t0:.0f}s", flush=True)
-        (RUN / "responses.done").write_text("ok")
-        print("[baseline test]", eval_split(model, "test_baseline", splits["test"]), flush=True)
         if args.stage == "prep":
             return
     responses = stage_responses(model, splits, generate_missing=False)
@@ -482,14 +497,18 @@ def main(argv=None):
     dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
     if args.stage == "train_attention":
         return
-    dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
+    if args.stage in ("train", "all") or (RUN / "fd_likelihood" / "config.json").exists():
+        dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
     if args.stage == "train":
         return
-    res = stage_val_sweep(model, splits, dirs)
+    if args.stage in ("val", "all"):
+        res = stage_val_sweep(model, splits, dirs, args.n_val)
+    else:
+        res = json.loads((RUN / "val_sweep.json").read_text())
     if args.stage == "val":
         return
     objs = [o for o in args.objectives.split(",") if o in dirs]
-    stage_test(model, splits, dirs, res, objs, generate_for=tuple(x for x in args.generate.split(",") if x))
+    stage_test(model, splits, dirs, res, objs, args.n_test)
     print(f"[done] {time.time() - t0:.0f}s", flush=True)
 
 

@@ -680,28 +680,39 @@ def attention_mass(
     return (p * relevant.to(p.dtype)[None, None, :]).sum(-1).mean(-1)
 
 
-def _batched_mass(cache: QKCache, idx: Sequence[int], u: Tensor, *, column: str = "relevant") -> Tensor:
-    """Per-head mass ``[S]`` averaged over examples ``idx`` (padded into one batch)."""
+def _pad_batch(cache: QKCache, idx: Sequence[int], column: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad examples ``idx`` into one batch: logits0 ``[B,S,R,N]``, per-head keys ``[B,S,N,d]`` (GQA
+    expanded), column mask ``[B,N]``, row mask ``[B,R]``. Built once per chunk and reused every step."""
     n_max = max(cache.logits0[i].shape[-1] for i in idx)
     r_max = max(cache.logits0[i].shape[1] for i in idx)
-    S, U, d = len(cache.heads), len(cache.kv_pairs), u.shape[-1]
+    S, d = len(cache.heads), cache.keys[0].shape[-1]
     B = len(idx)
     lg = torch.full((B, S, r_max, n_max), _NEG)
-    K = torch.zeros(B, U, n_max, d)
+    K = torch.zeros(B, S, n_max, d)
     cmask = torch.zeros(B, n_max)
     rmask = torch.zeros(B, r_max)
     cols = cache.relevant if column == "relevant" else cache.sink
     for b, i in enumerate(idx):
-        s_, r, n = cache.logits0[i].shape
+        _, r, n = cache.logits0[i].shape
         lg[b, :, :r, :n] = cache.logits0[i]
-        K[b, :, :n] = cache.keys[i]
+        K[b, :, :n] = cache.keys[i][cache.kv_index]
         cmask[b, :n] = cols[i].float()
         rmask[b, :r] = 1.0
-    bias = torch.einsum("sd,bsnd->bsn", u, K[:, cache.kv_index]) * cache.scale
+    return lg, K, cmask, rmask
+
+
+def _mass_from_batch(batch: tuple[Tensor, Tensor, Tensor, Tensor], u: Tensor, scale: float) -> Tensor:
+    lg, K, cmask, rmask = batch
+    bias = torch.einsum("sd,bsnd->bsn", u, K) * scale
     p = torch.softmax(lg + bias[:, :, None, :], dim=-1)
     mass = (p * cmask[:, None, None, :]).sum(-1)  # [B, S, R]
     per = (mass * rmask[:, None, :]).sum(-1) / rmask.sum(-1)[:, None]  # [B, S]
     return per.mean(0)
+
+
+def _batched_mass(cache: QKCache, idx: Sequence[int], u: Tensor, *, column: str = "relevant") -> Tensor:
+    """Per-head mass ``[S]`` averaged over examples ``idx`` (padded into one batch)."""
+    return _mass_from_batch(_pad_batch(cache, idx, column), u, cache.scale)
 
 
 def heldout_attention(cache: QKCache, directions: FocusDirections | Tensor | None, *, alpha: float = 1.0,
@@ -866,13 +877,17 @@ def _train_batched(tr: QKCache, va: QKCache | None, u0: Tensor, *, lr, steps, al
 
         it = bar = tqdm(it, desc="focus directions (attention, batched)", leave=False)
     n = len(tr)
+    batches = [(len(idx), _pad_batch(tr, idx, "relevant"))
+               for idx in (list(range(a, min(a + chunk, n))) for a in range(0, n, chunk))]
+    vbatches = [] if va is None else [
+        (len(idx), _pad_batch(va, idx, "relevant"))
+        for idx in (list(range(a, min(a + chunk, len(va)))) for a in range(0, len(va), chunk))]
     for step in it:
         opt.zero_grad()
         tot = 0.0
-        for a in range(0, n, chunk):
-            idx = list(range(a, min(a + chunk, n)))
-            mass = _batched_mass(tr, idx, alpha * u)  # [S]
-            loss = -(mass.sum()) * len(idx) / n  # heads independent: sum keeps each head's own gradient
+        for nb, batch in batches:
+            mass = _mass_from_batch(batch, alpha * u, tr.scale)  # [S]
+            loss = -(mass.sum()) * nb / n  # heads independent: sum keeps each head's own gradient
             loss.backward()
             tot += float(loss.detach())
         opt.step()
@@ -880,7 +895,9 @@ def _train_batched(tr: QKCache, va: QKCache | None, u0: Tensor, *, lr, steps, al
         if (step + 1) % eval_every == 0 or step == steps - 1:
             rec = {"step": step + 1, "train_mass": -tot / len(tr.heads)}
             if va is not None:
-                v = float(heldout_attention(va, u.detach(), alpha=alpha).mean())
+                with torch.no_grad():
+                    v = float(sum(_mass_from_batch(b_, alpha * u.detach(), va.scale) * nb_
+                                  for nb_, b_ in vbatches).mean() / len(va))
                 rec["val_mass"] = v
                 if v > best_val + 1e-6:
                     best_val, best_u, bad = v, u.detach().clone(), 0

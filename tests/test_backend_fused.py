@@ -111,17 +111,43 @@ def test_row_block_does_not_change_results():
     torch.testing.assert_close(sa, sb, atol=1e-6, rtol=0)
 
 
-def test_bf16_scores_accumulate_in_fp32():
+def test_bf16_scores_close_to_fp32_and_returned_in_fp32():
     """bf16 weights (CPU here): results are fp32 and close to the fp32 model's."""
     ids = _ids(64, seed=5)
     f32 = FusedModel(tiny_hf_model("llama")).contextual_scores(ids, relevant=(4, 30), response=(48, 64))
-    fm16 = FusedModel(tiny_hf_model("llama").to(torch.bfloat16))
-    b16 = fm16.contextual_scores(ids, relevant=(4, 30), response=(48, 64))
+    b16 = FusedModel(tiny_hf_model("llama").to(torch.bfloat16)).contextual_scores(ids, relevant=(4, 30), response=(48, 64))
     assert b16.dtype == torch.float32
     assert (b16 - f32).abs().max() < 3e-2
-    # the row sums over a full span are 1 up to fp32 rounding, not bf16 rounding (accumulation dtype)
-    total = fm16.contextual_scores(ids, relevant=(0, 64), response=(48, 64))
-    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+    assert (b16 - f32).abs().max() > 0  # really ran in bf16
+
+
+def test_response_rows_are_computed_in_fp32_from_bf16_inputs():
+    """The explicit rows use fp32 arithmetic on bf16 q/k (a bf16 softmax would be off by ~1e-3)."""
+    from focuslens.backends.fused import _explicit_rows
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 8, 16, generator=g) * 3).to(torch.bfloat16)
+    k = (torch.randn(1, 2, 40, 16, generator=g) * 3).to(torch.bfloat16)
+    rows = torch.arange(32, 40)
+    got = _explicit_rows(q, k, None, 2, rows, None, 0.25, 0)
+    assert got.dtype == torch.float32
+    kk = k.double().repeat_interleave(2, dim=1)
+    sc = (q.double() @ kk.transpose(-1, -2)) * 0.25
+    sc = sc.masked_fill(torch.arange(40)[None, :] > rows[:, None], float("-inf"))
+    torch.testing.assert_close(got.double(), sc.softmax(-1), atol=1e-6, rtol=0)
+    sub = _explicit_rows(q[:, [1, 2]], k, [1, 2], 2, rows, None, 0.25, 0)
+    torch.testing.assert_close(sub, got[:, [1, 2]], atol=1e-7, rtol=0)
+
+
+def test_span_unions_and_response_rule():
+    fm = FusedModel(tiny_hf_model("llama"))
+    ids = _ids(40, seed=17)
+    s = fm.score_spans(ids, response=(30, 40), spans={"a": (2, 8), "b": (8, 12), "ab": [(2, 8), (6, 12)]})
+    torch.testing.assert_close(s["ab"], s["a"] + s["b"], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="response starts"):
+        fm.contextual_scores(ids, relevant=(25, 35), response=(30, 40))
+    with pytest.raises(ValueError, match="empty list"):
+        fm.contextual_scores(ids, relevant=[], response=(30, 40))
 
 
 @pytest.mark.slow

@@ -52,6 +52,10 @@ def test_nnsight_functional_form_and_errors():
     sc = nnsight_backend.NNsightScorer(m)
     with pytest.raises(ValueError, match="outside"):
         sc.contextual_scores(ids, relevant=(0, 30), response=(15, 20))
+    with pytest.raises(ValueError, match="response starts"):
+        sc.contextual_scores(ids, relevant=(10, 17), response=(15, 20))
+    u = sc.score_spans(ids, response=(15, 20), spans={"u": [(1, 4), (3, 9)], "a": (1, 9)})
+    torch.testing.assert_close(u["u"], u["a"], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="one sequence"):
         sc.contextual_scores(torch.stack([ids, ids]), relevant=(0, 3), response=(15, 20))
     with pytest.raises(TypeError):

@@ -51,6 +51,8 @@ from torch import Tensor
 
 from ..prompts import Span, SpanLike, as_span
 
+SpansLike = SpanLike | Sequence[SpanLike]
+
 __all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "is_registered"]
 
 #: Name under which the focuslens attention function is registered while a context is active.
@@ -125,7 +127,7 @@ class _Injection:
 @dataclass
 class _Recorder:
     rows: Span  # absolute query positions whose patterns are reduced
-    spans: list[Span]  # key spans, absolute positions
+    key_masks: Tensor  # [n_spans, N] fp32, 1 on each named span's key positions (unions allowed)
     out: Tensor  # [n_spans, n_layers, n_heads] fp32 accumulator
     seen: set  # layers visited (sanity check: every layer must report once)
 
@@ -262,8 +264,9 @@ def _focuslens_attention(
                 sub = _apply_edits(pat.index_select(1, idx), edits, pos_of)
                 pat = pat.index_copy(1, idx, sub)
             row_sums = pat.sum(dim=2)  # [b, H, k]: Σ over response rows
-            parts = torch.stack([row_sums[..., s.start : min(s.end, kv_len)].sum(-1) for s in rec.spans])  # [S, b, H]
-            rec.out[:, layer] += parts.sum(1).to(device=rec.out.device, dtype=torch.float32)
+            km = rec.key_masks[:, :kv_len].to(row_sums.device)  # [S, k]
+            parts = torch.einsum("bhk,sk->sh", row_sums, km)  # [S, H], summed over the batch of 1
+            rec.out[:, layer] += parts.to(device=rec.out.device, dtype=torch.float32)
             rec.seen.add(layer)
     return out, None
 
@@ -415,7 +418,7 @@ class FusedModel:
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
         response: SpanLike,
-        spans: Mapping[str, SpanLike],
+        spans: Mapping[str, SpansLike],
     ) -> dict[str, Float[Tensor, "layer head"]]:
         """Mean attention mass that the response rows put on each named span, per head.
 
@@ -426,7 +429,9 @@ class FusedModel:
         Args:
             tokens: token ids ``[pos]`` or ``[1, pos]`` (a ``LabelledPrompt`` works too).
             response: the scoring rows, a half-open token span.
-            spans: named key spans (``{"relevant": p["doc_3"], "sink": (0, 1)}``).
+            spans: named key spans (``{"relevant": p["doc_3"], "sink": (0, 1)}``); a value may be a
+                list of spans (their union, each position counted once). Every span must end at or
+                before ``response.start`` (as in :mod:`focuslens.scoring`).
 
         Returns:
             ``{name: Tensor[n_layers, n_heads]}`` in fp32 on the CPU.
@@ -437,11 +442,14 @@ class FusedModel:
         if not spans:
             raise ValueError("spans is empty: name at least one key span, e.g. {'relevant': (10, 40)}.")
         names = list(spans)
-        key_spans = [as_span(spans[k], seq_len=n, name=f"span {k!r}") for k in names]
+        masks = torch.zeros(len(names), n, dtype=torch.float32)
+        for i, k in enumerate(names):
+            for sp in _span_list(spans[k], seq_len=n, response=rows, name=f"span {k!r}"):
+                masks[i, sp.slice] = 1.0
         if self._recorder is not None:
             raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
         acc = torch.zeros(len(names), self.n_layers, self.n_heads, dtype=torch.float32, device=self.input_device)
-        rec = _Recorder(rows=rows, spans=key_spans, out=acc, seen=set())
+        rec = _Recorder(rows=rows, key_masks=masks.to(self.input_device), out=acc, seen=set())
         with self._active():
             self._recorder = rec
             try:
@@ -460,7 +468,7 @@ class FusedModel:
         self,
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
-        relevant: SpanLike,
+        relevant: SpansLike,
         response: SpanLike,
     ) -> Float[Tensor, "layer head"]:
         """Contextual score of every head: response rows' mean attention mass on ``relevant``.
@@ -552,6 +560,27 @@ class FusedModel:
             f"<FusedModel {name}: {self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} KV), "
             f"attn={self.attn_implementation}, dtype={next(self.hf_model.parameters()).dtype}>"
         )
+
+
+def _span_list(spans: SpansLike, *, seq_len: int, response: Span, name: str) -> list[Span]:
+    """A span or a list of spans -> validated spans that end before the response starts."""
+    single = isinstance(spans, (Span, slice)) or (
+        isinstance(spans, (tuple, list)) and len(spans) == 2 and all(isinstance(v, int) for v in spans)
+    )
+    items = [spans] if single else list(spans)
+    if not items:
+        raise ValueError(f"{name}: an empty list of spans covers no token.")
+    out = []
+    for i, s in enumerate(items):
+        label = name if len(items) == 1 else f"{name}[{i}]"
+        sp = as_span(s, seq_len=seq_len, name=label)
+        if sp.end > response.start:
+            raise ValueError(
+                f"{label} {sp} ends after the response starts ({response}): response rows attend only "
+                f"to earlier tokens, so scored spans must end at or before {response.start}."
+            )
+        out.append(sp)
+    return out
 
 
 def _logits_kwargs(hf_model: Any) -> dict:

@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..prompts import SpanLike, as_span
+from .fused import SpansLike, _span_list
 
 __all__ = ["NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans", "NNSIGHT_PIN"]
 
@@ -115,7 +116,7 @@ class NNsightScorer:
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
         response: SpanLike,
-        spans: Mapping[str, SpanLike],
+        spans: Mapping[str, SpansLike],
         remote: bool = False,
         **trace_kwargs: Any,
     ) -> dict[str, Float[Tensor, "layer head"]]:
@@ -128,7 +129,8 @@ class NNsightScorer:
         Args:
             tokens: token ids ``[pos]`` or ``[1, pos]``.
             response: the scoring rows (half-open span).
-            spans: named key spans.
+            spans: named key spans; a value may be a list of spans (their union). Spans must end at
+                or before ``response.start``.
             remote: run on NDIF (needs an API key and network).
             trace_kwargs: passed to ``model.trace`` (e.g. ``backend=...``).
         """
@@ -144,7 +146,10 @@ class NNsightScorer:
         if not spans:
             raise ValueError("spans is empty: name at least one key span, e.g. {'relevant': (10, 40)}.")
         names = list(spans)
-        bounds = [tuple(as_span(spans[k], seq_len=n, name=f"span {k!r}")) for k in names]
+        km = torch.zeros(len(names), n, dtype=torch.float32)  # [S, N] key masks (unions allowed)
+        for i, k in enumerate(names):
+            for sp in _span_list(spans[k], seq_len=n, response=rows, name=f"span {k!r}"):
+                km[i, sp.slice] = 1.0
         r0, r1 = rows.start, rows.end
         group = self.n_heads // self.n_kv_heads
         scaling = float(self.scaling)
@@ -170,7 +175,7 @@ class NNsightScorer:
                 row_pos = torch.arange(r0, r1, device=sc.device)
                 sc = sc.masked_fill(key_pos[None, :] > row_pos[:, None], neg)
                 pat = sc.softmax(dim=-1).sum(dim=1)  # [H, N]: Σ over response rows
-                per_layer.append(torch.stack([pat[:, a:b].sum(-1) for a, b in bounds]))  # [S, H]
+                per_layer.append(km.to(pat.device) @ pat.T)  # [S, H]
             result = (torch.stack(per_layer, dim=1) / (r1 - r0)).save()  # [S, L, H]
         out = _value(result).detach().float().cpu()
         if out.shape != (len(names), self.n_layers, self.n_heads):
@@ -181,7 +186,7 @@ class NNsightScorer:
         self,
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
-        relevant: SpanLike,
+        relevant: SpansLike,
         response: SpanLike,
         remote: bool = False,
         **trace_kwargs: Any,

@@ -464,3 +464,19 @@ def test_compose_removes_all_even_if_one_remove_fails(tiny_llama):
     with pytest.raises(RuntimeError, match="remove failed"):
         compose(a, b).remove()
     assert count_hooks(tiny_llama) == 0
+
+
+def test_split_and_inject_in_manual_cache_loop(tiny_llama):
+    """The decoding loop of focuslens.evaluation (forward with past_key_values) is edited exactly."""
+    d = model_info(tiny_llama).d_head
+    vecs = {(0, 3): torch.randn(d, generator=torch.Generator().manual_seed(5)) * 3}
+    with split_softmax(tiny_llama, [(0, 1), (1, 2)], SPAN, 0.1), inject_vectors(tiny_llama, vecs):
+        logits, cache = tiny_llama(TOKENS, return_type="logits_and_cache")
+        seq = TOKENS
+        for _ in range(5):
+            nxt = logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], 1)
+            logits, cache = tiny_llama(nxt, return_type="logits_and_cache", past_key_values=cache)
+        full = tiny_llama(seq)[:, -1]
+    torch.testing.assert_close(logits[:, -1], full, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(full, tiny_llama(seq)[:, -1], atol=1e-4)

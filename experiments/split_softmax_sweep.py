@@ -151,6 +151,7 @@ def main(argv=None) -> dict:
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=10, help="examples per step when conditions advance together")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     p.add_argument("--no-figure", action="store_true")
     args = p.parse_args(argv)
@@ -175,55 +176,68 @@ def main(argv=None) -> dict:
     test = make_synthetic_qa(args.n, n_docs=args.n_docs, seed=args.seed)
     tag_base = f"docs{args.n_docs}_seed{args.seed}_n{args.n}_mnt{args.max_new_tokens}"
 
-    def run(name: str, *, variant="original", heads=None, tau=None):
+    def run(name: str, *, n: int, variant="original", heads=None, tau=None, quiet=False):
         out = run_dir / f"{tag_base}_{name}.jsonl"
         intervene = None
         if heads is not None:
             intervene = lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau)  # noqa: E731
-        res = evaluate(model, test, variant=variant, max_new_tokens=args.max_new_tokens, intervene=intervene,
+        # evaluate() resumes from the JSONL file: growing prefixes of the same list add examples
+        res = evaluate(model, test[:n], variant=variant, max_new_tokens=args.max_new_tokens, intervene=intervene,
                        output=out, progress=False, tag=name)
         s = summarise(res)
-        print(f"[sweep] {name:28s} acc {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}  "
-              f"copy {s['distractor_copy']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        if not quiet:
+            print(f"[sweep] {name:28s} n {s['n']:3d} acc {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}  "
+                  f"copy {s['distractor_copy']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
         return s
 
     results: dict = {"n": args.n, "n_docs": args.n_docs, "seed": args.seed, "ranking": ranking_info["method"],
                      "n_rank": args.n_rank, "rank_seed": args.rank_seed, "max_new_tokens": args.max_new_tokens,
                      "baselines": {}, "top": {}, "random": {}, "top_heads": {},
                      "command": "python experiments/split_softmax_sweep.py " + " ".join(argv or sys.argv[1:])}
-    # Priority order: what the claim needs first (top-k vs random-k at the first τ, baselines), so a
-    # run stopped early has the most useful part; then the other k, then the other τ.
+    # Conditions in groups of priority. Within a group the conditions advance together, --chunk
+    # examples at a time (paired on the same examples), so a run stopped early has every condition of
+    # the first groups at the same n. Group 1: what the claim needs (original, top-k vs random-k at
+    # the first τ); group 2: gold-only and negative baselines; group 3: other k and τ.
     taus = sorted(args.taus)
     rk = args.random_k
     other_k = [k for k in sorted(args.ks) if k != rk]
-    plan: list[tuple] = [("base", "original")]
-    for i, tau in enumerate(taus):
-        if rk in args.ks:
-            plan.append(("top", rk, tau))
-        plan.append(("random", rk, tau))
-        if i == 0:
-            plan += [("base", "gold_only"), ("base", "negative")]
-        plan += [("top", k, tau) for k in other_k]
-    for item in plan:
-        if item[0] == "base":
-            name = item[1]
-            results["baselines"][name] = run(name, variant=name)
-        elif item[0] == "top":
-            _, k, tau = item
-            heads = ranking[:k]
-            results["top_heads"][str(k)] = heads
-            results["top"].setdefault(str(tau), {})[str(k)] = run(f"top{k}_tau{tau}", heads=heads, tau=tau)
-        else:
-            _, k, tau = item
-            per = [run(f"random{k}_seed{s}_tau{tau}", heads=random_heads(model, k, s), tau=tau)
-                   for s in args.random_seeds]
-            accs = [d["accuracy"] for d in per]
+
+    def top(k, tau):
+        return ("top", k, tau, dict(name=f"top{k}_tau{tau}", heads=ranking[:k], tau=tau))
+
+    def rand(k, tau, s):
+        return ("random", k, tau, dict(name=f"random{k}_seed{s}_tau{tau}", heads=random_heads(model, k, s), tau=tau))
+
+    groups = [
+        [("base", "original", None, dict(name="original"))]
+        + ([top(rk, taus[0])] if rk in args.ks else [])
+        + [rand(rk, taus[0], s) for s in args.random_seeds],
+        [("base", v, None, dict(name=v, variant=v)) for v in ("gold_only", "negative")],
+        [top(k, taus[0]) for k in other_k]
+        + [c for tau in taus[1:] for c in ([top(rk, tau)] if rk in args.ks else []) + [top(k, tau) for k in other_k]
+           + [rand(rk, tau, s) for s in args.random_seeds]],
+    ]
+    for group in groups:
+        for n in list(range(args.chunk, args.n, args.chunk)) + [args.n]:
+            for kind, key, tau, kw in group:
+                s = run(n=n, **kw, quiet=n != args.n)
+                if n != args.n:
+                    continue
+                if kind == "base":
+                    results["baselines"][key] = s
+                elif kind == "top":
+                    results["top_heads"][str(key)] = kw["heads"]
+                    results["top"].setdefault(str(tau), {})[str(key)] = s
+                else:
+                    results["random"].setdefault(str(tau), {}).setdefault(str(key), {"per_seed": []})["per_seed"].append(s)
+            print(f"[sweep] group done up to n={n} ({time.time() - t0:.0f} s)", flush=True)
+    for tau, pts in results["random"].items():
+        for k, d in pts.items():
+            accs = [x["accuracy"] for x in d["per_seed"]]
             m = sum(accs) / len(accs)
-            sd = math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else float("nan")
-            results["random"].setdefault(str(tau), {})[str(k)] = {
-                "mean": m, "sd": sd, "seeds": list(args.random_seeds), "per_seed": per,
-                "copy_mean": sum(d["distractor_copy"] for d in per) / len(per),
-            }
+            d.update(mean=m, seeds=list(args.random_seeds),
+                     sd=math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else float("nan"),
+                     copy_mean=sum(x["distractor_copy"] for x in d["per_seed"]) / len(accs))
     results["wall_seconds"] = time.time() - t0
     (run_dir / f"{tag_base}_results.json").write_text(json.dumps(results, indent=1))
     print(markdown(results), flush=True)

@@ -39,6 +39,8 @@ from focuslens.tasks import Document, TaskExample, render  # noqa: E402
 
 N_DOCS = 10
 N_TRAIN = 120  # CPU budget: 2 cores shared by 5 engineers (see docs/directions.md)
+N_ATT_TRAIN, N_ATT_VAL = 60, 20  # what the contended CPU allowed on 2026-11-28 (docs/directions.md)
+N_LIK_TRAIN, N_LIK_VAL = 32, 8
 MAX_NEW = 14
 
 
@@ -207,6 +209,7 @@ def stage_train_attention(model, heads, train_dx, val_dx):
     if (out / "config.json").exists():
         return FocusDirections.load(out, model=model)
     t0 = time.time()
+    train_dx, val_dx = train_dx[:N_ATT_TRAIN], val_dx[:N_ATT_VAL]
     tr = cache_qk(model, train_dx, heads)
     va = cache_qk(model, val_dx, heads)
     t_cache = time.time() - t0
@@ -245,15 +248,15 @@ def stage_train_attention(model, heads, train_dx, val_dx):
     return d
 
 
-def stage_train_likelihood(model, heads, train_dx, val_dx, *, k: int = 20, epochs: int = 2, n_train: int = 60):
+def stage_train_likelihood(model, heads, train_dx, val_dx, *, k: int = 20, epochs: int = 1, n_train: int = N_LIK_TRAIN):
     from focuslens.directions import FocusDirections, train_focus_directions
 
     out = RUN / "fd_likelihood"
     if (out / "config.json").exists():
         return FocusDirections.load(out, model=model)
     t0 = time.time()
-    d = train_focus_directions(model, train_dx[:n_train], heads=heads[:k], val_examples=val_dx[:16],
-                               objective="likelihood", lr=1e-2, epochs=epochs, patience=1, max_norm=None,
+    d = train_focus_directions(model, train_dx[:n_train], heads=heads[:k], val_examples=val_dx[:N_LIK_VAL],
+                               objective="likelihood", lr=2e-2, epochs=epochs, patience=1, max_norm=None,
                                checkpoint_dir=RUN / "ckpt_likelihood", progress=False)
     d.training["wall_seconds"] = round(time.time() - t0, 1)
     d.save(out)
@@ -393,6 +396,40 @@ def choose(res: dict, obj: str) -> dict:
     return out
 
 
+# Pre-declared test conditions (no tuning at all): alpha = 1 is the alpha both objectives were
+# trained with, target 0.5 the magnitude control's default. Used when no validation sweep exists.
+FIXED_PLAN = [
+    ("likelihood", 20, 1.0, None, False),
+    ("attention", 20, 1.0, None, False),
+    ("likelihood", 20, None, 0.5, False),
+    ("likelihood", 20, 1.0, None, True),
+    ("likelihood", 20, -1.0, None, False),
+    ("attention", 20, None, 0.5, False),
+    ("attention", 20, 1.0, None, True),
+    ("attention", 20, -1.0, None, False),
+    ("likelihood", 20, 2.0, None, False),
+    ("attention", 20, 2.0, None, False),
+    ("likelihood", 20, 0.5, None, False),
+    ("attention", 20, 0.5, None, False),
+]
+
+
+def stage_test_fixed(model, splits, dirs, n_test: int) -> dict:
+    """Test split, forced-prefix proxy, the pre-declared FIXED_PLAN in priority order (resumable)."""
+    items = forced_prefix_items(model, splits["test"][:n_test])
+    out = {"baseline": proxy_eval(model, "test_baseline", items)}
+    print("[test] baseline", out["baseline"], flush=True)
+    for obj, k, alpha, target, rnd in FIXED_PLAN:
+        if obj not in dirs:
+            continue
+        name = cond_name(obj, k, alpha, target, rnd)
+        out[name] = run_condition(model, "test", items, dirs, obj, k, alpha, target, rnd)
+        print(f"[test] {name}: acc {out[name]['acc']:.3f} ± {out[name]['stderr']:.3f} copy {out[name]['copy']:.2f}"
+              f" (baseline {out['baseline']['acc']:.3f}, n={n_test})", flush=True)
+        (RUN / f"test_fixed_n{n_test}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def stage_test(model, splits, dirs, res, objs, n_test: int) -> dict:
     """Test split, forced-prefix proxy: baseline, then per objective the val-chosen fixed α, random
     vectors of matched norm at that α, the auto magnitude control (val-chosen target) and −α."""
@@ -423,7 +460,14 @@ def stage_figure() -> None:
     """figures/focus_directions_alpha.html/.png from the validation sweep, plus a markdown table."""
     from focuslens.plotting import ablation_curve, save_figure
 
-    res = json.loads((RUN / "val_sweep.json").read_text())
+    src = RUN / "val_sweep.json"
+    split = "validation"
+    if not src.exists():
+        fixed = sorted(RUN.glob("test_fixed_n*.json"))
+        if not fixed:
+            raise SystemExit("No results yet: run --stage val or --stage test_fixed first.")
+        src, split = fixed[-1], "test (pre-declared α, no tuning)"
+    res = json.loads(src.read_text())
     conds = {n: v for n, v in res.items() if n != "baseline"}
     alphas = sorted({v["alpha"] for v in conds.values() if v["target"] is None})
     series = {}
@@ -441,13 +485,14 @@ def stage_figure() -> None:
             baselines[f"{v['objective']} k={v['k']} auto α, target {v['target']:g} ({v['acc']:.2f})"] = v["acc"]
     fig = ablation_curve(alphas, series, baselines=baselines, xaxis="α (negative pushes attention away)",
                          yaxis="accuracy (forced answer prefix, next token = gold value)",
-                         title=f"Focus directions, SmolLM2-135M-Instruct, {N_DOCS} documents, validation "
+                         title=f"Focus directions, SmolLM2-135M-Instruct, {N_DOCS} documents, {split}, "
                                f"n={res['baseline']['n']}")
     paths = save_figure(fig, FIG / "focus_directions_alpha")
     print("[figure]", [str(p) for p in paths])
     lines = ["| split | condition | objective | k | α / auto target | n | accuracy | stderr | distractor copy |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for split, path in (("val", RUN / "val_sweep.json"), ("test", RUN / "test_results.json")):
+    for split, path in (("val", RUN / "val_sweep.json"), ("test", RUN / "test_results.json"),
+                        *(("test", p_) for p_ in sorted(RUN.glob("test_fixed_n*.json")))):
         if not path.exists():
             continue
         r = json.loads(path.read_text())
@@ -497,9 +542,12 @@ def main(argv=None):
     dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
     if args.stage == "train_attention":
         return
-    if args.stage in ("train", "all") or (RUN / "fd_likelihood" / "config.json").exists():
+    if args.stage in ("train", "all", "test_fixed") or (RUN / "fd_likelihood" / "config.json").exists():
         dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
     if args.stage == "train":
+        return
+    if args.stage == "test_fixed":
+        stage_test_fixed(model, splits, dirs, args.n_test)
         return
     if args.stage in ("val", "all"):
         res = stage_val_sweep(model, splits, dirs, args.n_val)

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -589,25 +590,35 @@ def _continuation_logprobs(
 ) -> list[float]:
     """Summed log-probs of each candidate token sequence as a continuation of ``prompt``.
 
-    One prefill with the KV cache, then the candidates right-padded in batches that reuse it (the
-    causal mask keeps padding invisible to real tokens).
+    The tokens that all candidates share at their start (e.g. ``"The capital of Veloria is"``) are
+    scored once, as part of the prefill; the rest of every candidate is right-padded in batches
+    that reuse the prefill's KV cache (the causal mask keeps padding invisible to real tokens).
     """
     dev = _device(model)
-    prompt = prompt.to(dev)[None]
-    logits, cache = model(prompt, return_type="logits_and_cache", logits_to_keep=1)
-    first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [vocab]
+    common: list[int] = []
+    for col in zip(*candidates):
+        if len(set(col)) != 1:
+            break
+        common.append(col[0])
+    # Every candidate keeps at least one token of its own.
+    common = common[: min(len(c) for c in candidates) - 1]
+    k = len(common)
+    full = torch.cat([prompt.to(dev), torch.tensor(common, dtype=torch.long, device=dev)])[None]
+    logits, cache = model(full, return_type="logits_and_cache", logits_to_keep=k + 1)
+    head = torch.log_softmax(logits[0].float(), dim=-1)  # [k + 1, vocab]
+    shared = sum(float(head[t, common[t]]) for t in range(k))
+    first = head[-1]
+    rests = [c[k:] for c in candidates]
     out: list[float] = []
-    for b in range(0, len(candidates), batch_size):
-        chunk = candidates[b : b + batch_size]
-        lp = [float(first[c[0]]) for c in chunk]
+    for b in range(0, len(rests), batch_size):
+        chunk = rests[b : b + batch_size]
+        lp = [shared + float(first[c[0]]) for c in chunk]
         longest = max(len(c) for c in chunk)
         if longest > 1:
             ids = torch.zeros(len(chunk), longest - 1, dtype=torch.long, device=dev)
             for j, c in enumerate(chunk):
                 ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-            import copy as _copy
-
-            c_cache = _copy.deepcopy(cache)
+            c_cache = copy.deepcopy(cache)
             c_cache.batch_repeat_interleave(len(chunk))
             lo, _ = model(ids, return_type="logits_and_cache", past_key_values=c_cache)
             lsm = torch.log_softmax(lo.float(), dim=-1)  # [batch, pos, vocab]

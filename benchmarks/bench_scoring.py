@@ -2,20 +2,28 @@
 
 Command (documented in docs/scoring.md):
 
-    nice -n 10 python benchmarks/bench_scoring.py --lengths 512 2048 --repeats 2
+    nice -n 10 python benchmarks/bench_scoring.py --lengths 512 2048 --rounds 2
 
-Every (length, route) runs in a *fresh subprocess* (one torch thread), so that memory numbers are not
-polluted by earlier runs. In that subprocess the model is loaded and the input built, then the
-resident set size (RSS) is sampled every 2 ms by a thread (psutil) while the route runs ``--repeats``
-times. Reported: the fastest wall time, and the peak RSS *above the RSS just before the first run*
-(torch CPU tensors are malloc'd memory that tracemalloc does not see, so RSS is the sound measure).
-``ru_maxrss`` (the kernel's high-water mark) is recorded too as a cross-check.
+Every (round, length, route) runs in a *fresh subprocess* with one torch thread, so memory numbers are
+not polluted by earlier runs; rounds interleave the routes so that a burst of load from other
+processes does not hit one route only. In the subprocess the model is loaded, warmed up on 64 tokens
+(this pages in the memory-mapped weights, ~520 MB, which would otherwise count as the first route's
+memory) and the input built; then the route runs once while a thread samples the resident set size
+(RSS, psutil) every 5 ms.
+
+Reported per route: **CPU time** of the process (user + system, one torch thread: the compute cost,
+robust to other processes sharing the cores), wall time (inflated by any contention), and the peak RSS
+*above the RSS just before the run* (torch CPU tensors are malloc'd memory that tracemalloc does not
+see, so RSS is the sound measure; ``ru_maxrss``, the kernel's high-water mark, is a cross-check).
+The minimum over rounds is reported for times, the maximum for memory.
 
 Routes:
     plain    model(tokens) without hooks (logits computed, as a user's forward pass would).
     qk       focuslens.scoring.score_spans(..., method="qk")   (response rows from post-RoPE q/k)
     pattern  focuslens.scoring.score_spans(..., method="pattern") (response rows of hook_pattern)
     naive    run_with_cache(names_filter=hook_pattern), then reduce the cached patterns.
+The input is random token ids; the response is the last 32 tokens and the relevant span 100 tokens at
+a quarter of the sequence (attention cost does not depend on the ids).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def _worker(route: str, length: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(10, model.cfg.d_vocab, (1, length), generator=g)
     R = (length - RESPONSE_LEN, length)
-    relevant = (length // 4, length // 4 + 100)
+    relevant = (length // 4, length // 4 + min(100, length // 4))
     n_layers = model.cfg.n_layers
 
     def run() -> torch.Tensor:
@@ -67,7 +75,7 @@ def _worker(route: str, length: int, repeats: int) -> dict:
     tokens = full[:, :64]
     R, relevant = (32, 64), (4, 20)
     run()
-    tokens, R, relevant = full, (length - RESPONSE_LEN, length), (length // 4, length // 4 + 100)
+    tokens, R, relevant = full, (length - RESPONSE_LEN, length), (length // 4, length // 4 + min(100, length // 4))
 
     proc = psutil.Process()
     base = proc.memory_info().rss
@@ -77,17 +85,20 @@ def _worker(route: str, length: int, repeats: int) -> dict:
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
+            time.sleep(0.005)
 
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    times = []
+    times, cpus = [], []
     result = None
     for _ in range(repeats):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         result = run()
         times.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpus.append((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime))
     stop.set()
     th.join()
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -96,6 +107,7 @@ def _worker(route: str, length: int, repeats: int) -> dict:
         "length": length,
         "times_s": times,
         "time_s": min(times),
+        "cpu_s": min(cpus),
         "peak_rss_delta_mb": (peak[0] - base) / 2**20,
         "maxrss_delta_mb": max(0, maxrss_after - maxrss_before) / 2**20,
         "baseline_rss_mb": base / 2**20,
@@ -109,44 +121,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="fresh-process runs per (length, route), interleaved")
+    ap.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="also write the raw rows as JSON here")
     ap.add_argument("--worker", nargs=2, metavar=("ROUTE", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(_worker(args.worker[0], int(args.worker[1]), args.repeats)))
         return
+    raw = []
+    for rnd in range(args.rounds):
+        for length in args.lengths:
+            for route in args.routes:
+                cmd = [sys.executable, __file__, "--worker", route, str(length), "--repeats", str(args.repeats)]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+                if p.returncode or not line:
+                    raise RuntimeError(f"{route}@{length} failed:\n{p.stderr[-3000:]}")
+                r = json.loads(line[0][7:])
+                r["round"] = rnd
+                raw.append(r)
+                print(f"round {rnd} {length:5d} {route:8s} cpu {r['cpu_s']:7.2f} s  wall {r['time_s']:7.2f} s  "
+                      f"peak RSS +{r['peak_rss_delta_mb']:6.0f} MB (ru_maxrss +{r['maxrss_delta_mb']:.0f} MB)", flush=True)
     rows = []
     for length in args.lengths:
         for route in args.routes:
-            cmd = [sys.executable, __file__, "--worker", route, str(length), "--repeats", str(args.repeats)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"{route}@{length} failed:\n{p.stderr[-3000:]}")
-            r = json.loads(line[0][7:])
-            rows.append(r)
-            print(f"{length:5d} {route:8s} time {r['time_s']:7.2f} s  (runs {', '.join(f'{t:.2f}' for t in r['times_s'])})"
-                  f"  peak RSS +{r['peak_rss_delta_mb']:7.0f} MB  (ru_maxrss +{r['maxrss_delta_mb']:.0f} MB)", flush=True)
+            rs = [r for r in raw if r["length"] == length and r["route"] == route]
+            rows.append({"length": length, "route": route, "cpu_s": min(r["cpu_s"] for r in rs),
+                         "time_s": min(r["time_s"] for r in rs),
+                         "peak_rss_delta_mb": max(r["peak_rss_delta_mb"] for r in rs),
+                         "checksum": rs[0].get("checksum")})
     print()
-    print("| tokens | route | time (s) | × plain | peak RSS Δ (MB) | × plain |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| tokens | route | CPU time (s) | × plain | wall (s) | peak RSS Δ (MB) | × plain |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         plain = next((r for r in rows if r["length"] == length and r["route"] == "plain"), None)
         for r in (r for r in rows if r["length"] == length):
-            tr = f"{r['time_s'] / plain['time_s']:.2f}" if plain else "-"
+            tr = f"{r['cpu_s'] / plain['cpu_s']:.2f}" if plain else "-"
             mr = f"{r['peak_rss_delta_mb'] / plain['peak_rss_delta_mb']:.2f}" if plain else "-"
-            print(f"| {length} | {r['route']} | {r['time_s']:.2f} | {tr} | {r['peak_rss_delta_mb']:.0f} | {mr} |")
-    checks = {(r["length"], r["route"]): r.get("checksum") for r in rows}
+            print(f"| {length} | {r['route']} | {r['cpu_s']:.2f} | {tr} | {r['time_s']:.1f} | "
+                  f"{r['peak_rss_delta_mb']:.0f} | {mr} |")
     for length in args.lengths:
-        vals = [checks.get((length, k)) for k in ("qk", "pattern", "naive") if checks.get((length, k)) is not None]
+        vals = [r["checksum"] for r in rows if r["length"] == length and r["checksum"] is not None]
         if len(vals) > 1:
-            print(f"checksum agreement at {length}: max diff {max(vals) - min(vals):.2e} (sum over 270 heads)")
+            print(f"checksum agreement at {length} (sum of the 270 head scores, qk/pattern/naive): "
+                  f"max diff {max(vals) - min(vals):.2e}")
     if args.out is None:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "threads": 1, "response_len": RESPONSE_LEN}, indent=1))
+    tmp.write_text(json.dumps({"raw": raw, "rows": rows, "threads": 1, "response_len": RESPONSE_LEN}, indent=1))
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
 

@@ -3,6 +3,7 @@
 Command (documented in docs/scoring.md):
 
     nice -n 10 python benchmarks/bench_scoring.py --lengths 512 2048 --rounds 2
+    nice -n 10 python benchmarks/bench_scoring.py --padding-check 200 260 300 320
 
 Every (round, length, route) runs in a *fresh subprocess* with one torch thread, so memory numbers are
 not polluted by earlier runs; rounds interleave the routes so that a burst of load from other
@@ -117,6 +118,41 @@ def _worker(route: str, length: int, repeats: int) -> dict:
     return out
 
 
+def _padding_check(lengths: list[int]) -> None:
+    """CPU time of one pass per sequence vs one right-padded batch (same model, plain forward).
+
+    The padded batch is run without an attention mask: a masked batch does at least this much work,
+    so this is a lower bound on the batch's cost.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    import focuslens as fl
+
+    model = fl.load_model(verbose=False)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(10, model.cfg.d_vocab, (1, n), generator=g) for n in lengths]
+    with torch.inference_mode():
+        model(seqs[0][:, :64])  # warm-up
+
+        def cpu() -> float:
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_utime + r.ru_stime
+
+        for rnd in range(2):
+            t = cpu()
+            for s in seqs:
+                model(s, return_type=None)
+            loop = cpu() - t
+            batch = torch.cat([torch.nn.functional.pad(s, (0, max(lengths) - s.shape[1])) for s in seqs])
+            t = cpu()
+            model(batch, return_type=None)
+            padded = cpu() - t
+            print(f"padding check round {rnd}: lengths {lengths}: one pass each {loop:.2f} s CPU, "
+                  f"one padded batch {padded:.2f} s CPU ({padded / loop:.2f}x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
@@ -124,10 +160,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh-process runs per (length, route), interleaved")
     ap.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="also write the raw rows as JSON here")
+    ap.add_argument("--padding-check", type=int, nargs="+", metavar="LEN",
+                    help="instead: compare one pass per sequence with one padded batch of these lengths")
     ap.add_argument("--worker", nargs=2, metavar=("ROUTE", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(_worker(args.worker[0], int(args.worker[1]), args.repeats)))
+        return
+    if args.padding_check:
+        _padding_check(args.padding_check)
         return
     raw = []
     for rnd in range(args.rounds):

@@ -725,6 +725,21 @@ def _response_for(model, ex, mode, *, max_new_tokens: int) -> Tensor | str:
     raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {mode!r}.")
 
 
+def _respan(ex: Any, full: LabelledPrompt) -> tuple[Span, list[Span]]:
+    """The example's relevant/distractor spans in ``full`` (the prompt plus response).
+
+    A text response re-tokenises the whole sequence; the prompt's tokens normally stay the same, but
+    the spans are looked up by segment name in ``full`` so that they are right even if they moved.
+    """
+    by_span = {sp: name for name, sp in ex.prompt.spans.items()}
+
+    def move(sp: Span) -> Span:
+        name = by_span.get(sp)
+        return full.spans[name] if name is not None and name in full.spans else sp
+
+    return move(ex.relevant), [move(d) for d in (ex.distractors or [])]
+
+
 def score_dataset(
     model: HookedModel,
     examples: Sequence[Any],
@@ -788,8 +803,9 @@ def score_dataset(
             skipped.append(f"example {i}: empty response")
             continue
         full = ex.prompt.with_response(model.tokenizer, resp)
-        hs = score_spans(model, full.tokens, response=full.response, spans={"relevant": ex.relevant},
-                         distractors=ex.distractors or None, sink=sink, method=method)
+        relevant, distractors = _respan(ex, full)
+        hs = score_spans(model, full.tokens, response=full.response, spans={"relevant": relevant},
+                         distractors=distractors or None, sink=sink, method=method)
         for name in ("relevant", "sink", DISTRACTORS_TOTAL, DISTRACTORS_MAX):
             if name in hs:
                 per.setdefault(name, []).append(hs[name])

@@ -206,11 +206,25 @@ NOTEBOOKS = {
         code(SETUP.format(default_n=1)),
         code("from focuslens import patching\n"
              "ex = make_synthetic_qa(1, n_docs=5, seed=7)[0]\n"
-             "clean, corrupted, answer_ids, wrong_ids = patching.corrupted_pair(model, ex)\n"
-             "print(model.tokenizer.decode(clean[0, -40:]))"),
-        code("metric = patching.logit_diff_metric(answer_ids, wrong_ids)\n"
-             "res = patching.patch_heads(model, clean, corrupted, metric, site='z')\n"
-             "fl.head_heatmap(res, title='Patching head outputs (z): metric recovered', top_k=10, colorscale='RdBu', zmid=0)"),
+             "clean, corrupt = patching.make_corrupted_pair(model, ex)\n"
+             "# Append the start of the answer so that the next token is the value itself.\n"
+             "gold_text = ex.ctxs[ex.gold_index].text\n"
+             "prefix = gold_text[: gold_text.index(ex.answers[0])].strip()\n"
+             "clean_p = clean.prompt.with_response(model.tokenizer, prefix)\n"
+             "corrupt_p = corrupt.prompt.with_response(model.tokenizer, prefix)\n"
+             "assert len(clean_p) == len(corrupt_p)\n"
+             "print('clean answer:', clean.answers[0], '| corrupted document says:', corrupt.answers[0])\n"
+             "print(repr(model.tokenizer.decode(clean_p.tokens[-12:])))"),
+        code("metric = patching.logit_diff_metric(model, ' ' + clean.answers[0], ' ' + corrupt.answers[0])\n"
+             "m_clean = float(metric(model(clean_p.tokens[None])))\n"
+             "m_corrupt = float(metric(model(corrupt_p.tokens[None])))\n"
+             "print(f'logit difference clean {m_clean:.2f}, corrupted {m_corrupt:.2f}')\n"
+             "res = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='z', progress=True)\n"
+             "recovered = (res - m_corrupt) / (m_clean - m_corrupt)\n"
+             "fl.head_heatmap(recovered, title='Patching each head output (z) from clean into corrupted: fraction recovered', top_k=10)"),
+        code("# Under grouped-query attention keys and values are shared: k/v patching has one column per KV head.\n"
+             "res_v = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='v', layers=range(12, 20))\n"
+             "res_v.shape  # [n_layers, n_kv_heads]"),
         md("## Recap\n\n- `patching.patch_heads` returns a `[layer, head]` tensor like TransformerLens' patching module.\n"
            "- Sites: `z`, `q`, `k`, `v`, `pattern`; k/v are patched per KV head under grouped-query attention."),
     ],

@@ -1,0 +1,28 @@
+"""Execute every notebook top to bottom at a small size (FOCUSLENS_NB_N) on the real default model."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+
+
+def test_notebooks_exist():
+    assert len(NOTEBOOKS) >= 4, "notebooks/ should hold the four story notebooks (scripts/build_notebooks.py)"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("FOCUSLENS_NB_N", os.environ.get("FOCUSLENS_NB_N", "3"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=900, startup_timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

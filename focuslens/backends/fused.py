@@ -41,7 +41,7 @@ import math
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -130,6 +130,13 @@ class _Recorder:
     key_masks: Tensor  # [n_spans, N] fp32, 1 on each named span's key positions (unions allowed)
     out: Tensor  # [n_spans, n_layers, n_heads] fp32 accumulator
     seen: set  # layers visited (sanity check: every layer must report once)
+    buffers: dict = field(default_factory=dict)  # device -> flat fp32 workspace, reused by every layer
+
+    def workspace(self, device: torch.device, numel: int) -> Tensor:
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
 
 
 def _split_softmax_rows(
@@ -157,12 +164,17 @@ def _explicit_rows(
     mask: Tensor | None,
     scaling: float,
     q_offset: int,
+    workspace: Tensor | None = None,
 ) -> Float[Tensor, "b h r k"]:
     """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
 
     ``row_pos`` holds the rows' indices into the *query* block (used to slice a given mask) and
     the causal limit is ``key_pos <= q_offset + row`` when no mask is given (transformers passes no
     mask when SDPA's ``is_causal`` suffices; ``q_offset`` = cached keys before this block).
+    With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads only) the
+    rows are computed inside it with no new large allocation: per-layer temporaries of a few MB would
+    otherwise fragment the CPU heap (glibc) and raise the process's peak RSS well above the live
+    memory.
     """
     b, _, r, d = query.shape
     kv = key.shape[2]
@@ -171,7 +183,12 @@ def _explicit_rows(
     if q_heads is None:
         g = kf.shape[1]
         # [b, G, group·r, d] @ [b, G, d, k]: no expanded keys under GQA (query head h uses KV h // group)
-        scores = (qf.reshape(b, g, group * r, d) @ kf.transpose(-1, -2)).reshape(b, g * group, r, kv)
+        a, bt = qf.reshape(b, g, group * r, d), kf.transpose(-1, -2)
+        if workspace is not None:
+            scores = torch.matmul(a, bt, out=workspace[: b * g * group * r * kv].view(b, g, group * r, kv))
+        else:
+            scores = a @ bt
+        scores = scores.view(b, g * group, r, kv)
     else:
         kv_idx = torch.tensor([h // group for h in q_heads], device=key.device)
         scores = qf @ kf.index_select(1, kv_idx).transpose(-1, -2)  # [b, n, r, k]
@@ -188,7 +205,9 @@ def _explicit_rows(
         key_pos = torch.arange(kv, device=scores.device)
         blocked = key_pos[None, :] > (row_pos.to(scores.device)[:, None] + q_offset)  # [r, k]
         scores.masked_fill_(blocked, torch.finfo(torch.float32).min)
-    return torch.softmax(scores, dim=-1)
+    # softmax in place: exp(x − max) / Σ
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 def _focuslens_attention(
@@ -258,11 +277,12 @@ def _focuslens_attention(
         hi = min(rec.rows.end - q_offset, q_len)
         if hi > lo:
             rows = torch.arange(lo, hi, device=query.device)
-            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, scaling, q_offset)  # [b, H, r, k]
+            work = rec.workspace(query.device, query.shape[0] * n_heads * (hi - lo) * kv_len)
+            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, scaling, q_offset, work)  # [b, H, r, k]
             if edits:
                 idx = torch.tensor(heads, device=pat.device)
                 sub = _apply_edits(pat.index_select(1, idx), edits, pos_of)
-                pat = pat.index_copy(1, idx, sub)
+                pat.index_copy_(1, idx, sub)
             row_sums = pat.sum(dim=2)  # [b, H, k]: Σ over response rows
             km = rec.key_masks[:, :kv_len].to(row_sums.device)  # [S, k]
             parts = torch.einsum("bhk,sk->sh", row_sums, km)  # [S, H], summed over the batch of 1

@@ -282,15 +282,15 @@ def split_softmax_pattern(
 ) -> Float[Tensor, "... q k"]:
     """Apply METHOD.md §3 to attention rows: move the mass on ``key_mask`` from π to π^τ.
 
-    For each row with π = Σ_{j∈C} A_j and ρ = Σ_{j∉C} A_j (ρ = 1 − π up to rounding):
+    For each row with π = Σ_{j∈C} A_j and ρ = Σ_{j∉C} A_j (ρ = 1 − π up to rounding), s = π + ρ:
 
-        A'_j = A_j · p^τ / p           for j ∈ C,     p = π / (π + ρ)
-        A'_j = A_j · (1 − p^τ) / (1−p)  for j ∉ C
+        A'_j = A_j · p^τ / p            for j ∈ C,     p = π / s
+        A'_j = A_j · (1 − p^τ) / (1 − p)  for j ∉ C,     1 − p = ρ / s
 
-    which keeps the row sum and the proportions inside C and inside not-C. The factors are computed
-    in float64 from the two partial sums (not from ``1 − π``, which loses all precision when π is
-    close to 1), with ``1 − p^τ = −expm1(τ·log p)``. Guards: rows with π = 0 (the query cannot see
-    the span, e.g. t < span start under the causal mask) or ρ = 0 (nothing outside C) are returned
+    which keeps the row sum and the proportions inside C and inside not-C. ρ is summed directly (not
+    taken as ``1 − π``, which loses all precision when π is close to 1), and the per-row factors are
+    computed in float64 with ``1 − p^τ = −expm1(τ·log p)``. Guards: rows with π = 0 (the query cannot
+    see the span, e.g. t < span start under the causal mask) or ρ = 0 (nothing outside C) are returned
     unchanged, as are rows whose absolute ``query_positions`` are ``< min_query``.
 
     Args:
@@ -303,25 +303,22 @@ def split_softmax_pattern(
     Returns:
         The edited pattern (a new tensor, same dtype as ``pattern``).
     """
-    a64 = pattern.to(torch.float64)
     m = key_mask.to(device=pattern.device, dtype=torch.bool)
-    pi = (a64 * m).sum(-1, keepdim=True)  # [..., q, 1]
-    rho = (a64 * (~m)).sum(-1, keepdim=True)
+    mf = m.to(pattern.dtype)
+    pi = (pattern @ mf).double()  # [..., q]
+    rho = (pattern @ (1 - mf)).double()
     total = pi + rho
     ok = (pi > 0) & (rho > 0)
     if query_positions is not None:
-        ok = ok & (query_positions.to(pattern.device) >= min_query).view(-1, 1)
-    p = torch.where(ok, pi / torch.where(total > 0, total, torch.ones_like(total)), torch.full_like(pi, 0.5))
-    logp = torch.log(p)
-    new_c = torch.exp(tau * logp)  # p^τ
+        ok = ok & (query_positions.to(pattern.device) >= min_query)
+    safe_total = torch.where(ok, total, torch.ones_like(total))
+    logp = torch.log(torch.where(ok, pi, 0.5 * safe_total) / safe_total)
     scale_c = torch.exp((tau - 1.0) * logp)  # p^τ / p
-    scale_r = (-torch.expm1(tau * logp)) / (1.0 - p)  # (1 − p^τ) / (1 − p)
-    del new_c
+    scale_r = -torch.expm1(tau * logp) * safe_total / torch.where(ok, rho, safe_total)  # (1 − p^τ)/(1 − p)
     one = torch.ones_like(scale_c)
-    scale_c = torch.where(ok, scale_c, one)
-    scale_r = torch.where(ok, scale_r, one)
-    scale = torch.where(m, scale_c, scale_r)  # [..., q, k]
-    return (a64 * scale).to(pattern.dtype)
+    scale_c = torch.where(ok, scale_c, one).to(pattern.dtype).unsqueeze(-1)
+    scale_r = torch.where(ok, scale_r, one).to(pattern.dtype).unsqueeze(-1)
+    return pattern * torch.where(m, scale_c, scale_r)
 
 
 def split_softmax(
@@ -390,11 +387,21 @@ def split_softmax(
     by_layer = _group_by_layer(head_list)
 
     def make_hook(layer: int, heads_here: list[int]):
-        idx = torch.tensor(heads_here, dtype=torch.long)
-        masks: dict[tuple, Tensor] = {}
+        idx_cpu = torch.tensor(heads_here, dtype=torch.long)
+        state: dict[str, Tensor] = {}
+
+        def mask_for(k_len: int, device) -> Tensor:
+            buf = state.get("mask")
+            if buf is None or buf.shape[0] < k_len or buf.device != torch.device(device):
+                buf = torch.zeros(max(2 * k_len, max_end), dtype=torch.bool, device=device)
+                for s in spans:
+                    buf[s.start:s.end] = True
+                state["mask"] = buf
+                state["idx"] = idx_cpu.to(device)
+            return buf[:k_len]
 
         def hook(pattern: Float[Tensor, "batch head q k"], hook=None):
-            # pattern: [batch, head, q_pos, k_pos]
+            # pattern: [batch, head, q_pos, k_pos]; query row r is at absolute position k_len - q_len + r
             q_len, k_len = pattern.shape[-2], pattern.shape[-1]
             if max_end > k_len:
                 raise ValueError(
@@ -403,20 +410,14 @@ def split_softmax(
                 )
             if tau_f == 1.0:
                 return pattern
-            key = (k_len, pattern.device)
-            if key not in masks:
-                m = torch.zeros(k_len, dtype=torch.bool, device=pattern.device)
-                for s in spans:
-                    m[s.start:s.end] = True
-                masks.clear()
-                masks[key] = m
-            qpos = torch.arange(k_len - q_len, k_len, device=pattern.device)
-            i = idx.to(pattern.device)
-            out = pattern.clone()
-            out[:, i] = split_softmax_pattern(
-                pattern[:, i], masks[key], tau_f, query_positions=qpos, min_query=min_start
+            mask = mask_for(k_len, pattern.device)
+            idx = state["idx"]
+            first = k_len - q_len
+            qpos = None if first >= min_start else torch.arange(first, k_len, device=pattern.device)
+            new = split_softmax_pattern(
+                pattern.index_select(1, idx), mask, tau_f, query_positions=qpos, min_query=min_start
             )
-            return out
+            return pattern.index_copy(1, idx, new)  # a new tensor; other heads copied bit for bit
 
         return hook
 

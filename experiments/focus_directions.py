@@ -414,19 +414,25 @@ FIXED_PLAN = [
 ]
 
 
-def stage_test_fixed(model, splits, dirs, n_test: int) -> dict:
-    """Test split, forced-prefix proxy, the pre-declared FIXED_PLAN in priority order (resumable)."""
+def stage_test_fixed(model, splits, dirs, n_test: int, conds: list[int] | None = None) -> dict:
+    """Test split, forced-prefix proxy, the pre-declared FIXED_PLAN in priority order (resumable).
+
+    ``conds`` (indices into FIXED_PLAN) lets two processes share the plan; a final run without it
+    only reads the cached rows and writes the summary.
+    """
     items = forced_prefix_items(model, splits["test"][:n_test])
     out = {"baseline": proxy_eval(model, "test_baseline", items)}
     print("[test] baseline", out["baseline"], flush=True)
-    for obj, k, alpha, target, rnd in FIXED_PLAN:
+    plan = FIXED_PLAN if conds is None else [FIXED_PLAN[i] for i in conds]
+    for obj, k, alpha, target, rnd in plan:
         if obj not in dirs:
             continue
         name = cond_name(obj, k, alpha, target, rnd)
         out[name] = run_condition(model, "test", items, dirs, obj, k, alpha, target, rnd)
         print(f"[test] {name}: acc {out[name]['acc']:.3f} ± {out[name]['stderr']:.3f} copy {out[name]['copy']:.2f}"
               f" (baseline {out['baseline']['acc']:.3f}, n={n_test})", flush=True)
-        (RUN / f"test_fixed_n{n_test}.json").write_text(json.dumps(out, indent=1))
+        if conds is None:
+            (RUN / f"test_fixed_n{n_test}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -513,6 +519,7 @@ def main(argv=None):
     ap.add_argument("--objectives", default="likelihood,attention")
     ap.add_argument("--n-val", type=int, default=50)
     ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--conds", default="", help="test_fixed: indices into FIXED_PLAN for this process")
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.stage == "figure":
@@ -542,12 +549,13 @@ def main(argv=None):
     dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
     if args.stage == "train_attention":
         return
-    if args.stage in ("train", "all", "test_fixed") or (RUN / "fd_likelihood" / "config.json").exists():
+    if args.stage in ("train", "all") or (RUN / "fd_likelihood" / "config.json").exists():
         dirs["likelihood"] = stage_train_likelihood(model, heads, train_dx, val_dx)
     if args.stage == "train":
         return
     if args.stage == "test_fixed":
-        stage_test_fixed(model, splits, dirs, args.n_test)
+        stage_test_fixed(model, splits, dirs, args.n_test,
+                         [int(i) for i in args.conds.split(",")] if args.conds else None)
         return
     if args.stage in ("val", "all"):
         res = stage_val_sweep(model, splits, dirs, args.n_val)

@@ -1,7 +1,8 @@
 """Memory and time of contextual scoring vs context length: eager TransformerLens path vs fused backend.
 
 Each measurement runs in a fresh subprocess (so one mode's allocations cannot lower or raise
-another's peak), with ``torch.set_num_threads(1)``, under ``nice``. Memory is the peak resident set
+another's peak), with ``torch.set_num_threads(1)``, under ``nice``; every fused mode is warmed up by the
+same short calls before its baseline is taken. Memory is the peak resident set
 size during the measured call minus the RSS right after loading the model and a short warm-up,
 sampled by a psutil thread every 2 ms (and cross-checked against ``ru_maxrss``). Time is wall-clock of
 the call (best of ``--repeats``).
@@ -142,15 +143,18 @@ def worker(mode: str, n: int, repeats: int) -> dict:
         else:
             raise SystemExit(f"unknown mode {mode}")
 
-    # warm-up at a short length: one-off allocations (kernels, caches) are not counted as scoring memory
+    # Warm-up at a short length, the SAME sequence for every fused mode: one-off allocations are not
+    # counted, and glibc's allocator (whose mmap/trim thresholds adapt to the largest block freed so
+    # far) starts every fused mode from the same state. Different warm-ups per mode moved the fused
+    # peaks by up to ~100 MB at 4k tokens in a first run.
     with torch.no_grad():
         short = ids[:64]
         if mode == "eager_score":
             contextual_scores(model, short, relevant=(4, 12), response=(32, 64))
-        elif mode == "fused_score":
-            fm.contextual_scores(short, relevant=(4, 12), response=(32, 64))
         else:
             fm(input_ids=short[None], use_cache=False)
+            fm(input_ids=short[None], use_cache=False, logits_to_keep=1)
+            fm.contextual_scores(short, relevant=(4, 12), response=(32, 64))
     import gc
 
     gc.collect()

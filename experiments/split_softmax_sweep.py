@@ -154,12 +154,17 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk", type=int, default=10, help="examples per step when conditions advance together")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: summarise the JSONL files that exist, on the examples that every "
+                        "condition of a group has finished (paired), and write the table and figure")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
+    if args.report_only:
+        return report_only(args, argv)
     model = fl.load_model(verbose=False)
     # --- ranking on separate examples (cached) ---
     rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}.json"
@@ -246,23 +251,89 @@ def main(argv=None) -> dict:
     return results
 
 
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()[1:]
+    return [json.loads(l) for l in lines if l.strip()]
+
+
+def _summ(recs: list[dict]) -> dict:
+    from focuslens.tasks.metrics import mean_se
+
+    a, ase = mean_se([float(r["em"]) for r in recs])
+    c, cse = mean_se([float(r["distractor_copy"]) for r in recs])
+    return {"n": len(recs), "accuracy": a, "accuracy_se": ase, "distractor_copy": c, "distractor_copy_se": cse}
+
+
+def report_only(args, argv) -> dict:
+    """Summarise finished records without loading the model (partial runs: paired common prefix)."""
+    run_dir = args.run_dir
+    tag_base = f"docs{args.n_docs}_seed{args.seed}_n{args.n}_mnt{args.max_new_tokens}"
+    rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}.json"
+    ranking_info = json.loads(rank_path.read_text()) if rank_path.exists() else {"method": "?", "ranking": []}
+    names = {"original": ("base", "original", None), "gold_only": ("base", "gold_only", None),
+             "negative": ("base", "negative", None)}
+    for tau in args.taus:
+        for k in args.ks:
+            names[f"top{k}_tau{tau}"] = ("top", k, tau)
+        for sd in args.random_seeds:
+            names[f"random{args.random_k}_seed{sd}_tau{tau}"] = ("random", args.random_k, tau)
+    recs = {n: _read(run_dir / f"{tag_base}_{n}.jsonl") for n in names}
+    recs = {n: r for n, r in recs.items() if r}
+    if not recs:
+        raise SystemExit(f"No records under {run_dir} for {tag_base}.")
+    # the first group (original, top-k_rk, random seeds at the first τ) on a common paired prefix
+    group1 = [n for n in recs if n == "original" or n.startswith(f"random{args.random_k}_")
+              or n.startswith(f"top{args.random_k}_")]
+    n_common = min(len(recs[n]) for n in group1) if group1 else 0
+    results: dict = {"n": n_common, "n_docs": args.n_docs, "seed": args.seed, "ranking": ranking_info["method"],
+                     "n_rank": args.n_rank, "rank_seed": args.rank_seed, "max_new_tokens": args.max_new_tokens,
+                     "baselines": {}, "top": {}, "random": {}, "partial": True,
+                     "top10": ranking_info["ranking"][:10]}
+    for n, r in recs.items():
+        kind, key, tau = names[n]
+        r = r[:n_common] if n in group1 else r
+        s = _summ(r)
+        if kind == "base":
+            results["baselines"][key] = s
+        elif kind == "top":
+            results["top"].setdefault(str(tau), {})[str(key)] = s
+        else:
+            results["random"].setdefault(str(tau), {}).setdefault(str(key), {"per_seed": []})["per_seed"].append(s)
+    for tau, pts in results["random"].items():
+        for k, d in pts.items():
+            accs = [x["accuracy"] for x in d["per_seed"]]
+            m = sum(accs) / len(accs)
+            d.update(mean=m, seeds=list(args.random_seeds)[: len(accs)],
+                     sd=math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else float("nan"),
+                     copy_mean=sum(x["distractor_copy"] for x in d["per_seed"]) / len(accs))
+    (run_dir / f"{tag_base}_report.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results), flush=True)
+    if not args.no_figure:
+        print("[sweep] figure:", plot(results, FIG_BASE), flush=True)
+    return results
+
+
 def markdown(results: dict) -> str:
     b = results["baselines"]
-    lines = [f"n = {results['n']} held-out examples, {results['n_docs']} documents; heads ranked on "
+    n_note = " (each row says its own n)" if results.get("partial") else ""
+    lines = [f"n = {results['n']}{n_note} held-out examples, {results['n_docs']} documents; heads ranked on "
              f"{results['n_rank']} separate examples ({results['ranking']}).", "",
-             "| condition | k | τ | accuracy ± se | distractor copy |", "|---|---|---|---|---|"]
+             "| condition | k | τ | n | accuracy ± se | distractor copy |", "|---|---|---|---|---|---|"]
     for name in ("original", "gold_only", "negative"):
         if name in b:
-            lines.append(f"| baseline {name} | – | – | {b[name]['accuracy']:.3f} ± {b[name]['accuracy_se']:.3f} | "
+            lines.append(f"| baseline {name} | – | – | {b[name]['n']} | {b[name]['accuracy']:.3f} ± {b[name]['accuracy_se']:.3f} | "
                          f"{b[name]['distractor_copy']:.3f} |")
     for tau, pts in sorted(results["top"].items(), key=lambda x: float(x[0])):
         for k, d in sorted(pts.items(), key=lambda x: int(x[0])):
-            lines.append(f"| top-k contextual | {k} | {tau} | {d['accuracy']:.3f} ± {d['accuracy_se']:.3f} | "
+            lines.append(f"| top-k contextual | {k} | {tau} | {d['n']} | {d['accuracy']:.3f} ± {d['accuracy_se']:.3f} | "
                          f"{d['distractor_copy']:.3f} |")
     for tau, pts in sorted(results["random"].items(), key=lambda x: float(x[0])):
         for k, d in pts.items():
             per = ", ".join(f"{x['accuracy']:.2f}" for x in d["per_seed"])
-            lines.append(f"| random (seeds {d['seeds']}: {per}) | {k} | {tau} | {d['mean']:.3f} (sd {d['sd']:.3f}) | "
+            n_r = "/".join(str(x["n"]) for x in d["per_seed"])
+            lines.append(f"| random heads (seeds {d['seeds']}: {per}) | {k} | {tau} | {n_r} | mean {d['mean']:.3f} (sd {d['sd']:.3f}) | "
                          f"{d['copy_mean']:.3f} |")
     return "\n".join(lines)
 

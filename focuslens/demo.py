@@ -47,7 +47,7 @@ class DemoConfig:
     random_seeds: tuple[int, ...] = (0,)
     k_directions: int = 20
     alphas: tuple[float, ...] = (-0.5, 0.5, 1.0)
-    objective: str = "likelihood"
+    objective: str = "attention"
     max_new_tokens: int = 20
     seed: int = 0
     threads: int = 1

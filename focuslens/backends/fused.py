@@ -622,6 +622,7 @@ def load_fused(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
     row_block: int = _DEFAULT_ROW_BLOCK,
+    **from_pretrained_kwargs: Any,
 ) -> FusedModel:
     """Load an HF causal LM with SDPA attention and wrap it as a :class:`FusedModel`.
 
@@ -630,7 +631,12 @@ def load_fused(
             created on first use), a local checkpoint folder, or a hub name (network or HF cache).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ignored when ``device_map`` is given.
         dtype: parameter dtype, e.g. ``torch.bfloat16`` on GPUs (reductions stay fp32).
-        device_map: e.g. ``"auto"`` to split a large model over several GPUs (needs ``accelerate``).
+        device_map: e.g. ``"auto"`` to split a large model over several GPUs (needs ``accelerate``);
+            partial scores are moved to the input-embedding device.
+        from_pretrained_kwargs: passed on (e.g. ``max_memory={0: "20GiB", 1: "20GiB"}``).
+
+    Example:
+        >>> fm = load_fused("Qwen/Qwen2.5-7B-Instruct", device="cuda", dtype=torch.bfloat16)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -640,7 +646,7 @@ def load_fused(
         src = str(_ensure_default_checkpoint())
     else:
         src = str(Path(name_or_path).expanduser()) if Path(str(name_or_path)).expanduser().exists() else str(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", **from_pretrained_kwargs}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)

@@ -167,6 +167,15 @@ def test_smollm_scores_match_hf_eager():
         torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
+def test_smollm_scores_match_scoring_module(smollm):
+    scoring = pytest.importorskip("focuslens.scoring", reason="focuslens.scoring not landed yet")
+    ids = _ids(96, seed=6, vocab=49152)
+    ref = scoring.contextual_scores(smollm, ids, relevant=(10, 50), response=(80, 96))
+    got = load_fused().contextual_scores(ids, relevant=(10, 50), response=(80, 96))
+    torch.testing.assert_close(got, torch.as_tensor(ref).float().cpu(), atol=ATOL, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ split softmax
 
 
@@ -406,3 +415,14 @@ def test_inject_vectors_matches_interventions_module(tiny_llama):
     with fm.inject_vectors(vecs, alpha=0.5), torch.no_grad():
         got = fm(ids[None]).logits
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_load_fused_from_folder_with_device_map(tmp_path, tok):
+    """load_fused on a checkpoint folder, through accelerate's device_map (all on CPU here)."""
+    tiny_hf_model("qwen2").save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    fm = load_fused(tmp_path, device_map={"": "cpu"})
+    assert fm.attn_implementation == "sdpa" and fm.n_kv_heads == 2
+    ids = _ids(30, seed=18)
+    ref = FusedModel(tiny_hf_model("qwen2")).contextual_scores(ids, relevant=(2, 9), response=(20, 30))
+    torch.testing.assert_close(fm.contextual_scores(ids, relevant=(2, 9), response=(20, 30)), ref, atol=1e-6, rtol=0)

@@ -72,3 +72,11 @@ def test_nnsight_smollm_matches_default_path():
     ref = load_fused().contextual_scores(ids, relevant=(10, 40), response=(64, 80))
     assert got.shape == (30, 9)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_missing_nnsight_gives_install_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nnsight", None)  # import nnsight -> ImportError
+    with pytest.raises(ImportError, match="pip install 'nnsight==0.8.1'"):
+        nnsight_backend.NNsightScorer(tiny_hf_model("llama"))

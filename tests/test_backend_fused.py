@@ -426,3 +426,16 @@ def test_load_fused_from_folder_with_device_map(tmp_path, tok):
     ids = _ids(30, seed=18)
     ref = FusedModel(tiny_hf_model("qwen2")).contextual_scores(ids, relevant=(2, 9), response=(20, 30))
     torch.testing.assert_close(fm.contextual_scores(ids, relevant=(2, 9), response=(20, 30)), ref, atol=1e-6, rtol=0)
+
+
+def test_two_wrappers_on_one_model():
+    m = tiny_hf_model("llama")
+    a, b = FusedModel(m), FusedModel(m)
+    ids = _ids(20, seed=19)
+    sa = a.contextual_scores(ids, relevant=(1, 6), response=(14, 20))  # a re-owns the modules
+    sb = b.contextual_scores(ids, relevant=(1, 6), response=(14, 20))
+    torch.testing.assert_close(sa, sb)
+    with a.split_softmax([(0, 0)], span=(1, 6), tau=0.5):
+        with pytest.raises(RuntimeError, match="Another FusedModel"):
+            b.contextual_scores(ids, relevant=(1, 6), response=(14, 20))
+    assert a.attn_implementation == "sdpa" and not is_registered()

@@ -379,6 +379,16 @@ class FusedModel:
     def _active(self) -> Iterator[None]:
         """Switch to the focuslens attention function; restore the previous one on exit."""
         if self._active_depth == 0:
+            other = _OWNERS.get(self._attn_modules[0])
+            other = other[0]() if other is not None else None
+            if other is not None and other is not self and other._active_depth:
+                raise RuntimeError(
+                    "Another FusedModel wrapping the same HF model has an active context; use one "
+                    "wrapper per model (nest contexts on it instead)."
+                )
+            me = weakref.ref(self)
+            for i, m in enumerate(self._attn_modules):  # this wrapper now owns the modules
+                _OWNERS[m] = (me, i)
             _register()
             try:
                 self._saved_impl = self.hf_model.config._attn_implementation

@@ -10,11 +10,19 @@
 
 from .fused import ATTN_IMPL, FusedModel, load_fused
 
-__all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "NNsightScorer", "nnsight_contextual_scores"]
+__all__ = [
+    "FusedModel",
+    "load_fused",
+    "ATTN_IMPL",
+    "NNsightScorer",
+    "load_nnsight",
+    "nnsight_contextual_scores",
+    "nnsight_score_spans",
+]
 
 
 def __getattr__(name: str):  # lazy: importing focuslens.backends must not require nnsight
-    if name in ("NNsightScorer", "nnsight_contextual_scores", "nnsight_score_spans"):
+    if name in ("NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans"):
         from . import nnsight_backend
 
         return getattr(nnsight_backend, name)

@@ -414,7 +414,8 @@ FIXED_PLAN = [
 ]
 
 
-def stage_test_fixed(model, splits, dirs, n_test: int, conds: list[int] | None = None) -> dict:
+def stage_test_fixed(model, splits, dirs, n_test: int, conds: list[int] | None = None, *,
+                     cached_only: bool = False) -> dict:
     """Test split, forced-prefix proxy, the pre-declared FIXED_PLAN in priority order (resumable).
 
     ``conds`` (indices into FIXED_PLAN) lets two processes share the plan; a final run without it
@@ -428,6 +429,10 @@ def stage_test_fixed(model, splits, dirs, n_test: int, conds: list[int] | None =
         if obj not in dirs:
             continue
         name = cond_name(obj, k, alpha, target, rnd)
+        if cached_only:
+            rows = load_jsonl(RUN / "proxy" / f"test_{name}.jsonl")
+            if any(it[5] not in rows for it in items):
+                continue
         out[name] = run_condition(model, "test", items, dirs, obj, k, alpha, target, rnd)
         print(f"[test] {name}: acc {out[name]['acc']:.3f} ± {out[name]['stderr']:.3f} copy {out[name]['copy']:.2f}"
               f" (baseline {out['baseline']['acc']:.3f}, n={n_test})", flush=True)
@@ -520,6 +525,7 @@ def main(argv=None):
     ap.add_argument("--n-val", type=int, default=50)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--conds", default="", help="test_fixed: indices into FIXED_PLAN for this process")
+    ap.add_argument("--cached-only", action="store_true", help="test_fixed: summarise finished conditions only")
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.stage == "figure":
@@ -545,6 +551,15 @@ def main(argv=None):
     print(f"[rank] top-30 {heads[:10]}... {time.time() - t0:.0f}s", flush=True)
     if args.stage == "train_likelihood":
         stage_train_likelihood(model, heads, train_dx, val_dx)
+        return
+    if args.stage == "test_fixed":  # only what is already trained; never trains here
+        from focuslens.directions import FocusDirections
+
+        dirs = {o: FocusDirections.load(RUN / f"fd_{o}", model=model) for o in ("attention", "likelihood")
+                if (RUN / f"fd_{o}" / "config.json").exists()}
+        stage_test_fixed(model, splits, dirs, args.n_test,
+                         [int(i) for i in args.conds.split(",")] if args.conds else None,
+                         cached_only=args.cached_only)
         return
     dirs = {"attention": stage_train_attention(model, heads, train_dx, val_dx)}
     if args.stage == "train_attention":

@@ -28,6 +28,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 
+def _figure(ds, args, head_heatmap):
+    return head_heatmap(
+        ds.mean["relevant"], top_k=args.top_k, colorbar_title="attention on<br>gold document",
+        title=(f"SmolLM2-135M-Instruct: contextual scores<br><sup>n={ds.n}, {args.n_docs} documents, the model's "
+               f"own greedy answer; top {args.top_k} numbered by rank</sup>"),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=120, help="number of examples")
@@ -37,6 +45,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("figures/contextual_heads"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure from the saved JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,6 +55,12 @@ def main() -> None:
     from focuslens.tasks import make_synthetic_qa, render
     from focuslens.tasks.metrics import best_subspan_em, distractor_copy
 
+    if args.replot:
+        from focuslens.scoring import DatasetScores
+
+        ds = DatasetScores.load(args.out.with_suffix(".json"))
+        print(save_figure(_figure(ds, args, head_heatmap), args.out))
+        return
     t0 = time.time()
     model = fl.load_model(verbose=False)
     records = make_synthetic_qa(args.n, n_docs=args.n_docs, seed=args.seed)
@@ -62,11 +77,7 @@ def main() -> None:
     rel, se = ds.mean["relevant"], ds.stderr["relevant"]
     L, H = rel.shape
     top = ds.ranking()[: args.top_k]
-    fig = head_heatmap(
-        rel, top_k=args.top_k, colorbar_title="attention on<br>gold document",
-        title=(f"SmolLM2-135M-Instruct contextual scores (n={ds.n}, {args.n_docs} docs, own greedy answer); "
-               f"top {args.top_k} numbered"),
-    )
+    fig = _figure(ds, args, head_heatmap)
     written = save_figure(fig, args.out)
 
     print(f"scored n={ds.n} (skipped {ds.n_skipped}) in {time.time() - t0:.0f} s; wrote {', '.join(map(str, written))} "

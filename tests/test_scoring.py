@@ -81,8 +81,9 @@ def test_qk_route_is_used_on_plain_architectures(arch_model):
     _, model = arch_model
     ok, why = qk_route_available(model)
     assert ok, why
-    hs = score_spans(model, _tokens(), response=(40, 48), spans={"relevant": (5, 9)})
+    hs = score_spans(model, _tokens(), response=(40, 48), spans={"relevant": (5, 9)}, method="qk")
     assert hs.method == "qk"
+    assert score_spans(model, _tokens(), response=(40, 48), spans={"relevant": (5, 9)}).method == "pattern"
 
 
 def test_score_spans_named_masses(tiny_llama, hf_refs):
@@ -303,10 +304,28 @@ def test_smollm_exact_against_hf_eager(smollm):
     att = _hf_attn(hf, p.tokens)
     R = tuple(p.response)
     hs = score_spans(smollm, p.tokens, response=p.response, spans={"relevant": p["doc_2"]},
-                     distractors=[p["doc_1"]])
+                     distractors=[p["doc_1"]], method="qk")
     assert hs.method == "qk" and hs.relevant.shape == (30, 9)
     torch.testing.assert_close(hs.relevant, _ref_mass(att, R, [tuple(p["doc_2"])]), atol=ATOL, rtol=0)
     torch.testing.assert_close(hs.sink, _ref_mass(att, R, [(0, 1)]), atol=ATOL, rtol=0)
     torch.testing.assert_close(hs.distractors_total, _ref_mass(att, R, [tuple(p["doc_1"])]), atol=ATOL, rtol=0)
-    pat = contextual_scores(smollm, p.tokens, relevant=p["doc_2"], response=p.response, method="pattern")
-    torch.testing.assert_close(pat, hs.relevant, atol=ATOL, rtol=0)
+    pat = contextual_scores(smollm, p.tokens, relevant=p["doc_2"], response=p.response)  # auto = pattern
+    torch.testing.assert_close(pat, _ref_mass(att, R, [tuple(p["doc_2"])]), atol=ATOL, rtol=0)
+
+
+def test_qk_route_refused_when_attention_has_extra_terms(tiny_llama_mha, hf_refs):
+    """A logit softcap (Gemma-2 style) makes q/k alone inexact: qk refuses, pattern stays exact."""
+    hf_attn = tiny_llama_mha.blocks[0].attn.original_component
+    toks = _tokens()
+    try:
+        hf_attn.attn_logit_softcapping = 0.5
+        ok, why = qk_route_available(tiny_llama_mha)
+        assert not ok and "attn_logit_softcapping" in why
+        with pytest.raises(ValueError, match="not exact on this model"):
+            contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48), method="qk")
+        capped = contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48))
+        plain = _ref_mass(_hf_attn(hf_refs["llama_mha"], toks), (40, 48), [(1, 5)])
+        assert (capped[0] - plain[0]).abs().max() > 1e-3  # the softcap did change layer 0
+    finally:
+        del hf_attn.attn_logit_softcapping
+    assert qk_route_available(tiny_llama_mha)[0]

@@ -552,6 +552,18 @@ def main(argv=None):
     if args.stage == "train_likelihood":
         stage_train_likelihood(model, heads, train_dx, val_dx)
         return
+    if args.stage == "gen":  # greedy generation + best-subspan EM on the first n test examples
+        from focuslens.directions import FocusDirections
+
+        d = FocusDirections.load(RUN / "fd_likelihood", model=model).top(20)
+        exs = splits["test"][:args.n_test]
+        out = {"baseline": eval_split(model, "test_gen_baseline", exs)}
+        print("[gen]", out["baseline"], flush=True)
+        out["likelihood_k20_a1"] = eval_split(model, "test_gen_likelihood_k20_a1", exs,
+                                              attach=lambda r: d.apply(model, alpha=1.0))
+        print("[gen]", out["likelihood_k20_a1"], flush=True)
+        (RUN / f"test_gen_n{args.n_test}.json").write_text(json.dumps(out, indent=1))
+        return
     if args.stage == "test_fixed":  # only what is already trained; never trains here
         from focuslens.directions import FocusDirections
 

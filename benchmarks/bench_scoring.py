@@ -67,8 +67,11 @@ def _worker(route: str, length: int, repeats: int) -> dict:
             return score_spans(model, tokens, response=R, spans={"relevant": relevant}, method=route).relevant
         with torch.inference_mode():
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-            pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(n_layers)])
-            return pats[:, :, R[0]:R[1], relevant[0]:relevant[1]].sum(-1).mean(-1)
+            # reduce layer by layer (stacking all cached patterns first would double the peak)
+            return torch.stack([
+                cache[f"blocks.{l}.attn.hook_pattern"][0, :, R[0]:R[1], relevant[0]:relevant[1]].sum(-1).mean(-1)
+                for l in range(n_layers)
+            ])
 
     # Warm up on a short input of the same route: weights are memory-mapped from safetensors and only
     # become resident on first use (~520 MB), which would otherwise count as the route's memory.

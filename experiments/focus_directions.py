@@ -329,7 +329,6 @@ def proxy_eval(model, name, items, make_dirs=None, *, alpha=None, auto_target=No
     return {"name": name, "n": n, "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "copy": sum(copies) / n}
 
 
-ALPHAS = [-1.0, 0.5, 1.0, 2.0]
 
 
 # Ordered by importance: each condition is resumable per example, so a run cut short keeps what it did.

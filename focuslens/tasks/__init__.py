@@ -1,5 +1,15 @@
 """Distraction tasks: multi-document QA records, generators, loaders and rendering with exact spans."""
 
+from .litm import TfidfIndex, build_from_oracle, contains_answer, load_litm, save_litm
+from .metrics import (
+    accuracy_by_position,
+    best_subspan_em,
+    clean_distractor_answers,
+    distractor_copy,
+    mean_se,
+    normalize_answer,
+    substring_match,
+)
 from .records import (
     KV_INSTRUCTION,
     LITM_INSTRUCTION,
@@ -46,4 +56,16 @@ __all__ = [
     "RELATIONS",
     "Relation",
     "DISTRACTOR_KINDS",
+    "load_litm",
+    "save_litm",
+    "build_from_oracle",
+    "TfidfIndex",
+    "contains_answer",
+    "best_subspan_em",
+    "substring_match",
+    "distractor_copy",
+    "clean_distractor_answers",
+    "normalize_answer",
+    "accuracy_by_position",
+    "mean_se",
 ]

@@ -480,6 +480,8 @@ class FusedModel:
             raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
         acc = torch.zeros(len(names), self.n_layers, self.n_heads, dtype=torch.float32, device=self.input_device)
         rec = _Recorder(rows=rows, key_masks=masks.to(self.input_device), out=acc, seen=set())
+        # the response-row workspace is allocated once, before the forward's own allocations
+        rec.workspace(self.input_device, self.n_heads * len(rows) * n)
         with self._active():
             self._recorder = rec
             try:

@@ -410,6 +410,7 @@ FIXED_PLAN = [
     ("attention", 20, 2.0, None, False),
     ("likelihood", 20, 0.5, None, False),
     ("attention", 20, 0.5, None, False),
+    ("attention", 20, 0.5, None, True),
 ]
 
 
@@ -495,7 +496,7 @@ def stage_figure() -> None:
             baselines[f"{v['objective']} k={v['k']} auto α, target {v['target']:g} ({v['acc']:.2f})"] = v["acc"]
     fig = ablation_curve(alphas, series, baselines=baselines, xaxis="α (negative pushes attention away)",
                          yaxis="accuracy (forced answer prefix, next token = gold value)",
-                         title=f"Focus directions, SmolLM2-135M-Instruct, {N_DOCS} documents, {split}, "
+                         title=f"Focus directions, SmolLM2-135M, {N_DOCS} docs, {split.split(' (')[0]}, "
                                f"n={res['baseline']['n']}")
     paths = save_figure(fig, FIG / "focus_directions_alpha")
     print("[figure]", [str(p) for p in paths])

@@ -620,6 +620,11 @@ def contextual_scores(
     ``s[l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈C} A[l, h, t, j]`` with ``R = response``, ``C = relevant`` (a span
     or a list of spans = their union), from one forward pass that never holds a full attention pattern.
     """
+    backend_scores = getattr(model, "contextual_scores", None)
+    if callable(backend_scores) and not hasattr(model, "hook_dict"):
+        # Another backend (focuslens.backends: FusedModel, NNsightScorer) computes the same numbers
+        # its own way, e.g. response rows only under fused attention.
+        return backend_scores(tokens, relevant=relevant, response=response)
     return score_spans(model, tokens, response=response, spans={"relevant": relevant}, sink=None,
                        method=method).scores["relevant"]
 

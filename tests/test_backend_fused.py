@@ -439,3 +439,19 @@ def test_two_wrappers_on_one_model():
         with pytest.raises(RuntimeError, match="Another FusedModel"):
             b.contextual_scores(ids, relevant=(1, 6), response=(14, 20))
     assert a.attn_implementation == "sdpa" and not is_registered()
+
+
+def test_public_contextual_scores_dispatches_to_the_fused_backend(tok):
+    """`fl.contextual_scores` takes a FusedModel as well as a bridge and gives the same numbers."""
+    import focuslens as fl
+    from focuslens.testing import tiny_hf_model
+
+    hf = tiny_hf_model("llama", seed=5)
+    bridge = fl.load_model(hf, tokenizer=tok)
+    fm = FusedModel(tiny_hf_model("llama", seed=5), tok)
+    ids = torch.tensor(tok("The capital of Veloria is Quentor. The capital of Marn is Pell. Pell").input_ids)
+    n = len(ids)
+    a = fl.contextual_scores(fm, ids, relevant=(1, 8), response=(n - 2, n))
+    b = fl.contextual_scores(bridge, ids, relevant=(1, 8), response=(n - 2, n))
+    assert a.shape == b.shape == (2, 4)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

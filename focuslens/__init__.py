@@ -35,10 +35,13 @@ from .scoring import (  # noqa: E402
     load_heads,
     save_heads,
     score_dataset,
+    score_many,
     score_spans,
 )
 from .interventions import compose, inject_vectors, split_softmax  # noqa: E402
+from .patching import ablate_heads, patch_heads  # noqa: E402
 from .directions import FocusDirections, train_focus_directions  # noqa: E402
+from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
 from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
 
 __version__ = "0.1.0"
@@ -63,6 +66,12 @@ __all__ = [
     "contextual_scores",
     "score_spans",
     "score_dataset",
+    "score_many",
+    "patch_heads",
+    "ablate_heads",
+    "evaluate",
+    "EvalResult",
+    "teacher_forced_margins",
     "contextual_heads",
     "HeadScores",
     "DatasetScores",

@@ -284,17 +284,22 @@ def report_only(args, argv) -> dict:
     if not recs:
         raise SystemExit(f"No records under {run_dir} for {tag_base}.")
     # the first group (original, top-k_rk, random seeds at the first τ) on a common paired prefix
-    group1 = [n for n in recs if n == "original" or n.startswith(f"random{args.random_k}_")
-              or n.startswith(f"top{args.random_k}_")]
+    t0_ = sorted(args.taus)[0]
+    group1 = [n for n in recs if n == "original" or n == f"top{args.random_k}_tau{t0_}"
+              or (n.startswith(f"random{args.random_k}_") and n.endswith(f"_tau{t0_}"))]
     n_common = min(len(recs[n]) for n in group1) if group1 else 0
     results: dict = {"n": n_common, "n_docs": args.n_docs, "seed": args.seed, "ranking": ranking_info["method"],
                      "n_rank": args.n_rank, "rank_seed": args.rank_seed, "max_new_tokens": args.max_new_tokens,
                      "baselines": {}, "top": {}, "random": {}, "partial": True,
                      "top10": ranking_info["ranking"][:10]}
+    results["preliminary"] = {}
     for n, r in recs.items():
         kind, key, tau = names[n]
         r = r[:n_common] if n in group1 else r
         s = _summ(r)
+        if len(r) < n_common:  # unfinished: listed in the table, kept out of the figure
+            results["preliminary"][n] = s
+            continue
         if kind == "base":
             results["baselines"][key] = s
         elif kind == "top":
@@ -335,6 +340,9 @@ def markdown(results: dict) -> str:
             n_r = "/".join(str(x["n"]) for x in d["per_seed"])
             lines.append(f"| random heads (seeds {d['seeds']}: {per}) | {k} | {tau} | {n_r} | mean {d['mean']:.3f} (sd {d['sd']:.3f}) | "
                          f"{d['copy_mean']:.3f} |")
+    for name, d in sorted(results.get("preliminary", {}).items()):
+        lines.append(f"| *unfinished:* {name} | | | {d['n']} | {d['accuracy']:.3f} ± {d['accuracy_se']:.3f} | "
+                     f"{d['distractor_copy']:.3f} |")
     return "\n".join(lines)
 
 

@@ -38,15 +38,16 @@ __all__ = ["DemoConfig", "run_demo"]
 class DemoConfig:
     model: str | None = None
     n_docs: int = 10
-    n_rank: int = 16  # examples for contextual scoring
-    n_train: int = 48  # focus-direction training examples
-    n_val: int = 12  # validation (early stopping)
-    n_test: int = 24  # held-out evaluation examples per condition
+    n_rank: int = 12  # examples for contextual scoring
+    n_train: int = 40  # focus-direction training examples
+    n_val: int = 10  # validation (early stopping)
+    n_test: int = 20  # held-out evaluation examples per condition
     ks: tuple[int, ...] = (5, 20)
     taus: tuple[float, ...] = (0.2,)
+    random_ks: tuple[int, ...] = (20,)  # k values that get the random-heads control
     random_seeds: tuple[int, ...] = (0,)
     k_directions: int = 20
-    alphas: tuple[float, ...] = (-0.5, 0.5, 1.0)
+    alphas: tuple[float, ...] = (-0.5, 0.5)
     objective: str = "attention"
     max_new_tokens: int = 20
     seed: int = 0
@@ -56,7 +57,7 @@ class DemoConfig:
     def full(cls, **kw) -> "DemoConfig":
         base = dict(
             n_rank=100, n_train=200, n_val=50, n_test=100, ks=(5, 10, 20, 50), taus=(0.2, 0.5),
-            random_seeds=(0, 1, 2), alphas=(-0.5, -0.2, 0.2, 0.5, 1.0, 1.5),
+            random_ks=(5, 10, 20, 50), random_seeds=(0, 1, 2), alphas=(-0.5, -0.2, 0.2, 0.5, 1.0),
         )
         base.update(kw)
         return cls(**base)
@@ -172,7 +173,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
                 res["top"][f"{k}|{tau}"] = ev(
                     f"ss_top{k}_tau{tau}", intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
             for s in cfg.random_seeds:
-                for k in cfg.ks:
+                for k in cfg.random_ks:
                     heads = random.Random(1000 + s).sample(all_heads, k)
                     res["random"][f"{k}|{tau}|{s}"] = ev(
                         f"ss_rand{k}_tau{tau}_s{s}", intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
@@ -185,6 +186,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         series[f"top-k contextual heads, τ={tau}"] = ([y["accuracy"] for y in ys], [y["accuracy_se"] for y in ys])
         ys_r = []
         for k in cfg.ks:
+            if k not in cfg.random_ks:
+                ys_r.append((float("nan"), float("nan")))
+                continue
             vals = [split["random"][f"{k}|{tau}|{s}"]["accuracy"] for s in cfg.random_seeds]
             ses = [split["random"][f"{k}|{tau}|{s}"]["accuracy_se"] for s in cfg.random_seeds]
             ys_r.append((sum(vals) / len(vals), math.sqrt(sum(x * x for x in ses)) / len(ses)))

@@ -99,7 +99,7 @@ NOTEBOOKS = {
            "span, it tests whether those heads' attention is what limits the answer."),
         code(SETUP.format(default_n=24)),
         md("## 2.1 Rank heads on separate examples"),
-        code("rank_ex = make_synthetic_qa(16, n_docs=10, seed=1)\n"
+        code("rank_ex = make_synthetic_qa(max(4, N // 2), n_docs=10, seed=1)  # ranking examples, disjoint from the test set\n"
              "ds = fl.score_dataset(model, [render(e, model.tokenizer) for e in rank_ex], response='generate', max_new_tokens=20, progress=False)\n"
              "ranking = ds.top_k(info.n_layers * info.n_heads)\n"
              "ranking[:10]"),
@@ -146,11 +146,11 @@ NOTEBOOKS = {
            "applying needs none."),
         code(SETUP.format(default_n=16)),
         code("from focuslens import directions as fd\n"
-             "rank_ex = make_synthetic_qa(12, n_docs=10, seed=1)\n"
+             "rank_ex = make_synthetic_qa(max(4, N // 2), n_docs=10, seed=1)\n"
              "ds = fl.score_dataset(model, [render(e, model.tokenizer) for e in rank_ex], response='generate', max_new_tokens=20, progress=False)\n"
              "heads = ds.top_k(20)\n"
-             "train = fd.make_direction_examples(model, make_synthetic_qa(max(8, N), n_docs=10, seed=3), max_new_tokens=20)\n"
-             "val = fd.make_direction_examples(model, make_synthetic_qa(max(4, N // 2), n_docs=10, seed=4), max_new_tokens=20)\n"
+             "train = fd.make_direction_examples(model, make_synthetic_qa(max(6, 2 * N), n_docs=10, seed=3), max_new_tokens=20)\n"
+             "val = fd.make_direction_examples(model, make_synthetic_qa(max(3, N // 2), n_docs=10, seed=4), max_new_tokens=20)\n"
              "len(train), len(val)"),
         md("## 3.1 The paper's objective, on cached queries and keys\n\n"
            "One frozen forward pass per example caches the selected heads' response-row queries and all keys; the "
@@ -180,7 +180,7 @@ NOTEBOOKS = {
              "        def __enter__(self): self.h = d.apply(model, alpha=a)\n"
              "        def __exit__(self, *e): self.h.remove()\n"
              "    return evaluate(model, test, intervene=Lazy(), max_new_tokens=20, progress=False).summary()\n"
-             "alphas = [-0.5, 0.0, 0.5, 1.0]\n"
+             "alphas = [-0.5, 0.5, 1.0]\n"
              "rnd = fd.random_like(d_att, seed=0)\n"
              "res = {'learned (attention objective)': [acc(d_att, a) for a in alphas],\n"
              "       'random, matched norm': [acc(rnd, a) for a in alphas]}\n"
@@ -203,9 +203,9 @@ NOTEBOOKS = {
            "Which heads *carry* the answer from the gold document? Activation patching runs a **corrupted** prompt "
            "(the gold document replaced by a distractor) and restores one head's activation from the **clean** run; "
            "the metric's recovery says how much that head matters."),
-        code(SETUP.format(default_n=1)),
+        code(SETUP.format(default_n=10)),
         code("from focuslens import patching\n"
-             "ex = make_synthetic_qa(1, n_docs=5, seed=7)[0]\n"
+             "ex = make_synthetic_qa(1, n_docs=3, seed=7)[0]  # short prompt: one forward pass per head and site\n"
              "clean, corrupt = patching.make_corrupted_pair(model, ex)\n"
              "# Append the start of the answer so that the next token is the value itself.\n"
              "gold_text = ex.ctxs[ex.gold_index].text\n"
@@ -219,11 +219,13 @@ NOTEBOOKS = {
              "m_clean = float(metric(model(clean_p.tokens[None])))\n"
              "m_corrupt = float(metric(model(corrupt_p.tokens[None])))\n"
              "print(f'logit difference clean {m_clean:.2f}, corrupted {m_corrupt:.2f}')\n"
-             "res = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='z', progress=True)\n"
+             "# One forward pass per head: all 30 layers take about two minutes on a CPU; small runs patch a band.\n"
+             "LAYERS = range(info.n_layers) if N > 3 else range(14, 20)\n"
+             "res = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='z', layers=LAYERS, progress=True)\n"
              "recovered = (res - m_corrupt) / (m_clean - m_corrupt)\n"
              "fl.head_heatmap(recovered, title='Patching each head output (z) from clean into corrupted: fraction recovered', top_k=10)"),
         code("# Under grouped-query attention keys and values are shared: k/v patching has one column per KV head.\n"
-             "res_v = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='v', layers=range(12, 20))\n"
+             "res_v = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='v', layers=range(14, 18))\n"
              "res_v.shape  # [n_layers, n_kv_heads]"),
         md("## Recap\n\n- `patching.patch_heads` returns a `[layer, head]` tensor like TransformerLens' patching module.\n"
            "- Sites: `z`, `q`, `k`, `v`, `pattern`; k/v are patched per KV head under grouped-query attention."),

@@ -84,7 +84,7 @@ def test_score_plot_and_evaluate_on_tiny_model(tmp_path, tiny_folder):
 def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_folder, capsys):
     from focuslens.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(model=str(tiny_folder), n_docs=3, n_rank=2, n_train=3, n_val=2, n_test=2, ks=(1, 2),
+    cfg = DemoConfig(model=str(tiny_folder), n_docs=3, n_rank=2, n_train=3, n_val=2, n_test=2, ks=(1, 2), random_ks=(2,),
                      taus=(0.5,), random_seeds=(0,), k_directions=3, alphas=(-0.5, 0.5), objective="attention",
                      max_new_tokens=4)
     res = run_demo(cfg, tmp_path / "demo")

@@ -39,9 +39,9 @@ class DemoConfig:
     model: str | None = None
     n_docs: int = 10
     n_rank: int = 12  # examples for contextual scoring
-    n_train: int = 40  # focus-direction training examples
-    n_val: int = 10  # validation (early stopping)
-    n_test: int = 20  # held-out evaluation examples per condition
+    n_train: int = 32  # focus-direction training examples
+    n_val: int = 8  # validation (early stopping)
+    n_test: int = 16  # held-out evaluation examples per condition
     ks: tuple[int, ...] = (5, 20)
     taus: tuple[float, ...] = (0.2,)
     random_ks: tuple[int, ...] = (20,)  # k values that get the random-heads control
@@ -99,7 +99,11 @@ def _pm(m: float, se: float) -> str:
 
 
 def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures_dir: str | os.PathLike | None = None) -> dict:
-    """Run the pipeline; return all step results. Figures go to ``out/figures`` (and ``figures_dir``)."""
+    """Run the pipeline; return all step results.
+
+    Figures go to ``out/figures`` and, when ``figures_dir`` is given, also to
+    ``figures_dir/demo_<name>.{html,png}``.
+    """
     from . import directions as fd
     from .evaluation import evaluate
     from .interventions import split_softmax
@@ -110,8 +114,16 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
 
     torch.set_num_threads(cfg.threads)
     out = Path(out)
-    figs = Path(figures_dir) if figures_dir else out / "figures"
+    figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
+    extra = Path(figures_dir) if figures_dir else None
+    if extra is not None:
+        extra.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, name: str) -> None:
+        save_figure(fig, figs / name)
+        if extra is not None:  # e.g. the repo's figures/: prefixed so experiment figures stay apart
+            save_figure(fig, extra / f"demo_{name}")
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, cfg)
@@ -148,7 +160,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         fig = head_heatmap(ds.mean["relevant"], top_k=20,
                            title=f"Contextual scores: attention mass from the answer to the gold document "
                                  f"({info.name}, {cfg.n_docs} docs, n={ds.n})")
-        save_figure(fig, figs / "contextual_heads")
+        save(fig, "contextual_heads")
         m = ds.mean["relevant"]
         top = ds.ranking()[:20]
         return {
@@ -200,7 +212,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         xaxis="k (heads edited)", yaxis="accuracy (best-subspan EM)",
         title=f"Split softmax on the top-k contextual heads ({cfg.n_docs} docs, n={cfg.n_test} per point)",
     )
-    save_figure(fig, figs / "split_softmax_curve")
+    save(fig, "split_softmax_curve")
 
     # 4. Focus directions --------------------------------------------------------------------------
     dir_path = out / "focus_directions"
@@ -210,7 +222,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         train_d = fd.make_direction_examples(model, train_ex, max_new_tokens=cfg.max_new_tokens)
         val_d = fd.make_direction_examples(model, val_ex, max_new_tokens=cfg.max_new_tokens)
         d = fd.train_focus_directions(model, train_d, heads=heads, objective=cfg.objective,
-                                      val_examples=val_d, seed=cfg.seed,
+                                      val_examples=val_d, seed=cfg.seed, patience=5,
                                       checkpoint_dir=out / "directions_ckpt")
         d.save(dir_path)
         return {"heads": [list(h) for h in d.heads], "objective": d.objective,
@@ -236,7 +248,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         xaxis="α", yaxis="accuracy (best-subspan EM)",
         title=f"Focus directions on the top-{cfg.k_directions} heads ({cfg.objective} objective, n={cfg.n_test} per point)",
     )
-    save_figure(fig, figs / "focus_directions_alpha")
+    save(fig, "focus_directions_alpha")
 
     results = {"config": asdict(cfg), "model": info.name, "baselines": base, "scores": scores,
                "split_softmax": split, "directions": trained, "alpha": alpha_res,
@@ -245,7 +257,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     (out / "report.md").write_text(report)
     _atomic_json(out / "results.json", results)
     print(report)
-    print(f"[demo] wrote {out / 'report.md'} and figures in {figs}")
+    print(f"[demo] wrote {out / 'report.md'} and figures in {figs}" + (f" and {extra}/demo_*" if extra else ""))
     return results
 
 

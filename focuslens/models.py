@@ -125,6 +125,11 @@ def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> list[Head
     Raises ``ValueError`` naming the offending head and the valid ranges.
     """
     info = model_info(model)
+    return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads)
+
+
+def validate_heads(heads: Iterable[Sequence[int]], *, n_layers: int, n_heads: int) -> list[Head]:
+    """:func:`check_heads` against explicit sizes (for backends without a hooked model)."""
     out: list[Head] = []
     seen: set[Head] = set()
     for h in heads:
@@ -132,10 +137,10 @@ def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> list[Head
             l, hh = (int(x) for x in h)
         except (TypeError, ValueError):
             raise ValueError(f"Heads must be (layer, head) pairs of ints, got {h!r}.") from None
-        if not (0 <= l < info.n_layers and 0 <= hh < info.n_heads):
+        if not (0 <= l < n_layers and 0 <= hh < n_heads):
             raise ValueError(
-                f"Unknown head (layer={l}, head={hh}): this model has layers 0..{info.n_layers - 1} "
-                f"and query heads 0..{info.n_heads - 1}."
+                f"Unknown head (layer={l}, head={hh}): this model has layers 0..{n_layers - 1} "
+                f"and query heads 0..{n_heads - 1}."
             )
         if (l, hh) in seen:
             raise ValueError(f"Head ({l}, {hh}) is listed twice.")

@@ -423,20 +423,9 @@ class FusedModel:
         return t.to(self.input_device)
 
     def _check_heads(self, heads: Iterable[Sequence[int]]) -> list[Head]:
-        out: list[Head] = []
-        for h in heads:
-            try:
-                l, hh = (int(x) for x in h)
-            except (TypeError, ValueError):
-                raise ValueError(f"Heads must be (layer, head) pairs of ints, got {h!r}.") from None
-            if not (0 <= l < self.n_layers and 0 <= hh < self.n_heads):
-                raise ValueError(
-                    f"Unknown head (layer={l}, head={hh}): this model has layers 0..{self.n_layers - 1} "
-                    f"and query heads 0..{self.n_heads - 1}."
-                )
-            if (l, hh) in out:
-                raise ValueError(f"Head ({l}, {hh}) is listed twice.")
-            out.append((l, hh))
+        from ..models import validate_heads
+
+        out = validate_heads(heads, n_layers=self.n_layers, n_heads=self.n_heads)
         if not out:
             raise ValueError("No heads given: pass at least one (layer, head) pair.")
         return out

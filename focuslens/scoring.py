@@ -362,8 +362,8 @@ def _normalise_spans(spans: SpansLike, *, seq_len: int, response: Span, name: st
         if sp.end > response.start:
             how = "overlaps" if sp.start < response.end else "comes after"
             raise ValueError(
-                f"{label} {sp} {how} the response {response}: response rows can only attend to "
-                f"earlier tokens, so scored spans must end at or before the response start "
+                f"{label} {sp} {how} the response {response} (it ends after the response starts): "
+                f"response rows can only attend to earlier tokens, so scored spans must end at or before the response start "
                 f"({response.start}). Check that the response was appended after the prompt."
             )
         out.append(sp)

@@ -584,24 +584,13 @@ class FusedModel:
 
 
 def _span_list(spans: SpansLike, *, seq_len: int, response: Span, name: str) -> list[Span]:
-    """A span or a list of spans -> validated spans that end before the response starts."""
-    single = isinstance(spans, (Span, slice)) or (
-        isinstance(spans, (tuple, list)) and len(spans) == 2 and all(isinstance(v, int) for v in spans)
-    )
-    items = [spans] if single else list(spans)
-    if not items:
-        raise ValueError(f"{name}: an empty list of spans covers no token.")
-    out = []
-    for i, s in enumerate(items):
-        label = name if len(items) == 1 else f"{name}[{i}]"
-        sp = as_span(s, seq_len=seq_len, name=label)
-        if sp.end > response.start:
-            raise ValueError(
-                f"{label} {sp} ends after the response starts ({response}): response rows attend only "
-                f"to earlier tokens, so scored spans must end at or before {response.start}."
-            )
-        out.append(sp)
-    return out
+    """A span or a list of spans -> validated spans that end before the response starts.
+
+    The same rule (and messages) as the TransformerLens path: :func:`focuslens.scoring._normalise_spans`.
+    """
+    from ..scoring import _normalise_spans
+
+    return _normalise_spans(spans, seq_len=seq_len, response=response, name=name)
 
 
 def _logits_kwargs(hf_model: Any) -> dict:

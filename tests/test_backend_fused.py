@@ -111,6 +111,37 @@ def test_row_block_does_not_change_results():
     torch.testing.assert_close(sa, sb, atol=1e-6, rtol=0)
 
 
+def test_mlp_chunking_is_exact_and_restored():
+    """Scoring passes run each MLP over ``mlp_chunk`` positions: same scores, forwards restored after."""
+    ids = _ids(30, seed=5)
+    whole = FusedModel(tiny_hf_model("llama"), mlp_chunk=None)
+    m = tiny_hf_model("llama")
+    chunked = FusedModel(m, mlp_chunk=7)
+    assert len(chunked._mlps) == m.config.num_hidden_layers
+    calls = []
+    mlp0 = m.model.layers[0].mlp
+
+    def spy(x, _f=type(mlp0).forward.__get__(mlp0)):  # an instance-level forward, as accelerate sets
+        calls.append(x.shape[-2])
+        return _f(x)
+
+    mlp0.forward = spy
+    s_whole = whole.contextual_scores(ids, relevant=(2, 9), response=(20, 30))
+    s_chunk = chunked.contextual_scores(ids, relevant=(2, 9), response=(20, 30))
+    assert calls == [7, 7, 7, 7, 2]  # 30 positions in chunks of 7
+    torch.testing.assert_close(s_chunk, s_whole, atol=1e-6, rtol=0)
+    assert mlp0.forward is spy and all("forward" not in x.__dict__ for x in chunked._mlps[1:])
+    # plain forwards are never chunked, and a failing scoring pass restores the forwards too
+    calls.clear()
+    chunked(ids[None])
+    assert calls == [30]
+    with pytest.raises(Exception):
+        chunked.contextual_scores(torch.tensor([1, 2, 10_000, 3] * 5), relevant=(0, 2), response=(12, 20))
+    assert mlp0.forward is spy and all("forward" not in x.__dict__ for x in chunked._mlps[1:])
+    with pytest.raises(ValueError, match="mlp_chunk"):
+        FusedModel(tiny_hf_model("llama"), mlp_chunk=0)
+
+
 def test_bf16_scores_close_to_fp32_and_returned_in_fp32():
     """bf16 weights (CPU here): results are fp32 and close to the fp32 model's."""
     ids = _ids(64, seed=5)

@@ -58,6 +58,7 @@ __all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "is_registered"]
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
 _DEFAULT_ROW_BLOCK = 1024
+_DEFAULT_MLP_CHUNK = 2048
 
 Head = tuple[int, int]
 
@@ -291,6 +292,24 @@ def _focuslens_attention(
     return out, None
 
 
+def _chunked_forward(forward: Any, chunk: int) -> Any:
+    """``forward`` applied to ``[..., chunk, d]`` slices of a ``[..., N, d]`` input, written into one output."""
+
+    def run(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-2] <= chunk:
+            return forward(x, *args, **kwargs)
+        n = x.shape[-2]
+        first = forward(x[..., :chunk, :])
+        out = first.new_empty(*x.shape[:-2], n, first.shape[-1])
+        out[..., :chunk, :] = first
+        del first
+        for a in range(chunk, n, chunk):
+            out[..., a:a + chunk, :] = forward(x[..., a:a + chunk, :])
+        return out
+
+    return run
+
+
 def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int]) -> Tensor:
     """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``."""
     for edit, hs in edits:
@@ -320,6 +339,10 @@ class FusedModel:
         tokenizer: its tokenizer (kept for convenience; methods take token ids).
         row_block: query rows per explicit block for split-softmax heads (bounds the explicit
             pattern to ``[heads, row_block, N]``).
+        mlp_chunk: in scoring passes, each layer's MLP runs over at most this many positions at a
+            time (``None``: all at once). The MLP is position-wise, so the result is the same; its
+            ``[N, d_ff]`` intermediates are the largest temporaries of a long-context forward, and
+            chunking them keeps the scorer's peak memory below that of a plain forward.
 
     Example:
         >>> fm = load_fused()                                    # SmolLM2, sdpa, fp32, cpu
@@ -330,14 +353,20 @@ class FusedModel:
         ...     out = fm.generate(p.tokens[None], max_new_tokens=20, do_sample=False)
     """
 
-    def __init__(self, hf_model: Any, tokenizer: Any = None, *, row_block: int = _DEFAULT_ROW_BLOCK):
+    def __init__(self, hf_model: Any, tokenizer: Any = None, *, row_block: int = _DEFAULT_ROW_BLOCK,
+                 mlp_chunk: int | None = _DEFAULT_MLP_CHUNK):
         if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
             raise TypeError(f"FusedModel wraps a Hugging Face PreTrainedModel, got {type(hf_model).__name__}.")
         if row_block < 1:
             raise ValueError(f"row_block must be >= 1, got {row_block}.")
+        if mlp_chunk is not None and mlp_chunk < 1:
+            raise ValueError(f"mlp_chunk must be >= 1 or None, got {mlp_chunk}.")
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.row_block = int(row_block)
+        self.mlp_chunk = None if mlp_chunk is None else int(mlp_chunk)
+        # position-wise feed-forward blocks (``...layers[i].mlp``), chunked over positions in scoring passes
+        self._mlps = [m for name, m in hf_model.named_modules() if name.endswith(".mlp")]
         cfg = hf_model.config
         self.n_layers = int(cfg.num_hidden_layers)
         self.n_heads = int(cfg.num_attention_heads)
@@ -374,6 +403,27 @@ class FusedModel:
     def input_device(self) -> torch.device:
         """Device of the input embeddings (where token ids go, and where scores are accumulated)."""
         return self.hf_model.get_input_embeddings().weight.device
+
+    @contextlib.contextmanager
+    def _chunked_mlps(self) -> Iterator[None]:
+        """Run every ``.mlp`` over ``mlp_chunk`` positions at a time; restore the forwards on exit."""
+        chunk = self.mlp_chunk
+        if chunk is None or not self._mlps:
+            yield
+            return
+        saved = []
+        try:
+            for m in self._mlps:
+                own = m.__dict__.get("forward")  # an instance-level forward (accelerate's device hooks)
+                saved.append((m, own))
+                m.forward = _chunked_forward(m.forward, chunk)
+            yield
+        finally:
+            for m, own in reversed(saved):
+                if own is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = own
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -471,7 +521,7 @@ class FusedModel:
         rec = _Recorder(rows=rows, key_masks=masks.to(self.input_device), out=acc, seen=set())
         # the response-row workspace is allocated once, before the forward's own allocations
         rec.workspace(self.input_device, self.n_heads * len(rows) * n)
-        with self._active():
+        with self._active(), self._chunked_mlps():
             self._recorder = rec
             try:
                 self.hf_model(input_ids=ids, use_cache=False, **_logits_kwargs(self.hf_model))
@@ -612,6 +662,7 @@ def load_fused(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
     row_block: int = _DEFAULT_ROW_BLOCK,
+    mlp_chunk: int | None = _DEFAULT_MLP_CHUNK,
     **from_pretrained_kwargs: Any,
 ) -> FusedModel:
     """Load an HF causal LM with SDPA attention and wrap it as a :class:`FusedModel`.
@@ -623,6 +674,7 @@ def load_fused(
         dtype: parameter dtype, e.g. ``torch.bfloat16`` on GPUs (reductions stay fp32).
         device_map: e.g. ``"auto"`` to split a large model over several GPUs (needs ``accelerate``);
             partial scores are moved to the input-embedding device.
+        row_block, mlp_chunk: see :class:`FusedModel`.
         from_pretrained_kwargs: passed on (e.g. ``max_memory={0: "20GiB", 1: "20GiB"}``).
 
     Example:
@@ -646,4 +698,4 @@ def load_fused(
     for p in model.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(src)
-    return FusedModel(model, tok, row_block=row_block)
+    return FusedModel(model, tok, row_block=row_block, mlp_chunk=mlp_chunk)

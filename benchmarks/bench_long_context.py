@@ -20,6 +20,7 @@ Commands (about 30 min on 1 core of this machine, longer under load)::
     nice -n 10 python benchmarks/bench_long_context.py \
         --lengths 1024 2048 4096 8192 --modes fused_forward fused_score eager_score fused_forward_full
     nice -n 10 python benchmarks/bench_long_context.py --append --lengths 8192 --modes pair_time --repeats 3
+    nice -n 10 python benchmarks/bench_long_context.py --lengths 8192 --samples 3   # allocator variance
 
 Writes ``figures/long_context_results.json``, ``figures/long_context_memory.html`` (and ``.png`` when
 kaleido finds a browser) and prints a markdown table for ``docs/scale.md``.
@@ -262,6 +263,31 @@ def plot(results: list[dict]) -> None:
         print(f"[bench] PNG export skipped ({type(e).__name__}: {e}); install chromium and kaleido for PNGs")
 
 
+def samples(lengths: list[int], k: int, repeats: int, timeout: int) -> None:
+    out = FIG / "long_context_samples.json"
+    rows = json.loads(out.read_text()) if out.exists() else []
+    for n in lengths:
+        rows = [r for r in rows if r["n"] != n]
+        for s in range(k):
+            pair = {}
+            for m in ("fused_forward", "fused_score"):
+                pair[m] = run_one(m, n, repeats, timeout)
+                print(json.dumps(pair[m]), flush=True)
+            if any("error" in r for r in pair.values()):
+                continue
+            ff, fs = pair["fused_forward"], pair["fused_score"]
+            rows.append({"n": n, "sample": s, "forward_mb": ff["peak_mb"], "score_mb": fs["peak_mb"],
+                         "forward_s": ff["time_s"], "score_s": fs["time_s"],
+                         "mem_ratio": fs["peak_mb"] / ff["peak_mb"], "time_ratio": fs["time_s"] / ff["time_s"]})
+            FIG.mkdir(exist_ok=True)
+            out.write_text(json.dumps(rows, indent=1))
+    print("| N | sample | fused_forward MB | fused_score MB | memory ratio | time ratio (separate processes) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} | {r['sample'] + 1} | {r['forward_mb']:.0f} | {r['score_mb']:.0f} | "
+              f"{r['mem_ratio']:.2f}× | {r['time_ratio']:.2f}× |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "N"))
@@ -270,9 +296,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--append", action="store_true", help="merge into an existing results file")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="repeat fused_forward and fused_score in this many alternating fresh processes per "
+                         "length and report every sample's memory ratio (allocator variance); writes "
+                         "figures/long_context_samples.json")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
+        return
+    if args.samples:
+        samples(args.lengths, args.samples, args.repeats, args.timeout)
         return
     out = FIG / "long_context_results.json"
     results = json.loads(out.read_text()) if args.append and out.exists() else []

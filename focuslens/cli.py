@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="number of top heads [20]")
     p.add_argument("--objective", default="attention", choices=["attention", "likelihood", "both"], help="[attention]")
     p.add_argument("--n-val", type=int, default=30, help="validation examples for early stopping [30]")
+    p.add_argument("--select-alphas", type=float, nargs="+", default=None, metavar="ALPHA",
+                   help="after training, choose k and alpha by validation accuracy over these alphas (and "
+                        "--select-ks, --select-targets); the saved artefact keeps the chosen top-k heads and "
+                        "alpha as its default")
+    p.add_argument("--select-ks", type=int, nargs="+", default=None, metavar="K", help="top-k values to try [--k]")
+    p.add_argument("--select-targets", type=float, nargs="+", default=(), metavar="T",
+                   help="magnitude-control targets in (0, 1) to try at the chosen k")
     p.add_argument("--output", default="focus_directions", help="artefact folder")
 
     p = sub.add_parser("evaluate", help="accuracy with and without an intervention",
@@ -276,6 +283,15 @@ def cmd_train(args) -> int:
     val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens)
     d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
                                   seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
+    if args.select_alphas:
+        sel = fd.select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
+                              targets=args.select_targets, max_new_tokens=args.max_new_tokens,
+                              output_dir=Path(args.output + ".select"))
+        print(sel.table())
+        fixed = sel.best_fixed
+        d = d.top(sel.k)._replace(alpha=float(fixed["alpha"]), training={**d.training, "alpha_selection": sel.to_dict()})
+        print(f"chosen on {len(val)} validation examples: k={sel.k}, alpha={sel.alpha}"
+              + (f" (magnitude-control target {sel.target:g})" if sel.target is not None else ""))
     d.save(args.output)
     print(f"saved {len(d)} focus directions ({args.objective}) to {args.output}")
     if d.training:

@@ -100,3 +100,23 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_folder, capsys):
     run_demo(cfg, tmp_path / "demo")  # a rerun reuses every finished step
     out = capsys.readouterr().out
     assert out.count("done earlier") == 5
+
+
+def test_train_with_validation_alpha_selection(tmp_path, tiny_folder):
+    from focuslens.directions import FocusDirections
+
+    out = tmp_path / "scores"
+    assert main(["score", "--model", str(tiny_folder), "--n", "2", "--n-docs", "3", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
+    fd = tmp_path / "fd"
+    assert main(["train", "--model", str(tiny_folder), "--n", "3", "--n-val", "2", "--n-docs", "3",
+                 "--max-new-tokens", "4", "--heads", str(out / "contextual_heads.json"), "--k", "3",
+                 "--select-alphas", "0.5", "2", "--select-ks", "2", "3", "--output", str(fd)]) == 0
+    cfg = json.loads((fd / "config.json").read_text())
+    sel = cfg["training"]["alpha_selection"]
+    assert len(sel["rows"]) == 4 and sel["k"] in (2, 3) and sel["alpha"] in (0.5, 2.0)
+    assert len(cfg["heads"]) == sel["k"] and cfg["alpha"] == sel["alpha"]
+    assert len(list((tmp_path / "fd.select").glob("*.jsonl"))) == 5  # baseline + 2 k × 2 α, resumable
+    assert main(["train", "--model", str(tiny_folder), "--n", "3", "--n-val", "2", "--n-docs", "3",
+                 "--heads", str(out / "contextual_heads.json"), "--select-alphas", "-1",
+                 "--output", str(tmp_path / "fd2")]) == 2

@@ -371,3 +371,80 @@ def test_make_direction_examples_generates_gold_only_response(tiny_llama):
         assert d.relevant.end <= d.prompt.response.start
     with pytest.raises(ValueError, match="responses for"):
         make_direction_examples(tiny_llama, [_example(0)], responses=["a", "b"])
+
+
+# ------------------------------------------------------------------------------ select_alpha
+
+
+class _FakeResult:
+    def __init__(self, acc):
+        self.acc = acc
+
+    def summary(self):
+        return {"n": 10, "accuracy": self.acc, "accuracy_se": 0.1, "distractor_copy": 0.0}
+
+
+def test_select_alpha_rule(tiny_llama, monkeypatch):
+    """Best validation accuracy wins; ties → smaller |α|, then fewer heads; negative α never chosen;
+    the magnitude control replaces the fixed α only when strictly better."""
+    import focuslens.evaluation as ev
+
+    acc = {"unmodified": 0.2, "k1_a0.5": 0.4, "k1_a1": 0.6, "k1_a-1": 0.9, "k3_a0.5": 0.6, "k3_a1": 0.6,
+           "k3_a-1": 0.95, "k3_auto0.25": 0.5, "k3_auto0.5": 0.6}
+    seen = []
+
+    def fake(model, examples, *, tag=None, intervene=None, **kw):
+        seen.append(tag)
+        return _FakeResult(acc[tag])
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    d = _dirs(tiny_llama)
+    sel = fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.5, 1.0, -1.0), ks=(1, 3), targets=(0.25, 0.5),
+                           progress=False)
+    # k1_a1, k3_a0.5, k3_a1 tie at 0.6 → smaller |α| (0.5) → k3_a0.5; negatives (0.9, 0.95) are never chosen
+    assert (sel.k, sel.alpha) == (3, 0.5)
+    assert seen[0] == "unmodified" and sel.baseline == 0.2
+    assert seen[-2:] == ["k3_auto0.25", "k3_auto0.5"]  # targets tried at the chosen k
+    assert len(sel.rows) == 6 + 2 and sel.best_fixed["alpha"] == 0.5
+
+
+def test_select_alpha_auto_wins_only_when_strictly_better(tiny_llama, monkeypatch):
+    import focuslens.evaluation as ev
+
+    acc = {"unmodified": 0.1, "k3_a1": 0.5, "k3_auto0.5": 0.7}
+    monkeypatch.setattr(ev, "evaluate", lambda model, examples, *, tag=None, **kw: _FakeResult(acc[tag]))
+    sel = fdm.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
+    assert (sel.k, sel.alpha, sel.target) == (3, "auto", 0.5)
+    acc["k3_auto0.5"] = 0.5
+    sel = fdm.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
+    assert (sel.alpha, sel.target) == (1.0, 0.5)
+    assert "| 3 | auto | 0.5 |" in sel.table()
+
+
+def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
+    """Each grid row is the accuracy of evaluate() under the same apply(); nothing stays attached."""
+    from focuslens.evaluation import evaluate
+
+    exs = [_example(i) for i in range(3)]
+    d = _dirs(tiny_llama)
+    sel = fdm.select_alpha(tiny_llama, d, exs, alphas=(0.5, 4.0), ks=(2,), max_new_tokens=3, progress=False,
+                           output_dir=tmp_path)
+    for r in sel.rows:
+        with d.top(2).apply(tiny_llama, alpha=r["alpha"]):
+            ref = evaluate(tiny_llama, exs, max_new_tokens=3, progress=False)
+        assert r["accuracy"] == ref.accuracy and r["n"] == 3
+    assert (tmp_path / "k2_a4.jsonl").exists() and (tmp_path / "unmodified.jsonl").exists()
+
+
+def test_select_alpha_errors(tiny_llama):
+    d = _dirs(tiny_llama)
+    with pytest.raises(ValueError, match="validation examples"):
+        fdm.select_alpha(tiny_llama, d, [], progress=False)
+    with pytest.raises(ValueError, match="non-zero"):
+        fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.0, 1.0), progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(-1.0,), progress=False)
+    with pytest.raises(ValueError, match="k must be in 1..3"):
+        fdm.select_alpha(tiny_llama, d, [_example(0)], ks=(4,), progress=False)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        fdm.select_alpha(tiny_llama, d, [_example(0)], targets=(1.5,), progress=False)

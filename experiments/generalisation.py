@@ -10,7 +10,8 @@ Stages (in order): ``prep`` (head ranking, training targets), ``train`` (likelih
 objectives, seeds 0/1/2, plus likelihood directions on k random heads; and the batched-vs-per-layer
 timing), ``val`` (α × k grid and the magnitude-control target on the validation split, seed 0),
 ``test`` (training template, 10 documents, n = 200), ``transfer`` (unseen templates, 20 documents,
-key–value retrieval, NQ documents, gold-only prompts), ``report``.
+key–value retrieval, NQ documents, gold-only prompts), ``other`` (a second training task — the five other
+relation templates — evaluated in every setting: the second row of the transfer matrix), ``report``.
 
 Design (fixed before any test run):
 * Task: ``make_synthetic_qa`` (the default synthetic task: "The capital of E is V.", same-relation
@@ -88,7 +89,8 @@ if os.environ.get("FOCUSLENS_SMOKE"):  # a 2-minute end-to-end check of this scr
 
 # ------------------------------------------------------------------------------------------ data
 def split(name: str, n: int, *, n_docs: int = N_DOCS, relation="capital"):
-    seed = {"train": 301, "val": 302, "test": 303, "templates": 304, "docs20": 305}[name]
+    seed = {"train": 301, "val": 302, "test": 303, "templates": 304, "docs20": 305, "other_train": 311,
+            "other_val": 312}[name]
     return make_synthetic_qa(n, n_docs=n_docs, relation=relation, seed=seed)
 
 
@@ -234,6 +236,36 @@ def stage_train(model, prep) -> None:
     log(f"timing {json.dumps({k: v for k, v in timing.items() if k != 'batched'})}")
 
 
+def stage_train_other(model, prep) -> None:
+    """A second training task for the transfer matrix: the five *other* relation templates.
+
+    Same heads (the top-20 ranked on 'capital'), recipe, sizes and seed 0 as the main run.
+    """
+    heads20 = [tuple(h) for h in prep["heads"][:20]]
+    train = split("other_train", max(N_LIK_TRAIN, N_ATT_TRAIN), relation=UNSEEN)
+    val = split("other_val", N_VAL, relation=UNSEEN)
+    out = dir_path("likelihood", 0, "_other")
+    if not (out / "config.json").exists():
+        log("train likelihood_other seed 0")
+        d = train_focus_directions(model, lik_examples(model, train[:N_LIK_TRAIN]), heads=heads20,
+                                   objective="likelihood", val_examples=lik_examples(model, val[:N_LIK_VAL]),
+                                   lr=1e-2, epochs=1, max_norm=None, seed=0, progress=False,
+                                   checkpoint_dir=RUN / "ckpt" / "likelihood_other_s0")
+        d.save(out)
+    out = dir_path("attention", 0, "_other")
+    if not (out / "config.json").exists():
+        log("train attention_other seed 0")
+        resp = {}
+        for name, exs in (("train", train[:N_ATT_TRAIN]), ("val", val[:N_ATT_VAL])):
+            res = evaluate(model, exs, variant="gold_only", max_new_tokens=32, progress=False,
+                           output=RUN / "evals" / f"gold_only_responses_other_{name}.jsonl", stop_at_newline=False)
+            resp[name] = [r["prediction"] for r in res.records]
+        d = train_focus_directions(model, make_direction_examples(model, train[:N_ATT_TRAIN], responses=resp["train"]),
+                                   heads=heads20, objective="attention", patience=5, seed=0, progress=False,
+                                   val_examples=make_direction_examples(model, val[:N_ATT_VAL], responses=resp["val"]))
+        d.save(out)
+
+
 def load_dirs(model, obj: str, seed: int = 0, tag: str = "") -> FocusDirections:
     return FocusDirections.load(dir_path(obj, seed, tag), model=model)
 
@@ -315,6 +347,9 @@ def lazy_conditions(model, sel, prep, *, full):
     out.append(("likelihood_random_heads", Lazy(lambda: fixed(model, get("likelihood", 0, "_randheads"), L["k"],
                                                               L["alpha"]))))
     out.append(("split_softmax_ceiling", lambda r: split_softmax(model, heads20, r.relevant, TAU)))
+    for obj in ("likelihood", "attention"):
+        c = sel[obj]
+        out.append((f"{obj}_other", Lazy(lambda obj=obj, c=c: fixed(model, get(obj, 0, "_other"), c["k"], c["alpha"]))))
     if full:
         out.append(("likelihood_negative", Lazy(lambda: fixed(model, get("likelihood"), L["k"],
                                                                NEG_ALPHA["likelihood"]))))
@@ -362,6 +397,18 @@ ORDER_TRANSFER = ["unmodified", "likelihood_s0", "attention_s0", "likelihood_ran
 def stage_test(model, prep, sel):
     conds = dict(lazy_conditions(model, sel["selection"], prep, full=True))
     run_conditions(model, "test", split("test", N_TEST), [(c, conds[c]) for c in ORDER_TEST], small=SMALL_TEST)
+
+
+def stage_other(model, prep, sel):
+    """Row B of the transfer matrix: directions trained on the other templates, in every setting."""
+    stage_train_other(model, prep)
+    conds = dict(lazy_conditions(model, sel["selection"], prep, full=False))
+    group = ["likelihood_other", "attention_other"]
+    run_conditions(model, "test", split("test", N_TEST), [(c, conds[c]) for c in group], small=set(group))
+    for name in TRANSFER:
+        exs = transfer_examples(name)
+        variant = "gold_only" if name == "gold_only" else "original"
+        run_conditions(model, name, exs, [(c, conds[c]) for c in group], variant=variant)
 
 
 def stage_transfer(model, prep, sel, only=None):
@@ -443,7 +490,13 @@ def _figures() -> None:
     from focuslens.plotting import save_figure
 
     rows = ["likelihood_s0", "likelihood_s1", "likelihood_s2", "attention_s0", "attention_s1", "attention_s2",
+            "likelihood_other", "attention_other",
             "likelihood_random_norm", "likelihood_random_heads", "split_softmax_ceiling"]
+    labels = {"likelihood_other": "likelihood (trained: other templates)",
+              "attention_other": "attention (trained: other templates)",
+              "split_softmax_ceiling": "split softmax, oracle span (ceiling)",
+              "likelihood_random_norm": "random, matched norm (control)",
+              "likelihood_random_heads": "likelihood on 20 random heads (control)"}
     cols = ["test"] + list(TRANSFER)
     z, txt = [], []
     for row in rows:
@@ -459,10 +512,11 @@ def _figures() -> None:
                 tr.append("")
         z.append(zr)
         txt.append(tr)
-    fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, text=txt, texttemplate="%{text}", colorscale="RdBu",
+    ylab = [labels.get(r, r.replace("_s", " (trained: capital) seed ")) for r in rows]
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=ylab, text=txt, texttemplate="%{text}", colorscale="RdBu",
                                zmid=0, zmin=-0.6, zmax=0.6, colorbar={"title": "Δ accuracy"}))
-    fig.update_layout(title="Trained on 'capital', 10 docs: Δ accuracy vs unmodified (paired SE), SmolLM2-135M",
-                      xaxis_title="evaluated on", yaxis_title="intervention", height=520, width=980,
+    fig.update_layout(title="Focus directions, SmolLM2-135M: Δ accuracy vs unmodified (paired SE) — train task × test setting",
+                      xaxis_title="evaluated on", yaxis_title="intervention", height=640, width=1150, margin={"l": 330},
                       yaxis={"autorange": "reversed"})
     save_figure(fig, FIG / "transfer_matrix")
     sel = load_json(RUN / "selection.json")
@@ -487,7 +541,7 @@ def _figures() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="all",
-                    choices=["prep", "train", "val", "test", "transfer", "report", "all"])
+                    choices=["prep", "train", "val", "test", "transfer", "other", "report", "all"])
     ap.add_argument("--only", default=None, help="transfer: one setting")
     args = ap.parse_args()
     if args.stage == "report":
@@ -507,6 +561,8 @@ def main() -> None:
         stage_test(model, prep, sel)
     if args.stage in ("transfer", "all"):
         stage_transfer(model, prep, sel, args.only)
+    if args.stage in ("other", "all"):
+        stage_other(model, prep, sel)
     print(stage_report())
 
 

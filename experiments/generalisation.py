@@ -513,7 +513,9 @@ def _figures() -> None:
         z.append(zr)
         txt.append(tr)
     ylab = [labels.get(r, r.replace("_s", " (trained: capital) seed ")) for r in rows]
-    fig = go.Figure(go.Heatmap(z=z, x=cols, y=ylab, text=txt, texttemplate="%{text}", colorscale="RdBu",
+    xlab = {"test": "capital, 10 docs (trained)", "templates": "unseen templates", "docs20": "capital, 20 docs",
+            "kv": "key-value", "nq": "NQ, real docs", "gold_only": "gold only (harm)"}
+    fig = go.Figure(go.Heatmap(z=z, x=[xlab[c] for c in cols], y=ylab, text=txt, texttemplate="%{text}", colorscale="RdBu",
                                zmid=0, zmin=-0.6, zmax=0.6, colorbar={"title": "Δ accuracy"}))
     fig.update_layout(title="Focus directions, SmolLM2-135M: Δ accuracy vs unmodified (paired SE) — train task × test setting",
                       xaxis_title="evaluated on", yaxis_title="intervention", height=640, width=1150, margin={"l": 330},

@@ -775,6 +775,7 @@ def train_focus_directions(
     weight_decay: float | None = None,
     patience: int | None = None,
     eval_every: int = 10,
+    live_eval_every: int | None = None,
     attention_weight: float = 1.0,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -802,6 +803,10 @@ def train_focus_directions(
             head's cached response-row queries, i.e. α=1 never outweighs the query itself; needs the
             attention cache, so for live objectives it is computed from one cache pass) or None.
         patience: early stopping after this many evaluations without improvement (None: never).
+        eval_every: batched attention objective: validate every this many steps.
+        live_eval_every: live objectives: also validate every this many training examples (``None``:
+            once per epoch only). With one epoch over a few hundred examples this is what gives
+            early stopping and the best-on-validation vectors.
         checkpoint_dir: live objectives only: the state is written there after every epoch and a
             rerun resumes from it.
         caches: precomputed ``(train_cache, val_cache)`` from :func:`cache_qk` (attention objective).
@@ -850,7 +855,8 @@ def train_focus_directions(
         u, hist = _train_live(model, examples, val_examples, heads, u0, objective=objective, alpha=alpha,
                               lr=lr or 1e-2, epochs=epochs or 5, limit=limit, patience=patience,
                               attention_weight=attention_weight, seed=seed, progress=progress,
-                              checkpoint_dir=checkpoint_dir, weight_decay=weight_decay or 0.0)
+                              checkpoint_dir=checkpoint_dir, weight_decay=weight_decay or 0.0,
+                              eval_every=live_eval_every)
         summary.update(lr=lr or 1e-2, epochs=epochs or 5, attention_weight=attention_weight)
     summary["train_seconds"] = round(time.time() - t0, 2)
     summary["history"] = hist
@@ -1002,7 +1008,7 @@ def _live_forward(model, ex: DirectionExample, heads: list[Head], u: Tensor, alp
 
 
 def _train_live(model, examples, val_examples, heads, u0, *, objective, alpha, lr, epochs, limit, patience,
-                attention_weight, seed, progress, checkpoint_dir, weight_decay):
+                attention_weight, seed, progress, checkpoint_dir, weight_decay, eval_every=None):
     want_att = objective == "both"
     scale = attention_scale(model, heads[0][0])
     u = u0.clone().requires_grad_(True)
@@ -1045,14 +1051,27 @@ def _train_live(model, examples, val_examples, heads, u0, *, objective, alpha, l
 
             it = tqdm(order, desc=f"focus directions ({objective}) epoch {ep + 1}/{epochs}", leave=False)
         tot = 0.0
-        for i in it:
+        stopped = False
+        for step, i in enumerate(it, start=1):
             opt.zero_grad()
             loss, _ = objective_value(examples[i])
             loss.backward()
             opt.step()
             _project(u, limit)
             tot += float(loss.detach())
-        rec = {"epoch": ep + 1, "train_loss": tot / len(examples)}
+            if eval_every and val_examples and step % eval_every == 0 and step < len(order):
+                v = validate()
+                hist.append({"epoch": ep + step / len(order), "val_loss": v})
+                if v < best_val - 1e-6:
+                    best_val, best_u, bad = v, u.detach().clone(), 0
+                else:
+                    bad += 1
+                if patience is not None and bad >= patience:
+                    stopped = True
+                    break
+        rec = {"epoch": ep + 1, "train_loss": tot / max(step, 1)}
+        if stopped:
+            rec["early_stop"] = True
         v = validate()
         if v is not None:
             rec["val_loss"] = v

@@ -171,6 +171,25 @@ def test_live_objectives_train_and_resume(tiny_llama, dx_llama, tmp_path, object
         train_focus_directions(tiny_llama, train, epochs=2, **{**kw, "heads": HEADS})
 
 
+def test_live_validation_within_an_epoch_keeps_the_best_and_stops(tiny_llama, dx_llama):
+    """live_eval_every validates mid-epoch; the kept vectors are the best validated ones; patience stops."""
+    train, val = dx_llama[:6], dx_llama[6:]
+    kw = dict(heads=HEADS[:2], objective="likelihood", val_examples=val, max_norm=None, progress=False, seed=3,
+              epochs=1)
+    d = train_focus_directions(tiny_llama, train, lr=0.05, live_eval_every=2, **kw)
+    h = d.training["history"]
+    assert [r["epoch"] for r in h] == [0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1]
+    best = min(r["val_loss"] for r in h)
+    nll = sum(float(fdm._live_forward(tiny_llama, ex, HEADS[:2], d.vectors, 1.0, want_attention=False,
+                                       scale=attention_scale(tiny_llama))[0]) for ex in val) / len(val)
+    assert nll == pytest.approx(best, abs=1e-5)  # the returned vectors are the best validated ones
+    # at α = 0 the vectors cannot change the loss: no improvement, so patience 1 stops at the first check
+    d = train_focus_directions(tiny_llama, train, lr=0.05, alpha=0.0, live_eval_every=2, patience=1, **kw)
+    h = d.training["history"]
+    assert h[-1].get("early_stop") and [r["epoch"] for r in h[:2]] == [0, pytest.approx(1 / 3)]
+    assert len([r for r in h if 0 < r["epoch"] < 1]) == 1
+
+
 def test_live_gradient_reaches_u_and_changes_nll(tiny_llama, dx_llama):
     ex = dx_llama[0]
     u = torch.zeros(2, 16, requires_grad=True)

@@ -71,6 +71,7 @@ __all__ = [
     "train_focus_directions",
     "heldout_attention",
     "sink_target_alphas",
+    "calibrate_sink_target",
     "random_like",
     "select_alpha",
     "AlphaSelection",
@@ -308,6 +309,7 @@ class FocusDirections:
         tokens: Int[Tensor, "pos"] | LabelledPrompt | None = None,
         target: float = 0.5,
         alpha_max: float = 4.0,
+        per: Literal["head", "input"] = "head",
     ) -> HookHandle:
         """Add ``alpha * u`` to the selected heads' queries at every position; returns a handle.
 
@@ -320,6 +322,8 @@ class FocusDirections:
                 probe pass and picks α per head (:func:`sink_target_alphas`, ``target``, ``alpha_max``).
             heads: a subset (list of ``(layer, head)``) or an int k for :meth:`top`.
             tokens: the prompt, only for ``alpha="auto"``.
+            per: ``"head"`` (one α per head) or ``"input"`` (one α shared by all heads, keeping the
+                learned relative magnitudes; calibrate its target with :func:`calibrate_sink_target`).
         """
         d = self
         if isinstance(heads, int):
@@ -335,7 +339,7 @@ class FocusDirections:
         if alpha == "auto":
             if tokens is None:
                 raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
-            alphas = sink_target_alphas(model, d, tokens, target=target, alpha_max=alpha_max)
+            alphas = sink_target_alphas(model, d, tokens, target=target, alpha_max=alpha_max, per=per)
             d, alpha = d.scaled(alphas), 1.0
         elif isinstance(alpha, str):
             raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
@@ -1100,31 +1104,19 @@ def _train_live(model, examples, val_examples, heads, u0, *, objective, alpha, l
 # --------------------------------------------------------------------------------------------------
 
 
-def sink_target_alphas(
+def _sink_curves(
     model: HookedModel,
     directions: FocusDirections,
     tokens: Int[Tensor, "pos"] | LabelledPrompt,
-    *,
-    target: float = 0.5,
-    alpha_max: float = 4.0,
+    alphas: Float[Tensor, "A"],
     rows: int = 1,
-    grid: int = 81,
-) -> Float[Tensor, "n"]:
-    """Per-head α such that the last prompt row(s)' attention on the sink falls by ``target``.
+) -> Float[Tensor, "n A"]:
+    """Sink mass of the last ``rows`` prompt rows of each selected head at each α, from one probe pass.
 
-    **This project's own design** (the revised paper's controller is not public). One probe pass over
-    the prompt caches the selected heads' post-RoPE queries of the last ``rows`` rows and all keys;
-    for each head the sink mass ``s(α) = softmax_j(scale·(q_t·k_j + α·u·k_j))_0`` is evaluated on a
-    grid of α ∈ [0, alpha_max] and the smallest α with ``s(α) ≤ (1 − target)·s(0)`` is chosen (the α
-    minimising s when no grid value reaches the target). Focus directions move attention off the sink;
-    this keeps that move in a fixed proportion per head and per input instead of one global α.
-    Costs one forward pass (stopped after the last selected layer). No labels.
-
-    Returns:
-        ``[n_heads]`` α per head, in ``directions.heads`` order.
+    ``s_h(α) = mean_t softmax_j(scale·(q_t·k_j + α·u_h·k_j))_0`` in closed form from the cached post-RoPE
+    queries and keys (the pass stops after the last selected layer). Exact for one head in isolation; the
+    heads' effects on later layers are not included (that is what makes it one pass).
     """
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target is the fraction of sink mass to remove, in (0, 1); got {target}.")
     toks = tokens.tokens if isinstance(tokens, LabelledPrompt) else torch.as_tensor(tokens)
     n = int(toks.shape[-1])
     rows = min(rows, n)
@@ -1153,8 +1145,7 @@ def sink_target_alphas(
         except _Stop:
             pass
     scale = attention_scale(model, layers[0])
-    alphas = torch.linspace(0.0, alpha_max, grid)  # [A]
-    out = torch.zeros(len(heads))
+    out = torch.zeros(len(heads), alphas.numel())
     for i, (l, h) in enumerate(heads):
         q = store[hook_name(l, qs)][n - rows:, h].float()  # [r, d]
         k = store[hook_name(l, ks)][:, info.kv_head(h)].float()  # [N, d]
@@ -1163,11 +1154,84 @@ def sink_target_alphas(
         t = torch.arange(n - rows, n)[:, None]
         base = base.masked_fill(torch.arange(n)[None] > t, _NEG)
         bias = (k @ u) * scale  # [N]
-        lg = base[None] + alphas[:, None, None] * bias[None, None, :]  # [A, r, N]
-        s = torch.softmax(lg, -1)[..., 0].mean(-1)  # [A]
-        ok = torch.nonzero(s <= (1.0 - target) * s[0]).flatten()
-        out[i] = alphas[ok[0]] if ok.numel() else alphas[torch.argmin(s)]
+        lg = base[None] + alphas.to(base)[:, None, None] * bias[None, None, :]  # [A, r, N]
+        out[i] = torch.softmax(lg, -1)[..., 0].mean(-1).cpu()
     return out
+
+
+def sink_target_alphas(
+    model: HookedModel,
+    directions: FocusDirections,
+    tokens: Int[Tensor, "pos"] | LabelledPrompt,
+    *,
+    target: float = 0.5,
+    alpha_max: float = 4.0,
+    rows: int = 1,
+    grid: int = 81,
+    per: Literal["head", "input"] = "head",
+) -> Float[Tensor, "n"]:
+    """α per head such that the last prompt row(s)' attention on the sink falls by ``target``.
+
+    **This project's own design** (the revised paper's controller is not public). One probe pass over
+    the prompt caches the selected heads' post-RoPE queries of the last ``rows`` rows and all keys;
+    the sink mass ``s(α) = softmax_j(scale·(q_t·k_j + α·u·k_j))_0`` is evaluated on a grid of
+    α ∈ [0, alpha_max] and the smallest α with ``s(α) ≤ (1 − target)·s(0)`` is chosen (the α minimising
+    s when no grid value reaches the target). Focus directions move attention off the sink; this keeps
+    that move in a fixed proportion per input instead of one global α.
+
+    * ``per="head"``: each head gets its own α (its own sink falls by ``target``).
+    * ``per="input"``: one α for all heads, from the heads' *mean* sink mass. It keeps the learned
+      relative magnitudes between heads (directions trained jointly, e.g. with the likelihood
+      objective, rely on them) and only adapts the overall strength to the input. Pair it with
+      :func:`calibrate_sink_target`, which reads the target off the α chosen on validation.
+
+    Costs one forward pass (stopped after the last selected layer). No labels.
+
+    Returns:
+        ``[n_heads]`` α per head, in ``directions.heads`` order (all equal for ``per="input"``).
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target is the fraction of sink mass to remove, in (0, 1); got {target}.")
+    if per not in ("head", "input"):
+        raise ValueError(f"per must be 'head' or 'input', got {per!r}.")
+    alphas = torch.linspace(0.0, alpha_max, grid)  # [A]
+    s = _sink_curves(model, directions, tokens, alphas, rows)  # [n, A]
+    if per == "input":
+        s = s.mean(0, keepdim=True)
+    out = torch.zeros(s.shape[0])
+    for i in range(s.shape[0]):
+        ok = torch.nonzero(s[i] <= (1.0 - target) * s[i, 0]).flatten()
+        out[i] = alphas[ok[0]] if ok.numel() else alphas[torch.argmin(s[i])]
+    return out.expand(len(directions.heads)).clone() if per == "input" else out
+
+
+def calibrate_sink_target(
+    model: HookedModel,
+    directions: FocusDirections,
+    prompts: Sequence[Int[Tensor, "pos"] | LabelledPrompt],
+    *,
+    alpha: float,
+    rows: int = 1,
+) -> float:
+    """The mean fraction of sink mass that ``alpha`` removes, over (unlabelled) validation prompts.
+
+    ``target = mean_prompts [1 − s̄(α) / s̄(0)]`` with ``s̄`` the selected heads' mean last-row sink mass
+    (:func:`sink_target_alphas` with ``per="input"``). Using it as the magnitude control's target makes
+    ``alpha="auto"`` move, on every input, as much attention off the sink as the validated fixed α does
+    on average — more α where the directions act weakly, less where they overshoot. No labels and no
+    accuracy grid: only the α already chosen on validation and one probe pass per prompt.
+    """
+    if not prompts:
+        raise ValueError("calibrate_sink_target needs at least one prompt.")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (the validated fixed α), got {alpha}.")
+    a = torch.tensor([0.0, float(alpha)])
+    drops = []
+    for p in prompts:
+        s = _sink_curves(model, directions, p, a, rows).mean(0)  # [2]
+        drops.append(float(1.0 - s[1] / s[0]) if s[0] > 0 else 0.0)
+    t = sum(drops) / len(drops)
+    return min(max(t, 1e-3), 1.0 - 1e-3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -364,6 +364,48 @@ def test_sink_target_alphas_hit_the_target(tiny_llama, dx_llama):
         d.apply(tiny_llama, alpha="auto")
 
 
+def test_sink_target_per_input_and_calibration(tiny_llama, dx_llama):
+    """per="input": one α for all heads, the heads' mean sink mass falls by the target (heads of one
+    layer, where the closed form is exact); calibrate_sink_target reads the target off a fixed α and
+    feeding it back returns that α (within grid resolution)."""
+    heads = [(1, 2), (1, 3)]
+    cache = cache_qk(tiny_llama, dx_llama[:4], heads)
+    d = train_focus_directions(tiny_llama, dx_llama[:4], heads=heads, steps=40, progress=False,
+                               caches=(cache, None), max_norm=None)
+    prompt = dx_llama[0].prompt
+    toks = prompt.tokens[:prompt.response.start]
+
+    def sink(handle=None):
+        got = {}
+
+        def fn(x, hook):
+            got["p"] = x[0, :, -1, 0].detach()
+            return x
+
+        with attach_hooks(tiny_llama, [(hook_name(1, "hook_pattern"), fn)]), torch.no_grad():
+            tiny_llama(toks[None])
+        return float(got["p"][[2, 3]].mean())
+
+    alphas = fdm.sink_target_alphas(tiny_llama, d, toks, target=0.3, alpha_max=8.0, per="input")
+    assert alphas.shape == (2,) and alphas[0] == alphas[1] and 0 < alphas[0] < 8.0
+    s0 = sink()
+    with d.apply(tiny_llama, alpha="auto", tokens=toks, target=0.3, alpha_max=8.0, per="input"):
+        s1 = sink()
+    assert 0.7 * s0 - 0.05 <= s1 <= 0.7 * s0 + 1e-5
+    # calibration: the measured mean drop at α = 1 (independently, from hook_pattern) ...
+    t = fdm.calibrate_sink_target(tiny_llama, d, [toks], alpha=1.0)
+    with d.apply(tiny_llama, alpha=1.0):
+        s_a = sink()
+    assert t == pytest.approx(1 - s_a / s0, abs=1e-4)
+    # ... and fed back as the target it gives back α ≈ 1
+    back = fdm.sink_target_alphas(tiny_llama, d, toks, target=t, alpha_max=4.0, per="input")
+    assert abs(float(back[0]) - 1.0) <= 4.0 / 80 + 1e-6
+    with pytest.raises(ValueError, match="per must be"):
+        fdm.sink_target_alphas(tiny_llama, d, toks, per="layer")
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        fdm.calibrate_sink_target(tiny_llama, d, [toks], alpha=0.0)
+
+
 def test_errors(tiny_llama, dx_llama):
     with pytest.raises(ValueError, match="objective"):
         train_focus_directions(tiny_llama, dx_llama, heads=HEADS, objective="kl")  # type: ignore[arg-type]

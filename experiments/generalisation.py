@@ -71,12 +71,12 @@ NEG_ALPHA = {"likelihood": -1.0, "attention": -0.5}
 TARGETS = (0.25, 0.5, 0.75)
 TAU = 0.2
 UNSEEN = ["currency", "founder", "river", "language", "mountain"]
-TRANSFER = {  # name: (n, description)
-    "templates": (50, "unseen relation templates (currency, founder, river, language, mountain), 10 docs"),
-    "docs20": (30, "training template, 20 documents"),
-    "kv": (50, "key-value retrieval, 10 pairs, 8-character keys"),
-    "nq": (30, "NQ-open questions, 5 real Wikipedia passages (gold + 4 random)"),
-    "gold_only": (100, "training template, gold document only (harm check)"),
+TRANSFER = {  # name: (n, description); sizes set by the CPU budget of one session
+    "templates": (40, "unseen relation templates (currency, founder, river, language, mountain), 10 docs"),
+    "docs20": (24, "training template, 20 documents"),
+    "kv": (40, "key-value retrieval, 10 pairs, 8-character keys"),
+    "nq": (24, "NQ-open questions, 5 real Wikipedia passages (gold + 4 random)"),
+    "gold_only": (60, "training template, gold document only (harm check)"),
 }
 if os.environ.get("FOCUSLENS_SMOKE"):  # a 2-minute end-to-end check of this script's plumbing
     RUN = ROOT / "runs" / "generalisation_smoke"
@@ -395,9 +395,15 @@ TRANSFER_SEEDS = bool(int(os.environ.get("FOCUSLENS_TRANSFER_SEEDS", "0")))  # s
 SMALL_TEST = {"likelihood_s1", "likelihood_s2", "attention_s1", "attention_s2", "attention_negative",
               "attention_random_norm", "likelihood_random_heads", "split_softmax_ceiling",
               "likelihood_auto", "attention_auto"}  # the per-head auto lost clearly on validation (0.28 / 0.18)
-ORDER_TEST = ["unmodified", "likelihood_s0", "likelihood_negative", "likelihood_random_norm", "likelihood_auto",
-              "attention_s0", "attention_auto", "likelihood_s1", "likelihood_s2", "attention_s1", "attention_s2",
-              "attention_negative", "attention_random_norm", "likelihood_random_heads", "split_softmax_ceiling"]
+# What ran (session 2, 2 shared CPU cores): the per-head magnitude control lost clearly on validation
+# (0.28 / 0.18 vs 0.62 / 0.35 for the best fixed α) and the three attention-objective seeds converge to
+# the same vectors (held-out mass equal to 4 digits), so those test rows were dropped for CPU time; set
+# FOCUSLENS_FULL_TEST=1 to run them too.
+ORDER_TEST = ["unmodified", "likelihood_s0", "likelihood_negative", "likelihood_random_norm", "attention_s0",
+              "likelihood_s1", "likelihood_s2", "likelihood_random_heads", "split_softmax_ceiling"]
+if os.environ.get("FOCUSLENS_FULL_TEST"):
+    ORDER_TEST += ["likelihood_auto", "attention_auto", "attention_s1", "attention_s2", "attention_negative",
+                   "attention_random_norm"]
 ORDER_TRANSFER = ["unmodified", "likelihood_s0", "attention_s0", "likelihood_random_norm",
                   "likelihood_random_heads", "split_softmax_ceiling", "likelihood_s1", "likelihood_s2",
                   "attention_s1", "attention_s2"]

@@ -506,6 +506,12 @@ def stage_report(model_name="SmolLM2-135M-Instruct") -> str:
             ds = [paired(r["em"], base["em"])[0] for r in seeds]
             lines.append(f"\nLikelihood directions over 3 seeds: Δ = {sum(ds) / 3:+.3f} (per seed "
                          + ", ".join(f"{x:+.3f}" for x in ds) + f"; spread ± {_sd(ds):.3f} sd)")
+        for obj, fixed_name in (("likelihood", "likelihood_s0"), ("attention", "attention_s0")):
+            for auto in (f"{obj}_auto_input", f"{obj}_auto"):
+                if auto in res and fixed_name in res:
+                    m, se, w, l_ = paired(res[auto]["em"], res[fixed_name]["em"])
+                    lines.append(f"Magnitude control `{auto}` − best fixed α (`{fixed_name}`), paired on "
+                                 f"{min(res[auto]['n'], res[fixed_name]['n'])}: {m:+.3f} ± {se:.3f} ({w} / {l_})")
         seeds = [res[f"attention_s{s}"] for s in SEEDS if f"attention_s{s}" in res]
         if base and len(seeds) == 3:
             ds = [paired(r["em"], base["em"])[0] for r in seeds]
@@ -517,10 +523,45 @@ def stage_report(model_name="SmolLM2-135M-Instruct") -> str:
         lines += ["### Training time (attention objective, 20 heads)", "", "```", json.dumps(
             {k: v for k, v in timing.items() if k != "batched"} | {"batched": {k: v for k, v in timing["batched"].items()
                                                                                if k != "history"}}, indent=1), "```", ""]
+    lines += ["### Transfer matrix: Δ accuracy (points) vs unmodified, paired ± SE", "", matrix_markdown(), ""]
     text = "\n".join(lines)
     (RUN / "report.md").write_text(text)
     _figures()
     return text
+
+
+MATRIX_ROWS = [("likelihood_s0", "likelihood (A), seed 0"), ("likelihood_s1", "likelihood (A), seed 1"),
+               ("likelihood_s2", "likelihood (A), seed 2"), ("attention_s0", "attention, paper (A)"),
+               ("likelihood_other", "likelihood (B: other templates)"),
+               ("attention_other", "attention, paper (B: other templates)"),
+               ("likelihood_random_norm", "control: random, matched norm"),
+               ("likelihood_random_heads", "control: likelihood on 20 random heads (A)"),
+               ("split_softmax_ceiling", "ceiling: split softmax, oracle span")]
+MATRIX_COLS = [("test", "capital, 10 docs"), ("templates", "unseen templates"), ("docs20", "capital, 20 docs"),
+               ("kv", "key-value"), ("nq", "NQ, real docs"), ("gold_only", "gold only")]
+
+
+def matrix_markdown() -> str:
+    """Δ accuracy vs unmodified (paired ± SE) per intervention × setting, with the unmodified row."""
+    res = {c: load_results(c) for c, _ in MATRIX_COLS}
+    head = "| intervention (training task) | " + " | ".join(n for _, n in MATRIX_COLS) + " |"
+    lines = [head, "|---|" + "---|" * len(MATRIX_COLS)]
+    cells = []
+    for c, _ in MATRIX_COLS:
+        b = res[c].get("unmodified")
+        cells.append("–" if not b else f"{b['acc']:.3f} (n = {b['n']})")
+    lines.append("| unmodified: accuracy | " + " | ".join(cells) + " |")
+    for key, name in MATRIX_ROWS:
+        cells = []
+        for c, _ in MATRIX_COLS:
+            r, b = res[c].get(key), res[c].get("unmodified")
+            if r and b:
+                m, se, w, l_ = paired(r["em"], b["em"])
+                cells.append(f"{m * 100:+.1f} ± {se * 100:.1f}" + (f" (n = {r['n']})" if r["n"] != b["n"] else ""))
+            else:
+                cells.append("–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _sd(xs):
@@ -533,15 +574,8 @@ def _figures() -> None:
 
     from focuslens.plotting import save_figure
 
-    rows = ["likelihood_s0", "likelihood_s1", "likelihood_s2", "attention_s0", "attention_s1", "attention_s2",
-            "likelihood_other", "attention_other",
-            "likelihood_random_norm", "likelihood_random_heads", "split_softmax_ceiling"]
-    labels = {"likelihood_other": "likelihood (trained: other templates)",
-              "attention_other": "attention (trained: other templates)",
-              "split_softmax_ceiling": "split softmax, oracle span (ceiling)",
-              "likelihood_random_norm": "random, matched norm (control)",
-              "likelihood_random_heads": "likelihood on 20 random heads (control)"}
-    cols = ["test"] + list(TRANSFER)
+    rows = [k for k, _ in MATRIX_ROWS]
+    cols = [c for c, _ in MATRIX_COLS]
     z, txt = [], []
     for row in rows:
         zr, tr = [], []
@@ -556,12 +590,9 @@ def _figures() -> None:
                 tr.append("")
         z.append(zr)
         txt.append(tr)
-    ylab = [labels.get(r, r.replace("_s", " (trained: capital) seed ")) for r in rows]
-    xlab = {"test": "capital, 10 docs (trained)", "templates": "unseen templates", "docs20": "capital, 20 docs",
-            "kv": "key-value", "nq": "NQ, real docs", "gold_only": "gold only (harm)"}
-    fig = go.Figure(go.Heatmap(z=z, x=[xlab[c] for c in cols], y=ylab, text=txt, texttemplate="%{text}", colorscale="RdBu",
+    fig = go.Figure(go.Heatmap(z=z, x=[n for _, n in MATRIX_COLS], y=[n for _, n in MATRIX_ROWS], text=txt, texttemplate="%{text}", colorscale="RdBu",
                                zmid=0, zmin=-0.6, zmax=0.6, colorbar={"title": "Δ accuracy"}))
-    fig.update_layout(title="Focus directions, SmolLM2-135M: Δ accuracy vs unmodified (paired SE) — train task × test setting",
+    fig.update_layout(title="Focus directions, SmolLM2-135M: Δ accuracy vs unmodified (paired SE); A = trained on 'capital', B = on other templates",
                       xaxis_title="evaluated on", yaxis_title="intervention", height=640, width=1150, margin={"l": 330},
                       yaxis={"autorange": "reversed"})
     save_figure(fig, FIG / "transfer_matrix")

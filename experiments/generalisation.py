@@ -574,7 +574,9 @@ def _figures() -> None:
 
     from focuslens.plotting import save_figure
 
-    rows = [k for k, _ in MATRIX_ROWS]
+    have = {c: load_results(c) for c, _ in MATRIX_COLS}
+    shown = [(k, n) for k, n in MATRIX_ROWS if any(k in have[c] for c, _ in MATRIX_COLS)]  # rows that ran
+    rows = [k for k, _ in shown]
     cols = [c for c, _ in MATRIX_COLS]
     z, txt = [], []
     for row in rows:
@@ -590,7 +592,7 @@ def _figures() -> None:
                 tr.append("")
         z.append(zr)
         txt.append(tr)
-    fig = go.Figure(go.Heatmap(z=z, x=[n for _, n in MATRIX_COLS], y=[n for _, n in MATRIX_ROWS], text=txt, texttemplate="%{text}", colorscale="RdBu",
+    fig = go.Figure(go.Heatmap(z=z, x=[n for _, n in MATRIX_COLS], y=[n for _, n in shown], text=txt, texttemplate="%{text}", colorscale="RdBu",
                                zmid=0, zmin=-0.6, zmax=0.6, colorbar={"title": "Δ accuracy"}))
     fig.update_layout(title="Focus directions, SmolLM2-135M: Δ accuracy vs unmodified (paired SE); A = trained on 'capital', B = on other templates",
                       xaxis_title="evaluated on", yaxis_title="intervention", height=640, width=1150, margin={"l": 330},

@@ -288,7 +288,7 @@ def run_eval(model, setting: str, cond: str, examples, intervene=None, *, varian
 
 
 def fixed(model, d: FocusDirections, k: int, alpha: float):
-    return d.top(k).apply(model, alpha=alpha) if k < len(d) else d.apply(model, alpha=alpha)
+    return d.apply(model, alpha=alpha, heads=k)  # heads=k: the top-k subset
 
 
 def stage_val(model, prep) -> dict:

@@ -22,6 +22,8 @@ import random
 import sys
 from pathlib import Path
 
+from .generation import DEFAULT_MAX_NEW_TOKENS
+
 __all__ = ["main", "build_parser"]
 
 
@@ -52,7 +54,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
         g.add_argument("--n-docs", type=int, default=10, help="documents per synthetic example [10]")
         g.add_argument("--offset", type=int, default=0,
                        help="skip this many examples first (keep ranking/training/test sets disjoint) [0]")
-        g.add_argument("--max-new-tokens", type=int, default=24, help="greedy generation budget [24]")
+        g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                       help=f"greedy generation budget [{DEFAULT_MAX_NEW_TOKENS}]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
 

@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 import torch
 
+from .generation import DEFAULT_MAX_NEW_TOKENS
+from .io import atomic_write_json
+
 __all__ = ["DemoConfig", "run_demo"]
 
 
@@ -49,7 +52,7 @@ class DemoConfig:
     k_directions: int = 20
     alphas: tuple[float, ...] = (-0.5, 0.5)
     objective: str = "attention"
-    max_new_tokens: int = 20
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int = 0
     threads: int = 1
 
@@ -61,12 +64,6 @@ class DemoConfig:
         )
         base.update(kw)
         return cls(**base)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 class _Steps:
@@ -89,7 +86,7 @@ class _Steps:
         res = fn()
         res["_seconds"] = round(time.time() - t0, 1)
         res["_config"] = self.cfg_key
-        _atomic_json(path, res)
+        atomic_write_json(path, res)
         print(f"[demo] {name}: {res['_seconds']:.0f} s", flush=True)
         return res
 
@@ -255,7 +252,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
                "wall_seconds": round(time.time() - t_start, 1)}
     report = _report(cfg, results)
     (out / "report.md").write_text(report)
-    _atomic_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     print(report)
     print(f"[demo] wrote {out / 'report.md'} and figures in {figs}" + (f" and {extra}/demo_*" if extra else ""))
     return results

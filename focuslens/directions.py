@@ -55,6 +55,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
+from .io import atomic_dir
 from .hooks import HookHandle, attach_hooks, expand_kv
 from .models import Head, HookedModel, check_heads, hook_name, model_info
 from .prompts import LabelledPrompt, Span, as_span
@@ -375,24 +377,10 @@ class FocusDirections:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not target.is_dir():
             raise ValueError(f"{target} exists and is not a folder; FocusDirections are saved as a folder.")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        old = None
-        try:
+        with atomic_dir(target) as tmp:
             save_file({"vectors": self.vectors.detach().to("cpu").contiguous()}, str(tmp / WEIGHTS_FILE),
                       metadata={"format": "focuslens.FocusDirections"})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=str))
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None and not target.exists():
-                os.replace(old, target)
-                old = None
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return target
 
     @classmethod
@@ -513,7 +501,7 @@ def make_direction_examples(
     examples: Sequence[Any],
     *,
     responses: Sequence[str | Sequence[int]] | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     chat: bool = True,
 ) -> list[DirectionExample]:
     """The paper's training data: the gold-only prompt's response appended to the full prompt.
@@ -529,10 +517,6 @@ def make_direction_examples(
     if responses is not None and len(responses) != len(examples):
         raise ValueError(f"Got {len(responses)} responses for {len(examples)} examples.")
     out = []
-    stops = {model.tokenizer.eos_token_id}
-    im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(model.tokenizer, "convert_tokens_to_ids") else None
-    if isinstance(im_end, int) and im_end != getattr(model.tokenizer, "unk_token_id", None):
-        stops.add(im_end)
     for i, ex in enumerate(examples):
         full = render(ex, model.tokenizer, variant="original", chat=chat)
         if full.relevant is None:
@@ -541,12 +525,7 @@ def make_direction_examples(
             resp = responses[i]
         else:
             gold = render(ex, model.tokenizer, variant="gold_only", chat=chat)
-            with torch.no_grad():
-                gen = model.generate(gold.prompt.tokens[None], max_new_tokens=max_new_tokens,
-                                     do_sample=False, verbose=False, use_past_kv_cache=True)
-            ids = gen[0, len(gold.prompt):].tolist()
-            cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-            resp = ids[:cut]
+            resp = generate_response(model, gold.prompt.tokens, max_new_tokens=max_new_tokens).tolist()
         if (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0):
             continue  # an empty gold-only answer gives no response rows
         out.append(DirectionExample(full.prompt.with_response(model.tokenizer, resp), full.relevant))
@@ -1293,7 +1272,7 @@ def select_alpha(
     alphas: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
     ks: Sequence[int] | None = None,
     targets: Sequence[float] = (),
-    max_new_tokens: int = 24,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     batch_size: int = 8,

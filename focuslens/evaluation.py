@@ -47,6 +47,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    greedy_generate,
+    greedy_generate_batch,
+    model_device as _device,
+    stop_ids as _stop_ids,
+)
 from .models import HookedModel, model_info
 from .tasks.metrics import (
     accuracy_by_position,
@@ -70,8 +77,6 @@ __all__ = [
 ]
 
 RECORD_FORMAT_VERSION = 1
-DEFAULT_MAX_NEW_TOKENS = 24
-_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
 
 Intervene = Callable[[RenderedExample], ContextManager[Any]] | ContextManager[Any] | None
 
@@ -79,136 +84,6 @@ Intervene = Callable[[RenderedExample], ContextManager[Any]] | ContextManager[An
 # --------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------
-
-
-def _stop_ids(model: HookedModel) -> set[int]:
-    tok = model.tokenizer
-    ids: set[int] = set()
-    if getattr(tok, "eos_token_id", None) is not None:
-        ids.add(int(tok.eos_token_id))
-    vocab = tok.get_vocab()
-    for t in _EXTRA_STOP_TOKENS:
-        if t in vocab:
-            ids.add(int(vocab[t]))
-    return ids
-
-
-def _device(model: HookedModel) -> torch.device:
-    try:
-        return next(model.parameters()).device  # type: ignore[attr-defined]
-    except (AttributeError, StopIteration):
-        return torch.device(getattr(model.cfg, "device", "cpu") or "cpu")
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: HookedModel,
-    tokens: Tensor,
-    *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    stop_at_newline: bool = True,
-    stop_ids: Iterable[int] | None = None,
-) -> tuple[list[int], str]:
-    """Greedy decoding of one prompt with the KV cache; returns ``(new_token_ids, text)``.
-
-    Stops at an end-of-turn token (EOS, ``<|im_end|>``...; not included in the output), after
-    ``max_new_tokens``, or — with ``stop_at_newline`` — at the first newline once non-whitespace
-    text has been generated (metrics read the first line only). Hooks attached to the model fire at
-    the prefill (``[batch, head, P, P]`` patterns) and at every step (``[batch, head, 1, P+i]``),
-    exactly as in ``model.generate``.
-
-    Args:
-        tokens: ``[pos]`` or ``[1, pos]`` prompt ids.
-    """
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"greedy_generate takes one prompt ([pos] or [1, pos]), got {tuple(tokens.shape)}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    tok = model.tokenizer
-    stops = set(_stop_ids(model) if stop_ids is None else stop_ids)
-    tokens = tokens.to(_device(model))
-    logits, cache = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
-    out: list[int] = []
-    while True:
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stops:
-            break
-        out.append(nxt)
-        if len(out) >= max_new_tokens:
-            break
-        if stop_at_newline:
-            text = tok.decode(out, skip_special_tokens=True).lstrip()
-            if "\n" in text:
-                break
-        step = torch.tensor([[nxt]], device=tokens.device)
-        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache)
-    return out, tok.decode(out, skip_special_tokens=True)
-
-
-@torch.no_grad()
-def greedy_generate_batch(
-    model: HookedModel,
-    prompts: Sequence[Tensor],
-    *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    stop_at_newline: bool = True,
-    stop_ids: Iterable[int] | None = None,
-) -> list[tuple[list[int], str]]:
-    """:func:`greedy_generate` for several prompts at once (left-padded, one shared KV cache).
-
-    Decoding steps are memory-bound on a CPU, so a batch of 8 costs about as much per step as one
-    prompt: this is where batching saves time. Prompts are left-padded with an attention mask; the
-    bridge derives each row's position ids from the mask, so every row sees the positions it would
-    see alone (RoPE and learned positions). Results equal the one-by-one ones up to float rounding
-    (which can flip an argmax between two near-tied tokens). Hooks see ``[batch, ...]`` tensors
-    with padding columns: use batches only without per-example interventions.
-
-    Args:
-        prompts: ``[pos]`` token ids, one per prompt (lengths may differ).
-    """
-    if len(prompts) == 0:
-        return []
-    if len(prompts) == 1:
-        return [greedy_generate(model, prompts[0], max_new_tokens=max_new_tokens,
-                                stop_at_newline=stop_at_newline, stop_ids=stop_ids)]
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    tok = model.tokenizer
-    stops = set(_stop_ids(model) if stop_ids is None else stop_ids)
-    dev = _device(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
-    n = len(prompts)
-    width = max(int(p.numel()) for p in prompts)
-    ids = torch.full((n, width), int(pad), dtype=torch.long, device=dev)
-    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        p = p.flatten().to(dev)
-        ids[b, width - p.numel():] = p
-        mask[b, width - p.numel():] = 1
-    logits, cache = model(ids, return_type="logits_and_cache", attention_mask=mask, logits_to_keep=1)
-    outs: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    while True:
-        nxt = logits[:, -1].argmax(-1).tolist()
-        for b in range(n):
-            if done[b]:
-                continue
-            if nxt[b] in stops:
-                done[b] = True
-                continue
-            outs[b].append(int(nxt[b]))
-            if len(outs[b]) >= max_new_tokens:
-                done[b] = True
-            elif stop_at_newline and "\n" in tok.decode(outs[b], skip_special_tokens=True).lstrip():
-                done[b] = True
-        if all(done):
-            break
-        step = torch.tensor([[x if not d else int(pad)] for x, d in zip(nxt, done)], device=dev)
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache, attention_mask=mask)
-    return [(o, tok.decode(o, skip_special_tokens=True)) for o in outs]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .hooks import HookHandle, attach_hooks
 from .models import HookedModel, check_heads, hook_name, model_info
-from .prompts import Span, SpanLike, as_span
+from .prompts import Span, SpanLike, normalise_spans
 
 __all__ = [
     "split_softmax",
@@ -255,23 +255,6 @@ def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
 # --------------------------------------------------------------------------------------------------
 
 
-def _normalise_spans(span: SpanLike | Sequence[SpanLike], *, seq_len: int | None) -> list[Span]:
-    if isinstance(span, (Span, slice)):
-        items = [span]
-    elif isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span):
-        items = [span]
-    elif isinstance(span, (tuple, list)):
-        items = list(span)
-    else:
-        raise TypeError(
-            "span must be a Span, a slice, a (start, end) pair, or a list of them; got "
-            f"{type(span).__name__}."
-        )
-    if not items:
-        raise ValueError("split_softmax needs at least one span (the relevant context).")
-    return [as_span(s, seq_len=seq_len, name="split_softmax span") for s in items]
-
-
 def split_softmax_pattern(
     pattern: Float[Tensor, "... q k"],
     key_mask: torch.Tensor,
@@ -381,7 +364,7 @@ def split_softmax(
     head_list = check_heads(model, heads)
     if not head_list:
         raise ValueError("split_softmax needs at least one (layer, head); got an empty list.")
-    spans = _normalise_spans(span, seq_len=seq_len)
+    spans = normalise_spans(span, seq_len=seq_len, name="split_softmax span")
     min_start = min(s.start for s in spans)
     max_end = max(s.end for s in spans)
     by_layer = _group_by_layer(head_list)

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .io import atomic_dir
+
 __all__ = [
     "HookedModel",
     "ModelInfo",
@@ -204,17 +206,9 @@ def _ensure_default_checkpoint(verbose: bool = True) -> Path:
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"GGUF weights do not match the Llama layout: {missing=} {unexpected=}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # a concurrent process may finish first: keep its copy
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # a concurrent process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(f"[focuslens] cached the default model in {time.time() - t0:.0f} s")
     return target

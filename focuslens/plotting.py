@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +20,8 @@ from typing import Mapping, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .io import atomic_write
 
 __all__ = ["head_heatmap", "ablation_curve", "save_figure", "PNG_HELP"]
 
@@ -179,26 +180,6 @@ def ablation_curve(
     return fig
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = ("html", "png"),
                 scale: float = 2.0, include_plotlyjs: bool | str = "cdn") -> list[Path]:
     """Write ``fig`` as ``<path_stem>.html`` (always) and ``.png`` (when kaleido + Chromium work).
@@ -224,7 +205,7 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
     for f in fmts:
         path = stem.with_suffix(f".{f}")
         if f == "html":
-            _atomic(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True))
+            atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True))
             written.append(path)
             continue
         if not os.environ.get("BROWSER_PATH"):
@@ -235,7 +216,7 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
             if found:
                 os.environ["BROWSER_PATH"] = found
         try:
-            _atomic(path, lambda tmp: fig.write_image(tmp, format=f, scale=scale))
+            atomic_write(path, lambda tmp: fig.write_image(tmp, format=f, scale=scale))
         except Exception as e:  # kaleido raises several types when no browser is found
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"[focuslens] WARNING: could not write {path}: {msg}. {PNG_HELP}", file=sys.stderr)

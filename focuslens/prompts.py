@@ -33,6 +33,7 @@ __all__ = [
     "LabelledPrompt",
     "build_prompt",
     "as_span",
+    "normalise_spans",
     "SpanLike",
 ]
 
@@ -101,6 +102,48 @@ def as_span(span: SpanLike, *, seq_len: int | None = None, name: str = "span") -
             f"(valid positions are 0..{seq_len - 1})."
         )
     return s
+
+
+def normalise_spans(
+    spans: SpanLike | Sequence[SpanLike],
+    *,
+    seq_len: int | None = None,
+    name: str = "span",
+    before: Span | None = None,
+) -> list[Span]:
+    """One span or a list of spans (their union) -> a validated, non-empty ``list[Span]``.
+
+    The one rule for every API that takes "a span or several": a :class:`Span`, a ``slice`` or an
+    ``(start, end)`` pair of ints is one span; any other list/tuple is a list of them. Each is checked
+    by :func:`as_span` (non-empty, inside ``seq_len``). With ``before`` (the response span of a scored
+    sequence), every span must end at or before ``before.start``: response rows can only attend to
+    earlier tokens, so a span reaching into the response is always a bug in the caller.
+    """
+    if isinstance(spans, (Span, slice)) or (
+        isinstance(spans, (tuple, list)) and len(spans) == 2 and all(isinstance(v, int) for v in spans)
+    ):
+        items = [spans]
+    elif isinstance(spans, (tuple, list)):
+        items = list(spans)
+    else:
+        raise TypeError(
+            f"{name} must be a Span, a slice, a (start, end) pair, or a list of them; got {type(spans).__name__}."
+        )
+    if not items:
+        raise ValueError(f"{name}: an empty list of spans covers no token.")
+    out = []
+    for i, s in enumerate(items):
+        label = name if len(items) == 1 else f"{name}[{i}]"
+        sp = as_span(s, seq_len=seq_len, name=label)
+        if before is not None and sp.end > before.start:
+            how = "overlaps" if sp.start < before.end else "comes after"
+            raise ValueError(
+                f"{label} {sp} {how} the response {before} (it ends after the response starts): "
+                f"response rows can only attend to earlier tokens, so scored spans must end at or before the response start "
+                f"({before.start}). Check that the response was appended after the prompt."
+            )
+        out.append(sp)
+    return out
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
@@ -59,9 +58,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
+from .io import atomic_write
 from .hooks import attach_hooks
 from .models import Head, HookedModel, check_heads, hook_name, model_info
-from .prompts import LabelledPrompt, Span, SpanLike, as_span
+from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 
 __all__ = [
     "ScoringMethod",
@@ -147,7 +148,7 @@ class HeadScores:
 
     def mass(self, span: SpansLike) -> Float[Tensor, "layer head"]:
         """Attention mass on another span (or union of spans) from the same pass, ``[layer, head]``."""
-        spans = _normalise_spans(span, seq_len=self.seq_len, response=self.response, name="span")
+        spans = normalise_spans(span, seq_len=self.seq_len, before=self.response, name="span")
         return self.columns[..., _union_mask(spans, self.seq_len)].sum(-1)
 
 
@@ -216,7 +217,7 @@ class DatasetScores:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ranking and all mean/stderr tensors as JSON, atomically (temp file + rename)."""
-        return _atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+        return atomic_write(Path(path), json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetScores":
@@ -269,7 +270,7 @@ def contextual_heads(
 def save_heads(heads: Iterable[Sequence[int]], path: str | os.PathLike) -> Path:
     """Write heads in the authors' ``relevant_heads.json`` format (``[[layer, head], ...]``), atomically."""
     out = [[int(l), int(h)] for l, h in heads]
-    return _atomic_write_text(Path(path), json.dumps(out))
+    return atomic_write(Path(path), json.dumps(out))
 
 
 def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedModel | None = None) -> list[Head]:
@@ -302,27 +303,6 @@ def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedMo
     return heads
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 # --------------------------------------------------------------------------------------------------
 # Span handling
 # --------------------------------------------------------------------------------------------------
@@ -342,32 +322,6 @@ def _as_tokens(tokens: Tensor | Sequence[int]) -> Int[Tensor, "1 pos"]:
     if t.shape[1] == 0:
         raise ValueError("tokens is empty.")
     return t.long()
-
-
-def _is_single_span(x: Any) -> bool:
-    if isinstance(x, (Span, slice)):
-        return True
-    return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(v, int) for v in x)
-
-
-def _normalise_spans(spans: SpansLike, *, seq_len: int, response: Span, name: str) -> list[Span]:
-    """A span or list of spans -> validated list; every span must lie before the response."""
-    items = [spans] if _is_single_span(spans) else list(spans)  # type: ignore[arg-type]
-    if not items:
-        raise ValueError(f"{name}: an empty list of spans covers no token.")
-    out = []
-    for i, s in enumerate(items):
-        label = name if len(items) == 1 else f"{name}[{i}]"
-        sp = as_span(s, seq_len=seq_len, name=label)
-        if sp.end > response.start:
-            how = "overlaps" if sp.start < response.end else "comes after"
-            raise ValueError(
-                f"{label} {sp} {how} the response {response} (it ends after the response starts): "
-                f"response rows can only attend to earlier tokens, so scored spans must end at or before the response start "
-                f"({response.start}). Check that the response was appended after the prompt."
-            )
-        out.append(sp)
-    return out
 
 
 def _union_mask(spans: list[Span], seq_len: int) -> Tensor:
@@ -587,16 +541,16 @@ def score_spans(
     for name, sp in (spans or {}).items():
         if name in (DISTRACTORS_TOTAL, DISTRACTORS_MAX, "sink") or (distractors and name.startswith("distractor_")):
             raise ValueError(f"span name {name!r} is reserved; use the sink=/distractors= arguments or rename it.")
-        named[name] = _normalise_spans(sp, seq_len=N, response=R, name=name)
+        named[name] = normalise_spans(sp, seq_len=N, before=R, name=name)
     if sink is not None:
         if isinstance(sink, int) and not isinstance(sink, bool):
             if sink < 1:
                 raise ValueError(f"sink={sink}: give the number of leading tokens (>= 1), a span or None.")
             sink = Span(0, sink)
-        named["sink"] = _normalise_spans(sink, seq_len=N, response=R, name="sink")
+        named["sink"] = normalise_spans(sink, seq_len=N, before=R, name="sink")
     dlist = list(distractors or [])
     for i, d in enumerate(dlist, start=1):
-        named[f"distractor_{i}"] = _normalise_spans(d, seq_len=N, response=R, name=f"distractor_{i}")
+        named[f"distractor_{i}"] = normalise_spans(d, seq_len=N, before=R, name=f"distractor_{i}")
 
     columns, used = _column_sums(model, toks, R, method=method, stop_early=stop_early)
     scores = {n: columns[..., _union_mask(s, N)].sum(-1) for n, s in named.items()}
@@ -685,41 +639,6 @@ def score_many(
 # --------------------------------------------------------------------------------------------------
 
 
-def _stop_ids(tokenizer) -> set[int]:
-    ids = set()
-    for t in (getattr(tokenizer, "eos_token_id", None),):
-        if t is not None:
-            ids.add(int(t))
-    for s in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>"):
-        try:
-            i = tokenizer.convert_tokens_to_ids(s)
-        except Exception:  # pragma: no cover - tokenizer-specific
-            continue
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(i, int) and i >= 0 and i != unk:
-            ids.add(i)
-    return ids
-
-
-def generate_response(
-    model: HookedModel, tokens: Int[Tensor, "pos"], *, max_new_tokens: int = 100
-) -> Int[Tensor, "new"]:
-    """The model's greedy continuation of ``tokens``, cut before the first end-of-turn/EOS token.
-
-    May be empty (the model ended its turn at once); callers decide what that means.
-    """
-    toks = _as_tokens(tokens)
-    with torch.inference_mode():
-        out = model.generate(toks, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
-                             use_past_kv_cache=True, stop_at_eos=True)
-    new = out[0, toks.shape[1]:].cpu()
-    stops = _stop_ids(model.tokenizer)
-    for i, t in enumerate(new.tolist()):
-        if t in stops:
-            return new[:i]
-    return new
-
-
 def _response_for(model, ex, mode, *, max_new_tokens: int) -> Tensor | str:
     tok = model.tokenizer
     if callable(mode):
@@ -758,7 +677,7 @@ def score_dataset(
     examples: Sequence[Any],
     *,
     response: ResponseMode | Callable[[Any], str | Tensor | Sequence[int]] = "generate",
-    max_new_tokens: int = 100,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     sink: SpanLike | int | None = 1,
     method: ScoringMethod = "auto",
     progress: bool = True,
@@ -779,7 +698,7 @@ def score_dataset(
 
             The response is cut before the first end-of-turn token; examples whose response is empty
             are skipped (``n_skipped``).
-        max_new_tokens: generation budget (paper: 100).
+        max_new_tokens: generation budget (the library default, :data:`~focuslens.generation.DEFAULT_MAX_NEW_TOKENS`; the paper used 100).
         sink, method: as in :func:`score_spans`.
         progress: a tqdm bar over examples.
 

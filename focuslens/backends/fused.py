@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..prompts import Span, SpanLike, as_span
+from ..prompts import Span, SpanLike, as_span, normalise_spans
 
 SpansLike = SpanLike | Sequence[SpanLike]
 
@@ -513,7 +513,7 @@ class FusedModel:
         names = list(spans)
         masks = torch.zeros(len(names), n, dtype=torch.float32)
         for i, k in enumerate(names):
-            for sp in _span_list(spans[k], seq_len=n, response=rows, name=f"span {k!r}"):
+            for sp in normalise_spans(spans[k], seq_len=n, before=rows, name=f"span {k!r}"):
                 masks[i, sp.slice] = 1.0
         if self._recorder is not None:
             raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
@@ -631,16 +631,6 @@ class FusedModel:
             f"<FusedModel {name}: {self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} KV), "
             f"attn={self.attn_implementation}, dtype={next(self.hf_model.parameters()).dtype}>"
         )
-
-
-def _span_list(spans: SpansLike, *, seq_len: int, response: Span, name: str) -> list[Span]:
-    """A span or a list of spans -> validated spans that end before the response starts.
-
-    The same rule (and messages) as the TransformerLens path: :func:`focuslens.scoring._normalise_spans`.
-    """
-    from ..scoring import _normalise_spans
-
-    return _normalise_spans(spans, seq_len=seq_len, response=response, name=name)
 
 
 def _logits_kwargs(hf_model: Any) -> dict:

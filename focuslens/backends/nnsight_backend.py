@@ -36,7 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..prompts import SpanLike, as_span
-from .fused import SpansLike, _span_list
+from ..prompts import normalise_spans
+from .fused import SpansLike
 
 __all__ = ["NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans", "NNSIGHT_PIN"]
 
@@ -148,7 +149,7 @@ class NNsightScorer:
         names = list(spans)
         km = torch.zeros(len(names), n, dtype=torch.float32)  # [S, N] key masks (unions allowed)
         for i, k in enumerate(names):
-            for sp in _span_list(spans[k], seq_len=n, response=rows, name=f"span {k!r}"):
+            for sp in normalise_spans(spans[k], seq_len=n, before=rows, name=f"span {k!r}"):
                 km[i, sp.slice] = 1.0
         r0, r1 = rows.start, rows.end
         group = self.n_heads // self.n_kv_heads

@@ -1,0 +1,191 @@
+"""Greedy generation: one stop rule, one default budget, one decoding loop for the whole library.
+
+Why one module: the evaluator, contextual scoring (the model's own response rows), focus-direction
+training data (the gold-only response) and the CLI all need "the model's greedy answer". When each
+wrote its own loop they stopped at different token sets and had budgets of 14 to 100 tokens, so the
+"same" response differed between entry points. Here:
+
+* :data:`STOP_TOKENS` + the tokenizer's EOS are the end-of-turn tokens (:func:`stop_ids`); the stop
+  token is never part of the output;
+* :data:`DEFAULT_MAX_NEW_TOKENS` is the one default budget (the answers of every task here are one
+  short line; pass more for long-form responses, e.g. the paper's 100);
+* :func:`greedy_generate` / :func:`greedy_generate_batch` decode with the model's KV cache;
+  ``stop_at_newline`` ends an *answer* at its first line (what the metrics read), while
+  :func:`generate_response` (rows to score or train on) decodes to the end of the turn.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .models import HookedModel
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "STOP_TOKENS",
+    "stop_ids",
+    "greedy_generate",
+    "greedy_generate_batch",
+    "generate_response",
+    "model_device",
+]
+
+DEFAULT_MAX_NEW_TOKENS = 24
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+
+
+def stop_ids(model_or_tokenizer) -> set[int]:
+    """End-of-turn token ids: the tokenizer's EOS and those of :data:`STOP_TOKENS` it knows."""
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    ids: set[int] = set()
+    if getattr(tok, "eos_token_id", None) is not None:
+        ids.add(int(tok.eos_token_id))
+    vocab = tok.get_vocab()
+    for t in STOP_TOKENS:
+        if t in vocab:
+            ids.add(int(vocab[t]))
+    return ids
+
+
+def _model_stop_ids(model: HookedModel) -> set[int]:
+    return stop_ids(model.tokenizer)
+
+
+def model_device(model: HookedModel) -> torch.device:
+    try:
+        return next(model.parameters()).device  # type: ignore[attr-defined]
+    except (AttributeError, StopIteration):
+        return torch.device(getattr(model.cfg, "device", "cpu") or "cpu")
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: HookedModel,
+    tokens: Tensor,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop_at_newline: bool = True,
+    stop_ids: Iterable[int] | None = None,
+) -> tuple[list[int], str]:
+    """Greedy decoding of one prompt with the KV cache; returns ``(new_token_ids, text)``.
+
+    Stops at an end-of-turn token (EOS, ``<|im_end|>``...; not included in the output), after
+    ``max_new_tokens``, or — with ``stop_at_newline`` — at the first newline once non-whitespace
+    text has been generated (metrics read the first line only). Hooks attached to the model fire at
+    the prefill (``[batch, head, P, P]`` patterns) and at every step (``[batch, head, 1, P+i]``),
+    exactly as in ``model.generate``.
+
+    Args:
+        tokens: ``[pos]`` or ``[1, pos]`` prompt ids.
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"greedy_generate takes one prompt ([pos] or [1, pos]), got {tuple(tokens.shape)}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    tok = model.tokenizer
+    stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
+    tokens = tokens.to(model_device(model))
+    logits, cache = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
+    out: list[int] = []
+    while True:
+        nxt = int(logits[0, -1].argmax())
+        if nxt in stops:
+            break
+        out.append(nxt)
+        if len(out) >= max_new_tokens:
+            break
+        if stop_at_newline:
+            text = tok.decode(out, skip_special_tokens=True).lstrip()
+            if "\n" in text:
+                break
+        step = torch.tensor([[nxt]], device=tokens.device)
+        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache)
+    return out, tok.decode(out, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_generate_batch(
+    model: HookedModel,
+    prompts: Sequence[Tensor],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop_at_newline: bool = True,
+    stop_ids: Iterable[int] | None = None,
+) -> list[tuple[list[int], str]]:
+    """:func:`greedy_generate` for several prompts at once (left-padded, one shared KV cache).
+
+    Decoding steps are memory-bound on a CPU, so a batch of 8 costs about as much per step as one
+    prompt: this is where batching saves time. Prompts are left-padded with an attention mask; the
+    bridge derives each row's position ids from the mask, so every row sees the positions it would
+    see alone (RoPE and learned positions). Results equal the one-by-one ones up to float rounding
+    (which can flip an argmax between two near-tied tokens). Hooks see ``[batch, ...]`` tensors
+    with padding columns: use batches only without per-example interventions.
+
+    Args:
+        prompts: ``[pos]`` token ids, one per prompt (lengths may differ).
+    """
+    if len(prompts) == 0:
+        return []
+    if len(prompts) == 1:
+        return [greedy_generate(model, prompts[0], max_new_tokens=max_new_tokens,
+                                stop_at_newline=stop_at_newline, stop_ids=stop_ids)]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    tok = model.tokenizer
+    stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
+    dev = model_device(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
+    n = len(prompts)
+    width = max(int(p.numel()) for p in prompts)
+    ids = torch.full((n, width), int(pad), dtype=torch.long, device=dev)
+    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        p = p.flatten().to(dev)
+        ids[b, width - p.numel():] = p
+        mask[b, width - p.numel():] = 1
+    logits, cache = model(ids, return_type="logits_and_cache", attention_mask=mask, logits_to_keep=1)
+    outs: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    while True:
+        nxt = logits[:, -1].argmax(-1).tolist()
+        for b in range(n):
+            if done[b]:
+                continue
+            if nxt[b] in stops:
+                done[b] = True
+                continue
+            outs[b].append(int(nxt[b]))
+            if len(outs[b]) >= max_new_tokens:
+                done[b] = True
+            elif stop_at_newline and "\n" in tok.decode(outs[b], skip_special_tokens=True).lstrip():
+                done[b] = True
+        if all(done):
+            break
+        step = torch.tensor([[x if not d else int(pad)] for x, d in zip(nxt, done)], device=dev)
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
+        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache, attention_mask=mask)
+    return [(o, tok.decode(o, skip_special_tokens=True)) for o in outs]
+
+
+def generate_response(
+    model: HookedModel,
+    tokens: Int[Tensor, "pos"] | Sequence[int],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop_at_newline: bool = False,
+) -> Int[Tensor, "new"]:
+    """The model's greedy continuation of ``tokens`` up to the end of its turn, as token ids.
+
+    The response rows that :func:`focuslens.scoring.score_dataset` scores and that focus directions
+    train on. Same decoding loop and stop tokens as the evaluator; by default it does not stop at a
+    newline (a response is the whole turn). May be empty (the model ended its turn at once).
+    """
+    ids, _ = greedy_generate(model, torch.as_tensor(tokens).long(), max_new_tokens=max_new_tokens,
+                             stop_at_newline=stop_at_newline)
+    return torch.tensor(ids, dtype=torch.long)

@@ -40,7 +40,8 @@ from .scoring import (  # noqa: E402
 )
 from .interventions import compose, inject_vectors, split_softmax  # noqa: E402
 from .patching import ablate_heads, patch_heads  # noqa: E402
-from .directions import FocusDirections, select_alpha, train_focus_directions  # noqa: E402
+from .directions import FocusDirections, train_focus_directions  # noqa: E402
+from .sweeps import select_alpha  # noqa: E402
 from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
 from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
 

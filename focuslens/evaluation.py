@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Literal, Sequence
+from typing import Any, Callable, ContextManager, Literal, Sequence
 
 import torch
 from jaxtyping import Float

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-import torch
-
 from .models import HookedModel
 
-__all__ = ["HookHandle", "attach_hooks", "count_hooks", "expand_kv"]
+__all__ = ["HookHandle", "attach_hooks", "count_hooks"]
 
 HookFn = Callable[..., object]
 
@@ -92,16 +90,3 @@ def count_hooks(model: HookedModel) -> int:
     points = {id(hp): hp for hp in model.hook_dict.values()}  # aliases share a HookPoint
     return sum(len(hp.fwd_hooks) for hp in points.values())
 
-
-def expand_kv(x: torch.Tensor, n_heads: int, *, head_dim: int = 2) -> torch.Tensor:
-    """Expand grouped-query K/V heads to query heads (``repeat_interleave``, HF/TL order).
-
-    ``x`` is ``[batch, pos, n_kv_heads, d_head]`` (``head_dim=2``); query head ``h`` uses KV head
-    ``h // (n_heads // n_kv_heads)``.
-    """
-    n_kv = x.shape[head_dim]
-    if n_kv == n_heads:
-        return x
-    if n_heads % n_kv:
-        raise ValueError(f"{n_heads} query heads cannot share {n_kv} KV heads evenly.")
-    return x.repeat_interleave(n_heads // n_kv, dim=head_dim)

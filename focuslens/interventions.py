@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .hooks import HookHandle, attach_hooks
 from .models import HookedModel, check_heads, hook_name, model_info
-from .prompts import Span, SpanLike, normalise_spans
+from .prompts import SpanLike, normalise_spans
 
 __all__ = [
     "split_softmax",

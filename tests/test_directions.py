@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import focuslens.directions as fdm
+import focuslens.sweeps as sweeps
+from focuslens.attention import key_site
+from focuslens.directions import objectives
 from focuslens.directions import (
     FocusDirections,
     attention_mass,
@@ -72,7 +75,7 @@ def _pattern_mass(model, dx, heads, directions=None, alpha=1.0, column="relevant
 def test_scale_rebuilds_attention_scores(arch, request):
     model = request.getfixturevalue(arch)
     info = model_info(model)
-    qs, ks = fdm.query_site(model), fdm._key_site(model)
+    qs, ks = fdm.query_site(model), key_site(model)
     store = {}
 
     def grab(site):
@@ -180,7 +183,7 @@ def test_live_validation_within_an_epoch_keeps_the_best_and_stops(tiny_llama, dx
     h = d.training["history"]
     assert [r["epoch"] for r in h] == [0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1]
     best = min(r["val_loss"] for r in h)
-    nll = sum(float(fdm._live_forward(tiny_llama, ex, HEADS[:2], d.vectors, 1.0, want_attention=False,
+    nll = sum(float(objectives._live_forward(tiny_llama, ex, HEADS[:2], d.vectors, 1.0, want_attention=False,
                                        scale=attention_scale(tiny_llama))[0]) for ex in val) / len(val)
     assert nll == pytest.approx(best, abs=1e-5)  # the returned vectors are the best validated ones
     # at α = 0 the vectors cannot change the loss: no improvement, so patience 1 stops at the first check
@@ -193,7 +196,7 @@ def test_live_validation_within_an_epoch_keeps_the_best_and_stops(tiny_llama, dx
 def test_live_gradient_reaches_u_and_changes_nll(tiny_llama, dx_llama):
     ex = dx_llama[0]
     u = torch.zeros(2, 16, requires_grad=True)
-    nll, _ = fdm._live_forward(tiny_llama, ex, HEADS[:2], u, 1.0, want_attention=False, scale=0.25)
+    nll, _ = objectives._live_forward(tiny_llama, ex, HEADS[:2], u, 1.0, want_attention=False, scale=0.25)
     nll.backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in tiny_llama.parameters())
@@ -420,7 +423,7 @@ def test_live_attention_term_matches_cache(tiny_llama, dx_llama):
     ex = dx_llama[1]
     cache = cache_qk(tiny_llama, [ex], HEADS)
     u = torch.zeros(3, 16)
-    _, mass = fdm._live_forward(tiny_llama, ex, HEADS, u, 1.0, want_attention=True,
+    _, mass = objectives._live_forward(tiny_llama, ex, HEADS, u, 1.0, want_attention=True,
                                 scale=attention_scale(tiny_llama))
     torch.testing.assert_close(mass, heldout_attention(cache, None), atol=1e-5, rtol=1e-4)
 
@@ -460,7 +463,7 @@ def test_select_alpha_rule(tiny_llama, monkeypatch):
 
     monkeypatch.setattr(ev, "evaluate", fake)
     d = _dirs(tiny_llama)
-    sel = fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.5, 1.0, -1.0), ks=(1, 3), targets=(0.25, 0.5),
+    sel = sweeps.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.5, 1.0, -1.0), ks=(1, 3), targets=(0.25, 0.5),
                            progress=False)
     # k1_a1, k3_a0.5, k3_a1 tie at 0.6 → smaller |α| (0.5) → k3_a0.5; negatives (0.9, 0.95) are never chosen
     assert (sel.k, sel.alpha) == (3, 0.5)
@@ -474,10 +477,10 @@ def test_select_alpha_auto_wins_only_when_strictly_better(tiny_llama, monkeypatc
 
     acc = {"unmodified": 0.1, "k3_a1": 0.5, "k3_auto0.5": 0.7}
     monkeypatch.setattr(ev, "evaluate", lambda model, examples, *, tag=None, **kw: _FakeResult(acc[tag]))
-    sel = fdm.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
+    sel = sweeps.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
     assert (sel.k, sel.alpha, sel.target) == (3, "auto", 0.5)
     acc["k3_auto0.5"] = 0.5
-    sel = fdm.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
+    sel = sweeps.select_alpha(tiny_llama, _dirs(tiny_llama), [_example(0)], alphas=(1.0,), targets=(0.5,), progress=False)
     assert (sel.alpha, sel.target) == (1.0, 0.5)
     assert "| 3 | auto | 0.5 |" in sel.table()
 
@@ -488,7 +491,7 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
 
     exs = [_example(i) for i in range(3)]
     d = _dirs(tiny_llama)
-    sel = fdm.select_alpha(tiny_llama, d, exs, alphas=(0.5, 4.0), ks=(2,), max_new_tokens=3, progress=False,
+    sel = sweeps.select_alpha(tiny_llama, d, exs, alphas=(0.5, 4.0), ks=(2,), max_new_tokens=3, progress=False,
                            output_dir=tmp_path)
     for r in sel.rows:
         with d.top(2).apply(tiny_llama, alpha=r["alpha"]):
@@ -500,12 +503,12 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
 def test_select_alpha_errors(tiny_llama):
     d = _dirs(tiny_llama)
     with pytest.raises(ValueError, match="validation examples"):
-        fdm.select_alpha(tiny_llama, d, [], progress=False)
+        sweeps.select_alpha(tiny_llama, d, [], progress=False)
     with pytest.raises(ValueError, match="non-zero"):
-        fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.0, 1.0), progress=False)
+        sweeps.select_alpha(tiny_llama, d, [_example(0)], alphas=(0.0, 1.0), progress=False)
     with pytest.raises(ValueError, match="positive"):
-        fdm.select_alpha(tiny_llama, d, [_example(0)], alphas=(-1.0,), progress=False)
+        sweeps.select_alpha(tiny_llama, d, [_example(0)], alphas=(-1.0,), progress=False)
     with pytest.raises(ValueError, match="k must be in 1..3"):
-        fdm.select_alpha(tiny_llama, d, [_example(0)], ks=(4,), progress=False)
+        sweeps.select_alpha(tiny_llama, d, [_example(0)], ks=(4,), progress=False)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
-        fdm.select_alpha(tiny_llama, d, [_example(0)], targets=(1.5,), progress=False)
+        sweeps.select_alpha(tiny_llama, d, [_example(0)], targets=(1.5,), progress=False)

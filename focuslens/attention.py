@@ -1,0 +1,301 @@
+"""Attention maths, written once: query/key sites, the scale, masks, soft-capping, KV expansion, row softmax.
+
+Why this module exists
+----------------------
+Several parts of focuslens recompute a head's attention from cached queries and keys instead of
+storing ``[heads, N, N]`` patterns: the one-pass contextual scores (``scoring``, q/k route), the
+focus-direction objectives (cached and live), magnitude control's sink probe, and the fused and
+nnsight backends. When each wrote its own softmax they disagreed (three mask constants, three
+attention scales, no sliding window in the directions code: on Gemma-3 the directions objective saw
+attention that the model never computes). Here is the one definition:
+
+    logits_{t,j} = cap · tanh(scale · q_t·k_j / cap)     (soft-capping only where the model has it)
+    A_{t,j}      = softmax_j over visible j of logits_{t,j}
+    visible(t,j) = j ≤ t  and  t − j < window (sliding-window layers)  and  key j not padding
+
+computed in float32, with invisible entries exactly 0 and a row with no visible key all zeros.
+
+Which route is exact? (:func:`qk_route`)
+-----------------------------------------
+The recomputation equals ``hook_pattern`` when the hooked q/k tensors are the ones that enter the
+dot product: ``hook_rot_q``/``hook_rot_k`` on rotary TransformerLens-bridge models (after QK-norm and
+RoPE; checked on Gemma-3 with QK-norm and a sliding window), ``hook_q``/``hook_k`` on learned-position
+models. Attention sinks, ALiBi, cross-attention and active dropout are refused with a reason; callers
+then fall back to reading ``hook_pattern`` (scoring) or raise (the cached directions objective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .models import HookedModel, hook_name, model_info
+
+__all__ = [
+    "LayerAttention",
+    "layer_attention",
+    "qk_route",
+    "require_qk_route",
+    "query_site",
+    "key_site",
+    "attention_scale",
+    "visible_keys",
+    "attention_logits",
+    "row_softmax",
+    "attention_probs",
+    "expand_kv",
+    "soft_cap",
+    "describe",
+]
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What it takes to recompute one layer's attention pattern from its hooked q and k.
+
+    Attributes:
+        layer: the block index.
+        q_hook, k_hook: full hook names of the query and key that enter the dot product.
+        scale: the factor on ``q·k`` before the softmax (``1/sqrt(d_head)`` unless the model says
+            otherwise, e.g. Gemma's ``query_pre_attn_scalar``).
+        sliding_window: keys further back than this are invisible (``None``: full causal).
+        softcap: ``attn_logit_softcapping`` (Gemma-2), ``None`` when absent.
+        qk_norm: the model normalises q and k (the hooked tensors are already normalised).
+        exact: whether recomputing from ``q_hook``/``k_hook`` reproduces ``hook_pattern``.
+        why: when not exact, the reason.
+    """
+
+    layer: int
+    q_hook: str
+    k_hook: str
+    scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+    qk_norm: bool = False
+    exact: bool = True
+    why: str = ""
+
+
+def query_site(model: HookedModel) -> str:
+    """``"hook_rot_q"`` on rotary models (post-RoPE, the paper's site), else ``"hook_q"``."""
+    return "hook_rot_q" if model_info(model).rotary else "hook_q"
+
+
+def key_site(model: HookedModel) -> str:
+    """``"hook_rot_k"`` on rotary models, else ``"hook_k"`` (un-expanded under GQA)."""
+    return "hook_rot_k" if model_info(model).rotary else "hook_k"
+
+
+def _hf_attention(model: HookedModel, layer: int) -> Any:
+    try:
+        attn = model.blocks[layer].attn
+    except (AttributeError, IndexError, TypeError):
+        return None, None
+    for name in ("original_component", "_original_component"):
+        comp = getattr(attn, name, None)
+        if comp is not None:
+            return attn, comp
+    return attn, None
+
+
+def attention_scale(model: HookedModel, layer: int = 0) -> float:
+    """The factor the model multiplies ``q·k`` by before the softmax (``1/sqrt(d_head)`` usually).
+
+    Read from the wrapped Hugging Face attention module (``scaling``), because some models (Gemma)
+    use another constant; then TransformerLens' ``cfg.attn_scale`` (a legacy ``HookedTransformer``
+    divides by it) with ``scale_attn_by_inverse_layer_idx``; then ``d_head ** -0.5``.
+    """
+    _, hf = _hf_attention(model, layer)
+    s = getattr(hf, "scaling", None) if hf is not None else None
+    cfg = model.cfg
+    if isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0:
+        scale = float(s)
+    elif not getattr(cfg, "use_attn_scale", True) or (hf is not None and getattr(hf, "scale_attn_weights", True) is False):
+        scale = 1.0
+    else:
+        a = getattr(cfg, "attn_scale", None)
+        scale = 1.0 / float(a) if isinstance(a, (int, float)) and a > 0 else model_info(model).d_head ** -0.5
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(layer + 1)
+    return scale
+
+
+def layer_attention(model: HookedModel, layer: int) -> LayerAttention:
+    """The :class:`LayerAttention` of one layer (sites, scale, window, soft-cap, exactness)."""
+    info = model_info(model)
+    attn, hf = _hf_attention(model, layer)
+    qs, ks = query_site(model), key_site(model)
+    q_hook, k_hook = hook_name(layer, qs), hook_name(layer, ks)
+    scale = attention_scale(model, layer)
+    window = getattr(hf, "sliding_window", None) if hf is not None else None
+    window = int(window) if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    cap = getattr(hf, "attn_logit_softcapping", None) if hf is not None else None
+    cap = float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
+    subs = getattr(attn, "submodules", {}) or {}
+    qk_norm = any(n in subs for n in ("q_norm", "k_norm")) or (hf is not None and hasattr(hf, "q_norm"))
+    if window is None and hf is None:  # legacy HookedTransformer: per-layer window in cfg
+        wins = getattr(model.cfg, "window_size", None)
+        types = getattr(model.cfg, "attn_types", None)
+        if wins and types and types[layer] == "local":
+            window = int(wins)
+    why = ""
+    hd = model.hook_dict
+    if q_hook not in hd or k_hook not in hd:
+        why = f"layer {layer}: missing hook {q_hook} or {k_hook}"
+    elif attn is not None and getattr(attn, "training", False) and float(getattr(hf, "attention_dropout", 0.0) or 0.0) > 0:
+        why = "attention dropout is active (model in training mode)"
+    elif hf is not None and getattr(hf, "sinks", None) is not None:
+        why = f"layer {layer}: attention has learned sinks"
+    elif hf is not None and (not getattr(hf, "is_causal", True) or getattr(attn, "is_cross_attention", False)):
+        why = f"layer {layer}: not causal self-attention"
+    elif getattr(model.cfg, "positional_embedding_type", "") == "alibi":
+        why = f"layer {layer}: ALiBi position biases"
+    elif hf is not None:
+        try:
+            from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
+                JointQKVAttentionBridge,
+            )
+            from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+                PositionEmbeddingsAttentionBridge,
+            )
+        except ImportError:  # pragma: no cover - TL 4 bridge without these classes
+            why = "unknown TransformerLens bridge attention classes"
+        else:
+            if type(attn) is PositionEmbeddingsAttentionBridge:
+                if not info.rotary:
+                    why = f"layer {layer}: position-embedding attention without rotary config"
+            elif type(attn) is JointQKVAttentionBridge:
+                if info.rotary:
+                    why = f"layer {layer}: fused rotary attention (no post-RoPE hooks)"
+            else:
+                why = f"layer {layer}: {type(attn).__name__} is not a plain attention (ALiBi, fused rotary...)"
+    return LayerAttention(layer, q_hook, k_hook, scale, window, cap, bool(qk_norm), not why, why)
+
+
+def qk_route(model: HookedModel) -> tuple[list[LayerAttention] | None, str]:
+    """Every layer's :class:`LayerAttention` if all are exact, else ``(None, the first reason)``."""
+    plan = [layer_attention(model, l) for l in range(model_info(model).n_layers)]
+    bad = next((p for p in plan if not p.exact), None)
+    return (None, bad.why) if bad is not None else (plan, "")
+
+
+def require_qk_route(model: HookedModel, layers: Sequence[int], *, what: str) -> dict[int, LayerAttention]:
+    """The exact :class:`LayerAttention` of ``layers``, or a ``ValueError`` naming ``what`` needs it."""
+    out = {}
+    for l in sorted(set(layers)):
+        la = layer_attention(model, l)
+        if not la.exact:
+            raise ValueError(
+                f"{what} recomputes attention from cached queries and keys, which is not exact on this "
+                f"model ({la.why}). Use the live objective (objective='likelihood' or 'both') or another model."
+            )
+        out[l] = la
+    return out
+
+
+def expand_kv(x: Tensor, n_heads: int, *, head_dim: int = 2) -> Tensor:
+    """Expand grouped-query K/V heads to query heads (``repeat_interleave``, HF/TL order).
+
+    ``x`` is ``[batch, pos, n_kv_heads, d_head]`` (``head_dim=2``); query head ``h`` uses KV head
+    ``h // (n_heads // n_kv_heads)``.
+    """
+    n_kv = x.shape[head_dim]
+    if n_kv == n_heads:
+        return x
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} KV heads evenly.")
+    return x.repeat_interleave(n_heads // n_kv, dim=head_dim)
+
+
+def visible_keys(
+    query_pos: Int[Tensor, "R"] | Sequence[int],
+    n_keys: int,
+    *,
+    sliding_window: int | None = None,
+    key_valid: Bool[Tensor, "... N"] | None = None,
+) -> Bool[Tensor, "... R N"]:
+    """Which keys each query row may attend to: causal, within the window, not padding.
+
+    Args:
+        query_pos: ``[R]`` absolute position of each query row (``t``).
+        n_keys: ``N``, keys at positions ``0..N-1``.
+        sliding_window: a key ``j`` is visible only if ``t − j < sliding_window`` (HF's rule).
+        key_valid: ``[..., N]`` False on padding keys (broadcast over leading dims).
+
+    Returns:
+        ``[R, N]`` (or ``[..., R, N]`` with ``key_valid``) bool.
+    """
+    t = torch.as_tensor(query_pos, dtype=torch.long).reshape(-1, 1)
+    j = torch.arange(n_keys, device=t.device).reshape(1, -1)
+    vis = j <= t
+    if sliding_window is not None:
+        vis = vis & (t - j < int(sliding_window))
+    if key_valid is not None:
+        vis = vis & key_valid.to(device=vis.device, dtype=torch.bool)[..., None, :]
+    return vis
+
+
+def attention_logits(
+    q: Float[Tensor, "... R d"],
+    k: Float[Tensor, "... N d"],
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> Float[Tensor, "... R N"]:
+    """``scale · q·kᵀ`` in float32, soft-capped as the model does (``cap·tanh(x/cap)``)."""
+    lg = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return soft_cap(lg, softcap)
+
+
+def soft_cap(logits: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-2's logit soft-capping; the identity when ``softcap`` is None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def row_softmax(logits: Float[Tensor, "... R N"], visible: Bool[Tensor, "... R N"]) -> Float[Tensor, "... R N"]:
+    """Softmax over the visible keys of each row, in float32; invisible entries exactly 0.
+
+    A row with no visible key (a padding row) is all zeros instead of NaN, so that padded batches can
+    be averaged with a row mask. This is the only attention softmax focuslens computes.
+    """
+    lg = logits.float().masked_fill(~visible, float("-inf"))
+    any_visible = visible.any(-1, keepdim=True)
+    lg = torch.where(any_visible, lg, torch.zeros_like(lg))
+    p = torch.softmax(lg, dim=-1)
+    return torch.where(any_visible, p, torch.zeros_like(p))
+
+
+def attention_probs(
+    q: Float[Tensor, "... R d"],
+    k: Float[Tensor, "... N d"],
+    la: LayerAttention,
+    query_pos: Int[Tensor, "R"] | Sequence[int],
+    *,
+    key_valid: Bool[Tensor, "... N"] | None = None,
+    bias: Float[Tensor, "... R N"] | Float[Tensor, "... 1 N"] | None = None,
+) -> Float[Tensor, "... R N"]:
+    """The attention pattern of rows ``query_pos`` recomputed from post-position q and k.
+
+    ``bias`` (optional) is added to the scaled logits before soft-capping — a focus direction's
+    ``α·scale·u·k_j`` — because it acts on the query, i.e. inside the dot product.
+    """
+    lg = torch.matmul(q.float(), k.float().transpose(-1, -2)) * la.scale
+    if bias is not None:
+        lg = lg + bias
+    lg = soft_cap(lg, la.softcap)
+    vis = visible_keys(query_pos, k.shape[-2], sliding_window=la.sliding_window, key_valid=key_valid)
+    return row_softmax(lg, vis.to(lg.device))
+
+
+def describe(model: HookedModel) -> list[dict[str, Any]]:
+    """A JSON-able summary of every layer's attention (for provenance records and ``focuslens info``)."""
+    return [
+        {"layer": la.layer, "scale": la.scale, "sliding_window": la.sliding_window, "softcap": la.softcap,
+         "qk_norm": la.qk_norm, "exact": la.exact}
+        for la in (layer_attention(model, l) for l in range(model_info(model).n_layers))
+    ]
+

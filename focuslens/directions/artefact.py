@@ -1,0 +1,376 @@
+"""The focus-directions artefact: one query vector per head, its model fingerprint, save/load (SAELens-style folder).
+
+See :mod:`focuslens.directions` for the method. The artefact is a folder with ``directions.safetensors``
+and ``config.json``; loading checks the format and the model fingerprint and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..attention import query_site
+from ..hooks import HookHandle
+from ..io import atomic_dir
+from ..models import Head, HookedModel, check_heads, model_info
+from ..prompts import LabelledPrompt
+
+__all__ = ["FocusDirections", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
+
+WEIGHTS_FILE = "directions.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "transformer_lens", "transformers", "safetensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            out[mod] = "unknown"
+    try:
+        from .. import __version__ as flv
+
+        out["focuslens"] = flv
+    except Exception:  # pragma: no cover
+        out["focuslens"] = "unknown"
+    return out
+
+
+def _fingerprint_diff(saved: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(actual))
+    return [f"{k}: directions have {saved.get(k)!r}, model has {actual.get(k)!r}"
+            for k in keys if saved.get(k) != actual.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The artefact
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FocusDirections:
+    """Per-head query vectors plus what they belong to.
+
+    Attributes:
+        heads: ``(layer, query_head)`` pairs, in rank order when known (``top(k)`` takes the first k).
+        vectors: ``[n_heads, d_head]``; row i belongs to ``heads[i]``.
+        fingerprint: ``model_info(model).fingerprint()`` of the model they were learned on
+            (layers, heads, KV heads, d_head, d_model, rotary, n_ctx); checked on apply/load.
+        model_name: informative only (not checked).
+        site: hook where ``alpha * u`` is added (``hook_rot_q`` for rotary models, else ``hook_q``).
+        alpha: default α for :meth:`apply`.
+        objective: how they were learned (``attention``, ``likelihood``, ``both``, ``authors``,
+            ``random``, or an arithmetic expression of those).
+        training: a JSON-serialisable summary (data, hyper-parameters, held-out attention before/after).
+        versions: library versions at creation.
+
+    Arithmetic returns new objects: ``0.5 * d``, ``-d``, ``d1 + d2`` (same heads and fingerprint).
+
+    Example:
+        >>> d = train_focus_directions(model, train, heads=heads, val_examples=val)
+        >>> d.save("runs/fd")
+        >>> d = FocusDirections.load("runs/fd")
+        >>> with d.top(10).apply(model, alpha=0.5):
+        ...     out = model.generate(tokens[None], max_new_tokens=20, do_sample=False, verbose=False)
+    """
+
+    heads: list[Head]
+    vectors: Float[Tensor, "n d_head"]
+    fingerprint: dict[str, Any]
+    model_name: str = ""
+    site: str = "hook_rot_q"
+    alpha: float = 1.0
+    objective: str = "attention"
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=_versions)
+
+    def __post_init__(self) -> None:
+        self.heads = [(int(l), int(h)) for l, h in self.heads]
+        if len(set(self.heads)) != len(self.heads):
+            raise ValueError("FocusDirections: a head is listed twice.")
+        v = torch.as_tensor(self.vectors)
+        if v.dim() != 2 or v.shape[0] != len(self.heads):
+            raise ValueError(
+                f"vectors must be [n_heads, d_head] with one row per head ({len(self.heads)} heads); "
+                f"got shape {tuple(v.shape)}."
+            )
+        d = self.fingerprint.get("d_head")
+        if d is not None and v.shape[1] != d:
+            raise ValueError(f"vectors have d_head={v.shape[1]} but the fingerprint says {d}.")
+        self.vectors = v.detach()
+
+    # --- access --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def as_dict(self) -> dict[Head, Float[Tensor, "d_head"]]:
+        """``{(layer, head): Tensor[d_head]}`` (views of :attr:`vectors`)."""
+        return {h: self.vectors[i] for i, h in enumerate(self.heads)}
+
+    def __getitem__(self, head: Sequence[int]) -> Float[Tensor, "d_head"]:
+        key = (int(head[0]), int(head[1]))
+        try:
+            return self.vectors[self.heads.index(key)]
+        except ValueError:
+            raise KeyError(f"No direction for head {key}; these directions cover {self.heads}.") from None
+
+    def norms(self) -> Float[Tensor, "n"]:
+        return self.vectors.norm(dim=-1)
+
+    def _replace(self, **kw: Any) -> "FocusDirections":
+        base = dict(heads=list(self.heads), vectors=self.vectors, fingerprint=dict(self.fingerprint),
+                    model_name=self.model_name, site=self.site, alpha=self.alpha,
+                    objective=self.objective, training=dict(self.training), versions=dict(self.versions))
+        base.update(kw)
+        return FocusDirections(**base)
+
+    def top(self, k: int) -> "FocusDirections":
+        """The first ``k`` heads (heads are stored in rank order when trained from a ranking)."""
+        if not isinstance(k, int) or not 1 <= k <= len(self):
+            raise ValueError(f"top(k) needs 1 <= k <= {len(self)} (the number of heads); got {k!r}.")
+        return self._replace(heads=self.heads[:k], vectors=self.vectors[:k].clone())
+
+    def select(self, heads: Iterable[Sequence[int]]) -> "FocusDirections":
+        """A subset, in the order given; raises if a head has no direction."""
+        hs = [(int(l), int(h)) for l, h in heads]
+        missing = [h for h in hs if h not in self.heads]
+        if missing:
+            raise ValueError(f"No direction for heads {missing}; available: {self.heads}.")
+        idx = [self.heads.index(h) for h in hs]
+        return self._replace(heads=hs, vectors=self.vectors[idx].clone())
+
+    def scaled(self, factors: Float[Tensor, "n"] | Sequence[float]) -> "FocusDirections":
+        """Scale each head's vector by its own factor (used by the magnitude control)."""
+        f = torch.as_tensor(factors, dtype=self.vectors.dtype, device=self.vectors.device).flatten()
+        if f.numel() != len(self):
+            raise ValueError(f"Need one factor per head ({len(self)}), got {f.numel()}.")
+        return self._replace(vectors=self.vectors * f[:, None])
+
+    # --- arithmetic (repeng style) ---------------------------------------------------------------
+    def __mul__(self, c: float) -> "FocusDirections":
+        if not isinstance(c, (int, float)):
+            return NotImplemented
+        return self._replace(vectors=self.vectors * float(c), objective=f"{c:g}*({self.objective})")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> "FocusDirections":
+        return self * (1.0 / c)
+
+    def __neg__(self) -> "FocusDirections":
+        return self._replace(vectors=-self.vectors, objective=f"-({self.objective})")
+
+    def __add__(self, other: "FocusDirections") -> "FocusDirections":
+        if not isinstance(other, FocusDirections):
+            return NotImplemented
+        diff = _fingerprint_diff(self.fingerprint, other.fingerprint)
+        if diff:
+            raise ValueError("Cannot add directions of different models: " + "; ".join(diff))
+        if set(self.heads) != set(other.heads):
+            raise ValueError(
+                f"Cannot add directions with different heads: only left {sorted(set(self.heads) - set(other.heads))}, "
+                f"only right {sorted(set(other.heads) - set(self.heads))}. Use .select(heads) first."
+            )
+        if self.site != other.site:
+            raise ValueError(f"Cannot add directions for different hook sites ({self.site} vs {other.site}).")
+        o = other.select(self.heads)
+        return self._replace(vectors=self.vectors + o.vectors.to(self.vectors),
+                             objective=f"({self.objective})+({other.objective})")
+
+    def __sub__(self, other: "FocusDirections") -> "FocusDirections":
+        return self + (-other)
+
+    # --- model checks and application ------------------------------------------------------------
+    def check_model(self, model: HookedModel) -> None:
+        """Raise ``ValueError`` naming every architecture field that differs from :attr:`fingerprint`."""
+        diff = _fingerprint_diff(self.fingerprint, model_info(model).fingerprint())
+        if diff:
+            raise ValueError(
+                f"These focus directions were learned on another architecture ({self.model_name or 'unnamed'}); "
+                "refusing to apply them: " + "; ".join(diff)
+            )
+        check_heads(model, self.heads)
+
+    def apply(
+        self,
+        model: HookedModel,
+        *,
+        alpha: float | Literal["auto"] | None = None,
+        heads: Iterable[Sequence[int]] | int | None = None,
+        tokens: Int[Tensor, "pos"] | LabelledPrompt | None = None,
+        target: float = 0.5,
+        alpha_max: float = 4.0,
+        per: Literal["head", "input"] = "head",
+    ) -> HookHandle:
+        """Add ``alpha * u`` to the selected heads' queries at every position; returns a handle.
+
+        **Mutates the model** (hooks) until ``.remove()`` or the end of the ``with`` block. Works for
+        forward passes and for ``generate`` (prefill and every decoding step).
+
+        Args:
+            alpha: scale (negative pushes attention away; default :attr:`alpha`). ``"auto"``: this
+                project's sink-target magnitude control — needs ``tokens`` (the prompt), runs one
+                probe pass and picks α per head (:func:`sink_target_alphas`, ``target``, ``alpha_max``).
+            heads: a subset (list of ``(layer, head)``) or an int k for :meth:`top`.
+            tokens: the prompt, only for ``alpha="auto"``.
+            per: ``"head"`` (one α per head) or ``"input"`` (one α shared by all heads, keeping the
+                learned relative magnitudes; calibrate its target with :func:`calibrate_sink_target`).
+        """
+        d = self
+        if isinstance(heads, int):
+            d = d.top(heads)
+        elif heads is not None:
+            d = d.select(heads)
+        d.check_model(model)
+        expected = query_site(model)
+        if d.site != expected:
+            raise ValueError(f"Directions were made for {d.site} but this model's query site is {expected}.")
+        if alpha is None:
+            alpha = self.alpha
+        if alpha == "auto":
+            if tokens is None:
+                raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
+            from .magnitude import sink_target_alphas
+
+            alphas = sink_target_alphas(model, d, tokens, target=target, alpha_max=alpha_max, per=per)
+            d, alpha = d.scaled(alphas), 1.0
+        elif isinstance(alpha, str):
+            raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
+        from ..interventions import inject_vectors
+
+        return inject_vectors(model, d.as_dict(), alpha=float(alpha), site="query", pre_rope=False)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": "focuslens.FocusDirections",
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "fingerprint": self.fingerprint,
+            "heads": [list(h) for h in self.heads],
+            "d_head": self.d_head,
+            "site": self.site,
+            "alpha": self.alpha,
+            "objective": self.objective,
+            "training": self.training,
+            "versions": self.versions,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the folder ``path`` (``directions.safetensors`` + ``config.json``) atomically.
+
+        Files go to a temporary sibling folder which then replaces ``path``; an interrupted save
+        leaves a previous artefact at ``path`` intact.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{target} exists and is not a folder; FocusDirections are saved as a folder.")
+        with atomic_dir(target) as tmp:
+            save_file({"vectors": self.vectors.detach().to("cpu").contiguous()}, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "focuslens.FocusDirections"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=str))
+        return target
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: HookedModel | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "FocusDirections":
+        """Read a folder written by :meth:`save`; with ``model=`` also refuse a mismatched model."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not (p / CONFIG_FILE).exists() or not (p / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{p} is not a FocusDirections folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
+        cfg = json.loads((p / CONFIG_FILE).read_text())
+        if cfg.get("format") != "focuslens.FocusDirections":
+            raise ValueError(f"{p / CONFIG_FILE} is not a focuslens FocusDirections config.")
+        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{p} was written by a newer focuslens (format {cfg['format_version']}); upgrade.")
+        v = load_file(str(p / WEIGHTS_FILE))["vectors"]
+        if device is not None or dtype is not None:
+            v = v.to(device=device, dtype=dtype)
+        d = cls(heads=[tuple(h) for h in cfg["heads"]], vectors=v, fingerprint=cfg["fingerprint"],
+                model_name=cfg.get("model_name", ""), site=cfg.get("site", "hook_rot_q"),
+                alpha=float(cfg.get("alpha", 1.0)), objective=cfg.get("objective", ""),
+                training=cfg.get("training", {}), versions=cfg.get("versions", {}))
+        if model is not None:
+            d.check_model(model)
+        return d
+
+    @classmethod
+    def from_authors(
+        cls,
+        folder: str | os.PathLike,
+        model: HookedModel,
+        *,
+        heads: Iterable[Sequence[int]] | None = None,
+        alpha: float = 1.0,
+    ) -> "FocusDirections":
+        """Import the reference code's ``head_q_directions_{l}.pth`` files (``[n_heads, d_head]`` per layer).
+
+        Key files (``head_k_directions_{l}.pth``) are shape-checked and dropped: key-side vectors are
+        inert (constant-in-j logit terms). Files are read with ``torch.load(weights_only=True)``.
+        ``heads`` restricts to a subset (default: every head of every layer found).
+        """
+        folder = Path(folder)
+        info = model_info(model)
+        vecs: dict[Head, Tensor] = {}
+        layers = []
+        n_key = 0
+        for l in range(info.n_layers):
+            f = folder / f"head_q_directions_{l}.pth"
+            if not f.exists():
+                continue
+            t = torch.as_tensor(torch.load(f, map_location="cpu", weights_only=True)).float()
+            if t.shape != (info.n_heads, info.d_head):
+                raise ValueError(f"{f.name} has shape {tuple(t.shape)}; expected [n_heads, d_head] = "
+                                 f"[{info.n_heads}, {info.d_head}] for this model.")
+            layers.append(l)
+            for h in range(info.n_heads):
+                vecs[(l, h)] = t[h]
+            fk = folder / f"head_k_directions_{l}.pth"
+            if fk.exists():
+                tk = torch.as_tensor(torch.load(fk, map_location="cpu", weights_only=True))
+                if tk.shape[-1] != info.d_head:
+                    raise ValueError(f"{fk.name} has shape {tuple(tk.shape)}; expected last dim {info.d_head}.")
+                n_key += 1
+        if not vecs:
+            raise FileNotFoundError(f"No head_q_directions_{{layer}}.pth files in {folder}.")
+        hs = list(vecs) if heads is None else check_heads(model, heads)
+        missing = [h for h in hs if h not in vecs]
+        if missing:
+            raise ValueError(f"No imported direction for heads {missing}; layers found: {layers}.")
+        return cls(heads=hs, vectors=torch.stack([vecs[h] for h in hs]),
+                   fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model),
+                   alpha=alpha, objective="authors",
+                   training={"source": str(folder), "layers": layers, "key_files_ignored": n_key,
+                             "note": "key-side vectors are inert and were not imported"})
+
+
+def random_like(directions: FocusDirections, *, seed: int = 0) -> FocusDirections:
+    """Random directions on the same heads with the same per-head norms (the matched-norm control)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(directions.vectors.shape, generator=g, dtype=torch.float32).to(directions.vectors)
+    r = r / r.norm(dim=-1, keepdim=True) * directions.norms()[:, None]
+    return directions._replace(vectors=r, objective="random", training={"control_of": directions.objective,
+                                                                         "seed": seed})

@@ -1,0 +1,149 @@
+"""Magnitude control (this project's own design): α per input from the sink mass, no labels."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..attention import attention_scale, key_site, query_site
+from ..hooks import attach_hooks
+from ..models import HookedModel, hook_name, model_info
+from ..prompts import LabelledPrompt
+from .artefact import FocusDirections
+
+__all__ = ["sink_target_alphas", "calibrate_sink_target"]
+
+_NEG = -1e30
+
+
+def _sink_curves(
+    model: HookedModel,
+    directions: FocusDirections,
+    tokens: Int[Tensor, "pos"] | LabelledPrompt,
+    alphas: Float[Tensor, "A"],
+    rows: int = 1,
+) -> Float[Tensor, "n A"]:
+    """Sink mass of the last ``rows`` prompt rows of each selected head at each α, from one probe pass.
+
+    ``s_h(α) = mean_t softmax_j(scale·(q_t·k_j + α·u_h·k_j))_0`` in closed form from the cached post-RoPE
+    queries and keys (the pass stops after the last selected layer). Exact for one head in isolation; the
+    heads' effects on later layers are not included (that is what makes it one pass).
+    """
+    toks = tokens.tokens if isinstance(tokens, LabelledPrompt) else torch.as_tensor(tokens)
+    n = int(toks.shape[-1])
+    rows = min(rows, n)
+    info = model_info(model)
+    heads = directions.heads
+    qs, ks = query_site(model), key_site(model)
+    layers = sorted({l for l, _ in heads})
+    store: dict[str, Tensor] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def make_grab(name):  # keyed by the requested name: hook.name may be an alias (GPT-2)
+        def grab(x, hook):
+            store[name] = x[0].detach()
+            if name == hook_name(layers[-1], ks):
+                raise _Stop()
+            return x
+
+        return grab
+
+    hooks = [(hook_name(l, s), make_grab(hook_name(l, s))) for l in layers for s in (qs, ks)]
+    with attach_hooks(model, hooks, label="focus directions: sink probe"), torch.no_grad():
+        try:
+            model(toks.reshape(1, -1))
+        except _Stop:
+            pass
+    scale = attention_scale(model, layers[0])
+    out = torch.zeros(len(heads), alphas.numel())
+    for i, (l, h) in enumerate(heads):
+        q = store[hook_name(l, qs)][n - rows:, h].float()  # [r, d]
+        k = store[hook_name(l, ks)][:, info.kv_head(h)].float()  # [N, d]
+        u = directions.vectors[i].float().to(q.device)
+        base = (q @ k.T) * scale  # [r, N]; rows are the last ones, so every key is causal-visible
+        t = torch.arange(n - rows, n)[:, None]
+        base = base.masked_fill(torch.arange(n)[None] > t, _NEG)
+        bias = (k @ u) * scale  # [N]
+        lg = base[None] + alphas.to(base)[:, None, None] * bias[None, None, :]  # [A, r, N]
+        out[i] = torch.softmax(lg, -1)[..., 0].mean(-1).cpu()
+    return out
+
+
+def sink_target_alphas(
+    model: HookedModel,
+    directions: FocusDirections,
+    tokens: Int[Tensor, "pos"] | LabelledPrompt,
+    *,
+    target: float = 0.5,
+    alpha_max: float = 4.0,
+    rows: int = 1,
+    grid: int = 81,
+    per: Literal["head", "input"] = "head",
+) -> Float[Tensor, "n"]:
+    """α per head such that the last prompt row(s)' attention on the sink falls by ``target``.
+
+    **This project's own design** (the revised paper's controller is not public). One probe pass over
+    the prompt caches the selected heads' post-RoPE queries of the last ``rows`` rows and all keys;
+    the sink mass ``s(α) = softmax_j(scale·(q_t·k_j + α·u·k_j))_0`` is evaluated on a grid of
+    α ∈ [0, alpha_max] and the smallest α with ``s(α) ≤ (1 − target)·s(0)`` is chosen (the α minimising
+    s when no grid value reaches the target). Focus directions move attention off the sink; this keeps
+    that move in a fixed proportion per input instead of one global α.
+
+    * ``per="head"``: each head gets its own α (its own sink falls by ``target``).
+    * ``per="input"``: one α for all heads, from the heads' *mean* sink mass. It keeps the learned
+      relative magnitudes between heads (directions trained jointly, e.g. with the likelihood
+      objective, rely on them) and only adapts the overall strength to the input. Pair it with
+      :func:`calibrate_sink_target`, which reads the target off the α chosen on validation.
+
+    Costs one forward pass (stopped after the last selected layer). No labels.
+
+    Returns:
+        ``[n_heads]`` α per head, in ``directions.heads`` order (all equal for ``per="input"``).
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target is the fraction of sink mass to remove, in (0, 1); got {target}.")
+    if per not in ("head", "input"):
+        raise ValueError(f"per must be 'head' or 'input', got {per!r}.")
+    alphas = torch.linspace(0.0, alpha_max, grid)  # [A]
+    s = _sink_curves(model, directions, tokens, alphas, rows)  # [n, A]
+    if per == "input":
+        s = s.mean(0, keepdim=True)
+    out = torch.zeros(s.shape[0])
+    for i in range(s.shape[0]):
+        ok = torch.nonzero(s[i] <= (1.0 - target) * s[i, 0]).flatten()
+        out[i] = alphas[ok[0]] if ok.numel() else alphas[torch.argmin(s[i])]
+    return out.expand(len(directions.heads)).clone() if per == "input" else out
+
+
+def calibrate_sink_target(
+    model: HookedModel,
+    directions: FocusDirections,
+    prompts: Sequence[Int[Tensor, "pos"] | LabelledPrompt],
+    *,
+    alpha: float,
+    rows: int = 1,
+) -> float:
+    """The mean fraction of sink mass that ``alpha`` removes, over (unlabelled) validation prompts.
+
+    ``target = mean_prompts [1 − s̄(α) / s̄(0)]`` with ``s̄`` the selected heads' mean last-row sink mass
+    (:func:`sink_target_alphas` with ``per="input"``). Using it as the magnitude control's target makes
+    ``alpha="auto"`` move, on every input, as much attention off the sink as the validated fixed α does
+    on average — more α where the directions act weakly, less where they overshoot. No labels and no
+    accuracy grid: only the α already chosen on validation and one probe pass per prompt.
+    """
+    if not prompts:
+        raise ValueError("calibrate_sink_target needs at least one prompt.")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (the validated fixed α), got {alpha}.")
+    a = torch.tensor([0.0, float(alpha)])
+    drops = []
+    for p in prompts:
+        s = _sink_curves(model, directions, p, a, rows).mean(0)  # [2]
+        drops.append(float(1.0 - s[1] / s[0]) if s[0] > 0 else 0.0)
+    t = sum(drops) / len(drops)
+    return min(max(t, 1e-3), 1.0 - 1e-3)

@@ -44,11 +44,24 @@ from .directions import FocusDirections, train_focus_directions  # noqa: E402
 from .sweeps import select_alpha  # noqa: E402
 from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
 from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, greedy_generate  # noqa: E402
+from .lens import FocusLens  # noqa: E402
+from . import attention, directions, generation, io, sweeps, tasks  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "FocusLens",
+    "attention",
+    "directions",
+    "generation",
+    "io",
+    "sweeps",
+    "tasks",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "generate_response",
+    "greedy_generate",
     "DEFAULT_MODEL_NAME",
     "HookedModel",
     "ModelInfo",

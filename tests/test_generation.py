@@ -1,0 +1,51 @@
+"""focuslens.generation: one stop rule, one default budget, one decoding loop for every entry point."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+import focuslens as fl
+from focuslens.generation import DEFAULT_MAX_NEW_TOKENS, STOP_TOKENS, generate_response, greedy_generate, stop_ids
+
+
+def test_stop_ids_are_eos_plus_the_known_end_of_turn_tokens(tok):
+    ids = stop_ids(tok)
+    vocab = tok.get_vocab()
+    assert tok.eos_token_id in ids
+    assert ids == {tok.eos_token_id} | {vocab[t] for t in STOP_TOKENS if t in vocab}
+    assert vocab["<|im_end|>"] in ids and vocab["<|im_start|>"] not in ids
+
+
+def test_every_entry_point_uses_the_one_default_budget():
+    from focuslens.cli import build_parser
+    from focuslens.demo import DemoConfig
+    from focuslens.directions import make_direction_examples
+    from focuslens.evaluation import evaluate, greedy_generate_batch
+    from focuslens.scoring import score_dataset
+    from focuslens.sweeps import select_alpha
+
+    for fn in (evaluate, score_dataset, make_direction_examples, select_alpha, greedy_generate,
+               greedy_generate_batch, generate_response):
+        assert inspect.signature(fn).parameters["max_new_tokens"].default == DEFAULT_MAX_NEW_TOKENS, fn.__qualname__
+    assert DemoConfig().max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    for cmd in ("score", "sweep", "train", "evaluate"):
+        args = build_parser().parse_args([cmd] + (["--heads", "x.json"] if cmd in ("sweep", "train") else [])
+                                         + (["--output", "o"] if cmd in ("score", "train") else []))
+        assert args.max_new_tokens == DEFAULT_MAX_NEW_TOKENS, cmd
+
+
+def test_generate_response_is_greedy_generate_to_the_end_of_turn(tiny_llama):
+    from focuslens.tasks import make_synthetic_qa, render
+
+    r = render(make_synthetic_qa(1, n_docs=2)[0], tiny_llama.tokenizer)
+    ids, _ = greedy_generate(tiny_llama, r.tokens, max_new_tokens=7, stop_at_newline=False)
+    resp = generate_response(tiny_llama, r.tokens, max_new_tokens=7)
+    assert resp.dtype == torch.long and resp.tolist() == ids
+    assert not set(resp.tolist()) & stop_ids(tiny_llama.tokenizer)
+
+
+def test_public_names():
+    assert fl.DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS
+    assert fl.generate_response is generate_response

@@ -1,0 +1,88 @@
+"""focuslens.io: atomic writes (no half-written file, ever) and content identities."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from focuslens.io import atomic_dir, atomic_write, atomic_write_json, content_hash, tensor_checksum
+
+
+def test_atomic_write_text_bytes_and_callback(tmp_path):
+    p = tmp_path / "a" / "b.json"
+    atomic_write(p, "hello")
+    assert p.read_text() == "hello"
+    atomic_write(p, b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01"
+    atomic_write(p, lambda tmp: open(tmp, "w").write("via callback"))
+    assert p.read_text() == "via callback"
+    atomic_write_json(p, {"x": torch.tensor([1.5]), "y": torch.tensor(2).item()})
+    assert json.loads(p.read_text()) == {"x": [1.5], "y": 2}
+    assert sorted(os.listdir(p.parent)) == ["b.json"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_atomic_write_crash_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "r.json"
+    atomic_write(p, "old")
+
+    def boom(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(p, boom)
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_atomic_write_refuses_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        atomic_write(tmp_path, "x")
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "art"
+    with atomic_dir(target) as d:
+        (d / "w").write_text("1")
+    assert (target / "w").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            (d / "w").write_text("2")
+            raise RuntimeError("crash")
+    assert (target / "w").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["art"]
+    with atomic_dir(target, replace=False) as d:  # a concurrent writer finished first: keep its copy
+        (d / "w").write_text("3")
+    assert (target / "w").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["art"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        with atomic_dir(tmp_path / "file"):
+            pass
+
+
+def test_content_hash_is_stable_and_sensitive():
+    a = {"heads": [[1, 2], [0, 1]], "tau": 0.2, "v": torch.ones(3)}
+    assert content_hash(a) == content_hash(dict(reversed(list(a.items()))))  # key order does not matter
+    assert content_hash(a) != content_hash({**a, "tau": 0.5})
+    assert content_hash(a) != content_hash({**a, "heads": [[0, 1], [1, 2]]})  # head order does
+    v = torch.ones(3)
+    v[1] = torch.nextafter(v[1], torch.tensor(2.0))  # one ulp
+    assert content_hash(a) != content_hash({**a, "v": v})
+    assert len(content_hash(a)) == 16
+
+
+def test_tensor_checksum_bits_dtype_shape():
+    x = torch.arange(6, dtype=torch.float32)
+    assert tensor_checksum(x) == tensor_checksum(x.clone())
+    assert tensor_checksum(x) != tensor_checksum(x.double())
+    assert tensor_checksum(x) != tensor_checksum(x.reshape(2, 3))
+    assert tensor_checksum(x.reshape(2, 3).t()) == tensor_checksum(x.reshape(2, 3).t().contiguous())
+    assert tensor_checksum(torch.tensor(1.0)) != tensor_checksum(torch.tensor(2.0))  # 0-dim works
+    assert tensor_checksum(torch.zeros(0)) == tensor_checksum(torch.zeros(0))
+    assert tensor_checksum(torch.tensor(-0.0)) != tensor_checksum(torch.tensor(0.0))  # bits, not values

@@ -44,7 +44,7 @@ from .artefact import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, FocusDirections
 from .data import DirectionExample, make_direction_examples
 from .magnitude import calibrate_sink_target, sink_target_alphas
 from .objectives import QKCache, attention_mass, cache_qk, heldout_attention
-from .train import Method, Objective, train_focus_directions
+from .train import Method, Objective, TrainConfig, train_focus_directions
 
 __all__ = [
     "FocusDirections",
@@ -56,6 +56,7 @@ __all__ = [
     "attention_scale",
     "query_site",
     "train_focus_directions",
+    "TrainConfig",
     "heldout_attention",
     "sink_target_alphas",
     "calibrate_sink_target",

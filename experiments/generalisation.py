@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -53,7 +52,9 @@ import focuslens as fl  # noqa: E402
 from focuslens.directions import (FocusDirections, cache_qk, make_direction_examples,  # noqa: E402
                                   random_like, train_focus_directions)
 from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.interventions import split_softmax  # noqa: E402
+from focuslens.io import atomic_write_json  # noqa: E402
+from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
+from focuslens.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
 
 N_DOCS = 10
@@ -121,10 +122,7 @@ def load_results(setting: str) -> dict:
 
 
 def save_json(p: Path, obj) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, p)
+    atomic_write_json(p, obj, indent=1)
 
 
 def log(msg: str) -> None:
@@ -154,9 +152,8 @@ def stage_prep(model) -> dict:
         res = evaluate(model, exs, variant="gold_only", max_new_tokens=32, progress=False,
                        output=RUN / "evals" / f"gold_only_responses_{name}.jsonl", stop_at_newline=False)
         resp[name] = [r["prediction"] for r in res.records]
-    rng = random.Random(0)
-    top = {tuple(h) for h in heads[:20]}
-    rand_heads = rng.sample([h for h in heads if tuple(h) not in top], 20)
+    # 20 random heads outside the top 20 (the library's one convention; the pool in rank order)
+    rand_heads = [list(h) for h in random_heads(model, 20, seed=0, pool=heads, exclude=heads[:20])]
     d = {"heads": heads, "scores": [round(float(x), 5) for x in scores.flatten()[order]],
          "random_heads": rand_heads, "responses": resp, "seconds": round(time.time() - t0, 1)}
     save_json(p, d)
@@ -278,17 +275,16 @@ def load_dirs(model, obj: str, seed: int = 0, tag: str = "") -> FocusDirections:
 
 
 # ------------------------------------------------------------------------------------------ eval
-def run_eval(model, setting: str, cond: str, examples, intervene=None, *, variant="original", n=None):
+def run_eval(model, setting: str, cond: str, examples, spec=None, *, variant="original", n=None):
+    """Evaluate one condition; its records file is named by the spec's content id (another spec never resumes it)."""
     exs = examples[:n] if n else examples
-    res = evaluate(model, exs, variant=variant, max_new_tokens=MAX_NEW, intervene=intervene, progress=False,
-                   output=RUN / "evals" / setting / f"{cond}.jsonl", tag=cond)
+    sid = spec.id if spec is not None else "none"
+    res = evaluate(model, exs, variant=variant, max_new_tokens=MAX_NEW, intervene=spec, progress=False,
+                   output=RUN / "evals" / setting / f"{cond}-{sid}.jsonl", tag=cond)
     s = res.summary()
     return {"n": s["n"], "acc": s["accuracy"], "se": s["accuracy_se"], "copy": s["distractor_copy"],
-            "em": [r["em"] for r in res.records], "pos": [r.get("gold_position") for r in res.records]}
-
-
-def fixed(model, d: FocusDirections, k: int, alpha: float):
-    return d.apply(model, alpha=alpha, heads=k)  # heads=k: the top-k subset
+            "em": [r["em"] for r in res.records], "pos": [r.get("gold_position") for r in res.records],
+            "spec": sid}
 
 
 def stage_val(model, prep) -> dict:
@@ -304,8 +300,7 @@ def stage_val(model, prep) -> dict:
         for k in K_GRID:
             for a in ALPHA_GRID[obj] + (NEG_ALPHA[obj],):
                 name = f"{obj}_k{k}_a{a:g}"
-                with fixed(model, d, k, a) as h:
-                    grid[name] = run_eval(model, "val", name, val, intervene=h)
+                grid[name] = run_eval(model, "val", name, val, Steer(d, k=k, alpha=a))
                 if a > 0:
                     key = (grid[name]["acc"], -a, -k)
                     if best is None or key > best[0]:
@@ -316,10 +311,7 @@ def stage_val(model, prep) -> dict:
         bt = None
         for t in TARGETS:
             name = f"{obj}_k{k}_auto{t:g}"
-            dk = d.top(k)
-            grid[name] = run_eval(model, "val", name, val,
-                                  intervene=lambda r, dk=dk, t=t: dk.apply(model, alpha="auto",
-                                                                           tokens=r.prompt.tokens, target=t))
+            grid[name] = run_eval(model, "val", name, val, Steer(d, k=k, alpha="auto", target=t))
             if bt is None or grid[name]["acc"] > bt[0]:
                 bt = (grid[name]["acc"], t)
         sel[obj] = {"k": k, "alpha": a, "target": bt[1], "val_acc": best[0][0], "val_auto_acc": bt[0]}
@@ -330,60 +322,48 @@ def stage_val(model, prep) -> dict:
     return out
 
 
-class Lazy:
-    """A deferred ``apply``: nothing is attached until the ``with`` block (so no hooks pile up)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self):
-        return self.fn()
-
-
-def lazy_conditions(model, sel, prep, *, full):
+def conditions(model, sel, prep, *, full):
+    """``(name, factory)`` per condition; ``factory()`` builds its spec (None: unmodified) only when the
+    condition runs, so directions that are trained later (``_other``) are loaded only then."""
     L, A = sel["likelihood"], sel["attention"]
     heads20 = [tuple(h) for h in prep["heads"][:20]]
     get = lambda obj, s=0, tag="": load_dirs(model, obj, s, tag)  # noqa: E731
-    out = [("unmodified", None)]
+    out = [("unmodified", lambda: None)]
     for s in SEEDS:
-        out.append((f"likelihood_s{s}", Lazy(lambda s=s: fixed(model, get("likelihood", s), L["k"], L["alpha"]))))
+        out.append((f"likelihood_s{s}", lambda s=s: Steer(get("likelihood", s), k=L["k"], alpha=L["alpha"])))
     for s in SEEDS:
-        out.append((f"attention_s{s}", Lazy(lambda s=s: fixed(model, get("attention", s), A["k"], A["alpha"]))))
-    out.append(("likelihood_random_norm", Lazy(lambda: random_like(get("likelihood").top(L["k"]), seed=1)
-                                               .apply(model, alpha=L["alpha"]))))
-    out.append(("likelihood_random_heads", Lazy(lambda: fixed(model, get("likelihood", 0, "_randheads"), L["k"],
-                                                              L["alpha"]))))
-    out.append(("split_softmax_ceiling", lambda r: split_softmax(model, heads20, r.relevant, TAU)))
+        out.append((f"attention_s{s}", lambda s=s: Steer(get("attention", s), k=A["k"], alpha=A["alpha"])))
+    out.append(("likelihood_random_norm", lambda: Steer(random_like(get("likelihood").top(L["k"]), seed=1),
+                                                        alpha=L["alpha"])))
+    out.append(("likelihood_random_heads", lambda: Steer(get("likelihood", 0, "_randheads"), k=L["k"],
+                                                         alpha=L["alpha"])))
+    out.append(("split_softmax_ceiling", lambda: SplitSoftmax(heads20, tau=TAU)))
     for obj in ("likelihood", "attention"):
         c = sel[obj]
-        out.append((f"{obj}_other", Lazy(lambda obj=obj, c=c: fixed(model, get(obj, 0, "_other"), c["k"], c["alpha"]))))
+        out.append((f"{obj}_other", lambda obj=obj, c=c: Steer(get(obj, 0, "_other"), k=c["k"], alpha=c["alpha"])))
     if full:
-        out.append(("likelihood_negative", Lazy(lambda: fixed(model, get("likelihood"), L["k"],
-                                                               NEG_ALPHA["likelihood"]))))
-        out.append(("attention_negative", Lazy(lambda: fixed(model, get("attention"), A["k"],
-                                                             NEG_ALPHA["attention"]))))
-        out.append(("attention_random_norm", Lazy(lambda: random_like(get("attention").top(A["k"]), seed=1)
-                                                  .apply(model, alpha=A["alpha"]))))
+        out.append(("likelihood_negative", lambda: Steer(get("likelihood"), k=L["k"], alpha=NEG_ALPHA["likelihood"])))
+        out.append(("attention_negative", lambda: Steer(get("attention"), k=A["k"], alpha=NEG_ALPHA["attention"])))
+        out.append(("attention_random_norm", lambda: Steer(random_like(get("attention").top(A["k"]), seed=1),
+                                                           alpha=A["alpha"])))
         for obj in ("likelihood", "attention"):
-            dk, t = get(obj).top(sel[obj]["k"]), sel[obj]["target"]
-            out.append((f"{obj}_auto", lambda r, dk=dk, t=t: dk.apply(model, alpha="auto", tokens=r.prompt.tokens,
-                                                                       target=t)))
+            k, t = sel[obj]["k"], sel[obj]["target"]
+            out.append((f"{obj}_auto", lambda obj=obj, k=k, t=t: Steer(get(obj), k=k, alpha="auto", target=t)))
     return out
 
 
 def run_conditions(model, setting, examples, conds, *, variant="original", small=()):
+    """Run each ``(name, factory)`` not yet in results/<setting>.json *for the same spec id*."""
     res_p = RUN / "results" / f"{setting}.json"
     results = load_json(res_p) or {}
-    for name, make in conds:
-        if name in results:
+    for name, factory in conds:
+        spec = factory()
+        sid = spec.id if spec is not None else "none"
+        if name in results and results[name].get("spec") == sid:
             continue
         n = N_TEST_SMALL if name in small else None
         t0 = time.time()
-        if isinstance(make, Lazy):
-            with make() as h:
-                r = run_eval(model, setting, name, examples, intervene=h, variant=variant, n=n)
-        else:
-            r = run_eval(model, setting, name, examples, intervene=make, variant=variant, n=n)
+        r = run_eval(model, setting, name, examples, spec, variant=variant, n=n)
         results[name] = r
         save_json(res_p, results)
         log(f"{setting:10s} {name:28s} n={r['n']:3d} acc {r['acc']:.3f} ± {r['se']:.3f} "
@@ -410,7 +390,7 @@ ORDER_TRANSFER = ["unmodified", "likelihood_s0", "attention_s0", "likelihood_ran
 
 
 def stage_test(model, prep, sel):
-    conds = dict(lazy_conditions(model, sel["selection"], prep, full=True))
+    conds = dict(conditions(model, sel["selection"], prep, full=True))
     run_conditions(model, "test", split("test", N_TEST), [(c, conds[c]) for c in ORDER_TEST], small=SMALL_TEST)
 
 
@@ -435,8 +415,7 @@ def stage_auto_input(model, prep, sel):
     conds = []
     for obj in ("likelihood", "attention"):
         dk, t = load_dirs(model, obj).top(cal[obj]["k"]), cal[obj]["target"]
-        conds.append((f"{obj}_auto_input", lambda r, dk=dk, t=t: dk.apply(model, alpha="auto", tokens=r.prompt.tokens,
-                                                                           target=t, per="input")))
+        conds.append((f"{obj}_auto_input", lambda dk=dk, t=t: Steer(dk, alpha="auto", target=t, per="input")))
     # own results files (another process may be writing results/test.json); the report merges them
     run_conditions(model, "val_auto", val, conds)
     run_conditions(model, "test_auto", split("test", N_TEST), conds)
@@ -445,7 +424,7 @@ def stage_auto_input(model, prep, sel):
 def stage_other(model, prep, sel):
     """Row B of the transfer matrix: directions trained on the other templates, in every setting."""
     stage_train_other(model, prep)
-    conds = dict(lazy_conditions(model, sel["selection"], prep, full=False))
+    conds = dict(conditions(model, sel["selection"], prep, full=False))
     group = ["likelihood_other", "attention_other"]
     run_conditions(model, "test", split("test", N_TEST), [(c, conds[c]) for c in group], small=set(group))
     for name in TRANSFER:
@@ -455,7 +434,7 @@ def stage_other(model, prep, sel):
 
 
 def stage_transfer(model, prep, sel, only=None):
-    conds = dict(lazy_conditions(model, sel["selection"], prep, full=False))
+    conds = dict(conditions(model, sel["selection"], prep, full=False))
     names = [only] if only else list(TRANSFER)
     # breadth first: the main conditions in every setting, then (optionally) the extra seeds
     groups = (ORDER_TRANSFER[:6], ORDER_TRANSFER[6:]) if TRANSFER_SEEDS else (ORDER_TRANSFER[:6],)

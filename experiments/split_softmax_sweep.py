@@ -8,7 +8,7 @@ less.
 Protocol (SmolLM2-135M-Instruct, synthetic multi-document QA, 10 documents, chat template, greedy):
   1. rank heads on separate examples (``--rank-seed``, ``--n-rank``) by the paper's contextual
      score (response = the model's own answer to the full prompt), with
-     ``focuslens.scoring.score_dataset`` (a small local routine if that module is not importable);
+     ``focuslens.scoring.score_dataset``;
   2. on ``--n`` held-out examples (``--seed``): the original, gold-only and negative baselines;
      split softmax on the top-k heads for every k in ``--ks`` and τ in ``--taus``; k random heads
      (``--random-k``, seeds ``--random-seeds``) at every τ;
@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -43,8 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 import focuslens as fl  # noqa: E402
 from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.interventions import split_softmax  # noqa: E402
-from focuslens.models import hook_name, model_info  # noqa: E402
+from focuslens.io import atomic_write_json, content_hash  # noqa: E402
+from focuslens.models import model_info  # noqa: E402
+from focuslens.scoring import score_dataset  # noqa: E402
+from focuslens.specs import SplitSoftmax  # noqa: E402
+from focuslens.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 
 RUN_DIR = ROOT / "runs" / "split_softmax"
@@ -52,51 +54,10 @@ FIG_BASE = ROOT / "figures" / "split_softmax_curve"
 
 
 def rank_heads(model, examples, *, max_new_tokens: int) -> tuple[list[tuple[int, int, float]], str]:
-    """(layer, head, score) sorted by the dataset contextual score, and how it was computed."""
+    """(layer, head, score) sorted by the dataset contextual score (the library's score_dataset)."""
     rendered = [render(ex, model.tokenizer, variant="original", chat=True) for ex in examples]
-    try:
-        from focuslens.scoring import score_dataset
-
-        ds = score_dataset(model, rendered, response="generate", max_new_tokens=max_new_tokens, progress=False)
-        return [(int(l), int(h), float(s)) for l, h, s in ds.ranking("relevant")], "focuslens.scoring.score_dataset"
-    except ImportError:
-        pass
-    # Local fallback: the paper's score, reduced inside the hook (never stores a full pattern).
-    info = model_info(model)
-    total = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
-    n = 0
-    for r in rendered:
-        out = model.generate(r.prompt.tokens[None], max_new_tokens=max_new_tokens, do_sample=False,
-                             verbose=False, use_past_kv_cache=True)
-        resp = out[0, len(r.prompt):]
-        if resp.numel() == 0:
-            continue
-        tokens = out[0]
-        R = slice(len(r.prompt), tokens.shape[0])
-        C = r.relevant.slice
-        scores = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
-
-        def make(l):
-            def hook(pattern, hook):  # [batch, head, q, k]
-                scores[l] = pattern[0, :, R, C].sum(-1).mean(-1).double()
-            return hook
-
-        with torch.no_grad(), fl.attach_hooks(model, [(hook_name(l, "hook_pattern"), make(l)) for l in range(info.n_layers)]):
-            model(tokens[None])
-        total += scores
-        n += 1
-    if n == 0:
-        raise RuntimeError("No usable ranking example (all responses empty).")
-    mean = total / n
-    ranking = sorted(((l, h, float(mean[l, h])) for l in range(info.n_layers) for h in range(info.n_heads)),
-                     key=lambda x: -x[2])
-    return ranking, "local"
-
-
-def random_heads(model, k: int, seed: int) -> list[tuple[int, int]]:
-    info = model_info(model)
-    allh = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
-    return sorted(random.Random(seed).sample(allh, k))
+    ds = score_dataset(model, rendered, response="generate", max_new_tokens=max_new_tokens, progress=False)
+    return [(int(l), int(h), float(s)) for l, h, s in ds.ranking("relevant")], "focuslens.scoring.score_dataset"
 
 
 def summarise(res) -> dict:
@@ -167,14 +128,17 @@ def main(argv=None) -> dict:
         return report_only(args, argv)
     model = fl.load_model(verbose=False)
     # --- ranking on separate examples (cached) ---
-    rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}.json"
+    # keyed by what produced it: the model (fingerprint), the ranking data and the generation budget
+    rank_key = content_hash({"model": model_info(model).fingerprint(), "n_docs": args.n_docs, "seed": args.rank_seed,
+                             "n": args.n_rank, "max_new_tokens": args.max_new_tokens})
+    rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}-{rank_key}.json"
     if rank_path.exists():
         ranking_info = json.loads(rank_path.read_text())
     else:
         rank_ex = make_synthetic_qa(args.n_rank, n_docs=args.n_docs, seed=args.rank_seed)
         ranking, how = rank_heads(model, rank_ex, max_new_tokens=args.max_new_tokens)
         ranking_info = {"ranking": ranking, "method": how, "n_rank": args.n_rank, "rank_seed": args.rank_seed}
-        rank_path.write_text(json.dumps(ranking_info))
+        atomic_write_json(rank_path, ranking_info, indent=None)
     ranking = [(int(l), int(h)) for l, h, _ in ranking_info["ranking"]]
     print(f"[sweep] ranking ({ranking_info['method']}): top-10 {ranking[:10]}", flush=True)
 
@@ -182,12 +146,11 @@ def main(argv=None) -> dict:
     tag_base = f"docs{args.n_docs}_seed{args.seed}_n{args.n}_mnt{args.max_new_tokens}"
 
     def run(name: str, *, n: int, variant="original", heads=None, tau=None, quiet=False):
-        out = run_dir / f"{tag_base}_{name}.jsonl"
-        intervene = None
-        if heads is not None:
-            intervene = lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau)  # noqa: E731
+        spec = SplitSoftmax(heads, tau=tau) if heads is not None else None
+        # the file name carries the intervention's content identity (heads, τ), so another ranking never resumes it
+        out = run_dir / f"{tag_base}_{name}-{spec.id if spec is not None else 'none'}.jsonl"
         # evaluate() resumes from the JSONL file: growing prefixes of the same list add examples
-        res = evaluate(model, test[:n], variant=variant, max_new_tokens=args.max_new_tokens, intervene=intervene,
+        res = evaluate(model, test[:n], variant=variant, max_new_tokens=args.max_new_tokens, intervene=spec,
                        output=out, progress=False, tag=name)
         s = summarise(res)
         if not quiet:
@@ -211,7 +174,7 @@ def main(argv=None) -> dict:
         return ("top", k, tau, dict(name=f"top{k}_tau{tau}", heads=ranking[:k], tau=tau))
 
     def rand(k, tau, s):
-        return ("random", k, tau, dict(name=f"random{k}_seed{s}_tau{tau}", heads=random_heads(model, k, s), tau=tau))
+        return ("random", k, tau, dict(name=f"random{k}_seed{s}_tau{tau}", heads=random_heads(model, k, seed=s), tau=tau))
 
     groups = [
         [("base", "original", None, dict(name="original"))]
@@ -266,12 +229,21 @@ def _summ(recs: list[dict]) -> dict:
     return {"n": len(recs), "accuracy": a, "accuracy_se": ase, "distractor_copy": c, "distractor_copy_se": cse}
 
 
+def _one(run_dir: Path, pattern: str) -> Path | None:
+    """The one file matching ``pattern`` (names end in the content hash of what produced them)."""
+    found = sorted(run_dir.glob(pattern))
+    if len(found) > 1:
+        raise SystemExit(f"{len(found)} files match {run_dir / pattern} (runs of different rankings or models): "
+                         "move the others away or use another --run-dir.")
+    return found[0] if found else None
+
+
 def report_only(args, argv) -> dict:
     """Summarise finished records without loading the model (partial runs: paired common prefix)."""
     run_dir = args.run_dir
     tag_base = f"docs{args.n_docs}_seed{args.seed}_n{args.n}_mnt{args.max_new_tokens}"
-    rank_path = run_dir / f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}.json"
-    ranking_info = json.loads(rank_path.read_text()) if rank_path.exists() else {"method": "?", "ranking": []}
+    rank_path = _one(run_dir, f"ranking_docs{args.n_docs}_seed{args.rank_seed}_n{args.n_rank}-*.json")
+    ranking_info = json.loads(rank_path.read_text()) if rank_path else {"method": "?", "ranking": []}
     names = {"original": ("base", "original", None), "gold_only": ("base", "gold_only", None),
              "negative": ("base", "negative", None)}
     for tau in args.taus:
@@ -279,7 +251,7 @@ def report_only(args, argv) -> dict:
             names[f"top{k}_tau{tau}"] = ("top", k, tau)
         for sd in args.random_seeds:
             names[f"random{args.random_k}_seed{sd}_tau{tau}"] = ("random", args.random_k, tau)
-    recs = {n: _read(run_dir / f"{tag_base}_{n}.jsonl") for n in names}
+    recs = {n: _read(p) if (p := _one(run_dir, f"{tag_base}_{n}-*.jsonl")) else [] for n in names}
     recs = {n: r for n, r in recs.items() if r}
     if not recs:
         raise SystemExit(f"No records under {run_dir} for {tag_base}.")

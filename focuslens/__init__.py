@@ -46,13 +46,28 @@ from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E4
 from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, greedy_generate  # noqa: E402
 from .lens import FocusLens  # noqa: E402
-from . import attention, directions, generation, io, sweeps, tasks  # noqa: E402
+from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, SplitSoftmax, Steer  # noqa: E402
+from .evaluation import Decoding  # noqa: E402
+from .sweeps import random_heads  # noqa: E402
+from .directions import TrainConfig  # noqa: E402
+from . import attention, directions, generation, io, specs, sweeps, tasks  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "FocusLens",
+    "InterventionSpec",
+    "NoIntervention",
+    "SplitSoftmax",
+    "InjectVectors",
+    "Steer",
+    "Ablate",
+    "Compose",
+    "Decoding",
+    "random_heads",
+    "TrainConfig",
+    "specs",
     "attention",
     "directions",
     "generation",

@@ -49,6 +49,7 @@ __all__ = [
     "attention_probs",
     "expand_kv",
     "soft_cap",
+    "module_attention",
     "describe",
 ]
 
@@ -90,7 +91,8 @@ def key_site(model: HookedModel) -> str:
     return "hook_rot_k" if model_info(model).rotary else "hook_k"
 
 
-def _hf_attention(model: HookedModel, layer: int) -> Any:
+def _hf_attention(model: HookedModel, layer: int) -> tuple[Any, Any]:
+    """``(bridge attention component, wrapped HF attention module)``; either may be None."""
     try:
         attn = model.blocks[layer].attn
     except (AttributeError, IndexError, TypeError):
@@ -168,6 +170,8 @@ def layer_attention(model: HookedModel, layer: int) -> LayerAttention:
             if type(attn) is PositionEmbeddingsAttentionBridge:
                 if not info.rotary:
                     why = f"layer {layer}: position-embedding attention without rotary config"
+                elif qk_norm and getattr(model.cfg, "qk_norm_after_rope", False):
+                    why = f"layer {layer}: QK-norm after RoPE (hook_rot_q/hook_rot_k are pre-norm)"
             elif type(attn) is JointQKVAttentionBridge:
                 if info.rotary:
                     why = f"layer {layer}: fused rotary attention (no post-RoPE hooks)"
@@ -183,15 +187,20 @@ def qk_route(model: HookedModel) -> tuple[list[LayerAttention] | None, str]:
     return (None, bad.why) if bad is not None else (plan, "")
 
 
-def require_qk_route(model: HookedModel, layers: Sequence[int], *, what: str) -> dict[int, LayerAttention]:
-    """The exact :class:`LayerAttention` of ``layers``, or a ``ValueError`` naming ``what`` needs it."""
+def require_qk_route(
+    model: HookedModel, layers: Sequence[int], *, what: str, hint: str = ""
+) -> dict[int, LayerAttention]:
+    """The exact :class:`LayerAttention` of ``layers``, or a ``ValueError`` naming ``what`` needs it.
+
+    ``hint`` (optional) is appended to the message: what the caller can use instead.
+    """
     out = {}
     for l in sorted(set(layers)):
         la = layer_attention(model, l)
         if not la.exact:
             raise ValueError(
-                f"{what} recomputes attention from cached queries and keys, which is not exact on this "
-                f"model ({la.why}). Use the live objective (objective='likelihood' or 'both') or another model."
+                f"{what} recomputes attention from the hooked queries and keys, which is not exact on this "
+                f"model ({la.why}).{' ' + hint if hint else ''}"
             )
         out[l] = la
     return out
@@ -243,52 +252,124 @@ def attention_logits(
     q: Float[Tensor, "... R d"],
     k: Float[Tensor, "... N d"],
     *,
-    scale: float,
+    scale: float | Tensor,
     softcap: float | None = None,
+    bias: Float[Tensor, "... R N"] | Float[Tensor, "... 1 N"] | None = None,
 ) -> Float[Tensor, "... R N"]:
-    """``scale · q·kᵀ`` in float32, soft-capped as the model does (``cap·tanh(x/cap)``)."""
+    """``softcap(scale · q·kᵀ + bias)`` in float32 (soft-capping as the model does, ``cap·tanh(x/cap)``).
+
+    ``bias`` enters before the cap because a focus direction's ``α·scale·u·k_j`` is part of the dot
+    product (it changes the query). Unmasked: combine with :func:`visible_keys` in :func:`row_softmax`.
+    """
     lg = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        lg = lg + bias
     return soft_cap(lg, softcap)
 
 
-def soft_cap(logits: Tensor, softcap: float | None) -> Tensor:
-    """Gemma-2's logit soft-capping; the identity when ``softcap`` is None."""
-    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+def soft_cap(logits: Tensor, softcap: float | None, *, inplace: bool = False) -> Tensor:
+    """Gemma-2's logit soft-capping ``cap·tanh(x/cap)``; the identity when ``softcap`` is None.
+
+    ``inplace`` overwrites ``logits`` (the fused backend's workspace; no autograd)."""
+    if softcap is None:
+        return logits
+    if inplace:
+        return logits.div_(softcap).tanh_().mul_(softcap)
+    return torch.tanh(logits / softcap) * softcap
 
 
-def row_softmax(logits: Float[Tensor, "... R N"], visible: Bool[Tensor, "... R N"]) -> Float[Tensor, "... R N"]:
+def row_softmax(
+    logits: Float[Tensor, "... R N"], visible: Bool[Tensor, "... R N"] | None, *, inplace: bool = False
+) -> Float[Tensor, "... R N"]:
     """Softmax over the visible keys of each row, in float32; invisible entries exactly 0.
 
     A row with no visible key (a padding row) is all zeros instead of NaN, so that padded batches can
-    be averaged with a row mask. This is the only attention softmax focuslens computes.
+    be averaged with a row mask. This is the only attention softmax focuslens computes: the scoring
+    q/k route, the directions objectives, the sink probe and both backends call it.
+
+    Args:
+        logits: ``[..., R, N]`` scaled (and soft-capped) logits; values at invisible entries are
+            ignored (any value, ``-inf`` included).
+        visible: ``[..., R, N]`` bool (broadcastable), from :func:`visible_keys`. ``None`` when the
+            logits already carry ``-inf`` at every invisible entry and every row has a visible key
+            (a training loop that masks once and then only adds finite biases): no masking pass.
+        inplace: overwrite ``logits`` (which must be float32 and own its memory) instead of
+            allocating: the fused backend computes its row blocks inside one reused workspace, because
+            per-layer temporaries fragment the CPU heap. No autograd on this path.
     """
-    lg = logits.float().masked_fill(~visible, float("-inf"))
-    any_visible = visible.any(-1, keepdim=True)
-    lg = torch.where(any_visible, lg, torch.zeros_like(lg))
-    p = torch.softmax(lg, dim=-1)
-    return torch.where(any_visible, p, torch.zeros_like(p))
+    if visible is None:  # the caller's logits already hold -inf at every invisible entry, no row empty
+        return torch.softmax(logits.float(), dim=-1)
+    has_key = visible.any(-1, keepdim=True)
+    if inplace:
+        if logits.dtype != torch.float32:
+            raise ValueError(f"row_softmax(inplace=True) needs float32 logits, got {logits.dtype}.")
+        lg = logits.masked_fill_(~visible, float("-inf"))
+        top = lg.amax(dim=-1, keepdim=True).masked_fill_(~has_key, 0.0)  # empty rows: exp(-inf) = 0
+        lg.sub_(top).exp_()
+        return lg.div_(lg.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
+    if bool(has_key.all()):  # the common case: one masking pass and the fused softmax kernel
+        return torch.softmax(torch.where(visible, logits.float(), float("-inf")), dim=-1)
+    fill = torch.where(has_key, float("-inf"), 0.0)  # [..., R, 1]: empty rows get finite logits
+    return torch.softmax(torch.where(visible, logits.float(), fill), dim=-1) * has_key
 
 
 def attention_probs(
     q: Float[Tensor, "... R d"],
     k: Float[Tensor, "... N d"],
-    la: LayerAttention,
+    la: "LayerAttention",
     query_pos: Int[Tensor, "R"] | Sequence[int],
     *,
     key_valid: Bool[Tensor, "... N"] | None = None,
     bias: Float[Tensor, "... R N"] | Float[Tensor, "... 1 N"] | None = None,
+    scale: float | Tensor | None = None,
 ) -> Float[Tensor, "... R N"]:
     """The attention pattern of rows ``query_pos`` recomputed from post-position q and k.
 
-    ``bias`` (optional) is added to the scaled logits before soft-capping — a focus direction's
-    ``α·scale·u·k_j`` — because it acts on the query, i.e. inside the dot product.
+    ``logits = softcap(scale·q·kᵀ + bias)``, masked by :func:`visible_keys` (causal, ``la``'s sliding
+    window, ``key_valid``), then :func:`row_softmax`. ``q`` and ``k`` must have the same head layout
+    (expand GQA keys with :func:`expand_kv` first). ``bias`` (optional) is added to the scaled logits
+    before soft-capping — a focus direction's ``α·scale·u·k_j`` — because it acts on the query, i.e.
+    inside the dot product. ``scale`` overrides ``la.scale`` (e.g. a per-head ``[..., 1, 1]`` tensor).
     """
-    lg = torch.matmul(q.float(), k.float().transpose(-1, -2)) * la.scale
-    if bias is not None:
-        lg = lg + bias
-    lg = soft_cap(lg, la.softcap)
+    lg = attention_logits(q, k, scale=la.scale if scale is None else scale, softcap=la.softcap, bias=bias)
     vis = visible_keys(query_pos, k.shape[-2], sliding_window=la.sliding_window, key_valid=key_valid)
     return row_softmax(lg, vis.to(lg.device))
+
+
+def module_attention(
+    module: Any,
+    *,
+    layer: int,
+    head_dim: int | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> LayerAttention:
+    """A :class:`LayerAttention` for a raw Hugging Face attention module (fused and nnsight backends).
+
+    Those backends see the module itself, not TransformerLens hooks (``q_hook``/``k_hook`` are empty).
+    The keyword values, when given, are what transformers passed to the attention function (they win:
+    a model may set them per call); otherwise the module's ``scaling``, ``sliding_window`` and
+    ``attn_logit_softcapping`` are read, with ``head_dim ** -0.5`` as the last resort for the scale.
+    ``exact`` is False (with the reason) for learned attention sinks and non-causal attention, which
+    the recomputation in :func:`attention_probs` does not model.
+    """
+    s = scaling if scaling is not None else getattr(module, "scaling", None)
+    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0):
+        hd = head_dim if head_dim is not None else getattr(module, "head_dim", None)
+        if hd is None:
+            raise ValueError(f"layer {layer}: the attention module has no `scaling` and no head_dim was given.")
+        s = int(hd) ** -0.5
+    w = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    w = int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None
+    cap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
+    cap = float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0 else None
+    why = ""
+    if getattr(module, "sinks", None) is not None:
+        why = f"layer {layer}: attention has learned sinks"
+    elif not getattr(module, "is_causal", True):
+        why = f"layer {layer}: not causal self-attention"
+    return LayerAttention(layer, "", "", float(s), w, cap, hasattr(module, "q_norm"), not why, why)
 
 
 def describe(model: HookedModel) -> list[dict[str, Any]]:

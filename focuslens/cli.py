@@ -11,6 +11,13 @@
 Every command takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a local Hugging Face
 folder, or a hub name where the network works), ``--data`` (``synthetic`` or a Lost-in-the-Middle
 ``.jsonl(.gz)`` file), ``--seed`` and ``--output``. Errors print one line and exit with status 2.
+
+Stored evaluations are named by content: ``{name}-{hash}.jsonl``, where the hash covers the
+intervention's identity (:mod:`focuslens.specs`: heads in order and τ, or the directions' checksum and
+α), where it came from (the ranking file's checksum and k, the directions' checksum), the data (source
+and its checksum, ``--n``, ``--offset``, ``--seed``, ``--n-docs``), the model argument and dtype, and the
+decoding settings. A rerun of the same command resumes its file; any other configuration writes its
+own file and never prints another run's answers.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -175,6 +181,40 @@ def _examples(args, n: int | None = None, offset: int | None = None):
     return ex[offset : offset + n]
 
 
+_CHECKSUMS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_checksum(path: str | os.PathLike) -> str:
+    """:func:`focuslens.io.tensor_checksum` of a file's bytes (cached per path, size and mtime)."""
+    import torch
+
+    from .io import tensor_checksum
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKSUMS:
+        data = bytearray(p.read_bytes())
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        _CHECKSUMS[key] = tensor_checksum(t)
+    return _CHECKSUMS[key]
+
+
+def _data_identity(args, n: int | None = None, offset: int | None = None) -> dict:
+    """What the examples of this command are made from (part of every stored result's key)."""
+    source = "synthetic" if args.data == "synthetic" else {"file": str(Path(args.data).resolve()),
+                                                           "checksum": _file_checksum(args.data)}
+    return {"data": source, "n": args.n if n is None else n, "offset": args.offset if offset is None else offset,
+            "seed": args.seed, "n_docs": args.n_docs}
+
+
+def _model_identity(args) -> dict:
+    m = args.model
+    if m is not None and Path(m).exists():
+        m = str(Path(m).resolve())
+    return {"model": m, "dtype": args.dtype}
+
+
 def _out(args) -> Path:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,11 +261,21 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _eval(model, examples, args, out: Path, name: str, intervene=None, variant: str = "original") -> dict:
-    from .evaluation import evaluate
+def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str = "original",
+          source: dict | None = None) -> dict:
+    """Evaluate ``spec`` into ``out/{name}-{content hash}.jsonl`` (resumed when it is the same run).
 
-    res = evaluate(model, examples, variant=variant, intervene=intervene, output=out / f"{name}.jsonl",
-                   max_new_tokens=args.max_new_tokens, tag=name)
+    The file name and the records' configuration both carry the content identity (spec, its source,
+    data, model argument, decoding), so two different configurations never share a file.
+    """
+    from .evaluation import evaluate
+    from .io import content_hash
+
+    context = {"data": _data_identity(args), "model": _model_identity(args), "source": source}
+    key = content_hash({"intervene": None if spec is None else spec.identity, **context, "variant": variant,
+                        "max_new_tokens": args.max_new_tokens})
+    res = evaluate(model, examples, variant=variant, intervene=spec, output=out / f"{name}-{key[:12]}.jsonl",
+                   max_new_tokens=args.max_new_tokens, tag=context)
     s = res.summary()
     print(f"  {name:<32} n={s['n']:<4} accuracy {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}   "
           f"distractor copy {s['distractor_copy']:.3f}")
@@ -233,33 +283,34 @@ def _eval(model, examples, args, out: Path, name: str, intervene=None, variant: 
 
 
 def cmd_sweep(args) -> int:
-    from .interventions import split_softmax
-    from .models import model_info
     from .plotting import ablation_curve, save_figure
+    from .specs import SplitSoftmax
+    from .sweeps import random_heads
     from .tasks import render
 
     for t in args.taus:
         if not t > 0:
             raise ValueError(f"tau must be > 0 (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
+    if not args.ks or min(args.ks) < 1:
+        raise ValueError(f"--ks must be positive integers, got {args.ks}")
     model = _model(args)
-    info = model_info(model)
     ranking = _load_heads(args.heads, model)
     if max(args.ks) > len(ranking):
         raise ValueError(f"k={max(args.ks)} exceeds the {len(ranking)} heads in {args.heads}")
     out = _out(args)
     examples = [render(e, model.tokenizer) for e in _examples(args)]
+    ranking_sum = _file_checksum(args.heads)
     res = {"original": _eval(model, examples, args, out, "original")}
-    all_heads = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
     for tau in args.taus:
         for k in args.ks:
-            heads = ranking[:k]
             res[f"top{k}_tau{tau}"] = _eval(model, examples, args, out, f"top{k}_tau{tau}",
-                                            intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
+                                            spec=SplitSoftmax(ranking[:k], tau),
+                                            source={"ranking": ranking_sum, "k": k})
             for s in args.random_seeds:
-                rh = random.Random(1000 + s).sample(all_heads, k)
-                res[f"random{k}_tau{tau}_s{s}"] = _eval(
-                    model, examples, args, out, f"random{k}_tau{tau}_s{s}",
-                    intervene=lambda r, rh=rh, tau=tau: split_softmax(model, rh, r.relevant, tau))
+                rh = random_heads(model, k, seed=s)
+                res[f"random{k}_tau{tau}_s{s}"] = _eval(model, examples, args, out, f"random{k}_tau{tau}_s{s}",
+                                                        spec=SplitSoftmax(rh, tau),
+                                                        source={"random_heads": {"k": k, "seed": s}})
     series = {}
     for tau in args.taus:
         series[f"top-k, τ={tau}"] = ([res[f"top{k}_tau{tau}"]["accuracy"] for k in args.ks],
@@ -318,26 +369,28 @@ def cmd_evaluate(args) -> int:
         examples = [render(e, model.tokenizer) for e in examples]
     if args.directions:
         from .directions import FocusDirections
+        from .io import tensor_checksum
+        from .specs import Steer
 
         if not Path(args.directions).exists():
             raise FileNotFoundError(f"--directions {args.directions}: no such folder")
         d = FocusDirections.load(args.directions)
         alpha = args.alpha if args.alpha is not None else d.alpha
-        if alpha == "auto":
-            intervene = lambda r: d.apply(model, alpha="auto", tokens=r.prompt.tokens)  # noqa: E731
-        else:
+        if alpha != "auto":
             try:
-                a = float(alpha)
+                alpha = float(alpha)
             except ValueError:
                 raise ValueError(f"--alpha must be a number or 'auto', got {alpha!r}") from None
-            intervene = lambda r: d.apply(model, alpha=a)  # noqa: E731
-        _eval(model, examples, args, out, f"directions_alpha{alpha}", intervene=intervene, variant=args.variant)
+        spec = Steer(d, alpha=alpha)
+        _eval(model, examples, args, out, f"directions_alpha{alpha if alpha == 'auto' else format(alpha, 'g')}",
+              spec=spec, variant=args.variant, source={"directions": tensor_checksum(d.vectors)})
     elif args.heads:
-        from .interventions import split_softmax
+        from .specs import SplitSoftmax
 
         heads = _load_heads(args.heads, model, k=args.k)
-        _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau}",
-              intervene=lambda r: split_softmax(model, heads, r.relevant, args.tau), variant=args.variant)
+        _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau:g}",
+              spec=SplitSoftmax(heads, args.tau), variant=args.variant,
+              source={"ranking": _file_checksum(args.heads), "k": args.k})
     else:
         _eval(model, examples, args, out, f"plain_{args.variant}", variant=args.variant)
     return 0

@@ -13,6 +13,11 @@ already there with the same configuration; evaluations also resume example by ex
 5. ``alpha``      — accuracy vs α with the learned directions (negative α included), the matched-norm
                     random control and this project's sink-target magnitude control (``alpha="auto"``).
 
+Per-condition evaluation files are named ``runs/{name}-{hash}.jsonl``; the hash covers the
+intervention spec's identity (:mod:`focuslens.specs`: heads and τ, or the directions' checksum and α),
+the test data and the decoding budget, so a changed ranking, retrained directions or another data
+configuration never resume another condition's records.
+
 Example sizes are small by default so that the demo finishes in about ten minutes on a 2-core CPU;
 ``--full`` runs the larger protocol. Every number in the report carries its sample size and standard
 error.
@@ -23,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from .generation import DEFAULT_MAX_NEW_TOKENS
-from .io import atomic_write_json
+from .io import atomic_write_json, content_hash
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -103,8 +107,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     """
     from . import directions as fd
     from .evaluation import evaluate
-    from .interventions import split_softmax
     from .models import load_model, model_info
+    from .specs import SplitSoftmax
+    from .sweeps import examples_identity, random_heads
     from .plotting import ablation_curve, head_heatmap, save_figure
     from .scoring import DatasetScores, score_dataset
     from .tasks import make_synthetic_qa, render
@@ -137,11 +142,14 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     val_ex = pool[cfg.n_rank + cfg.n_train : cfg.n_rank + cfg.n_train + cfg.n_val]
     test_ex = pool[cfg.n_rank + cfg.n_train + cfg.n_val :]
     test_r = [render(e, tok) for e in test_ex]
+    data_id = {"model": cfg.model, "test": examples_identity(test_ex)}
 
-    def ev(name: str, *, variant: str = "original", intervene=None) -> dict:
+    def ev(name: str, *, variant: str = "original", spec=None) -> dict:
+        key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
+                            "variant": variant, "max_new_tokens": cfg.max_new_tokens})
         res = evaluate(
-            model, test_ex if variant != "original" else test_r, variant=variant, intervene=intervene,
-            output=runs / f"{name}.jsonl", max_new_tokens=cfg.max_new_tokens, tag=name,
+            model, test_ex if variant != "original" else test_r, variant=variant, intervene=spec,
+            output=runs / f"{name}-{key[:12]}.jsonl", max_new_tokens=cfg.max_new_tokens, tag=data_id,
         )
         s = res.summary()
         return {k: s[k] for k in ("n", "accuracy", "accuracy_se", "distractor_copy", "distractor_copy_se")}
@@ -175,17 +183,13 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     # 3. Split softmax -----------------------------------------------------------------------------
     def do_split() -> dict:
         res: dict[str, Any] = {"top": {}, "random": {}}
-        all_heads = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
         for tau in cfg.taus:
             for k in cfg.ks:
-                heads = full_rank[:k]
-                res["top"][f"{k}|{tau}"] = ev(
-                    f"ss_top{k}_tau{tau}", intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
+                res["top"][f"{k}|{tau}"] = ev(f"ss_top{k}_tau{tau}", spec=SplitSoftmax(full_rank[:k], tau))
             for s in cfg.random_seeds:
                 for k in cfg.random_ks:
-                    heads = random.Random(1000 + s).sample(all_heads, k)
-                    res["random"][f"{k}|{tau}|{s}"] = ev(
-                        f"ss_rand{k}_tau{tau}_s{s}", intervene=lambda r, heads=heads, tau=tau: split_softmax(model, heads, r.relevant, tau))
+                    res["random"][f"{k}|{tau}|{s}"] = ev(f"ss_rand{k}_tau{tau}_s{s}",
+                                                         spec=SplitSoftmax(random_heads(model, k, seed=s), tau))
         return res
 
     split = steps.run("split_softmax", do_split)
@@ -259,27 +263,15 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
 
 
 def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd) -> dict:
-    class _Lazy:
-        """Attach the directions only when evaluate() enters the context."""
-
-        def __init__(self, make):
-            self.make, self.h = make, None
-
-        def __enter__(self):
-            self.h = self.make()
-            return self.h
-
-        def __exit__(self, *exc):
-            self.h.remove()
+    from .specs import Steer
 
     res: dict[str, Any] = {"learned": {}, "random": {}}
     rnd = fd.random_like(directions, seed=cfg.seed)
     for a in cfg.alphas:
-        res["learned"][str(a)] = ev(f"fd_{cfg.objective}_a{a}", intervene=_Lazy(lambda a=a: directions.apply(model, alpha=a)))
+        res["learned"][str(a)] = ev(f"fd_{cfg.objective}_a{a}", spec=Steer(directions, alpha=a))
         if a > 0:
-            res["random"][str(a)] = ev(f"fd_random_a{a}", intervene=_Lazy(lambda a=a: rnd.apply(model, alpha=a)))
-    res["auto"] = ev(f"fd_{cfg.objective}_auto",
-                     intervene=lambda r: directions.apply(model, alpha="auto", tokens=r.prompt.tokens))
+            res["random"][str(a)] = ev(f"fd_random_a{a}", spec=Steer(rnd, alpha=a))
+    res["auto"] = ev(f"fd_{cfg.objective}_auto", spec=Steer(directions, alpha="auto"))
     return res
 
 

@@ -9,13 +9,18 @@ Three things make that practical and honest:
 * **fast greedy decoding** with the model's KV cache, stopping at EOS and at the first newline once
   the answer has started (best-subspan EM only reads the first line), unembedding only the last
   position at prefill;
-* **interventions per example**: ``intervene`` is a callable ``RenderedExample -> context manager``
-  entered around each example's generation, so an oracle intervention can use that example's own
-  spans (``intervene=lambda r: split_softmax(model, heads, r.relevant, tau)``); a plain context
-  manager object is entered once around the whole run;
-* **resumable records**: each example's result is appended to a JSONL file and flushed at once;
-  a rerun with the same configuration skips the finished examples, and a rerun with a different
-  configuration on the same file stops with an error instead of mixing results.
+* **interventions as specs**: ``intervene`` is a spec of :mod:`focuslens.specs`
+  (``SplitSoftmax(heads, tau)``, ``Steer(directions, alpha=0.5)``...). A spec that needs the example
+  (split softmax takes each example's own gold span, ``alpha="auto"`` its tokens) is attached around
+  each example's generation; one that does not is attached once around the whole run (and batches).
+  Either way the hooks are removed in a ``finally``, also after an exception;
+* **records keyed by content**: each example's result is appended to a JSONL file and flushed at
+  once; the file's header holds the configuration, which includes the spec's ``identity`` (heads,
+  τ/α, a checksum of the vectors...). A rerun with the same configuration skips the finished
+  examples; a rerun with a different one on the same file raises a ``ValueError`` naming the keys
+  that differ, so a file never hands back another configuration's answers. A bare callable or
+  context manager is still accepted but has no content identity: with ``output=`` it needs an
+  explicit ``id="..."``.
 
 :func:`teacher_forced_margins` is the cheap companion for sweeps: the log-probability of the gold
 answer minus that of the best distractor answer, both as continuations of the prompt, from one
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,7 +60,9 @@ from .generation import (
     model_device as _device,
     stop_ids as _stop_ids,
 )
+from .io import content_hash
 from .models import HookedModel, model_info
+from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
     accuracy_by_position,
     best_subspan_em,
@@ -73,12 +81,45 @@ __all__ = [
     "teacher_forced_margins",
     "MarginResult",
     "config_hash",
+    "Decoding",
     "RECORD_FORMAT_VERSION",
 ]
 
 RECORD_FORMAT_VERSION = 1
 
-Intervene = Callable[[RenderedExample], ContextManager[Any]] | ContextManager[Any] | None
+Intervene = InterventionSpec | Callable[[RenderedExample], ContextManager[Any]] | ContextManager[Any] | None
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How :func:`evaluate` renders prompts and decodes answers (all of it enters the records' hash).
+
+    Attributes:
+        variant: ``"original"``, ``"gold_only"`` or ``"negative"``.
+        max_new_tokens: generation budget per example (the answer is one short line).
+        chat: render in the model's chat template (ignored for pre-rendered examples).
+        system: system message for the chat template.
+        gold_position: move the gold document here before rendering (``"original"`` only).
+        stop_at_newline: stop at the first newline once the answer started.
+
+    Why a bundle: these six settings travel together (the CLI, the demo and the sweeps pass the same
+    ones to every call); ``evaluate`` still accepts each as a keyword (``max_new_tokens=4``), which
+    overrides the bundle's value.
+    """
+
+    variant: Literal["original", "gold_only", "negative"] | str = "original"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    chat: bool = True
+    system: str | None = None
+    gold_position: int | None = None
+    stop_at_newline: bool = True
+
+    def replace(self, **changes: Any) -> "Decoding":
+        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"evaluate() got unexpected keyword argument(s) {unknown}.")
+        return dataclasses.replace(self, **changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +139,7 @@ class EvalResult:
     Attributes:
         records: one dict per example, in the order of the examples given (``prediction``, ``em``,
             ``substring``, ``distractor_copy``, ``gold_position``, ``n_new_tokens``, ``seconds``...).
-        config: what the run depends on (model, variant, decoding settings, intervention label).
+        config: what the run depends on (model, variant, decoding settings, the intervention's identity).
         config_hash: short hash of ``config`` (the key of the JSONL file).
         path: the JSONL file, if any.
         n_resumed: records read back from the file instead of recomputed.
@@ -171,8 +212,18 @@ class EvalResult:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-serialisable configuration."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short stable hash of a JSON-serialisable configuration (:func:`focuslens.io.content_hash`)."""
+    return content_hash(config)
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs (nested dicts, e.g. a spec identity)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def _prompt_hash(r: RenderedExample) -> str:
@@ -200,11 +251,11 @@ def _read_records(path: Path, cfg: dict[str, Any], h: str) -> dict[str, dict[str
         if "focuslens_eval" in obj:
             if obj.get("config_hash") != h:
                 old = obj.get("config", {})
-                diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+                diff = _diff_keys(old, json.loads(json.dumps(cfg)))
                 raise ValueError(
                     f"{path} holds results of a different evaluation configuration (hash "
-                    f"{obj.get('config_hash')} vs {h}; differs in {diff}: "
-                    + ", ".join(f"{k}={old.get(k)!r} there, {cfg.get(k)!r} now" for k in diff)
+                    f"{obj.get('config_hash')} vs {h}; differs in {[k for k, _, _ in diff]}: "
+                    + ", ".join(f"{k}={a!r} there, {b!r} now" for k, a, b in diff)
                     + "). Use another output file, or resume=False to overwrite it."
                 )
             continue
@@ -237,49 +288,90 @@ def _is_context_manager(x: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _intervention(intervene: Any, *, id: str | None, output: Any) -> tuple[Any, Any]:
+    """Classify ``intervene``: returns ``(normalised intervene, its entry in the configuration)``.
+
+    Specs enter with their content identity; a bare callable or context manager has none, so with an
+    output file it must come with an explicit ``id`` (a name alone is what let one run's records be
+    handed to another).
+    """
+    if isinstance(intervene, NoIntervention) or (
+        isinstance(intervene, InterventionSpec) and intervene.identity.get("kind") == "none"
+    ):
+        intervene = None
+    if intervene is None:
+        if id is not None:
+            raise ValueError("id= names a callable or context-manager intervention; there is none here.")
+        return None, None
+    if isinstance(intervene, InterventionSpec):
+        if id is not None:
+            raise ValueError(
+                f"id= is for callables and context managers; the spec {intervene!r} has its own content "
+                "identity (spec.id), which is what keys the records."
+            )
+        return intervene, intervene.identity
+    if not (_is_context_manager(intervene) or callable(intervene)):
+        raise TypeError(
+            "intervene must be None, an intervention spec (focuslens.specs), a callable RenderedExample -> "
+            f"context manager, or a context manager object; got {type(intervene).__name__}."
+        )
+    if id is not None:
+        if not isinstance(id, str) or not id.strip():
+            raise ValueError(f"id must be a non-empty string, got {id!r}.")
+        return intervene, {"kind": "custom", "id": id}
+    if output is not None:
+        raise ValueError(
+            f"intervene={_label(intervene)!r} is a bare callable/context manager with no content identity, "
+            "so its records could be confused with another intervention's: pass a spec from "
+            "focuslens.specs (SplitSoftmax, Steer, InjectVectors, Ablate, Compose), or an explicit "
+            "id='...' that names exactly what it does."
+        )
+    return intervene, _label(intervene)
+
+
 def evaluate(
     model: HookedModel,
     examples: Sequence[TaskExample | RenderedExample],
     *,
-    variant: Literal["original", "gold_only", "negative"] | str = "original",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     intervene: Intervene = None,
     output: str | os.PathLike | None = None,
+    id: str | None = None,
     resume: bool = True,
-    chat: bool = True,
-    progress: bool = True,
-    gold_position: int | None = None,
-    system: str | None = None,
-    stop_at_newline: bool = True,
-    tag: str | None = None,
+    decoding: Decoding | None = None,
+    tag: str | dict[str, Any] | None = None,
     batch_size: int = 8,
+    progress: bool = True,
+    **decoding_kw: Any,
 ) -> EvalResult:
     """Greedy answers for a list of examples, scored with best-subspan EM and distractor copy.
 
     Args:
         model: a hooked model (``fl.load_model()``).
-        examples: :class:`TaskExample` records (rendered here with ``variant``/``chat``/
-            ``gold_position``/``system``) or already :class:`RenderedExample` objects (used as given).
-        variant: ``"original"``, ``"gold_only"`` or ``"negative"``.
-        max_new_tokens: generation budget per example (the answer is one short line).
-        intervene: ``None``; a callable ``RenderedExample -> context manager`` entered around each
-            example's generation (per-example spans); or a context manager object entered once
-            around the whole run. An exception inside it stops the run; finished records are kept.
+        examples: :class:`TaskExample` records (rendered here with the decoding settings) or already
+            :class:`RenderedExample` objects (used as given; they must match ``variant``/``chat``).
+        intervene: ``None``; an intervention spec (:mod:`focuslens.specs`): attached with
+            ``spec.attach(model, example)`` around each example's generation when it needs the
+            example (``spec.per_example``: split softmax, ``alpha="auto"``), else once around the
+            whole run; its ``identity`` enters the records' configuration. Also accepted, without a
+            content identity: a callable ``RenderedExample -> context manager`` (entered per example)
+            or a context manager object (entered once) — with ``output`` these need ``id``. An
+            exception inside an intervention stops the run; finished records are kept and the hooks
+            are removed.
         output: a JSONL file: a header line with the configuration, then one record per example,
             appended and flushed as it finishes. ``None``: keep records in memory only.
+        id: what a callable / context-manager ``intervene`` does, as a stable string (it replaces
+            the content identity that a spec carries). Not allowed with a spec.
         resume: reuse the records already in ``output`` (same configuration required, else a
-            ``ValueError``); ``False`` overwrites the file.
-        chat: render in the model's chat template (ignored for pre-rendered examples).
-        progress: show a tqdm progress bar.
-        gold_position: move the gold document here before rendering (``"original"`` only).
-        system: system message for the chat template.
-        stop_at_newline: stop at the first newline once the answer started.
-        tag: a free label that enters the configuration hash (e.g. ``"split_softmax k=20 tau=0.2"``),
-            so runs with different interventions cannot be mixed in one file.
+            ``ValueError`` naming the differing keys); ``False`` overwrites the file.
+        decoding: a :class:`Decoding` bundle (variant, max_new_tokens, chat, system, gold_position,
+            stop_at_newline); each of those may also be given as a keyword here, overriding it.
+        tag: a free label (string or JSON-able dict, e.g. the data's identity) that enters the
+            configuration hash.
         batch_size: examples decoded together (left-padded, :func:`greedy_generate_batch`) when
-            there is no per-example ``intervene`` callable (which always runs one by one). A CPU
-            decodes 8 prompts per step for about the cost of one. Not part of the configuration
+            nothing is attached per example (per-example interventions always run one by one). A
+            CPU decodes 8 prompts per step for about the cost of one. Not part of the configuration
             hash: batched and one-by-one answers agree (up to float rounding of near ties).
+        progress: show a tqdm progress bar.
 
     Returns:
         An :class:`EvalResult`; ``.summary()`` gives accuracy, distractor-copy rate and per-position
@@ -287,17 +379,21 @@ def evaluate(
 
     Records are keyed by ``"{index}:{id}"`` (position in ``examples`` and the record id) and carry a
     hash of the prompt tokens: resuming with different examples under the same keys raises.
+
+    Example:
+        >>> from focuslens.specs import SplitSoftmax
+        >>> res = evaluate(model, test, intervene=SplitSoftmax(top20, tau=0.2), output="runs/ss.jsonl",
+        ...                max_new_tokens=16)
     """
-    variant = normalise_variant(variant)
+    dec = (decoding if decoding is not None else Decoding()).replace(**decoding_kw)
+    variant = normalise_variant(dec.variant)
+    max_new_tokens, chat, stop_at_newline = dec.max_new_tokens, dec.chat, dec.stop_at_newline
+    gold_position, system = dec.gold_position, dec.system
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if intervene is not None and not (_is_context_manager(intervene) or callable(intervene)):
-        raise TypeError(
-            "intervene must be None, a callable RenderedExample -> context manager, or a context "
-            f"manager object; got {type(intervene).__name__}."
-        )
+    intervene, intervene_cfg = _intervention(intervene, id=id, output=output)
     info = model_info(model)
     cfg: dict[str, Any] = {
         "format": RECORD_FORMAT_VERSION,
@@ -309,7 +405,7 @@ def evaluate(
         "system": system,
         "gold_position": gold_position,
         "stop_at_newline": stop_at_newline,
-        "intervene": _label(intervene),
+        "intervene": intervene_cfg,
         "tag": tag,
     }
     h = config_hash(cfg)
@@ -325,8 +421,7 @@ def evaluate(
 
     stops = _stop_ids(model)
     t_start = time.perf_counter()
-    per_example = intervene if (intervene is not None and not _is_context_manager(intervene)) else None
-    outer = intervene if (intervene is not None and _is_context_manager(intervene)) else contextlib.nullcontext()
+    per_example, outer = _split_intervene(model, intervene)
     # Per-example interventions need each example alone in the forward pass.
     batch = 1 if per_example is not None else batch_size
     slots: list[dict[str, Any] | None] = [None] * len(examples)
@@ -382,7 +477,7 @@ def evaluate(
             bar.update(1)
 
     try:
-        with outer:
+        with outer():
             pending: list[tuple[int, RenderedExample, str]] = []
             for i, ex in enumerate(examples):
                 if isinstance(ex, RenderedExample):
@@ -426,6 +521,33 @@ def evaluate(
         records=records, config=cfg, config_hash=h, path=path, n_resumed=n_resumed,
         wall_seconds=time.perf_counter() - t_start,
     )
+
+
+def _split_intervene(model: HookedModel, intervene: Any) -> tuple[Callable[[Any], ContextManager[Any]] | None,
+                                                                  Callable[[], ContextManager[Any]]]:
+    """``(per-example factory or None, factory of the context around the whole run)``.
+
+    A spec is attached inside a ``try/finally`` (:func:`_attached`), so its hooks are removed also when
+    generation raises; a spec that does not need the example is attached once (and batches).
+    """
+    if intervene is None:
+        return None, contextlib.nullcontext
+    if isinstance(intervene, InterventionSpec):
+        if intervene.per_example:
+            return (lambda r: _attached(model, intervene, r)), contextlib.nullcontext
+        return None, (lambda: _attached(model, intervene, None))
+    if _is_context_manager(intervene):
+        return None, (lambda: intervene)
+    return intervene, contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def _attached(model: HookedModel, spec: InterventionSpec, example: Any):
+    handle = spec.attach(model, example)
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,16 +649,17 @@ def teacher_forced_margins(
             chat models phrase the answer), else ``""`` for chat prompts (the assistant turn starts
             right after the template's header) and ``" "`` for plain prompts (after ``"Answer:"``). A callable gets the rendered example (e.g. to score
             ``"The capital of Veloria is " + answer``).
-        intervene: as in :func:`evaluate` (a callable per example, or a context manager around all).
+        intervene: as in :func:`evaluate` (a spec, a callable per example, or a context manager
+            around all).
         batch_size: candidates scored per batched forward pass.
     """
     tok = model.tokenizer
-    per_example = intervene if (intervene is not None and not _is_context_manager(intervene)) else None
-    outer = intervene if (intervene is not None and _is_context_manager(intervene)) else contextlib.nullcontext()
+    intervene, _ = _intervention(intervene, id=None, output=None)
+    per_example, outer = _split_intervene(model, intervene)
     gold_lp, dist_lp, best = [], [], []
     from tqdm.auto import tqdm
 
-    with outer:
+    with outer():
         for r in tqdm(rendered_examples, disable=not progress, desc="margins", leave=False):
             if answer_prefix is None:
                 prefix = r.example.meta.get("answer_prefix") or ("" if r.prompt.chat else " ")

@@ -12,6 +12,9 @@ exception interrupts them.
 
 Every function here returns a :class:`focuslens.hooks.HookHandle` (``.remove()``; usable as a
 context manager). Handles compose: nest ``with`` blocks, or bundle several with :func:`compose`.
+These are the *eager* shortcuts (hooks attach when called); to describe an intervention before it is
+applied (per example in an evaluation, with a content identity for stored results, all-or-nothing
+composition) use the specs of :mod:`focuslens.specs`, which attach through these functions.
 
 Which one should you use?
 -------------------------
@@ -70,7 +73,12 @@ class ComposedHandle(HookHandle):
     def __init__(self, handles: Sequence[HookHandle], *, label: str = "composed"):
         models = {id(h.model) for h in handles}
         if len(models) > 1:
-            raise ValueError("compose(): all handles must belong to the same model.")
+            # Refusing must not leak: the handles given are already attached, and the caller gets no
+            # object through which to remove them.
+            _remove_all(handles)
+            raise ValueError(
+                "compose(): all handles must belong to the same model; the handles given were removed."
+            )
         self.model = handles[0].model if handles else None
         self.label = label
         self.members: list[HookHandle] = list(handles)
@@ -98,8 +106,28 @@ class ComposedHandle(HookHandle):
         return f"<ComposedHandle {self.label}: {len(self.members)} handles, {self.n_hooks} hooks>"
 
 
+def _remove_all(handles: Iterable[object]) -> None:
+    """Remove every :class:`HookHandle` among ``handles`` (others ignored), whatever fails."""
+    for h in reversed(list(handles)):
+        if isinstance(h, HookHandle):
+            try:
+                h.remove()
+            except Exception:  # keep removing; the refusal is the error to report
+                pass
+
+
 def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
     """Bundle already-attached handles so that one ``remove()`` / ``with`` block removes them all.
+
+    Never leaves hooks behind when it refuses: given something that is not a :class:`HookHandle`,
+    or handles of two different models, it **removes every handle it was given** and then raises
+    (``TypeError`` / ``ValueError``), because the caller has no composed handle to clean up with.
+
+    It cannot help when an *argument* fails: in ``compose(split_softmax(...), inject_vectors(...,
+    alpha=nan))`` the first handle is attached before the second call raises and ``compose`` never
+    runs. Describe the interventions as specs instead, which attach all-or-nothing:
+    ``(SplitSoftmax(heads, tau) + InjectVectors(vecs)).attach(model, example)``
+    (:mod:`focuslens.specs`).
 
     Example:
         >>> with compose(split_softmax(model, heads, span, 0.3), inject_vectors(model, vecs)):
@@ -107,7 +135,10 @@ def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
     """
     for h in handles:
         if not isinstance(h, HookHandle):
-            raise TypeError(f"compose() takes HookHandle objects, got {type(h).__name__}.")
+            _remove_all(handles)
+            raise TypeError(
+                f"compose() takes HookHandle objects, got {type(h).__name__}; the handles given were removed."
+            )
     return ComposedHandle(handles, label=label)
 
 

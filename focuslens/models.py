@@ -27,6 +27,10 @@ from .io import atomic_dir
 
 __all__ = [
     "HookedModel",
+    "is_legacy",
+    "prepare_tokenizer",
+    "forward_with_cache",
+    "repeat_cache",
     "ModelInfo",
     "load_model",
     "model_info",
@@ -217,18 +221,191 @@ def _hub_offline() -> bool:
     return v.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def is_legacy(model: Any) -> bool:
+    """True for a legacy TransformerLens ``HookedTransformer`` (TL ≤ 3.9), False for a bridge or backend.
+
+    Checked by class name along the MRO, so it needs no TransformerLens import (TL 4 has no
+    ``HookedTransformer`` at all).
+    """
+    return any(c.__name__ == "HookedTransformer" for c in type(model).__mro__)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Mark an in-memory tokenizer as already configured, so TransformerLens uses it as given.
+
+    TransformerLens (the bridge and the legacy ``HookedTransformer``) re-loads a tokenizer from its
+    hub name to force a BOS token; a tokenizer built in memory has no name (``KeyError:
+    'name_or_path'``) and offline the re-load fails. Call this before
+    ``HookedTransformer(cfg, tokenizer=tok)``. Returns the same tokenizer.
+    """
+    if tokenizer is not None and "name_or_path" not in getattr(tokenizer, "init_kwargs", {}):
+        tokenizer.init_kwargs.setdefault("name_or_path", "in-memory")
+        tokenizer.init_kwargs.setdefault("add_bos_token", True)
+    return tokenizer
+
+
+def _legacy_kv_cache_class():
+    try:  # TransformerLens 3.x
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as cls
+    except ImportError:  # TransformerLens 2.x
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as cls
+    return cls
+
+
+def forward_with_cache(
+    model: HookedModel,
+    tokens: torch.Tensor,
+    cache: Any = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    logits_to_keep: int | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """One forward pass that continues a KV cache: ``(logits, cache)`` on either TransformerLens API.
+
+    Args:
+        tokens: ``[batch, new]`` ids (the whole prompt at the prefill, then the new tokens).
+        cache: ``None`` at the prefill, then what the previous call returned.
+        attention_mask: ``[batch, past + new]``, 1 on real tokens (left padding), covering the cached
+            positions too (the bridge's convention; for a legacy model only its last ``new`` columns are
+            passed, since its cache keeps the earlier ones). ``None``: every token is real.
+        logits_to_keep: return only the last this many positions' logits.
+
+    The bridge (TL 4) gets ``return_type="logits_and_cache"`` with ``past_key_values``; a legacy
+    ``HookedTransformer`` (TL 2/3) gets ``past_kv_cache=`` a TransformerLens key-value cache, always
+    with an explicit mask (without one it would mask every token equal to the pad id, which the tiny
+    tokenizers and many chat models share with BOS/EOS). Hooks attached to the model fire either way.
+    """
+    if not is_legacy(model):
+        kw: dict[str, Any] = {}
+        if cache is not None:
+            kw["past_key_values"] = cache
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        if logits_to_keep is not None:
+            kw["logits_to_keep"] = logits_to_keep
+        return model(tokens, return_type="logits_and_cache", **kw)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    batch, n_new = tokens.shape
+    if attention_mask is None:
+        mask = torch.ones((batch, n_new), dtype=torch.long, device=tokens.device)
+    else:
+        mask = attention_mask[:, -n_new:].to(device=tokens.device, dtype=torch.long)
+    if cache is None:
+        cache = _legacy_kv_cache_class().init_cache(model.cfg, model.cfg.device, batch)
+    logits = model(tokens, past_kv_cache=cache, attention_mask=mask)
+    if logits_to_keep is not None:
+        logits = logits[:, -int(logits_to_keep):]
+    return logits, cache
+
+
+def repeat_cache(model: HookedModel, cache: Any, n: int) -> Any:
+    """A copy of a batch-1 KV cache repeated ``n`` times along the batch (the original is untouched)."""
+    import copy
+
+    out = copy.deepcopy(cache)
+    if not is_legacy(model):
+        out.batch_repeat_interleave(n)
+        return out
+    for e in out.entries:
+        e.past_keys = e.past_keys.repeat_interleave(n, dim=0)
+        e.past_values = e.past_values.repeat_interleave(n, dim=0)
+    out.previous_attention_mask = out.previous_attention_mask.repeat_interleave(n, dim=0)
+    return out
+
+
+def _version(dist: str) -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version(dist)
+    except PackageNotFoundError:
+        return ()
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
+
+
+def check_bridge_versions() -> None:
+    """Refuse the one known-bad combination: a TransformerLens < 4.4 bridge with transformers ≥ 5.24.
+
+    transformers 5.24 renamed the attention layer's cache argument; the TL ≤ 4.3 bridge then attends
+    only to the current token in cached generation (wrong answers, no error). A legacy
+    ``HookedTransformer`` computes attention itself and is not affected. ``FOCUSLENS_ALLOW_ANY_TRANSFORMERS=1``
+    skips the check (e.g. for a TransformerLens build that fixed it).
+    """
+    if os.environ.get("FOCUSLENS_ALLOW_ANY_TRANSFORMERS", "").strip() in {"1", "true", "yes"}:
+        return
+    tf, tl = _version("transformers"), _version("transformer-lens") or _version("transformer_lens")
+    if tf and tl and tf >= (5, 24) and tl < (4, 4):
+        raise RuntimeError(
+            f"transformers {'.'.join(map(str, tf))} with TransformerLens {'.'.join(map(str, tl))}: the "
+            "TransformerBridge silently breaks cached generation with transformers >= 5.24. Install "
+            "'transformers>=5.9,<5.24' (e.g. pip install transformers==5.23.0), or set "
+            "FOCUSLENS_ALLOW_ANY_TRANSFORMERS=1 if your TransformerLens has the fix."
+        )
+
+
 def _boot(source: Any, *, device: str, dtype: torch.dtype, hf_model=None, tokenizer=None):
-    from transformer_lens.model_bridge import TransformerBridge
+    check_bridge_versions()
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:  # TransformerLens 2.x: HookedTransformer only
+        raise ImportError(
+            "load_model builds a TransformerLens TransformerBridge, which this TransformerLens "
+            "version lacks. Build a HookedTransformer yourself and pass it to focuslens functions "
+            "(or FocusLens(model)), or load_model(..., backend='legacy')."
+        ) from e
 
     kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     if hf_model is not None:
-        if tokenizer is not None and "name_or_path" not in getattr(tokenizer, "init_kwargs", {}):
-            # TL re-loads tokenizers from their hub name to force BOS; an in-memory tokenizer has
-            # none, so mark it as already configured and use it exactly as given.
-            tokenizer.init_kwargs.setdefault("name_or_path", "in-memory")
-            tokenizer.init_kwargs.setdefault("add_bos_token", True)
+        # TL re-loads tokenizers from their hub name to force BOS; an in-memory tokenizer has
+        # none, so mark it as already configured and use it exactly as given.
+        prepare_tokenizer(tokenizer)
         kwargs.update(hf_model=hf_model, tokenizer=tokenizer)
     model = TransformerBridge.boot_transformers(source, **kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _boot_legacy(source: str, *, device: str, dtype: torch.dtype):
+    """A legacy ``HookedTransformer`` (TL 2/3) converted offline from a local Hugging Face folder.
+
+    ``HookedTransformer.from_pretrained`` only takes TransformerLens' official hub names; this reads
+    the folder's config with TL's own converter (``convert_hf_model_config`` accepts a folder), converts
+    the weights with ``get_pretrained_state_dict`` and loads them **without** weight processing (no
+    LayerNorm folding or centring), so hook values equal the Hugging Face model's. Checked on
+    SmolLM2-135M-Instruct with TL 3.9: logits equal HF's to ~4e-5.
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+    except ImportError as e:
+        raise ImportError(
+            "backend='legacy' needs TransformerLens <= 3.9 (TransformerLens 4 removed HookedTransformer); "
+            "use the default backend='bridge'."
+        ) from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    cfg_dict = convert_hf_model_config(source)
+    cfg_dict.update(device=device, dtype=dtype)
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state = get_pretrained_state_dict(source, cfg, hf_model=hf_model)
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer=prepare_tokenizer(tokenizer))
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False,
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -242,6 +419,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: Any = None,
     verbose: bool = True,
+    backend: Literal["bridge", "legacy"] = "bridge",
 ) -> HookedModel:
     """Load a TransformerLens hooked model (a ``TransformerBridge``), offline when possible.
 
@@ -259,6 +437,9 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: parameter dtype (``torch.bfloat16`` on GPUs for 3B+ models).
         tokenizer: the tokenizer for an in-memory model.
+        backend: ``"bridge"`` (default): a TransformerLens ``TransformerBridge`` (TL 4; TL 3.x has
+            one too). ``"legacy"``: a ``HookedTransformer`` (TL 2.x/3.x only), converted offline
+            without weight processing; for the default model and local checkpoint folders.
 
     Returns:
         The hooked model, in eval mode with gradients off for its parameters.
@@ -271,11 +452,25 @@ def load_model(
     """
     if isinstance(name_or_path, HookedModel) and hasattr(name_or_path, "hook_dict"):
         return name_or_path
+    if backend not in ("bridge", "legacy"):
+        raise ValueError(f"backend must be 'bridge' or 'legacy', got {backend!r}.")
     if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
         path = _ensure_default_checkpoint(verbose=verbose)
-        model = _boot(str(path), device=device, dtype=dtype)
+        if backend == "legacy":
+            model = _boot_legacy(str(path), device=device, dtype=dtype)
+        else:
+            model = _boot(str(path), device=device, dtype=dtype)
         model.cfg.model_name = DEFAULT_MODEL_NAME
         return model
+    if backend == "legacy":
+        p = Path(str(name_or_path)).expanduser() if isinstance(name_or_path, (str, os.PathLike)) else None
+        if p is None or not (p / "config.json").exists():
+            raise ValueError(
+                "backend='legacy' loads the default model or a local Hugging Face checkpoint folder; for "
+                "anything else build the HookedTransformer yourself (HookedTransformer.from_pretrained) "
+                "and pass it to focuslens."
+            )
+        return _boot_legacy(str(p), device=device, dtype=dtype)
     if isinstance(name_or_path, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(

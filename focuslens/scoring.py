@@ -16,11 +16,12 @@ their union and maximum) are then sums over columns of that one tensor: one pass
 
 Two exact routes compute the response rows (``method=``):
 
-* ``"qk"``: hook the post-RoPE queries/keys (``hook_rot_q``/``hook_rot_k``; ``hook_q``/``hook_k`` on
-  learned-position models), and compute ``softmax(q_R · kᵀ · scale + causal mask)`` for the response
-  rows only, GQA-expanded, in fp32. Used only where the attention has no extra terms (no logit
-  softcap, sliding window, attention sinks, ALiBi, QK-norm after RoPE); the scale is read from the
-  attention module (``scaling``), not assumed to be ``1/√d``.
+* ``"qk"``: hook the post-RoPE queries/keys (``hook_rot_q``/``hook_rot_k``, after QK-norm;
+  ``hook_q``/``hook_k`` on learned-position models), and recompute the response rows of the pattern
+  with :mod:`focuslens.attention` (the one definition of scale, causal + sliding-window mask,
+  soft-capping and row softmax, GQA-expanded, fp32). Refused, with the reason, where that
+  recomputation is not exact (attention sinks, ALiBi, non-causal attention, dropout:
+  :func:`qk_route_available`).
 * ``"pattern"``: take the response rows of ``hook_pattern`` as it passes and reduce them at once.
   Works on every architecture the bridge supports.
 * ``"auto"`` (default): ``"pattern"``. Measured on SmolLM2 (``docs/scoring.md``) the two routes cost
@@ -58,6 +59,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .attention import LayerAttention, attention_probs, expand_kv, qk_route
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
 from .io import atomic_write
 from .hooks import attach_hooks
@@ -336,90 +338,24 @@ def _union_mask(spans: list[Span], seq_len: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _QKLayer:
-    q_hook: str
-    k_hook: str
-    scale: float
-
-
-def _qk_plan(model: HookedModel) -> tuple[list[_QKLayer] | None, str]:
-    """Per-layer hooks and scale for the exact q/k route, or ``(None, why not)``."""
-    try:
-        from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
-            JointQKVAttentionBridge,
-        )
-        from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
-            PositionEmbeddingsAttentionBridge,
-        )
-    except ImportError:  # not a TL 4 bridge
-        return None, "not a TransformerLens 4 bridge"
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        return None, "model has no .blocks"
-    info = model_info(model)
-    plan = []
-    for l, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        hf = getattr(attn, "original_component", None)
-        if attn is None or hf is None:
-            return None, f"layer {l}: no wrapped attention module"
-        if getattr(attn, "training", False) and float(getattr(hf, "attention_dropout", 0.0) or 0.0) > 0:
-            return None, "attention dropout is active (model in training mode)"
-        for attr in ("attn_logit_softcapping", "sinks", "sliding_window"):
-            if getattr(hf, attr, None) is not None:
-                return None, f"layer {l}: attention has {attr}"
-        if not getattr(hf, "is_causal", True) or getattr(attn, "is_cross_attention", False):
-            return None, f"layer {l}: not causal self-attention"
-        if type(attn) is PositionEmbeddingsAttentionBridge:
-            if not info.rotary:
-                return None, f"layer {l}: position-embedding attention without rotary config"
-            if any(n in getattr(attn, "submodules", {}) for n in ("q_norm", "k_norm")):
-                return None, f"layer {l}: QK-norm (may act after RoPE)"
-            scale = getattr(hf, "scaling", None)
-            if scale is None:
-                return None, f"layer {l}: attention module has no `scaling`"
-            plan.append(_QKLayer(hook_name(l, "hook_rot_q"), hook_name(l, "hook_rot_k"), float(scale)))
-        elif type(attn) is JointQKVAttentionBridge and not info.rotary:
-            scale = info.d_head ** -0.5
-            if getattr(model.cfg, "scale_attn_by_inverse_layer_idx", False):
-                scale /= float(l + 1)
-            if getattr(hf, "scale_attn_weights", True) is False:
-                return None, f"layer {l}: scale_attn_weights=False"
-            hf_scale = getattr(hf, "scaling", None)
-            if hf_scale is not None and not getattr(model.cfg, "scale_attn_by_inverse_layer_idx", False) \
-                    and not math.isclose(float(hf_scale), scale, rel_tol=1e-6):
-                return None, f"layer {l}: attention scale {hf_scale} differs from 1/sqrt(d_head)"
-            plan.append(_QKLayer(hook_name(l, "hook_q"), hook_name(l, "hook_k"), float(scale)))
-        else:
-            return None, f"layer {l}: {type(attn).__name__} is not a plain attention (ALiBi, fused rotary...)"
-    hd = model.hook_dict
-    for p in plan:
-        if p.q_hook not in hd or p.k_hook not in hd:
-            return None, f"missing hook {p.q_hook} or {p.k_hook}"
-    return plan, ""
-
-
 def qk_route_available(model: HookedModel) -> tuple[bool, str]:
-    """Whether ``method="qk"`` is exact on this model, and if not, why (it then raises; use ``"pattern"``)."""
-    plan, why = _qk_plan(model)
+    """Whether ``method="qk"`` is exact on this model, and if not, why (it then raises; use ``"pattern"``).
+
+    The rule is :func:`focuslens.attention.qk_route`: sliding windows, soft-capping and QK-norm are
+    modelled (exact); attention sinks, ALiBi, non-causal attention and active dropout are not.
+    """
+    plan, why = qk_route(model)
     return plan is not None, why
 
 
 def _response_rows_qk(
-    q: Float[Tensor, "r head d"], k: Float[Tensor, "key kv d"], *, start: int, scale: float, n_heads: int
+    q: Float[Tensor, "r head d"], k: Float[Tensor, "key kv d"], la: LayerAttention, *, start: int, n_heads: int
 ) -> Float[Tensor, "head key"]:
-    """Σ over response rows of softmax(q·kᵀ·scale + causal mask): ``[head, key]`` in fp32."""
-    q = q.float()
-    k = k.float()
-    if k.shape[1] != n_heads:
-        k = k.repeat_interleave(n_heads // k.shape[1], dim=1)  # [key, head, d]
-    scores = torch.einsum("rhd,khd->hrk", q, k) * scale  # [head, r, key]
-    r, n_keys = q.shape[0], k.shape[0]
-    rows = torch.arange(start, start + r)[:, None]
-    cols = torch.arange(n_keys)[None, :]
-    scores = scores.masked_fill((cols > rows)[None], float("-inf"))
-    return torch.softmax(scores, dim=-1).sum(1)
+    """Σ over response rows of the recomputed pattern (:func:`~focuslens.attention.attention_probs`):
+    ``[head, key]`` in fp32 (scale, sliding window and soft-cap of layer ``la``, GQA-expanded)."""
+    k = expand_kv(k, n_heads, head_dim=1)  # [key, head, d]
+    rows = torch.arange(start, start + q.shape[0])
+    return attention_probs(q.transpose(0, 1), k.transpose(0, 1), la, rows).sum(1)
 
 
 def _column_sums(
@@ -433,7 +369,7 @@ def _column_sums(
         raise ValueError(f"method must be 'auto', 'qk' or 'pattern', got {method!r}.")
     plan = None
     if method == "qk":
-        plan, why = _qk_plan(model)
+        plan, why = qk_route(model)
         if plan is None:
             raise ValueError(
                 f"method='qk' is not exact on this model ({why}); use method='pattern' or 'auto'."
@@ -453,13 +389,13 @@ def _column_sums(
     if plan is not None:
         store: dict[int, dict[str, Tensor]] = {}
 
-        def make(l: int, which: str, p: _QKLayer):
+        def make(l: int, which: str, p: LayerAttention):
             def fn(x: Tensor, hook=None) -> Tensor:
                 # x: [batch, pos, head (q) or kv_head (k), d_head]
                 s = store.setdefault(l, {})
                 s[which] = x[0, R.start:R.end].detach() if which == "q" else x[0, :R.end].detach()
                 if "q" in s and "k" in s:
-                    rows = _response_rows_qk(s.pop("q"), s.pop("k"), start=R.start, scale=p.scale, n_heads=H)
+                    rows = _response_rows_qk(s.pop("q"), s.pop("k"), p, start=R.start, n_heads=H)
                     columns[l, :, :R.end] = rows / n_r
                     finish(l)
                 return x
@@ -532,33 +468,62 @@ def score_spans(
         ...                  distractors=[p["doc_1"], p["doc_3"]])
         >>> hs.relevant.shape, hs.distractors_max.shape   # ([L, H], [L, H])
     """
+    backend = getattr(model, "score_spans", None)
+    if callable(backend) and not hasattr(model, "hook_dict"):
+        # Another backend (focuslens.backends: FusedModel, NNsightScorer): same protocol and result type.
+        return backend(tokens, response=response, spans=spans, distractors=distractors, sink=sink)
     toks = _as_tokens(tokens)
     N = toks.shape[1]
-    R = as_span(response, seq_len=N, name="response")
+    R, named, n_dis = _named_spans(N, response=response, spans=spans, distractors=distractors, sink=sink)
+    columns, used = _column_sums(model, toks, R, method=method, stop_early=stop_early)
+    return _head_scores(columns, R, named, n_dis, method=used)
+
+
+def _named_spans(
+    n: int,
+    *,
+    response: SpanLike,
+    spans: Mapping[str, SpansLike] | None,
+    distractors: Sequence[SpanLike] | None,
+    sink: SpanLike | int | None,
+) -> tuple[Span, dict[str, list[Span]], int]:
+    """The response span and every named key span of :func:`score_spans` (shared with the backends).
+
+    Returns ``(response, name -> spans, number of distractors)``; names are the user's spans, ``sink``
+    and ``distractor_1``.. (``distractors_total``/``distractors_max`` are added by :func:`_head_scores`).
+    """
+    R = as_span(response, seq_len=n, name="response")
     if R.start == 0:
         raise ValueError(f"response {R} starts at token 0: there is no earlier context to attend to.")
     named: dict[str, list[Span]] = {}
     for name, sp in (spans or {}).items():
         if name in (DISTRACTORS_TOTAL, DISTRACTORS_MAX, "sink") or (distractors and name.startswith("distractor_")):
             raise ValueError(f"span name {name!r} is reserved; use the sink=/distractors= arguments or rename it.")
-        named[name] = normalise_spans(sp, seq_len=N, before=R, name=name)
+        named[name] = normalise_spans(sp, seq_len=n, before=R, name=name)
     if sink is not None:
         if isinstance(sink, int) and not isinstance(sink, bool):
             if sink < 1:
                 raise ValueError(f"sink={sink}: give the number of leading tokens (>= 1), a span or None.")
             sink = Span(0, sink)
-        named["sink"] = normalise_spans(sink, seq_len=N, before=R, name="sink")
+        named["sink"] = normalise_spans(sink, seq_len=n, before=R, name="sink")
     dlist = list(distractors or [])
     for i, d in enumerate(dlist, start=1):
-        named[f"distractor_{i}"] = normalise_spans(d, seq_len=N, before=R, name=f"distractor_{i}")
+        named[f"distractor_{i}"] = normalise_spans(d, seq_len=n, before=R, name=f"distractor_{i}")
+    return R, named, len(dlist)
 
-    columns, used = _column_sums(model, toks, R, method=method, stop_early=stop_early)
+
+def _head_scores(
+    columns: Float[Tensor, "layer head pos"], response: Span, named: dict[str, list[Span]], n_distractors: int,
+    *, method: str,
+) -> HeadScores:
+    """Sum ``columns`` over every named span (and the distractor aggregates) into a :class:`HeadScores`."""
+    N = columns.shape[-1]
     scores = {n: columns[..., _union_mask(s, N)].sum(-1) for n, s in named.items()}
-    if dlist:
-        all_d = [s for i in range(1, len(dlist) + 1) for s in named[f"distractor_{i}"]]
+    if n_distractors:
+        all_d = [s for i in range(1, n_distractors + 1) for s in named[f"distractor_{i}"]]
         scores[DISTRACTORS_TOTAL] = columns[..., _union_mask(all_d, N)].sum(-1)
-        scores[DISTRACTORS_MAX] = torch.stack([scores[f"distractor_{i}"] for i in range(1, len(dlist) + 1)]).amax(0)
-    return HeadScores(scores=scores, columns=columns, response=R, method=used, spans=named)
+        scores[DISTRACTORS_MAX] = torch.stack([scores[f"distractor_{i}"] for i in range(1, n_distractors + 1)]).amax(0)
+    return HeadScores(scores=scores, columns=columns, response=response, method=method, spans=named)
 
 
 def contextual_scores(

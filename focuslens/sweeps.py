@@ -5,18 +5,80 @@ The CLI, the demo, the experiments and the notebooks all choose k and α and dra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
+from typing import Any, Iterable, Mapping, Sequence
 
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .directions.artefact import FocusDirections
-from .models import HookedModel
+from .io import content_hash, tensor_checksum
+from .models import HookedModel, model_info
 
-__all__ = ["select_alpha", "AlphaSelection"]
+__all__ = ["select_alpha", "AlphaSelection", "random_heads", "examples_identity"]
+
+
+def random_heads(
+    model_or_shape: HookedModel | tuple[int, int],
+    k: int,
+    *,
+    seed: int,
+    exclude: Iterable[Sequence[int]] = (),
+    pool: Iterable[Sequence[int]] | None = None,
+) -> list[tuple[int, int]]:
+    """``k`` distinct random ``(layer, head)`` query heads: the random-heads control, one convention.
+
+    Why one function: the CLI sweep, the demo and the experiments compare top-k contextual heads with
+    k random heads; if each drew them its own way, "random seed 0" would mean different heads in each
+    report. The draw is ``random.Random(seed).sample(pool, k)``, in the order drawn, over the pool
+    minus ``exclude`` (e.g. the top-k heads, for a disjoint control); the pool is every head in
+    layer-major order unless given (e.g. a ranking, to draw among ranked heads). This is the draw the
+    published split-softmax control used (``experiments/split_softmax_sweep.py``, seeds 0, 1, 2).
+
+    Args:
+        model_or_shape: a hooked model, or ``(n_layers, n_heads)``.
+        k: number of heads, ``1..len(pool)``.
+        seed: the control's seed (keyword-only, so every call site names it).
+        exclude: heads never drawn.
+        pool: the candidate heads, in order (default: all heads, layer-major).
+    """
+    if isinstance(model_or_shape, tuple):
+        n_layers, n_heads = (int(x) for x in model_or_shape)
+    else:
+        info = model_info(model_or_shape)
+        n_layers, n_heads = info.n_layers, info.n_heads
+    banned = {(int(l), int(h)) for l, h in exclude}
+    cand = [(l, h) for l in range(n_layers) for h in range(n_heads)] if pool is None else \
+        [(int(l), int(h)) for l, h in pool]
+    bad = [h for h in cand if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise ValueError(f"random_heads: pool heads {bad[:3]} are outside the model's {n_layers} x {n_heads} heads.")
+    pool = [h for h in cand if h not in banned]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(pool):
+        raise ValueError(f"random_heads: k must be in 1..{len(pool)} (heads available after exclude); got {k!r}.")
+    return random.Random(int(seed)).sample(pool, k)
+
+
+def examples_identity(examples: Sequence[Any]) -> str:
+    """A content hash of a list of examples (task records by their fields, rendered ones by tokens).
+
+    Used to key stored results by the data as well as by the intervention, so that another data set
+    written into the same folder gets its own files instead of a "different prompt" error or, worse,
+    the first data set's answers.
+    """
+    parts = []
+    for e in examples:
+        tokens = getattr(getattr(e, "prompt", None), "tokens", None)
+        if tokens is not None:
+            parts.append({"variant": getattr(e, "variant", None), "tokens": tensor_checksum(tokens)})
+        elif dataclasses.is_dataclass(e):
+            parts.append(dataclasses.asdict(e))
+        else:
+            parts.append(repr(e))
+    return content_hash(parts)
 
 
 @dataclass
@@ -94,12 +156,17 @@ def select_alpha(
         alphas: fixed α values to try (non-zero; negative values are allowed but are never chosen).
         ks: numbers of top heads to try (default: all heads only).
         targets: magnitude-control targets in (0, 1) to try at the chosen k (default: none).
-        output_dir: keep one resumable JSONL per configuration there (``None``: in memory).
+        output_dir: keep one resumable JSONL per configuration there (``None``: in memory), named
+            ``{name}-{hash}.jsonl`` where the hash covers the spec's identity (the directions'
+            checksum and heads, α or the magnitude-control target), the examples and the decoding
+            budget: selecting on other directions or other data into the same folder never reuses
+            another configuration's records.
 
     Returns:
         An :class:`AlphaSelection` (``.k``, ``.alpha``, ``.target``, ``.table()``).
     """
     from .evaluation import evaluate
+    from .specs import Steer
 
     if not examples:
         raise ValueError("select_alpha needs validation examples.")
@@ -118,9 +185,16 @@ def select_alpha(
     directions.check_model(model)
     out = Path(output_dir) if output_dir is not None else None
 
-    def run(tag: str, intervene: Any) -> dict[str, Any]:
-        res = evaluate(model, examples, max_new_tokens=max_new_tokens, intervene=intervene, progress=progress,
-                       output=None if out is None else out / f"{tag}.jsonl", tag=tag, batch_size=batch_size)
+    data_id = examples_identity(examples) if out is not None else None
+
+    def run(tag: str, spec: Steer | None) -> dict[str, Any]:
+        path = None
+        if out is not None:
+            key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
+                                "max_new_tokens": max_new_tokens})
+            path = out / f"{tag}-{key[:12]}.jsonl"
+        res = evaluate(model, examples, max_new_tokens=max_new_tokens, intervene=spec, progress=progress,
+                       output=path, tag=tag, batch_size=batch_size)
         s = res.summary()
         return {"n": s["n"], "accuracy": s["accuracy"], "stderr": s["accuracy_se"],
                 "distractor_copy": s["distractor_copy"]}
@@ -128,18 +202,15 @@ def select_alpha(
     baseline = run("unmodified", None)["accuracy"]
     rows: list[dict[str, Any]] = []
     for k in ks:
-        dk = directions.top(k)
         for a in alphas:
-            with dk.apply(model, alpha=a) as h:
-                rows.append({"k": k, "alpha": a, "target": None, **run(f"k{k}_a{a:g}", h)})
+            rows.append({"k": k, "alpha": a, "target": None, **run(f"k{k}_a{a:g}", Steer(directions, k=k, alpha=a))})
     best = max((r for r in rows if r["alpha"] > 0), key=_selection_key)
     k, alpha, target = best["k"], best["alpha"], None
     if targets:
-        dk = directions.top(k)
         auto = []
         for t in targets:
-            auto.append({"k": k, "alpha": "auto", "target": float(t), **run(
-                f"k{k}_auto{t:g}", lambda r, t=t: dk.apply(model, alpha="auto", tokens=r.prompt.tokens, target=t))})
+            spec = Steer(directions, k=k, alpha="auto", target=float(t))
+            auto.append({"k": k, "alpha": "auto", "target": float(t), **run(f"k{k}_auto{t:g}", spec)})
         rows += auto
         best_auto = max(auto, key=lambda r: (round(r["accuracy"], 9), -r["target"]))
         target = best_auto["target"]

@@ -1,7 +1,8 @@
 """Tiny random models and an offline tokenizer: fixtures for tests, docs and quick experiments.
 
 They run the same TransformerLens bridge code paths as real models (Llama with GQA + RoPE, GPT-2
-with learned positions, Qwen2 with GQA and biases) in milliseconds and need no download.
+with learned positions, Qwen2 with GQA and biases, Gemma-3 with a sliding window, QK-norm and its own
+attention scale) in milliseconds and need no download.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 __all__ = ["tiny_tokenizer", "tiny_hf_model", "tiny_model", "TinyArch"]
 
-TinyArch = Literal["llama", "llama_mha", "gpt2", "qwen2"]
+TinyArch = Literal["llama", "llama_mha", "gpt2", "qwen2", "gemma3"]
 
 _CORPUS = [
     "The capital of Veloria is Quentor. The capital of Marn is Pell.",
@@ -87,8 +88,20 @@ def tiny_hf_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
         )
         model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        # Layer 0 slides (window 8: prompts of ~30 tokens exercise the window), layer 1 is global;
+        # query_pre_attn_scalar=16 gives scale 1/4 = 1/sqrt(head_dim), read from the module anyway.
+        # ``architectures`` is what the TransformerLens bridge dispatches on.
+        cfg = tf.Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+            layer_types=(["sliding_attention", "full_attention"] * n_layers)[:n_layers],
+            query_pre_attn_scalar=16, max_position_embeddings=512,
+            architectures=["Gemma3ForCausalLM"], **common,
+        )
+        model = tf.Gemma3ForCausalLM(cfg)
     else:
-        raise ValueError(f"Unknown tiny architecture {arch!r}; use one of llama, llama_mha, gpt2, qwen2.")
+        raise ValueError(f"Unknown tiny architecture {arch!r}; use one of llama, llama_mha, gpt2, qwen2, gemma3.")
     # Random init gives near-uniform attention; sharpen it so that interventions are visible.
     with torch.no_grad():
         for name, p in model.named_parameters():

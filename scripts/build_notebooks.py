@@ -24,8 +24,9 @@ from focuslens.tasks import make_synthetic_qa, render
 torch.set_num_threads(int(os.environ.get("FOCUSLENS_NB_THREADS", "1")))
 N = int(os.environ.get("FOCUSLENS_NB_N", "{default_n}"))  # examples per condition: raise for tighter error bars
 model = fl.load_model()  # embedded SmolLM2-135M-Instruct, offline
-info = fl.model_info(model)
-info"""
+lens = fl.FocusLens(model)  # the notebook wrapper: every method returns the module functions' types
+info = lens.info
+lens"""
 
 
 def md(s: str):
@@ -58,22 +59,16 @@ NOTEBOOKS = {
            "Generate the model's answer, append it, and score every head on the gold document, the attention "
            "sink (first token) and the distractors — all from the same pass. No attention pattern is cached: "
            "the hooks reduce to per-head sums as they go."),
-        code("gen = model.generate(r.prompt.tokens[None], max_new_tokens=20, do_sample=False, verbose=False)\n"
-             "answer_ids = gen[0, len(r.prompt):].tolist()\n"
-             "eos = {model.tokenizer.eos_token_id, model.tokenizer.convert_tokens_to_ids('<|im_end|>')}\n"
-             "answer_ids = answer_ids[: next((i for i, t in enumerate(answer_ids) if t in eos), len(answer_ids))]\n"
-             "print('answer:', model.tokenizer.decode(answer_ids), '| gold:', r.answers)\n"
-             "p = r.prompt.with_response(model.tokenizer, answer_ids)\n"
-             "hs = fl.score_spans(model, p.tokens, response=p.response, spans={'relevant': r.relevant}, distractors=r.distractors)\n"
+        code("print('answer:', lens.generate(r), '| gold:', r.answers)\n"
+             "hs = lens.score(r)  # the model's own greedy answer appended, then one scoring pass\n"
              "print(hs.names[:3], '...', hs.relevant.shape)\n"
-             "fl.head_heatmap(hs.relevant, title='One example: attention mass on the gold document', top_k=10)"),
+             "lens.heatmap(hs.relevant, title='One example: attention mass on the gold document', top_k=10)"),
         md("## 1.4 Dataset scores and the head-location heatmap\n\n"
            "Average over examples (the paper's plain mean, not filtered by correctness), then rank."),
-        code("ds = fl.score_dataset(model, [render(e, model.tokenizer) for e in examples], response='generate', max_new_tokens=20)\n"
-             "top = ds.top_k(20)\n"
+        code("ds = lens.score_dataset([render(e, model.tokenizer) for e in examples], response='generate')\n"
+             "top = lens.heads(20)  # the top-20 of the ranking just computed\n"
              "print(f'n = {ds.n}; top-10:', ', '.join(f'L{l}H{h}' for l, h in top[:10]))\n"
-             "fig = fl.head_heatmap(ds.mean['relevant'], top_k=20, title=f'Contextual scores, SmolLM2, 10 docs, n={ds.n}')\n"
-             "fig"),
+             "lens.heatmap(top_k=20, title=f'Contextual scores, SmolLM2, 10 docs, n={ds.n}')"),
         md("## 1.5 How concentrated is it?\n\nThe average head puts little mass on the gold document; a few heads put a lot."),
         code("m = ds.mean['relevant']\n"
              "print(f'average head {m.mean():.3f}, median {m.median():.3f}, best {m.max():.3f}')\n"
@@ -100,40 +95,48 @@ NOTEBOOKS = {
         code(SETUP.format(default_n=24)),
         md("## 2.1 Rank heads on separate examples"),
         code("rank_ex = make_synthetic_qa(max(4, N // 2), n_docs=10, seed=1)  # ranking examples, disjoint from the test set\n"
-             "ds = fl.score_dataset(model, [render(e, model.tokenizer) for e in rank_ex], response='generate', max_new_tokens=20, progress=False)\n"
-             "ranking = ds.top_k(info.n_layers * info.n_heads)\n"
+             "lens.score_dataset([render(e, model.tokenizer) for e in rank_ex], response='generate', progress=False)\n"
+             "ranking = lens.heads(info.n_layers * info.n_heads)\n"
              "ranking[:10]"),
         md("## 2.2 What split softmax does to one row\n\nThe edit is exact: with τ = 1 the logits are unchanged."),
         code("test = [render(e, model.tokenizer) for e in make_synthetic_qa(N, n_docs=10, seed=2)]\n"
              "r = test[0]\n"
              "toks = r.prompt.tokens[None]\n"
              "base = model(toks)\n"
-             "with fl.split_softmax(model, ranking[:20], r.relevant, 1.0):\n"
+             "with lens.split_softmax(ranking[:20], r.relevant, tau=1.0):\n"
              "    same = model(toks)\n"
-             "with fl.split_softmax(model, ranking[:20], r.relevant, 0.2):\n"
+             "with lens.split_softmax(ranking[:20], r.relevant, tau=0.2):\n"
              "    edited = model(toks)\n"
              "print('tau=1 max |Δlogit|:', float((same - base).abs().max()))\n"
              "print('tau=0.2 max |Δlogit|:', float((edited - base).abs().max()))\n"
              "assert fl.count_hooks(model) == 0  # nothing left on the model"),
-        md("## 2.3 Accuracy vs k, with k random heads as the control"),
-        code("import random\n"
-             "from focuslens.evaluation import evaluate\n"
-             "acc = lambda **kw: evaluate(model, test, max_new_tokens=20, progress=False, **kw).summary()\n"
+        md("## 2.3 Accuracy vs k, with k random heads as the control\n\n"
+           "An intervention to evaluate is a *spec*: a value that describes it (`fl.SplitSoftmax(heads, tau=...)`; "
+           "the span is read from each example, `r.relevant`) and that the evaluator attaches per example. Its "
+           "content identity keys any stored result, so two different interventions never share records."),
+        code("acc = lambda spec=None, **kw: lens.evaluate(test, intervene=spec, progress=False, **kw).summary()\n"
              "base_s = acc()\n"
-             "gold_s = evaluate(model, [t.example for t in test], variant='gold_only', max_new_tokens=20, progress=False).summary()\n"
+             "gold_s = lens.evaluate([t.example for t in test], variant='gold_only', progress=False).summary()\n"
              "ks, tau = [5, 20], 0.2\n"
-             "all_heads = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]\n"
              "top_res, rnd_res = [], []\n"
              "for k in ks:\n"
-             "    top_res.append(acc(intervene=lambda r, k=k: fl.split_softmax(model, ranking[:k], r.relevant, tau)))\n"
-             "    rh = random.Random(0).sample(all_heads, k)\n"
-             "    rnd_res.append(acc(intervene=lambda r, rh=rh: fl.split_softmax(model, rh, r.relevant, tau)))\n"
+             "    top_res.append(acc(fl.SplitSoftmax(ranking[:k], tau=tau)))\n"
+             "    rnd_res.append(acc(fl.SplitSoftmax(fl.random_heads(model, k, seed=0), tau=tau)))\n"
              "for k, a, b in zip(ks, top_res, rnd_res):\n"
              "    print(f'k={k:>3}: top-k {a[\"accuracy\"]:.2f}±{a[\"accuracy_se\"]:.2f}   random {b[\"accuracy\"]:.2f}±{b[\"accuracy_se\"]:.2f}')"),
         code("fl.ablation_curve(ks, {f'top-k, τ={tau}': ([s['accuracy'] for s in top_res], [s['accuracy_se'] for s in top_res]),\n"
              "                       f'random k, τ={tau}': ([s['accuracy'] for s in rnd_res], [s['accuracy_se'] for s in rnd_res])},\n"
              "                  baselines={'original': base_s['accuracy'], 'gold only': gold_s['accuracy']},\n"
              "                  xaxis='k', yaxis='accuracy', title=f'Split softmax, n={N} per point')"),
+        md("## 2.4 Necessity: ablating the contextual heads\n\n"
+           "Split softmax asks whether *more* attention on the gold document is sufficient to help. Ablation asks "
+           "whether the heads are necessary: zero their outputs (`fl.Ablate`) and compare with as many random heads."),
+        code("abl_top = [acc(fl.Ablate(ranking[:k])) for k in ks]\n"
+             "abl_rnd = [acc(fl.Ablate(fl.random_heads(model, k, seed=0))) for k in ks]\n"
+             "fl.ablation_curve(ks, {'zero-ablate top-k': ([s['accuracy'] for s in abl_top], [s['accuracy_se'] for s in abl_top]),\n"
+             "                       'zero-ablate k random': ([s['accuracy'] for s in abl_rnd], [s['accuracy_se'] for s in abl_rnd])},\n"
+             "                  baselines={'original': base_s['accuracy']}, xaxis='k', yaxis='accuracy',\n"
+             "                  title=f'Ablation, n={N} per point')"),
         md("## Recap\n\n- Split softmax is exact (identity at τ = 1; hooks removed afterwards).\n"
            "- Editing the contextual heads moves accuracy toward the gold-only upper bound; random heads do much less.\n"
            "- It needs the oracle span. Notebook 3 learns *focus directions* that need no labels at inference."),
@@ -147,15 +150,15 @@ NOTEBOOKS = {
         code(SETUP.format(default_n=16)),
         code("from focuslens import directions as fd\n"
              "rank_ex = make_synthetic_qa(max(4, N // 2), n_docs=10, seed=1)\n"
-             "ds = fl.score_dataset(model, [render(e, model.tokenizer) for e in rank_ex], response='generate', max_new_tokens=20, progress=False)\n"
-             "heads = ds.top_k(20)\n"
-             "train = fd.make_direction_examples(model, make_synthetic_qa(max(6, 2 * N), n_docs=10, seed=3), max_new_tokens=20)\n"
-             "val = fd.make_direction_examples(model, make_synthetic_qa(max(3, N // 2), n_docs=10, seed=4), max_new_tokens=20)\n"
+             "lens.score_dataset([render(e, model.tokenizer) for e in rank_ex], response='generate', progress=False)\n"
+             "heads = lens.heads(20)\n"
+             "train = fd.make_direction_examples(model, make_synthetic_qa(max(6, 2 * N), n_docs=10, seed=3))\n"
+             "val = fd.make_direction_examples(model, make_synthetic_qa(max(3, N // 2), n_docs=10, seed=4))\n"
              "len(train), len(val)"),
         md("## 3.1 The paper's objective, on cached queries and keys\n\n"
            "One frozen forward pass per example caches the selected heads' response-row queries and all keys; the "
            "vectors are then optimised on those tensors — seconds, not minutes."),
-        code("d_att = fl.train_focus_directions(model, train, heads=heads, objective='attention', val_examples=val, progress=False)\n"
+        code("d_att = lens.train_directions(train, heads=heads, objective='attention', val_examples=val, progress=False)\n"
              "{k: v for k, v in d_att.training.items() if isinstance(v, (int, float, str))}"),
         md("## 3.2 Apply with α, save, load"),
         code("import tempfile\n"
@@ -174,12 +177,8 @@ NOTEBOOKS = {
              "assert torch.equal(out1, out2)\n"
              "print(d2)"),
         md("## 3.3 Accuracy vs α, against random directions of matched norm"),
-        code("from focuslens.evaluation import evaluate\n"
-             "def acc(d, a):\n"
-             "    class Lazy:\n"
-             "        def __enter__(self): self.h = d.apply(model, alpha=a)\n"
-             "        def __exit__(self, *e): self.h.remove()\n"
-             "    return evaluate(model, test, intervene=Lazy(), max_new_tokens=20, progress=False).summary()\n"
+        code("def acc(d, a):  # a Steer spec: the directions applied with factor α, attached by the evaluator\n"
+             "    return lens.evaluate(test, intervene=fl.Steer(d, alpha=a), progress=False).summary()\n"
              "alphas = [-0.5, 0.5, 1.0]\n"
              "rnd = fd.random_like(d_att, seed=0)\n"
              "res = {'learned (attention objective)': [acc(d_att, a) for a in alphas],\n"
@@ -189,8 +188,7 @@ NOTEBOOKS = {
         md("## 3.4 Magnitude control (this project's own design)\n\n"
            "`alpha='auto'` chooses α per head and per input so that the last prompt row's attention on the sink falls "
            "by a target fraction — one probe pass, no labels."),
-        code("auto = evaluate(model, test, intervene=lambda r: d_att.apply(model, alpha='auto', tokens=r.prompt.tokens),\n"
-             "                max_new_tokens=20, progress=False).summary()\n"
+        code("auto = lens.evaluate(test, intervene=fl.Steer(d_att, alpha='auto'), progress=False).summary()\n"
              "print(f\"auto α: accuracy {auto['accuracy']:.2f} ± {auto['accuracy_se']:.2f} (n={auto['n']})\")"),
         md("## Recap\n\n- Focus directions are tiny artefacts (one d_head vector per head) saved as safetensors + JSON and "
            "checked against the model on load.\n- The paper's attention objective trains in seconds on cached q/k; "
@@ -221,11 +219,11 @@ NOTEBOOKS = {
              "print(f'logit difference clean {m_clean:.2f}, corrupted {m_corrupt:.2f}')\n"
              "# One forward pass per head: all 30 layers take about two minutes on a CPU; small runs patch a band.\n"
              "LAYERS = range(info.n_layers) if N > 3 else range(14, 20)\n"
-             "res = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='z', layers=LAYERS, progress=True)\n"
+             "res = lens.patch(corrupt_p.tokens[None], clean_p.tokens[None], metric, site='z', layers=LAYERS, progress=True)\n"
              "recovered = (res - m_corrupt) / (m_clean - m_corrupt)\n"
-             "fl.head_heatmap(recovered, title='Patching each head output (z) from clean into corrupted: fraction recovered', top_k=10)"),
+             "lens.heatmap(recovered, title='Patching each head output (z) from clean into corrupted: fraction recovered', top_k=10)"),
         code("# Under grouped-query attention keys and values are shared: k/v patching has one column per KV head.\n"
-             "res_v = patching.patch_heads(model, corrupt_p.tokens[None], clean_p.tokens[None], metric, site='v', layers=range(14, 18))\n"
+             "res_v = lens.patch(corrupt_p.tokens[None], clean_p.tokens[None], metric, site='v', layers=range(14, 18))\n"
              "res_v.shape  # [n_layers, n_kv_heads]"),
         md("## Recap\n\n- `patching.patch_heads` returns a `[layer, head]` tensor like TransformerLens' patching module.\n"
            "- Sites: `z`, `q`, `k`, `v`, `pattern`; k/v are patched per KV head under grouped-query attention."),
@@ -233,12 +231,18 @@ NOTEBOOKS = {
 }
 
 
+def build(name: str, cells: list):
+    """The notebook ``name`` with stable cell ids (``<nn>-<index>``): a rebuild rewrites nothing that did not change."""
+    nb = nbf.v4.new_notebook()
+    nb.cells = [nbf.from_dict({**c, "id": f"{name[:2]}-{i:02d}"}) for i, c in enumerate(cells)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
 def main() -> None:
     ROOT.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
-        nb = nbf.v4.new_notebook()
-        nb.cells = cells
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb = build(name, cells)
         nbf.write(nb, ROOT / name)
         print("wrote", ROOT / name)
 

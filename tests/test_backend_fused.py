@@ -8,6 +8,7 @@ from transformers import AttentionInterface
 
 from focuslens.backends.fused import ATTN_IMPL, FusedModel, is_registered, load_fused
 from focuslens.hooks import attach_hooks
+from focuslens.scoring import HeadScores
 from focuslens.testing import tiny_hf_model
 
 ATOL = 1e-5
@@ -59,8 +60,10 @@ def _split_ref(pattern: torch.Tensor, span, tau: float) -> torch.Tensor:
 def test_scores_match_hf_eager(arch):
     fm = FusedModel(tiny_hf_model(arch))
     ids = _ids(48, seed=1)
-    spans = {"relevant": (5, 17), "sink": (0, 1), "other": (20, 31)}
-    got = fm.score_spans(ids, response=(36, 48), spans=spans)
+    spans = {"relevant": (5, 17), "other": (20, 31)}
+    got = fm.score_spans(ids, response=(36, 48), spans=spans, sink=(0, 1))
+    assert isinstance(got, HeadScores) and got.method == "fused" and got.columns.shape == (2, 4, 48)
+    spans["sink"] = (0, 1)
     ref = _eager_reference(_eager(arch), ids, (36, 48), spans)
     for k in spans:
         assert got[k].shape == (2, 4) and got[k].dtype == torch.float32
@@ -191,7 +194,7 @@ def test_smollm_scores_match_hf_eager():
     assert fm.n_layers == 30 and fm.n_heads == 9 and fm.n_kv_heads == 3
     ids = _ids(96, seed=6, vocab=49152)
     spans = {"relevant": (10, 50), "sink": (0, 1)}
-    got = fm.score_spans(ids, response=(80, 96), spans=spans)
+    got = fm.score_spans(ids, response=(80, 96), spans={"relevant": (10, 50)})
     eager = AutoModelForCausalLM.from_pretrained(_ensure_default_checkpoint(), attn_implementation="eager")
     ref = _eager_reference(eager, ids, (80, 96), spans)
     for k in spans:
@@ -408,7 +411,9 @@ def test_validation_errors():
         with fm.inject_vectors({(1, 0): torch.zeros(15)}, alpha=1):
             pass
     with pytest.raises(ValueError, match="spans is empty"):
-        fm.score_spans(ids, response=(10, 16), spans={})
+        fm.score_spans(ids, response=(10, 16), spans={}, sink=None)
+    with pytest.raises(ValueError, match="reserved"):
+        fm.score_spans(ids, response=(10, 16), spans={"sink": (0, 1)})
     with pytest.raises(TypeError):
         FusedModel(object())
     assert fm.attn_implementation == "sdpa" and not is_registered()
@@ -486,3 +491,83 @@ def test_public_contextual_scores_dispatches_to_the_fused_backend(tok):
     b = fl.contextual_scores(bridge, ids, relevant=(1, 8), response=(n - 2, n))
     assert a.shape == b.shape == (2, 4)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------ one protocol with the TransformerLens path
+
+
+def test_score_spans_returns_the_scoring_result_type(tiny_llama):
+    """FusedModel.score_spans = focuslens.score_spans: same HeadScores names, columns and numbers."""
+    import focuslens as fl
+
+    fm = FusedModel(tiny_hf_model("llama"))
+    ids = _ids(48, seed=21)
+    kw = dict(response=(40, 48), spans={"relevant": (5, 12), "u": [(1, 3), (20, 24)]},
+              distractors=[(12, 20), (24, 33)])
+    got = fm.score_spans(ids, **kw)
+    ref = fl.score_spans(tiny_llama, ids, **kw)
+    via = fl.score_spans(fm, ids, **kw)  # the public function dispatches to the backend
+    assert isinstance(got, HeadScores) and set(got.names) == set(ref.names)
+    assert "sink" in got.names and "distractors_max" in got.names
+    torch.testing.assert_close(got.columns, ref.columns, atol=ATOL, rtol=0)
+    for name in ref.names:
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0)
+        torch.testing.assert_close(via[name], got[name], atol=0, rtol=0)
+    torch.testing.assert_close(got.mass((5, 12)), got.relevant)
+
+
+def test_sliding_window_scores_match_hf_eager():
+    """Gemma-3 (window 8 on layer 0, QK-norm, query_pre_attn_scalar) with a prompt longer than the window."""
+    fm = FusedModel(tiny_hf_model("gemma3"))
+    ids = _ids(30, seed=22)
+    spans = {"relevant": (2, 10), "near": (18, 24)}
+    got = fm.score_spans(ids, response=(24, 30), spans=spans, sink=(0, 1))
+    spans["sink"] = (0, 1)
+    ref = _eager_reference(_eager("gemma3"), ids, (24, 30), spans)
+    for k in spans:
+        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0)
+    assert float(got.relevant[0].abs().max()) == 0.0 and float(got.relevant[1].min()) > 0  # the window acts
+
+
+def test_sliding_window_split_softmax_matches_bridge(tiny_gemma3):
+    """Split softmax on a sliding-window layer: the fused backend's edit = the bridge's hook_pattern edit."""
+    from focuslens.interventions import split_softmax
+
+    fm = FusedModel(tiny_hf_model("gemma3"))
+    ids = _ids(30, seed=23)
+    heads, spans, tau = [(0, 1), (1, 2)], [(14, 20), (3, 6)], 0.3
+    with split_softmax(tiny_gemma3, heads, spans, tau), torch.no_grad():
+        ref = tiny_gemma3(ids[None])
+    with fm.split_softmax(heads, spans, tau), torch.no_grad():
+        got = fm(ids[None]).logits
+    with torch.no_grad():
+        base = fm(ids[None]).logits
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert (got - base).abs().max() > 1e-3
+
+
+def test_handles_are_context_managers_and_removable(tiny_llama):
+    """split_softmax / inject_vectors return handles (.remove(), with-block), positional or keyword."""
+    from focuslens.hooks import HookHandle
+    from focuslens.interventions import compose
+
+    fm = FusedModel(tiny_hf_model("llama"))
+    ids = _ids(24, seed=24)[None]
+    with torch.no_grad():
+        base = fm(ids).logits
+        h = fm.split_softmax([(1, 2)], [(2, 6), (8, 10)], 0.2)
+        assert isinstance(h, HookHandle) and h.active and fm.attn_implementation == ATTN_IMPL
+        edited = fm(ids).logits
+        h.remove()
+        h.remove()  # idempotent
+        assert not h.active and fm.attn_implementation == "sdpa" and not is_registered() and not fm._splits
+        with fm.split_softmax([(1, 2)], span=[(2, 6), (8, 10)], tau=0.2) as h2:
+            again = fm(ids).logits
+        assert not h2.active
+        v = {(1, 1): torch.randn(16, generator=torch.Generator().manual_seed(2))}
+        both = compose(fm.inject_vectors(v, alpha=1.0), fm.split_softmax([(1, 2)], (2, 6), 0.5))
+        fm(ids)
+        both.remove()
+        assert not fm._injections and not fm._splits and not is_registered()
+    assert (edited - base).abs().max() > 1e-3
+    torch.testing.assert_close(again, edited, atol=0, rtol=0)

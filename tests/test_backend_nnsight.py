@@ -6,12 +6,12 @@ nnsight is a dev dependency (``nnsight==0.8.1``); everything here runs offline o
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 
 from focuslens.backends.fused import FusedModel, load_fused
+from focuslens.scoring import HeadScores
 from focuslens.testing import tiny_hf_model, tiny_tokenizer
 
 nnsight_backend = pytest.importorskip("focuslens.backends.nnsight_backend")
@@ -24,17 +24,18 @@ def _ids(n, seed=0, vocab=300):
     return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_mha"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_mha", "gemma3"])
 def test_nnsight_matches_hf_eager_and_fused(arch):
     sc = nnsight_backend.NNsightScorer(tiny_hf_model(arch), tiny_tokenizer())
     ids = _ids(40, seed=1)
     spans = {"relevant": (5, 17), "sink": (0, 1)}
-    got = sc.score_spans(ids, response=(30, 40), spans=spans)
+    got = sc.score_spans(ids, response=(30, 40), spans={"relevant": (5, 17)}, sink=(0, 1))
+    assert isinstance(got, HeadScores) and got.method == "nnsight" and got.columns.shape == (2, 4, 40)
     eager = tiny_hf_model(arch)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         att = eager(ids[None], output_attentions=True).attentions
-    fused = FusedModel(tiny_hf_model(arch)).score_spans(ids, response=(30, 40), spans=spans)
+    fused = FusedModel(tiny_hf_model(arch)).score_spans(ids, response=(30, 40), spans={"relevant": (5, 17)})
     for k, (s, e) in spans.items():
         ref = torch.stack([a[0, :, 30:40, s:e].sum(-1).mean(-1) for a in att])
         assert got[k].shape == (2, 4) and got[k].dtype == torch.float32 and got[k].grad_fn is None
@@ -80,3 +81,21 @@ def test_missing_nnsight_gives_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "nnsight", None)  # import nnsight -> ImportError
     with pytest.raises(ImportError, match="pip install 'nnsight==0.8.1'"):
         nnsight_backend.NNsightScorer(tiny_hf_model("llama"))
+
+
+def test_nnsight_same_protocol_as_scoring(tiny_llama):
+    """score_spans: the HeadScores of focuslens.score_spans (names, distractor aggregates, columns)."""
+    import focuslens as fl
+
+    sc = nnsight_backend.NNsightScorer(tiny_hf_model("llama"), tiny_tokenizer())
+    ids = _ids(44, seed=4)
+    kw = dict(response=(36, 44), spans={"relevant": (5, 12)}, distractors=[(12, 20), (20, 30)])
+    got = sc.score_spans(ids, **kw)
+    ref = fl.score_spans(tiny_llama, ids, **kw)
+    assert set(got.names) == set(ref.names)
+    for name in ref.names:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.columns, ref.columns, atol=1e-5, rtol=0)
+    small = sc.score_spans(ids, keep_columns=False, **kw)
+    assert small.columns.shape == (2, 4, 0)
+    torch.testing.assert_close(small.distractors_max, ref.distractors_max, atol=1e-5, rtol=0)

@@ -120,3 +120,157 @@ def test_train_with_validation_alpha_selection(tmp_path, tiny_folder):
     assert main(["train", "--model", str(tiny_folder), "--n", "3", "--n-val", "2", "--n-docs", "3",
                  "--heads", str(out / "contextual_heads.json"), "--select-alphas", "-1",
                  "--output", str(tmp_path / "fd2")]) == 2
+
+
+# ---- results keyed by content: another ranking / other directions never get the first run's answers ----
+
+
+def _records(path):
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    return lines[0]["config"], [r["prediction"] for r in lines[1:]]
+
+
+def _eval_args(tiny_folder, out, *extra):
+    return ["evaluate", "--model", str(tiny_folder), "--n", "2", "--n-docs", "3", "--max-new-tokens", "4",
+            "--output", str(out), *extra]
+
+
+def test_evaluate_other_heads_into_the_same_output_recompute(tmp_path, tiny_folder):
+    a, b = tmp_path / "A.json", tmp_path / "B.json"
+    a.write_text(json.dumps([[0, 0], [0, 1], [0, 2]]))
+    b.write_text(json.dumps([[1, 3], [1, 2], [1, 1]]))
+    ev = tmp_path / "ev"
+    assert main(_eval_args(tiny_folder, ev, "--heads", str(a), "--k", "2", "--tau", "0.01")) == 0
+    (file_a,) = ev.glob("*.jsonl")
+    assert main(_eval_args(tiny_folder, ev, "--heads", str(b), "--k", "2", "--tau", "0.01")) == 0
+    files = set(ev.glob("*.jsonl"))
+    assert len(files) == 2  # B got its own file, named by content
+    (file_b,) = files - {file_a}
+    fresh = tmp_path / "fresh"
+    assert main(_eval_args(tiny_folder, fresh, "--heads", str(b), "--k", "2", "--tau", "0.01")) == 0
+    (file_fresh,) = fresh.glob("*.jsonl")
+    cfg_a, pred_a = _records(file_a)
+    cfg_b, pred_b = _records(file_b)
+    assert file_b.name == file_fresh.name and pred_b == _records(file_fresh)[1]
+    assert pred_a != pred_b  # (so "B's answers" is a real check: A's would be different)
+    assert cfg_b["intervene"]["heads"] == [[1, 3], [1, 2]] and cfg_a["intervene"]["heads"] == [[0, 0], [0, 1]]
+    assert cfg_a["tag"]["source"]["ranking"] != cfg_b["tag"]["source"]["ranking"]
+    assert cfg_b["tag"]["data"] == {"data": "synthetic", "n": 2, "offset": 0, "seed": 0, "n_docs": 3}
+    # Same ranking content under another --k or --tau, or other data: their own files too.
+    assert main(_eval_args(tiny_folder, ev, "--heads", str(b), "--k", "2", "--tau", "0.5")) == 0
+    assert main(_eval_args(tiny_folder, ev, "--heads", str(b), "--k", "2", "--tau", "0.01", "--seed", "1")) == 0
+    assert len(list(ev.glob("*.jsonl"))) == 4
+    # The same command again resumes its own file (nothing new).
+    assert main(_eval_args(tiny_folder, ev, "--heads", str(b), "--k", "2", "--tau", "0.01")) == 0
+    assert len(list(ev.glob("*.jsonl"))) == 4 and _records(file_b)[1] == pred_b
+
+
+def _random_directions(tiny_folder, path, seed):
+    import torch
+
+    from focuslens.attention import query_site
+    from focuslens.directions import FocusDirections
+    from focuslens.models import load_model, model_info
+
+    model = load_model(str(tiny_folder))
+    info = model_info(model)
+    g = torch.Generator().manual_seed(seed)
+    heads = [(0, 1), (1, 2)]
+    d = FocusDirections(heads=heads, vectors=torch.randn(len(heads), info.d_head, generator=g) * 4,
+                        fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model), alpha=1.0)
+    d.save(path)
+    return d
+
+
+def test_evaluate_other_directions_into_the_same_output_recompute(tmp_path, tiny_folder):
+    _random_directions(tiny_folder, tmp_path / "fdA", seed=0)
+    _random_directions(tiny_folder, tmp_path / "fdB", seed=1)
+    ev = tmp_path / "ev"
+    assert main(_eval_args(tiny_folder, ev, "--directions", str(tmp_path / "fdA"), "--alpha", "1")) == 0
+    (file_a,) = ev.glob("*.jsonl")
+    assert main(_eval_args(tiny_folder, ev, "--directions", str(tmp_path / "fdB"), "--alpha", "1")) == 0
+    (file_b,) = set(ev.glob("*.jsonl")) - {file_a}
+    fresh = tmp_path / "fresh"
+    assert main(_eval_args(tiny_folder, fresh, "--directions", str(tmp_path / "fdB"), "--alpha", "1")) == 0
+    (file_fresh,) = fresh.glob("*.jsonl")
+    cfg_a, pred_a = _records(file_a)
+    cfg_b, pred_b = _records(file_b)
+    assert pred_b == _records(file_fresh)[1] and file_b.name == file_fresh.name and pred_a != pred_b
+    assert cfg_a["intervene"]["kind"] == "steer" and cfg_a["intervene"]["vectors"] != cfg_b["intervene"]["vectors"]
+    # Another α (and the magnitude control) on the same directions: own files.
+    assert main(_eval_args(tiny_folder, ev, "--directions", str(tmp_path / "fdB"), "--alpha", "0.5")) == 0
+    assert main(_eval_args(tiny_folder, ev, "--directions", str(tmp_path / "fdB"), "--alpha", "auto")) == 0
+    assert len(list(ev.glob("*.jsonl"))) == 4
+    assert main(_eval_args(tiny_folder, ev, "--directions", str(tmp_path / "fdB"), "--alpha", "nan")) == 2
+
+
+def test_sweep_files_are_named_by_content(tmp_path, tiny_folder):
+    a, b = tmp_path / "A.json", tmp_path / "B.json"
+    a.write_text(json.dumps([[0, 0], [0, 1], [0, 2]]))
+    b.write_text(json.dumps([[1, 3], [1, 2], [1, 1]]))
+    out = tmp_path / "sw"
+    argv = ["sweep", "--model", str(tiny_folder), "--n", "2", "--n-docs", "3", "--max-new-tokens", "3",
+            "--ks", "1,2", "--taus", "0.01", "--output", str(out)]
+    assert main(argv + ["--heads", str(a)]) == 0
+    first = {p.name for p in out.glob("*.jsonl")}
+    assert len(first) == 1 + 2 + 2  # original, top-k, random-k
+    res_a = json.loads((out / "sweep.json").read_text())
+    assert main(argv + ["--heads", str(b)]) == 0
+    second = {p.name for p in out.glob("*.jsonl")}
+    new = second - first
+    # Only the top-k runs are new: the baseline and the random-heads control do not depend on the ranking.
+    assert sorted(n.split("-")[0] for n in new) == ["top1_tau0.01", "top2_tau0.01"]
+    fresh = tmp_path / "sw_fresh"
+    assert main(argv[:-1] + [str(fresh), "--heads", str(b)]) == 0
+    res_b = json.loads((out / "sweep.json").read_text())
+    assert res_b == json.loads((fresh / "sweep.json").read_text())
+    assert {p.name for p in fresh.glob("*.jsonl")} == second - {n for n in first if n.startswith("top")}
+    assert res_a["original"] == res_b["original"]
+
+
+def test_random_heads_one_convention(tiny_folder):
+    import random
+
+    from focuslens.models import load_model
+    from focuslens.sweeps import random_heads
+
+    model = load_model(str(tiny_folder))
+    allh = [(l, h) for l in range(2) for h in range(4)]
+    assert random_heads(model, 3, seed=0) == random.Random(0).sample(allh, 3) == random_heads((2, 4), 3, seed=0)
+    ranked = list(reversed(allh))
+    assert random_heads(model, 2, seed=4, pool=ranked, exclude=ranked[:3]) == random.Random(4).sample(ranked[3:], 2)
+    with pytest.raises(ValueError, match="outside"):
+        random_heads(model, 1, seed=0, pool=[(5, 0)])
+    assert random_heads(model, 3, seed=1) != random_heads(model, 3, seed=0)
+    ex = random_heads(model, 5, seed=0, exclude=[(0, 0), (1, 1)])
+    assert len(set(ex)) == 5 and not {(0, 0), (1, 1)} & set(ex)
+    with pytest.raises(ValueError, match="k must be in 1..8"):
+        random_heads(model, 9, seed=0)
+
+
+def test_train_select_files_are_keyed_by_the_directions(tmp_path, tiny_folder):
+    out = tmp_path / "scores"
+    assert main(["score", "--model", str(tiny_folder), "--n", "2", "--n-docs", "3", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
+    fd = tmp_path / "fd"
+    argv = ["train", "--model", str(tiny_folder), "--n", "3", "--n-val", "2", "--n-docs", "3", "--max-new-tokens", "4",
+            "--heads", str(out / "contextual_heads.json"), "--select-alphas", "0.5", "--select-ks", "2",
+            "--output", str(fd)]
+    assert main(argv + ["--k", "3"]) == 0
+    sel = tmp_path / "fd.select"
+    first = {p.name for p in sel.glob("*.jsonl")}
+    assert sorted(n.split("-")[0] for n in first) == ["k2_a0.5", "unmodified"]
+    # Another seed (other data, other directions) into the same --output: its own files, never the
+    # first run's records (select_alpha's own test isolates "other directions, same data").
+    assert main(argv + ["--k", "3", "--seed", "1"]) == 0
+    new = {p.name for p in sel.glob("*.jsonl")} - first
+    assert sorted(n.split("-")[0] for n in new) == ["k2_a0.5", "unmodified"]
+
+    def steer(names):
+        (name,) = [n for n in names if n.startswith("k2_a0.5")]
+        return json.loads((sel / name).read_text().splitlines()[0])["config"]["intervene"]
+
+    assert steer(first)["vectors"] != steer(new)["vectors"]
+    # The first command again: everything resumed, no new file.
+    assert main(argv + ["--k", "3"]) == 0
+    assert {p.name for p in sel.glob("*.jsonl")} == first | new

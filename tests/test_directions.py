@@ -163,14 +163,15 @@ def test_live_objectives_train_and_resume(tiny_llama, dx_llama, tmp_path, object
     kw = dict(heads=HEADS[:2], objective=objective, val_examples=val, lr=0.05, max_norm=None, progress=False,
               checkpoint_dir=tmp_path / "ck", seed=3)
     d1 = train_focus_directions(tiny_llama, train, epochs=1, **kw)
-    assert (tmp_path / "ck" / "state.pt").exists()
+    assert (tmp_path / "ck" / "checkpoint.json").exists() and not (tmp_path / "ck" / "state.pt").exists()
     h = d1.training["history"]
     assert h[0]["epoch"] == 0 and h[1]["epoch"] == 1
     d2 = train_focus_directions(tiny_llama, train, epochs=2, **kw)  # resumes at epoch 1
     assert [r["epoch"] for r in d2.training["history"]] == [0, 1, 2]
     # the likelihood really moved: validation loss of the kept vectors <= the initial one
     assert min(r["val_loss"] for r in d2.training["history"]) <= h[0]["val_loss"]
-    with pytest.raises(ValueError, match="other heads"):
+    assert d2.training["resumed_from_epoch"] == 1
+    with pytest.raises(ValueError, match="heads="):
         train_focus_directions(tiny_llama, train, epochs=2, **{**kw, "heads": HEADS})
 
 
@@ -459,6 +460,13 @@ def test_select_alpha_rule(tiny_llama, monkeypatch):
 
     def fake(model, examples, *, tag=None, intervene=None, **kw):
         seen.append(tag)
+        # The grid point is described by a Steer spec whose content matches its name.
+        if tag == "unmodified":
+            assert intervene is None
+        elif "auto" in tag:
+            assert intervene.alpha == "auto" and f"k{len(intervene.heads)}_auto{intervene.target:g}" == tag
+        else:
+            assert f"k{len(intervene.heads)}_a{intervene.alpha:g}" == tag
         return _FakeResult(acc[tag])
 
     monkeypatch.setattr(ev, "evaluate", fake)
@@ -497,7 +505,48 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
         with d.top(2).apply(tiny_llama, alpha=r["alpha"]):
             ref = evaluate(tiny_llama, exs, max_new_tokens=3, progress=False)
         assert r["accuracy"] == ref.accuracy and r["n"] == 3
-    assert (tmp_path / "k2_a4.jsonl").exists() and (tmp_path / "unmodified.jsonl").exists()
+    # One file per configuration, named by content ({name}-{hash of spec identity, data, budget}).
+    assert len(list(tmp_path.glob("k2_a4-*.jsonl"))) == 1 and len(list(tmp_path.glob("unmodified-*.jsonl"))) == 1
+    assert len(list(tmp_path.glob("*.jsonl"))) == 3
+
+
+def test_select_alpha_other_directions_in_the_same_folder_never_reuse(tiny_llama, tmp_path, monkeypatch):
+    """Selecting on other directions (or other data) into the same output_dir recomputes into its own
+    files; the same selection again resumes everything."""
+    import focuslens.evaluation as ev
+
+    exs = [_example(i) for i in range(2)]
+    kw = dict(alphas=(4.0,), ks=(2,), max_new_tokens=3, progress=False, output_dir=tmp_path)
+    first = sweeps.select_alpha(tiny_llama, _dirs(tiny_llama, seed=0), exs, **kw)
+    files = set(tmp_path.glob("*.jsonl"))
+    other = sweeps.select_alpha(tiny_llama, _dirs(tiny_llama, seed=1), exs, **kw)
+    new = set(tmp_path.glob("*.jsonl")) - files
+    assert [p.name.split("-")[0] for p in new] == ["k2_a4"]  # the baseline is shared, the steered run is not
+    with _dirs(tiny_llama, seed=1).top(2).apply(tiny_llama, alpha=4.0):
+        ref = ev.evaluate(tiny_llama, exs, max_new_tokens=3, progress=False)
+    assert other.rows[0]["accuracy"] == ref.accuracy
+
+    def header(path):
+        return json.loads(path.read_text().splitlines()[0])["config"]["intervene"]
+
+    old_steer = header(next(p for p in files if p.name.startswith("k2_a4")))
+    new_steer = header(next(iter(new)))
+    assert new_steer["kind"] == old_steer["kind"] == "steer" and new_steer["vectors"] != old_steer["vectors"]
+    # Other data into the same folder: its own files too.
+    sweeps.select_alpha(tiny_llama, _dirs(tiny_llama, seed=0), [_example(i) for i in range(3, 5)], **kw)
+    assert len(list(tmp_path.glob("*.jsonl"))) == len(files) + 1 + 2
+    # The same selection again reads everything back.
+    resumed = []
+    real = ev.evaluate
+
+    def spy(*a, **k):
+        res = real(*a, **k)
+        resumed.append(res.n_resumed)
+        return res
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    again = sweeps.select_alpha(tiny_llama, _dirs(tiny_llama, seed=0), exs, **kw)
+    assert resumed == [2, 2] and again.rows == first.rows
 
 
 def test_select_alpha_errors(tiny_llama):

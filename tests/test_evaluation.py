@@ -122,7 +122,8 @@ def test_resume_after_interruption(tiny_llama, tmp_path):
         return contextlib.nullcontext()
 
     with pytest.raises(_Boom):
-        evaluate(tiny_llama, examples, intervene=crashing, output=out, progress=False, max_new_tokens=4)
+        evaluate(tiny_llama, examples, intervene=crashing, output=out, progress=False, max_new_tokens=4,
+                 id="nullcontext")
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + 2  # header + the two finished examples
     assert count_hooks(tiny_llama) == 0
@@ -133,9 +134,9 @@ def test_resume_after_interruption(tiny_llama, tmp_path):
         resumed.append(r.id)
         return contextlib.nullcontext()
 
-    # Same label as the crashed run (the intervention's identity is part of the configuration).
-    counting.__qualname__ = crashing.__qualname__
-    res = evaluate(tiny_llama, examples, intervene=counting, output=out, progress=False, max_new_tokens=4)
+    # A bare callable has no content identity: the same explicit id as the crashed run resumes it.
+    res = evaluate(tiny_llama, examples, intervene=counting, output=out, progress=False, max_new_tokens=4,
+                   id="nullcontext")
     assert resumed == [e.id for e in examples[2:]]  # only the unfinished ones ran
     assert res.n_resumed == 2 and len(res) == 6
     assert [r["index"] for r in res.records] == list(range(6))
@@ -145,8 +146,8 @@ def test_resume_after_interruption(tiny_llama, tmp_path):
     # A third call recomputes nothing.
     again = []
     counting2 = lambda r: again.append(r) or contextlib.nullcontext()  # noqa: E731
-    counting2.__qualname__ = crashing.__qualname__
-    evaluate(tiny_llama, examples, intervene=counting2, output=out, progress=False, max_new_tokens=4)
+    evaluate(tiny_llama, examples, intervene=counting2, output=out, progress=False, max_new_tokens=4,
+             id="nullcontext")
     assert again == []
 
 
@@ -289,3 +290,148 @@ def test_prerendered_examples_must_match_the_settings(tiny_llama):
     assert a.predictions == b.predictions and all(r["n_docs"] == 1 for r in a.records)
     with pytest.raises(ValueError, match="variant='gold_only'"):
         evaluate(tiny_llama, rs, progress=False, max_new_tokens=3)
+
+
+# ---- interventions as specs: records keyed by content -----------------------------------------
+
+
+def test_other_tau_into_the_same_file_never_returns_the_first_answers(tiny_llama, tmp_path):
+    """The reproduction: τ = 0.01, then τ = 5 into one output file."""
+    from focuslens.interventions import split_softmax
+    from focuslens.specs import SplitSoftmax
+
+    examples = make_synthetic_qa(3, n_docs=3, seed=11)
+    heads = [(0, 0), (0, 1), (1, 2), (1, 3)]
+    out = tmp_path / "ss.jsonl"
+    # The old way (a lambda with output=) is refused: nothing identifies what it does.
+    with pytest.raises(ValueError, match="pass a spec.*or an explicit id"):
+        evaluate(tiny_llama, examples, intervene=lambda r: split_softmax(tiny_llama, heads, r.relevant, 0.01),
+                 output=out, progress=False, max_new_tokens=4)
+    assert not out.exists() and count_hooks(tiny_llama) == 0
+    low = evaluate(tiny_llama, examples, intervene=SplitSoftmax(heads, 0.01), output=out, progress=False,
+                   max_new_tokens=4, stop_at_newline=False)
+    with pytest.raises(ValueError, match=r"intervene\.tau=0\.01 there, 5\.0 now"):
+        evaluate(tiny_llama, examples, intervene=SplitSoftmax(heads, 5.0), output=out, progress=False,
+                 max_new_tokens=4, stop_at_newline=False)
+    high = evaluate(tiny_llama, examples, intervene=SplitSoftmax(heads, 5.0), output=tmp_path / "ss5.jsonl",
+                    progress=False, max_new_tokens=4, stop_at_newline=False)
+    assert high.n_resumed == 0 and low.config_hash != high.config_hash
+    assert high.config["intervene"]["tau"] == 5.0 and low.config["intervene"]["tau"] == 0.01
+    # The spec gives exactly what the eager per-example callable gives.
+    ref = evaluate(tiny_llama, examples, intervene=lambda r: split_softmax(tiny_llama, heads, r.relevant, 0.01),
+                   progress=False, max_new_tokens=4, stop_at_newline=False)
+    assert low.predictions == ref.predictions
+    # Same spec again: everything resumed.
+    again = evaluate(tiny_llama, examples, intervene=SplitSoftmax(heads, 0.01), output=out, progress=False,
+                     max_new_tokens=4, stop_at_newline=False)
+    assert again.n_resumed == 3 and again.predictions == low.predictions
+    # Heads in another order is another configuration (and says so).
+    with pytest.raises(ValueError, match=r"intervene\.heads"):
+        evaluate(tiny_llama, examples, intervene=SplitSoftmax(heads[::-1], 0.01), output=out, progress=False,
+                 max_new_tokens=4, stop_at_newline=False)
+
+
+def test_bare_callable_or_context_manager_with_output_needs_an_id(tiny_llama, tmp_path):
+    from focuslens.specs import SplitSoftmax
+
+    examples = make_synthetic_qa(2, n_docs=2, seed=12)
+    handle = attach_hooks(tiny_llama, [("blocks.0.attn.hook_pattern", lambda x, hook: x)], label="probe")
+    with pytest.raises(ValueError, match="id="):
+        evaluate(tiny_llama, examples, intervene=handle, output=tmp_path / "h.jsonl", progress=False)
+    handle.remove()
+    with pytest.raises(ValueError, match="id="):
+        evaluate(tiny_llama, examples, intervene=lambda r: contextlib.nullcontext(), output=tmp_path / "l.jsonl",
+                 progress=False)
+    # An id is not for specs (they carry their own identity).
+    with pytest.raises(ValueError, match="own content identity"):
+        evaluate(tiny_llama, examples, intervene=SplitSoftmax([(0, 0)], 0.5), id="x", progress=False)
+    res = evaluate(tiny_llama, examples, intervene=lambda r: contextlib.nullcontext(), id="noop",
+                   output=tmp_path / "l.jsonl", progress=False, max_new_tokens=2)
+    assert res.config["intervene"] == {"kind": "custom", "id": "noop"}
+    assert count_hooks(tiny_llama) == 0
+
+
+def test_spec_hooks_removed_after_an_exception(tiny_llama, tmp_path):
+    from focuslens.prompts import Span
+    from focuslens.specs import Compose, InjectVectors, InterventionSpec, SplitSoftmax
+
+    examples = make_synthetic_qa(2, n_docs=2, seed=13)
+    vec = InjectVectors({(0, 1): torch.ones(tiny_llama.cfg.d_head)}, alpha=0.5)
+    bad = Compose(vec, SplitSoftmax([(1, 0)], 0.5, span=Span(0, 10_000)))  # its 2nd member fails to attach
+    with pytest.raises(ValueError, match="outside the sequence"):
+        evaluate(tiny_llama, examples, intervene=bad, output=tmp_path / "b.jsonl", progress=False, max_new_tokens=2)
+    assert count_hooks(tiny_llama) == 0
+
+    class Exploding(InterventionSpec):  # attaches fine, then fails inside generation
+        kind = "exploding"
+
+        def __init__(self):
+            self._freeze()
+
+        def _identity(self):
+            return {}
+
+        @property
+        def per_example(self):
+            return True
+
+        def attach(self, model, example=None):
+            def boom(x, hook):
+                raise _Boom("inside the forward pass")
+
+            return attach_hooks(model, [("blocks.1.attn.hook_pattern", boom)])
+
+    for spec in (Exploding(), vec + Exploding()):
+        with pytest.raises(_Boom):
+            evaluate(tiny_llama, examples, intervene=spec, output=tmp_path / "e.jsonl", progress=False,
+                     max_new_tokens=2, resume=False)
+        assert count_hooks(tiny_llama) == 0
+    # A negative prompt has no relevant span: a clear error, nothing left attached.
+    with pytest.raises(ValueError, match="no such span"):
+        evaluate(tiny_llama, examples, intervene=SplitSoftmax([(1, 0)], 0.5), variant="negative",
+                 progress=False, max_new_tokens=2)
+    assert count_hooks(tiny_llama) == 0
+
+
+def test_example_independent_spec_is_attached_once_and_batches(tiny_llama):
+    from focuslens.interventions import inject_vectors
+    from focuslens.specs import InjectVectors, NoIntervention
+
+    examples = make_synthetic_qa(4, n_docs=2, seed=14)
+    g = torch.Generator().manual_seed(0)
+    vecs = {(0, 1): torch.randn(tiny_llama.cfg.d_head, generator=g) * 4, (1, 3): torch.randn(tiny_llama.cfg.d_head, generator=g) * 4}
+    spec = InjectVectors(vecs, alpha=1.0)
+    assert not spec.per_example
+    res = evaluate(tiny_llama, examples, intervene=spec, progress=False, max_new_tokens=4, batch_size=4)
+    assert {r["batch_size"] for r in res.records} == {4}
+    with inject_vectors(tiny_llama, vecs, alpha=1.0):
+        ref = evaluate(tiny_llama, examples, progress=False, max_new_tokens=4, batch_size=4)
+    assert res.predictions == ref.predictions and count_hooks(tiny_llama) == 0
+    # NoIntervention is the unmodified model, with the same records key as None.
+    none = evaluate(tiny_llama, examples, intervene=NoIntervention(), progress=False, max_new_tokens=4)
+    plain = evaluate(tiny_llama, examples, progress=False, max_new_tokens=4)
+    assert none.config_hash == plain.config_hash and none.predictions == plain.predictions
+
+
+def test_decoding_bundle_and_old_keywords_agree(tiny_llama):
+    from focuslens.evaluation import Decoding
+
+    examples = make_synthetic_qa(2, n_docs=2, seed=15)
+    a = evaluate(tiny_llama, examples, decoding=Decoding(max_new_tokens=3, stop_at_newline=False), progress=False)
+    b = evaluate(tiny_llama, examples, max_new_tokens=3, stop_at_newline=False, progress=False)
+    assert a.config_hash == b.config_hash and a.predictions == b.predictions
+    c = evaluate(tiny_llama, examples, decoding=Decoding(max_new_tokens=3), max_new_tokens=2, progress=False)
+    assert c.config["max_new_tokens"] == 2
+    with pytest.raises(TypeError, match="max_tokens"):
+        evaluate(tiny_llama, examples, max_tokens=3, progress=False)
+
+
+def test_margins_accept_specs(tiny_llama):
+    from focuslens.interventions import split_softmax
+    from focuslens.specs import SplitSoftmax
+
+    rs = [render(e, tiny_llama) for e in make_synthetic_qa(2, n_docs=3, seed=16)]
+    heads = [(0, 0), (1, 1)]
+    a = teacher_forced_margins(tiny_llama, rs, intervene=SplitSoftmax(heads, 0.2))
+    b = teacher_forced_margins(tiny_llama, rs, intervene=lambda r: split_softmax(tiny_llama, heads, r.relevant, 0.2))
+    assert torch.equal(a.margin, b.margin) and count_hooks(tiny_llama) == 0

@@ -22,11 +22,14 @@ def test_every_entry_point_uses_the_one_default_budget():
     from focuslens.cli import build_parser
     from focuslens.demo import DemoConfig
     from focuslens.directions import make_direction_examples
-    from focuslens.evaluation import evaluate, greedy_generate_batch
+    from focuslens.evaluation import greedy_generate_batch
     from focuslens.scoring import score_dataset
     from focuslens.sweeps import select_alpha
 
-    for fn in (evaluate, score_dataset, make_direction_examples, select_alpha, greedy_generate,
+    from focuslens.evaluation import Decoding
+
+    assert Decoding().max_new_tokens == DEFAULT_MAX_NEW_TOKENS  # evaluate()'s decoding settings
+    for fn in (score_dataset, make_direction_examples, select_alpha, greedy_generate,
                greedy_generate_batch, generate_response):
         assert inspect.signature(fn).parameters["max_new_tokens"].default == DEFAULT_MAX_NEW_TOKENS, fn.__qualname__
     assert DemoConfig().max_new_tokens == DEFAULT_MAX_NEW_TOKENS

@@ -466,6 +466,38 @@ def test_compose_removes_all_even_if_one_remove_fails(tiny_llama):
     assert count_hooks(tiny_llama) == 0
 
 
+def test_compose_refusing_its_arguments_leaves_no_hooks(tiny_llama, tiny_llama_mha):
+    """compose() removes the handles it was given before it raises (the caller gets nothing to remove)."""
+    d = model_info(tiny_llama).d_head
+    # A non-handle among the arguments.
+    a = split_softmax(tiny_llama, [(0, 0)], SPAN, 0.2)
+    b = inject_vectors(tiny_llama, {(1, 1): torch.randn(d)})
+    with pytest.raises(TypeError, match="HookHandle.*removed"):
+        compose(a, "not a handle", b)
+    assert count_hooks(tiny_llama) == 0 and not a.active and not b.active
+    # Handles of two different models.
+    a = split_softmax(tiny_llama, [(0, 0)], SPAN, 0.2)
+    c = split_softmax(tiny_llama_mha, [(1, 0)], SPAN, 0.2)
+    with pytest.raises(ValueError, match="same model"):
+        compose(a, c)
+    assert count_hooks(tiny_llama) == 0 and count_hooks(tiny_llama_mha) == 0
+
+
+def test_compose_of_specs_when_an_argument_fails(tiny_llama):
+    """The eager form cannot help when an argument raises (the first handle is already attached when
+    the second call fails); the spec form attaches all-or-nothing."""
+    from focuslens.specs import InjectVectors, SplitSoftmax
+
+    d = model_info(tiny_llama).d_head
+    with pytest.raises(ValueError, match="finite"):
+        InjectVectors({(0, 1): torch.randn(d)}, alpha=float("nan"))  # refused before any hook exists
+    spec = SplitSoftmax([(0, 0)], 0.2, span=SPAN) + InjectVectors({(5, 1): torch.randn(d)})
+    with pytest.raises(ValueError, match="Unknown query head"):
+        with spec.attach(tiny_llama):
+            pass
+    assert count_hooks(tiny_llama) == 0
+
+
 def test_split_and_inject_in_manual_cache_loop(tiny_llama):
     """The decoding loop of focuslens.evaluation (forward with past_key_values) is edited exactly."""
     d = model_info(tiny_llama).d_head

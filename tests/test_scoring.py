@@ -313,19 +313,55 @@ def test_smollm_exact_against_hf_eager(smollm):
     torch.testing.assert_close(pat, _ref_mass(att, R, [tuple(p["doc_2"])]), atol=ATOL, rtol=0)
 
 
-def test_qk_route_refused_when_attention_has_extra_terms(tiny_llama_mha, hf_refs):
-    """A logit softcap (Gemma-2 style) makes q/k alone inexact: qk refuses, pattern stays exact."""
+def test_qk_route_applies_softcap_and_equals_pattern(tiny_llama_mha, hf_refs):
+    """A logit softcap (Gemma-2 style) is part of the one attention definition: the q/k route applies
+    it and equals the pattern route, which sees the capped attention the model really computes."""
     hf_attn = tiny_llama_mha.blocks[0].attn.original_component
     toks = _tokens()
     try:
         hf_attn.attn_logit_softcapping = 0.5
         ok, why = qk_route_available(tiny_llama_mha)
-        assert not ok and "attn_logit_softcapping" in why
-        with pytest.raises(ValueError, match="not exact on this model"):
-            contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48), method="qk")
+        assert ok, why
+        qk = contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48), method="qk")
         capped = contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48))
+        torch.testing.assert_close(qk, capped, atol=ATOL, rtol=0)
         plain = _ref_mass(_hf_attn(hf_refs["llama_mha"], toks), (40, 48), [(1, 5)])
         assert (capped[0] - plain[0]).abs().max() > 1e-3  # the softcap did change layer 0
     finally:
         del hf_attn.attn_logit_softcapping
     assert qk_route_available(tiny_llama_mha)[0]
+
+
+def test_qk_route_refused_when_attention_has_extra_terms(tiny_llama_mha, hf_refs):
+    """Learned attention sinks (GPT-OSS style) make q/k alone inexact: qk refuses, pattern stays exact."""
+    hf_attn = tiny_llama_mha.blocks[0].attn.original_component
+    toks = _tokens()
+    try:
+        hf_attn.sinks = torch.nn.Parameter(torch.full((4,), 2.0), requires_grad=False)
+        ok, why = qk_route_available(tiny_llama_mha)
+        assert not ok and "sinks" in why
+        with pytest.raises(ValueError, match="not exact on this model"):
+            contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48), method="qk")
+        sunk = contextual_scores(tiny_llama_mha, toks, relevant=(1, 5), response=(40, 48))
+        plain = _ref_mass(_hf_attn(hf_refs["llama_mha"], toks), (40, 48), [(1, 5)])
+        assert (sunk[0] - plain[0]).abs().max() > 1e-3  # the sinks did change layer 0
+    finally:
+        del hf_attn.sinks
+    assert qk_route_available(tiny_llama_mha)[0]
+
+
+def test_qk_route_exact_on_sliding_window_and_qk_norm(tiny_gemma3):
+    """Gemma-3 (layer 0 slides over 8 keys, QK-norm, own scale): q/k route = pattern route, 40 tokens."""
+    ok, why = qk_route_available(tiny_gemma3)
+    assert ok, why
+    toks = _tokens(40, seed=4)
+    kw = dict(response=(30, 40), spans={"relevant": (3, 12), "near": (24, 30)}, distractors=[(12, 20)])
+    qk = score_spans(tiny_gemma3, toks, method="qk", **kw)
+    pat = score_spans(tiny_gemma3, toks, method="pattern", **kw)
+    assert qk.method == "qk" and pat.method == "pattern"
+    torch.testing.assert_close(qk.columns, pat.columns, atol=ATOL, rtol=0)
+    for name in pat.names:
+        torch.testing.assert_close(qk[name], pat[name], atol=ATOL, rtol=0)
+    # the window is real: layer 0's response rows cannot see the relevant span (t - j >= 8) or the sink
+    assert float(pat.relevant[0].abs().max()) == 0.0 and float(pat.sink[0].abs().max()) == 0.0
+    assert float(pat.relevant[1].min()) > 0

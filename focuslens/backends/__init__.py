@@ -8,10 +8,11 @@
   or on NDIF (``remote=True``); nnsight is optional and imported lazily.
 """
 
-from .fused import ATTN_IMPL, FusedModel, load_fused
+from .fused import ATTN_IMPL, BackendHandle, FusedModel, load_fused
 
 __all__ = [
     "FusedModel",
+    "BackendHandle",
     "load_fused",
     "ATTN_IMPL",
     "NNsightScorer",

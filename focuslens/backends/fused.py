@@ -49,11 +49,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..prompts import Span, SpanLike, as_span, normalise_spans
+from ..attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
+from ..hooks import HookHandle
+from ..prompts import Span, SpanLike, normalise_spans
+from ..scoring import HeadScores, _head_scores, _named_spans
 
 SpansLike = SpanLike | Sequence[SpanLike]
 
-__all__ = ["FusedModel", "load_fused", "ATTN_IMPL", "is_registered"]
+__all__ = ["FusedModel", "BackendHandle", "load_fused", "ATTN_IMPL", "is_registered"]
 
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
@@ -114,8 +117,12 @@ def is_registered() -> bool:
 @dataclass
 class _SplitEdit:
     heads_by_layer: dict[int, list[int]]
-    span: Span
+    spans: list[Span]  # the relevant context C (a union of spans), absolute key positions
     tau: float
+
+    @property
+    def min_start(self) -> int:
+        return min(sp.start for sp in self.spans)
 
 
 @dataclass
@@ -128,8 +135,7 @@ class _Injection:
 @dataclass
 class _Recorder:
     rows: Span  # absolute query positions whose patterns are reduced
-    key_masks: Tensor  # [n_spans, N] fp32, 1 on each named span's key positions (unions allowed)
-    out: Tensor  # [n_spans, n_layers, n_heads] fp32 accumulator
+    columns: Tensor  # [n_layers, n_heads, N] fp32: Σ over response rows of each key column's attention
     seen: set  # layers visited (sanity check: every layer must report once)
     buffers: dict = field(default_factory=dict)  # device -> flat fp32 workspace, reused by every layer
 
@@ -141,19 +147,40 @@ class _Recorder:
 
 
 def _split_softmax_rows(
-    pattern: Float[Tensor, "b h q k"], span: Span, tau: float
+    pattern: Float[Tensor, "b h q k"], edit: _SplitEdit, query_pos: Int[Tensor, " q"]
 ) -> Float[Tensor, "b h q k"]:
-    """Move each row's mass on ``span`` from π to π^τ, keeping shares inside and outside the span.
+    """Move each row's mass on the edit's spans from π to π^τ, keeping shares inside and outside.
 
-    Delegates to :func:`focuslens.interventions.split_softmax_pattern`, the TransformerLens path's
-    definition (factors in float64; rows with no mass on the span or none outside it unchanged), so
-    both backends make exactly the same edit.
+    Delegates to :func:`focuslens.interventions.split_softmax_pattern` with the same union mask and
+    ``min_query`` guard as :func:`focuslens.interventions.split_softmax` (factors in float64; rows with
+    no mass on the span, none outside it, or before the span unchanged), so both backends make exactly
+    the same edit.
     """
     from ..interventions import split_softmax_pattern
 
     inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
-    inside[span.start : min(span.end, pattern.shape[-1])] = True
-    return split_softmax_pattern(pattern, inside, tau)
+    for sp in edit.spans:
+        inside[sp.start : min(sp.end, pattern.shape[-1])] = True
+    return split_softmax_pattern(pattern, inside, edit.tau, query_positions=query_pos.to(pattern.device),
+                                 min_query=edit.min_start)
+
+
+def _visible(
+    la: LayerAttention, query_pos: Int[Tensor, " r"], n_keys: int, mask: Tensor | None, row_idx: Tensor,
+    device: torch.device,
+) -> Tensor:
+    """:func:`focuslens.attention.visible_keys` (causal + the layer's window) and transformers' mask.
+
+    ``mask`` (bool, True = attend, or additive float with ``finfo.min`` on blocked entries) carries
+    padding; rows are selected with ``row_idx`` (indices into the query block)."""
+    vis = visible_keys(query_pos.to(device), n_keys, sliding_window=la.sliding_window)  # [r, k]
+    if mask is not None:
+        m = mask[..., row_idx.to(mask.device), :] if mask.shape[-2] != 1 else mask
+        m = m[..., :n_keys].to(device)
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2
+        vis = vis & m
+    return vis
 
 
 def _explicit_rows(
@@ -163,20 +190,23 @@ def _explicit_rows(
     group: int,
     row_pos: Int[Tensor, " r"],
     mask: Tensor | None,
-    scaling: float,
+    la: LayerAttention | float,
     q_offset: int,
     workspace: Tensor | None = None,
 ) -> Float[Tensor, "b h r k"]:
     """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
 
-    ``row_pos`` holds the rows' indices into the *query* block (used to slice a given mask) and
-    the causal limit is ``key_pos <= q_offset + row`` when no mask is given (transformers passes no
-    mask when SDPA's ``is_causal`` suffices; ``q_offset`` = cached keys before this block).
-    With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads only) the
-    rows are computed inside it with no new large allocation: per-layer temporaries of a few MB would
-    otherwise fragment the CPU heap (glibc) and raise the process's peak RSS well above the live
-    memory.
+    The maths is :mod:`focuslens.attention`'s: ``la.scale``, soft-cap, causal + sliding-window
+    visibility of absolute query positions ``q_offset + row_pos`` (and the given mask's padding), and
+    :func:`~focuslens.attention.row_softmax`. ``row_pos`` holds the rows' indices into the *query*
+    block (``q_offset`` = cached keys before this block). A float ``la`` is a plain causal layer with
+    that scale. With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads
+    only) the rows are computed inside it with no new large allocation: per-layer temporaries of a few
+    MB would otherwise fragment the CPU heap (glibc) and raise the process's peak RSS well above the
+    live memory.
     """
+    if not isinstance(la, LayerAttention):
+        la = LayerAttention(-1, "", "", float(la))
     b, _, r, d = query.shape
     kv = key.shape[2]
     qf = query.float()
@@ -194,21 +224,9 @@ def _explicit_rows(
         kv_idx = torch.tensor([h // group for h in q_heads], device=key.device)
         scores = qf @ kf.index_select(1, kv_idx).transpose(-1, -2)  # [b, n, r, k]
     # in place from here on: the row block is the largest tensor this backend adds
-    scores.mul_(scaling)
-    if mask is not None:
-        m = mask[..., row_pos.to(mask.device), :] if mask.shape[-2] != 1 else mask
-        m = m[..., :kv].to(scores.device)
-        if m.dtype == torch.bool:
-            scores.masked_fill_(~m, torch.finfo(torch.float32).min)
-        else:
-            scores.add_(m.float())
-    else:
-        key_pos = torch.arange(kv, device=scores.device)
-        blocked = key_pos[None, :] > (row_pos.to(scores.device)[:, None] + q_offset)  # [r, k]
-        scores.masked_fill_(blocked, torch.finfo(torch.float32).min)
-    # softmax in place: exp(x − max) / Σ
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
+    scores = soft_cap(scores.mul_(la.scale), la.softcap, inplace=True)
+    vis = _visible(la, row_pos + q_offset, kv, mask, row_pos, scores.device)
+    return row_softmax(scores, vis, inplace=True)
 
 
 def _focuslens_attention(
@@ -233,8 +251,8 @@ def _focuslens_attention(
     if fm is None or not fm._active_depth:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = owner[1]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+    la = module_attention(module, layer=layer, head_dim=query.shape[-1], scaling=scaling,
+                          sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
     n_heads = query.shape[1]
     group = n_heads // key.shape[1]
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -254,8 +272,12 @@ def _focuslens_attention(
     # 2. the fused output for all heads
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    # 3. split-softmax heads: explicit rows, overwriting their output slices
     edits = [(e, e.heads_by_layer[layer]) for e in fm._splits if layer in e.heads_by_layer]
+    rec = fm._recorder
+    if (edits or rec is not None) and not la.exact:
+        raise ValueError(f"The fused backend recomputes attention rows explicitly, which is not exact here ({la.why}).")
+
+    # 3. split-softmax heads: explicit rows, overwriting their output slices
     if edits:
         heads = sorted({h for _, hs in edits for h in hs})
         pos_of = {h: i for i, h in enumerate(heads)}
@@ -266,28 +288,25 @@ def _focuslens_attention(
         for start in range(0, q_len, fm.row_block):
             stop = min(q_len, start + fm.row_block)
             rows = torch.arange(start, stop, device=query.device)
-            pat = _explicit_rows(q_sel[:, :, start:stop], key, heads, group, rows, attention_mask, scaling, q_offset)
-            pat = _apply_edits(pat, edits, pos_of)
+            pat = _explicit_rows(q_sel[:, :, start:stop], key, heads, group, rows, attention_mask, la, q_offset)
+            pat = _apply_edits(pat, edits, pos_of, rows + q_offset)
             z = (pat.to(v_sel.device) @ v_sel).transpose(1, 2)  # [b, r, n, d]
             out[:, start:stop, heads, :] = z.to(out.dtype).to(out.device)
 
     # 4. response-row reductions for scoring
-    rec = fm._recorder
     if rec is not None:
         lo = max(rec.rows.start - q_offset, 0)
         hi = min(rec.rows.end - q_offset, q_len)
         if hi > lo:
             rows = torch.arange(lo, hi, device=query.device)
             work = rec.workspace(query.device, query.shape[0] * n_heads * (hi - lo) * kv_len)
-            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, scaling, q_offset, work)  # [b, H, r, k]
+            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, la, q_offset, work)  # [b, H, r, k]
             if edits:
                 idx = torch.tensor(heads, device=pat.device)
-                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of)
+                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of, rows + q_offset)
                 pat.index_copy_(1, idx, sub)
-            row_sums = pat.sum(dim=2)  # [b, H, k]: Σ over response rows
-            km = rec.key_masks[:, :kv_len].to(row_sums.device)  # [S, k]
-            parts = torch.einsum("bhk,sk->sh", row_sums, km)  # [S, H], summed over the batch of 1
-            rec.out[:, layer] += parts.to(device=rec.out.device, dtype=torch.float32)
+            row_sums = pat.sum(dim=(0, 2))  # [H, k]: Σ over response rows (and the batch of 1)
+            rec.columns[layer, :, :kv_len] += row_sums.to(device=rec.columns.device, dtype=torch.float32)
             rec.seen.add(layer)
     return out, None
 
@@ -310,13 +329,55 @@ def _chunked_forward(forward: Any, chunk: int) -> Any:
     return run
 
 
-def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int]) -> Tensor:
-    """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``."""
+def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int], query_pos: Tensor) -> Tensor:
+    """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``,
+    rows at absolute positions ``query_pos``."""
     for edit, hs in edits:
         idx = torch.tensor([pos_of[h] for h in hs], device=pat.device)
-        sub = _split_softmax_rows(pat.index_select(1, idx), edit.span, edit.tau)
+        sub = _split_softmax_rows(pat.index_select(1, idx), edit, query_pos)
         pat = pat.index_copy(1, idx, sub)
     return pat
+
+
+class BackendHandle(HookHandle):
+    """An active fused-backend edit: ``.remove()`` (idempotent) or a ``with`` block, like a
+    :class:`~focuslens.hooks.HookHandle` (it is one, so :func:`focuslens.interventions.compose` takes it).
+
+    While it is active the model runs on the focuslens attention function; removing the last active
+    edit restores the previous attention implementation.
+    """
+
+    def __init__(self, fm: "FusedModel", registry: list, item: Any, *, label: str):
+        self.model = fm
+        self.label = label
+        self._handles = []  # unused: no TransformerLens hooks
+        self._registry = registry
+        self._item = item
+        self._stack: contextlib.ExitStack | None = contextlib.ExitStack()
+        self._stack.enter_context(fm._active())
+        registry.append(item)
+
+    @property
+    def active(self) -> bool:
+        return self._stack is not None
+
+    @property
+    def n_hooks(self) -> int:
+        return 0
+
+    def remove(self) -> None:
+        """Undo the edit (idempotent); other edits stay active."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        try:
+            if any(x is self._item for x in self._registry):
+                self._registry[:] = [x for x in self._registry if x is not self._item]
+        finally:
+            stack.close()
+
+    def __repr__(self) -> str:
+        return f"<BackendHandle {self.label}: {'active' if self.active else 'removed'}>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,38 +548,37 @@ class FusedModel:
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
         response: SpanLike,
-        spans: Mapping[str, SpansLike],
-    ) -> dict[str, Float[Tensor, "layer head"]]:
+        spans: Mapping[str, SpansLike] | None = None,
+        distractors: Sequence[SpanLike] | None = None,
+        sink: SpanLike | int | None = 1,
+    ) -> HeadScores:
         """Mean attention mass that the response rows put on each named span, per head.
 
-        ``s[name][l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈span} A^{l,h}_{t,j}`` with ``R = response``, computed in
-        one forward pass that builds only the ``[H, |R|, N]`` rows of each layer (fp32). Active
-        split-softmax edits are applied to those rows (the score is that of the pattern the model uses).
+        Same protocol and result as :func:`focuslens.scoring.score_spans` (a
+        :class:`~focuslens.scoring.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
+        ``distractors_max`` and the ``[layer, head, pos]`` columns, ``method="fused"``):
+        ``s[name][l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈span} A^{l,h}_{t,j}``, computed in one forward pass
+        that builds only the ``[H, |R|, N]`` rows of each layer (fp32). Active split-softmax edits are
+        applied to those rows (the score is that of the pattern the model uses).
 
         Args:
             tokens: token ids ``[pos]`` or ``[1, pos]`` (a ``LabelledPrompt`` works too).
             response: the scoring rows, a half-open token span.
-            spans: named key spans (``{"relevant": p["doc_3"], "sink": (0, 1)}``); a value may be a
-                list of spans (their union, each position counted once). Every span must end at or
-                before ``response.start`` (as in :mod:`focuslens.scoring`).
-
-        Returns:
-            ``{name: Tensor[n_layers, n_heads]}`` in fp32 on the CPU.
+            spans: named key spans (``{"relevant": p["doc_3"]}``); a value may be a list of spans
+                (their union, each position counted once). Every span must end at or before
+                ``response.start``. ``sink`` and ``distractor_*`` are reserved names.
+            distractors: distractor spans (``distractor_1``.. and the aggregates).
+            sink: the first ``n`` tokens (default 1), a span, or None.
         """
         ids = self._tokens(tokens)
         n = ids.shape[1]
-        rows = as_span(response, seq_len=n, name="response")
-        if not spans:
-            raise ValueError("spans is empty: name at least one key span, e.g. {'relevant': (10, 40)}.")
-        names = list(spans)
-        masks = torch.zeros(len(names), n, dtype=torch.float32)
-        for i, k in enumerate(names):
-            for sp in normalise_spans(spans[k], seq_len=n, before=rows, name=f"span {k!r}"):
-                masks[i, sp.slice] = 1.0
+        if not spans and not distractors and sink is None:
+            raise ValueError("spans is empty and sink=None: nothing to score; name a span, e.g. {'relevant': (10, 40)}.")
+        rows, named, n_dis = _named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
         if self._recorder is not None:
             raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
-        acc = torch.zeros(len(names), self.n_layers, self.n_heads, dtype=torch.float32, device=self.input_device)
-        rec = _Recorder(rows=rows, key_masks=masks.to(self.input_device), out=acc, seen=set())
+        cols = torch.zeros(self.n_layers, self.n_heads, n, dtype=torch.float32, device=self.input_device)
+        rec = _Recorder(rows=rows, columns=cols, seen=set())
         # the response-row workspace is allocated once, before the forward's own allocations
         rec.workspace(self.input_device, self.n_heads * len(rows) * n)
         with self._active(), self._chunked_mlps():
@@ -532,8 +592,7 @@ class FusedModel:
                 f"Only layers {sorted(rec.seen)} reported response rows; the model's attention did not go "
                 f"through {ATTN_IMPL!r} in every layer."
             )
-        acc = (acc / len(rows)).cpu()
-        return {k: acc[i] for i, k in enumerate(names)}
+        return _head_scores((cols / len(rows)).cpu(), rows, named, n_dis, method="fused")
 
     def contextual_scores(
         self,
@@ -551,47 +610,53 @@ class FusedModel:
         Returns:
             ``Tensor[n_layers, n_heads]`` fp32 on the CPU.
         """
-        return self.score_spans(tokens, response=response, spans={"relevant": relevant})["relevant"]
+        return self.score_spans(tokens, response=response, spans={"relevant": relevant}, sink=None)["relevant"]
 
     # ---------------------------------------------------------------- interventions
-    @contextlib.contextmanager
-    def split_softmax(self, heads: Iterable[Sequence[int]], *, span: SpanLike, tau: float) -> Iterator["FusedModel"]:
+    def split_softmax(
+        self,
+        heads: Iterable[Sequence[int]],
+        span: SpanLike | Sequence[SpanLike] | None = None,
+        tau: float | None = None,
+    ) -> BackendHandle:
         """Split softmax on ``heads``: each query row's mass on ``span`` goes from π to π^τ.
 
+        The edit of :func:`focuslens.interventions.split_softmax` (same arguments, positional or
+        keyword; ``span`` may be a list of spans, their union):
         ``A'_{t,j} = A_{t,j}·π^τ/π`` inside the span, ``A_{t,j}·(1−π^τ)/(1−π)`` outside; rows with no
-        mass on the span (e.g. before it) or none outside it are unchanged; ``tau = 1`` is the identity. Applied at prefill
-        and every decoding step of ``generate`` (the span is in absolute key positions, so it holds
-        for the cached prompt keys). Only the selected heads get an explicit pattern, in blocks of
-        ``row_block`` query rows; the other heads stay fused.
+        mass on the span (e.g. before it) or none outside it are unchanged; ``tau = 1`` is the
+        identity. Applied at prefill and every decoding step of ``generate`` (the span is in absolute
+        key positions, so it holds for the cached prompt keys). Only the selected heads get an explicit
+        pattern, in blocks of ``row_block`` query rows; the other heads stay fused.
+
+        Returns:
+            a :class:`BackendHandle`: active at once; ``.remove()`` or use it in a ``with`` block.
 
         Example:
-            >>> with fm.split_softmax([(8, 0)], span=p["doc_3"], tau=0.2):
+            >>> with fm.split_softmax([(8, 0)], p["doc_3"], 0.2):
             ...     fm.generate(p.tokens[None], max_new_tokens=20, do_sample=False)
         """
+        if span is None or tau is None:
+            raise TypeError("split_softmax(heads, span, tau) needs a span and tau.")
         hs = self._check_heads(heads)
-        sp = as_span(span, name="span")
+        spans = normalise_spans(span, name="split_softmax span")
         tau = float(tau)
         if not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"tau must be a finite number > 0 (1 = identity, < 1 raises attention on the span); got {tau}.")
         by_layer: dict[int, list[int]] = {}
         for l, h in hs:
             by_layer.setdefault(l, []).append(h)
-        edit = _SplitEdit(by_layer, sp, tau)
-        with self._active():
-            self._splits.append(edit)
-            try:
-                yield self
-            finally:
-                self._splits.remove(edit)
+        return BackendHandle(self, self._splits, _SplitEdit(by_layer, spans, tau),
+                             label=f"fused split_softmax(tau={tau:g}, {len(hs)} heads, spans={spans})")
 
-    @contextlib.contextmanager
     def inject_vectors(
         self, vectors: Mapping[Head, Float[Tensor, " d_head"]], *, alpha: float = 1.0
-    ) -> Iterator["FusedModel"]:
+    ) -> BackendHandle:
         """Add ``alpha · u^{l,h}`` to the post-RoPE query of head (l, h) at every position.
 
         ``vectors`` maps ``(layer, head)`` to a ``[d_head]`` vector (a focus direction). Applied at
-        prefill and every decoding step; ``alpha = 0`` is the identity.
+        prefill and every decoding step; ``alpha = 0`` is the identity. Returns a :class:`BackendHandle`
+        (``.remove()``; context manager), like :func:`focuslens.interventions.inject_vectors`.
         """
         if not vectors:
             raise ValueError("vectors is empty: map at least one (layer, head) to a [d_head] vector.")
@@ -608,12 +673,8 @@ class FusedModel:
             by_layer[l][0].append(h)
             by_layer[l][1].append(v.float().cpu())
         inj = _Injection({l: (h, torch.stack(v)) for l, (h, v) in by_layer.items()}, alpha)
-        with self._active():
-            self._injections.append(inj)
-            try:
-                yield self
-            finally:
-                self._injections.remove(inj)
+        return BackendHandle(self, self._injections, inj,
+                             label=f"fused inject_vectors(alpha={alpha:g}, {len(hs)} heads)")
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -13,9 +13,11 @@ How it works
 ------------
 For every layer the trace reads the post-RoPE query and key, the output of the attention module's
 ``apply_rotary_pos_emb`` call (nnsight's ``.source`` view of the forward), keeps the response rows of
-the query, builds those rows of the causal attention pattern (``[H, |R|, N]``, fp32), and sums them over
-each span. The trace body uses only ``torch`` operations and plain Python values, so it runs
-unchanged on NDIF (the server has no focuslens).
+the query, builds those rows of the attention pattern with :mod:`focuslens.attention` (the layer's
+scale, soft-cap and causal + sliding-window visibility, read from the HF module before the trace;
+``row_softmax`` in fp32, ``[H, |R|, N]``), and sums them over each span. The trace body uses torch,
+plain values and two :mod:`focuslens.attention` functions; for NDIF (where focuslens is not installed)
+that module is registered with ``nnsight.register`` so that it is shipped by value.
 
 nnsight is an optional dependency, imported lazily: ``pip install nnsight==0.8.1``.
 
@@ -29,14 +31,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..prompts import SpanLike, as_span
-from ..prompts import normalise_spans
+from ..prompts import SpanLike
+from ..scoring import HeadScores
 from .fused import SpansLike
 
 __all__ = ["NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans", "NNSIGHT_PIN"]
@@ -104,7 +106,6 @@ class NNsightScorer:
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
-        self.scaling = self.d_head**-0.5
 
     def _layers(self):
         obj = self.model
@@ -117,24 +118,37 @@ class NNsightScorer:
         tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
         *,
         response: SpanLike,
-        spans: Mapping[str, SpansLike],
+        spans: Mapping[str, SpansLike] | None = None,
+        distractors: Sequence[SpanLike] | None = None,
+        sink: SpanLike | int | None = 1,
         remote: bool = False,
+        keep_columns: bool | None = None,
         **trace_kwargs: Any,
-    ) -> dict[str, Float[Tensor, "layer head"]]:
+    ) -> HeadScores:
         """Mean attention mass from the response rows to each named span, per head (fp32, CPU).
 
-        ``s[name][l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈span} A^{l,h}_{t,j}`` — the same definition as
-        :func:`focuslens.backends.fused.FusedModel.score_spans`. Only the ``[n_spans, layer, head]``
-        result leaves the trace.
+        Same protocol and result type as :func:`focuslens.scoring.score_spans`
+        (:class:`~focuslens.scoring.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
+        ``distractors_max``; ``method="nnsight"``). The rows are recomputed by
+        :mod:`focuslens.attention` (each layer's scale, sliding window and soft-cap read from the HF
+        attention module; :func:`~focuslens.attention.row_softmax`) and reduced inside the trace.
 
         Args:
             tokens: token ids ``[pos]`` or ``[1, pos]``.
             response: the scoring rows (half-open span).
             spans: named key spans; a value may be a list of spans (their union). Spans must end at
                 or before ``response.start``.
-            remote: run on NDIF (needs an API key and network).
+            distractors, sink: as in :func:`focuslens.scoring.score_spans`.
+            remote: run on NDIF (needs an API key and network); :mod:`focuslens.attention` is then
+                registered with nnsight so that its functions are shipped by value.
+            keep_columns: also bring back the ``[layer, head, pos]`` columns (``HeadScores.columns``,
+                needed by ``.mass()``). Default: locally yes; remotely no — only the
+                ``[n_spans, layer, head]`` masses leave the server (the columns are then ``[L, H, 0]``).
             trace_kwargs: passed to ``model.trace`` (e.g. ``backend=...``).
         """
+        from .. import attention as fa
+        from ..scoring import DISTRACTORS_MAX, DISTRACTORS_TOTAL, _named_spans, _union_mask
+
         if hasattr(tokens, "tokens") and not isinstance(tokens, Tensor):
             tokens = tokens.tokens
         ids = torch.as_tensor(tokens)
@@ -143,45 +157,56 @@ class NNsightScorer:
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(f"Scoring takes one sequence of token ids, [pos] or [1, pos]; got {tuple(ids.shape)}.")
         n = ids.shape[1]
-        rows = as_span(response, seq_len=n, name="response")
-        if not spans:
-            raise ValueError("spans is empty: name at least one key span, e.g. {'relevant': (10, 40)}.")
-        names = list(spans)
-        km = torch.zeros(len(names), n, dtype=torch.float32)  # [S, N] key masks (unions allowed)
-        for i, k in enumerate(names):
-            for sp in normalise_spans(spans[k], seq_len=n, before=rows, name=f"span {k!r}"):
-                km[i, sp.slice] = 1.0
+        if not spans and not distractors and sink is None:
+            raise ValueError("spans is empty and sink=None: nothing to score; name a span, e.g. {'relevant': (10, 40)}.")
+        rows, named, n_dis = _named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
+        masks = dict(named)
+        if n_dis:
+            masks[DISTRACTORS_TOTAL] = [s for i in range(1, n_dis + 1) for s in named[f"distractor_{i}"]]
+        names = list(masks)
+        km = torch.stack([_union_mask(masks[k], n) for k in names]).float()  # [S, N] key masks
+        keep = (not remote) if keep_columns is None else bool(keep_columns)
         r0, r1 = rows.start, rows.end
         group = self.n_heads // self.n_kv_heads
-        scaling = float(self.scaling)
         site = self.rope_site
         layers = self._layers()
-        n_layers = self.n_layers
-        neg = float(torch.finfo(torch.float32).min)  # masked logits (HF convention), a plain float
+        plans = [fa.module_attention(layers[l].self_attn, layer=l, head_dim=self.d_head) for l in range(self.n_layers)]
+        bad = next((p for p in plans if not p.exact), None)
+        if bad is not None:
+            raise ValueError(f"The nnsight scorer recomputes attention from q/k, which is not exact here ({bad.why}).")
+        qpos = torch.arange(r0, r1)
+        # plain values for the trace: per-layer scale, soft-cap and [R, N] visibility (causal + window)
+        setup = [(p.scale, p.softcap, fa.visible_keys(qpos, n, sliding_window=p.sliding_window)) for p in plans]
+        attention_logits, row_softmax = fa.attention_logits, fa.row_softmax
+        if remote:
+            nnsight = _require_nnsight()
+            nnsight.register(fa)
         if not remote:
             dev = getattr(self.model, "device", None)
             if isinstance(dev, torch.device) and dev.type != "meta":
                 ids = ids.to(dev)
 
-        # Everything inside the trace is plain torch on values from the model: it runs on NDIF as is.
         with self.model.trace(ids, remote=remote, **trace_kwargs):
-            per_layer = []
-            for l in range(n_layers):
-                src = getattr(layers[l].self_attn.source, site)
-                q, k = src.output  # [b, H, N, d], [b, G, N, d] post-RoPE
-                qr = q[0, :, r0:r1].float()  # [H, r, d]
-                kf = k[0].float().repeat_interleave(group, dim=0)  # [H, N, d]
-                sc = (qr @ kf.transpose(-1, -2)) * scaling  # [H, r, N]
-                key_pos = torch.arange(kf.shape[1], device=sc.device)
-                row_pos = torch.arange(r0, r1, device=sc.device)
-                sc = sc.masked_fill(key_pos[None, :] > row_pos[:, None], neg)
-                pat = sc.softmax(dim=-1).sum(dim=1)  # [H, N]: Σ over response rows
+            per_layer, cols = [], []
+            for l in range(self.n_layers):
+                scale, cap, vis = setup[l]
+                q, k = getattr(layers[l].self_attn.source, site).output  # [b, H, N, d], [b, G, N, d] post-RoPE
+                kf = k[0].repeat_interleave(group, dim=0)  # [H, N, d]
+                lg = attention_logits(q[0, :, r0:r1], kf, scale=scale, softcap=cap)  # [H, r, N] fp32
+                pat = row_softmax(lg, vis.to(lg.device)).sum(dim=1)  # [H, N]: Σ over response rows
                 per_layer.append(km.to(pat.device) @ pat.T)  # [S, H]
+                if keep:
+                    cols.append(pat)
             result = (torch.stack(per_layer, dim=1) / (r1 - r0)).save()  # [S, L, H]
+            columns = (torch.stack(cols) / (r1 - r0)).save() if keep else None
         out = _value(result).detach().float().cpu()
         if out.shape != (len(names), self.n_layers, self.n_heads):
             raise RuntimeError(f"nnsight trace returned shape {tuple(out.shape)}; expected {(len(names), self.n_layers, self.n_heads)}.")
-        return {k: out[i] for i, k in enumerate(names)}
+        scores = {k: out[i] for i, k in enumerate(names)}
+        if n_dis:
+            scores[DISTRACTORS_MAX] = torch.stack([scores[f"distractor_{i}"] for i in range(1, n_dis + 1)]).amax(0)
+        colt = _value(columns).detach().float().cpu() if keep else torch.zeros(self.n_layers, self.n_heads, 0)
+        return HeadScores(scores=scores, columns=colt, response=rows, method="nnsight", spans=named)
 
     def contextual_scores(
         self,
@@ -193,9 +218,8 @@ class NNsightScorer:
         **trace_kwargs: Any,
     ) -> Float[Tensor, "layer head"]:
         """Contextual score of every head (``Tensor[n_layers, n_heads]``, fp32, CPU)."""
-        return self.score_spans(tokens, response=response, spans={"relevant": relevant}, remote=remote, **trace_kwargs)[
-            "relevant"
-        ]
+        return self.score_spans(tokens, response=response, spans={"relevant": relevant}, sink=None, remote=remote,
+                                keep_columns=False, **trace_kwargs)["relevant"]
 
 
 def _value(saved: Any) -> Tensor:

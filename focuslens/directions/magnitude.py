@@ -8,16 +8,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attention import attention_scale, key_site, query_site
+from ..attention import attention_probs, require_qk_route
 from ..hooks import attach_hooks
-from ..models import HookedModel, hook_name, model_info
+from ..models import HookedModel, model_info
 from ..prompts import LabelledPrompt
 from .artefact import FocusDirections
 
 __all__ = ["sink_target_alphas", "calibrate_sink_target"]
-
-_NEG = -1e30
-
 
 def _sink_curves(
     model: HookedModel,
@@ -28,17 +25,21 @@ def _sink_curves(
 ) -> Float[Tensor, "n A"]:
     """Sink mass of the last ``rows`` prompt rows of each selected head at each α, from one probe pass.
 
-    ``s_h(α) = mean_t softmax_j(scale·(q_t·k_j + α·u_h·k_j))_0`` in closed form from the cached post-RoPE
-    queries and keys (the pass stops after the last selected layer). Exact for one head in isolation; the
-    heads' effects on later layers are not included (that is what makes it one pass).
+    ``s_h(α) = mean_t A_h(α)_{t,0}`` with ``A_h(α)`` the head's pattern when ``α·u_h`` is added to its
+    post-RoPE query, i.e. :func:`~focuslens.attention.attention_probs` with the logit bias
+    ``α·scale·u_h·k_j`` (the layer's own scale, sliding window and soft-cap), from the cached queries
+    and keys (the pass stops after the last selected layer). Exact for one head in isolation; the
+    heads' effects on later layers are not included (that is what makes it one pass). On a
+    sliding-window layer whose window no longer reaches token 0 the sink mass is 0, as in the model.
     """
     toks = tokens.tokens if isinstance(tokens, LabelledPrompt) else torch.as_tensor(tokens)
     n = int(toks.shape[-1])
     rows = min(rows, n)
     info = model_info(model)
     heads = directions.heads
-    qs, ks = query_site(model), key_site(model)
-    layers = sorted({l for l, _ in heads})
+    plan = require_qk_route(model, [l for l, _ in heads], what="The sink probe (alpha='auto')",
+                            hint="Use a fixed alpha on this model.")
+    last = plan[max(plan)].k_hook
     store: dict[str, Tensor] = {}
 
     class _Stop(Exception):
@@ -47,30 +48,27 @@ def _sink_curves(
     def make_grab(name):  # keyed by the requested name: hook.name may be an alias (GPT-2)
         def grab(x, hook):
             store[name] = x[0].detach()
-            if name == hook_name(layers[-1], ks):
+            if name == last:
                 raise _Stop()
             return x
 
         return grab
 
-    hooks = [(hook_name(l, s), make_grab(hook_name(l, s))) for l in layers for s in (qs, ks)]
+    hooks = [(s, make_grab(s)) for la in plan.values() for s in (la.q_hook, la.k_hook)]
     with attach_hooks(model, hooks, label="focus directions: sink probe"), torch.no_grad():
         try:
             model(toks.reshape(1, -1))
         except _Stop:
             pass
-    scale = attention_scale(model, layers[0])
+    qpos = torch.arange(n - rows, n)
     out = torch.zeros(len(heads), alphas.numel())
     for i, (l, h) in enumerate(heads):
-        q = store[hook_name(l, qs)][n - rows:, h].float()  # [r, d]
-        k = store[hook_name(l, ks)][:, info.kv_head(h)].float()  # [N, d]
+        la = plan[l]
+        q = store[la.q_hook][n - rows:, h].float()  # [r, d]
+        k = store[la.k_hook][:, info.kv_head(h)].float()  # [N, d]
         u = directions.vectors[i].float().to(q.device)
-        base = (q @ k.T) * scale  # [r, N]; rows are the last ones, so every key is causal-visible
-        t = torch.arange(n - rows, n)[:, None]
-        base = base.masked_fill(torch.arange(n)[None] > t, _NEG)
-        bias = (k @ u) * scale  # [N]
-        lg = base[None] + alphas.to(base)[:, None, None] * bias[None, None, :]  # [A, r, N]
-        out[i] = torch.softmax(lg, -1)[..., 0].mean(-1).cpu()
+        bias = alphas.to(q)[:, None, None] * ((k @ u) * la.scale)[None, None, :]  # [A, 1, N]
+        out[i] = attention_probs(q, k, la, qpos, bias=bias)[..., 0].mean(-1).cpu()  # [A, r, N] -> [A]
     return out
 
 

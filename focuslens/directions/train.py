@@ -231,7 +231,8 @@ def _train_per_layer(tr: QKCache, u0: Tensor, cfg: TrainConfig, limit: Tensor | 
             for i in order:
                 opt.zero_grad()
                 mass = attention_mass(tr.logits0[i][sel], tr.keys[i][kv], tr.relevant[i], cfg.alpha * u,
-                                      scale=tr.scale)
+                                      scale=tr.head_scale[sel] if tr.head_scale is not None else tr.scale,
+                                      visible=tr.visible[i][sel] if tr.visible else None, softcap=tr.softcap)
                 (-mass.sum()).backward()
                 opt.step()
                 _project(u, lim)

@@ -1,0 +1,657 @@
+"""Intervention specs: frozen descriptions of an intervention, with a content identity.
+
+Why this module exists
+----------------------
+The eager functions (:func:`~focuslens.interventions.split_softmax`,
+:func:`~focuslens.interventions.inject_vectors`, :meth:`FocusDirections.apply
+<focuslens.directions.FocusDirections.apply>`, :func:`~focuslens.patching.ablate_heads`) attach their
+hooks the moment they are called. That is right in a notebook cell, and wrong everywhere an
+intervention has to be *described* before it is applied:
+
+* an evaluation attaches it once per example (split softmax needs each example's own gold span, the
+  magnitude control ``alpha="auto"`` each prompt's tokens), so callers wrote ``Lazy`` wrapper classes;
+* ``with compose(split_softmax(...), inject_vectors(..., alpha=nan))`` leaves the first handle attached
+  when the second call raises, before ``compose`` ever runs;
+* stored results were keyed by a *name* (a lambda's qualname, a tag), so a run with other heads, another
+  τ or other directions under the same name was silently handed the first run's answers.
+
+A spec is a small immutable value that touches no model. ``spec.attach(model, example)`` attaches it
+(through the eager function, which stays the shortcut) and returns a
+:class:`~focuslens.hooks.HookHandle`; ``spec.identity`` is a JSON-able description of everything
+that changes its effect (kind, heads in order, τ/α/mode/span rule, a checksum of the vectors, the
+directions' model fingerprint, the focuslens version) and ``spec.id`` its
+:func:`~focuslens.io.content_hash`. Two specs have the same ``id`` exactly when they do the same thing,
+so :func:`focuslens.evaluation.evaluate` and the CLI key stored results by it.
+
+Arithmetic (new objects; the operands are unchanged):
+
+* ``c * spec`` / ``spec * c`` / ``-spec``: scale α of :class:`Steer` (fixed α only) and
+  :class:`InjectVectors`; a :class:`Compose` scales every member. Other specs raise ``TypeError``.
+* ``a + b``: :class:`Compose` (apply both; ``sum([a, b, c])`` works). ``a + NoIntervention()`` is
+  ``a``. For two injections this is also the arithmetic sum of their query offsets.
+
+Example:
+    >>> from focuslens.specs import SplitSoftmax, Steer
+    >>> spec = SplitSoftmax(top20, tau=0.2)              # span taken from each example: r.relevant
+    >>> with spec.attach(model, rendered):
+    ...     out = model.generate(rendered.tokens[None], max_new_tokens=10, verbose=False)
+    >>> both = spec + 0.5 * Steer(directions, alpha=1.0)  # Compose(...): all-or-nothing attach
+    >>> res = evaluate(model, test, intervene=both, output="runs/both.jsonl")
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import MappingProxyType
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .hooks import HookHandle, attach_hooks
+from .io import content_hash, tensor_checksum
+from .models import HookedModel
+from .prompts import Span, normalise_spans
+
+__all__ = [
+    "InterventionSpec",
+    "NoIntervention",
+    "SplitSoftmax",
+    "InjectVectors",
+    "Steer",
+    "Ablate",
+    "Compose",
+    "as_spec",
+]
+
+Head = tuple[int, int]
+SpanRule = str  # an attribute of the example ("relevant", "distractors", ...) or a prompt span name
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover - only while focuslens/__init__ is half imported
+        return "unknown"
+
+
+def _heads(heads: Iterable[Sequence[int]], *, what: str) -> tuple[Head, ...]:
+    try:
+        out = tuple((int(l), int(h)) for l, h in heads)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: heads must be (layer, head) pairs of ints, got {heads!r}.") from None
+    if not out:
+        raise ValueError(f"{what} needs at least one (layer, head); got an empty list.")
+    if len(set(out)) != len(out):
+        dup = sorted({h for h in out if out.count(h) > 1})
+        raise ValueError(f"{what}: heads {dup} are listed twice.")
+    return out
+
+
+def _real(x: Any, *, name: str, what: str) -> float:
+    if isinstance(x, bool):
+        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.")
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{what}: {name} must be finite, got {x!r}.")
+    return f
+
+
+def _fmt_heads(heads: Sequence[Head], n: int = 3) -> str:
+    shown = ", ".join(f"L{l}H{h}" for l, h in heads[:n])
+    return f"{len(heads)} heads [{shown}{', …' if len(heads) > n else ''}]"
+
+
+def _tokens_of(example: Any):
+    """The prompt tokens of a RenderedExample, a LabelledPrompt or a 1-D tensor."""
+    if isinstance(example, torch.Tensor):
+        return example
+    for attr in ("tokens",):
+        t = getattr(example, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+class InterventionSpec:
+    """Base class: an immutable description of an intervention with a content identity.
+
+    Subclasses implement :meth:`attach` and ``_identity()``; everything else (``id``, equality,
+    hashing, ``+``) is shared. Specs compare equal exactly when their identities are equal.
+    """
+
+    kind: str = "spec"
+    __slots__ = ("_frozen", "_identity_cache")
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_identity_cache", None)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable; make a new spec instead.")
+        object.__setattr__(self, name, value)
+
+    # --- identity ------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the effect, JSON-able (a fresh copy on every access)."""
+        if self._identity_cache is None:
+            object.__setattr__(self, "_identity_cache", {"kind": self.kind, **self._identity(),
+                                                         "focuslens": _version()})
+        return copy.deepcopy(self._identity_cache)
+
+    @property
+    def id(self) -> str:
+        """:func:`focuslens.io.content_hash` of :attr:`identity`: equal iff the specs do the same."""
+        return content_hash(self.identity)
+
+    @property
+    def per_example(self) -> bool:
+        """True when attaching needs the example (its spans or tokens): evaluated one by one."""
+        return False
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:  # pragma: no cover
+        """Attach the hooks to ``model`` (for ``example`` when the spec needs one); returns a handle."""
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InterventionSpec):
+            return NotImplemented
+        return self.identity == other.identity
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # --- copying / pickling: rebuild through the constructor (which re-validates and re-freezes) ----
+    def _ctor(self) -> tuple[tuple, dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __reduce__(self):
+        args, kwargs = self._ctor()
+        return (_rebuild, (type(self), args, kwargs))
+
+    # --- arithmetic ----------------------------------------------------------------------------
+    def __add__(self, other: Any) -> "InterventionSpec":
+        if other is None or isinstance(other, NoIntervention):
+            return self
+        if isinstance(other, InterventionSpec):
+            return Compose(self, other)
+        return NotImplemented
+
+    def __radd__(self, other: Any) -> "InterventionSpec":
+        if other is None or (isinstance(other, (int, float)) and other == 0):  # sum([...]) starts at 0
+            return self
+        if isinstance(other, InterventionSpec):
+            return Compose(other, self)
+        return NotImplemented
+
+    def scaled(self, c: float) -> "InterventionSpec":
+        """The same spec with α multiplied by ``c`` (only specs with a linear α)."""
+        raise TypeError(f"{type(self).__name__} has no α to scale.")
+
+    def __mul__(self, c: Any) -> "InterventionSpec":
+        if isinstance(c, InterventionSpec):
+            return NotImplemented
+        return self.scaled(_real(c, name="scale", what=type(self).__name__))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> "InterventionSpec":
+        return self.scaled(1.0 / _real(c, name="divisor", what=type(self).__name__))
+
+    def __neg__(self) -> "InterventionSpec":
+        return self.scaled(-1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class NoIntervention(InterventionSpec):
+    """The unmodified model, as a spec (``evaluate`` treats it exactly like ``intervene=None``)."""
+
+    kind = "none"
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._freeze()
+
+    def _identity(self) -> dict[str, Any]:
+        return {}
+
+    def _ctor(self):
+        return (), {}
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        return attach_hooks(model, [], label="no intervention")
+
+    def scaled(self, c: float) -> "NoIntervention":
+        return self
+
+    def __add__(self, other: Any) -> InterventionSpec:
+        if other is None:
+            return self
+        if isinstance(other, InterventionSpec):
+            return other
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return "NoIntervention()"
+
+
+class SplitSoftmax(InterventionSpec):
+    """Split softmax (METHOD.md §3) on ``heads``: the attention mass on the span becomes π^τ.
+
+    Args:
+        heads: ``(layer, head)`` query heads, in order (the order is part of the identity).
+        tau: exponent > 0; 1 is the identity, < 1 moves attention onto the span.
+        span: where the mass goes. A rule read from the example at attach time: ``"relevant"``
+            (default: ``example.relevant``, the gold document), ``"distractors"`` (their union),
+            any other span attribute of the example, or a prompt span name (``"question"``,
+            ``"doc_3"``). Or explicit spans (a :class:`~focuslens.prompts.Span`, a ``(start, end)``
+            pair, or a list of them), the same for every example.
+
+    Always attached per example (the span is in absolute positions of an unpadded prompt).
+    """
+
+    kind = "split_softmax"
+    __slots__ = ("heads", "tau", "span")
+
+    def __init__(self, heads: Iterable[Sequence[int]], tau: float, *, span: SpanRule | Any = "relevant"):
+        what = "SplitSoftmax"
+        self.heads = _heads(heads, what=what)
+        t = _real(tau, name="tau", what=what)
+        if not t > 0:
+            raise ValueError(
+                f"{what}: tau must be > 0, got {tau!r}: the mass on the span becomes π^τ, so τ = 1 is the "
+                "identity, 0 < τ < 1 raises attention on the span and τ > 1 lowers it."
+            )
+        self.tau = t
+        if isinstance(span, str):
+            if not span:
+                raise ValueError(f"{what}: span rule must be a non-empty name such as 'relevant'.")
+            self.span = span
+        else:
+            self.span = tuple(normalise_spans(span, name="SplitSoftmax span"))
+        self._freeze()
+
+    @property
+    def per_example(self) -> bool:
+        return True
+
+    def _ctor(self):
+        return (self.heads, self.tau), {"span": self.span if isinstance(self.span, str) else list(self.span)}
+
+    def _identity(self) -> dict[str, Any]:
+        span = self.span if isinstance(self.span, str) else [[s.start, s.end] for s in self.span]
+        return {"heads": [list(h) for h in self.heads], "tau": self.tau, "span": span}
+
+    def spans_for(self, example: Any) -> list[Span]:
+        """The span(s) this spec edits for ``example`` (explicit spans are returned as given)."""
+        if not isinstance(self.span, str):
+            return list(self.span)
+        if example is None:
+            raise ValueError(
+                f"SplitSoftmax(span={self.span!r}) takes its span from the example: "
+                "attach(model, example) with a RenderedExample (or give explicit spans)."
+            )
+        val = getattr(example, self.span, None) if not self.span.startswith("_") else None
+        if val is None:
+            spans = getattr(getattr(example, "prompt", example), "spans", None)
+            if isinstance(spans, Mapping) and self.span in spans:
+                val = spans[self.span]
+        if val is None or (isinstance(val, (list, tuple)) and len(val) == 0):
+            name = getattr(example, "id", None)
+            names = sorted(getattr(getattr(example, "prompt", example), "spans", {}) or {})
+            raise ValueError(
+                f"SplitSoftmax(span={self.span!r}): example {name!r} has no such span (a 'negative' prompt "
+                f"has no relevant document; prompt spans: {names})."
+            )
+        return normalise_spans(val, name=f"SplitSoftmax span {self.span!r}")
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        from .interventions import split_softmax
+
+        tokens = _tokens_of(example) if example is not None else None
+        seq_len = int(tokens.shape[-1]) if tokens is not None else None
+        return split_softmax(model, self.heads, self.spans_for(example), self.tau, seq_len=seq_len)
+
+    def __repr__(self) -> str:
+        span = repr(self.span) if isinstance(self.span, str) else list(self.span)
+        return f"SplitSoftmax({_fmt_heads(self.heads)}, τ={self.tau:g}, span={span})"
+
+
+def _frozen_vectors(vectors: Mapping[Any, Any], *, what: str) -> Mapping[Head, Tensor]:
+    if not isinstance(vectors, Mapping) or len(vectors) == 0:
+        raise ValueError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
+    out: dict[Head, Tensor] = {}
+    shape = None
+    for key, u in vectors.items():
+        try:
+            layer, head = (int(x) for x in key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: keys must be (layer, head) pairs of ints, got {key!r}.") from None
+        if (layer, head) in out:
+            raise ValueError(f"{what}: head {(layer, head)} is listed twice.")
+        # A private copy: changing the caller's tensor later must not change this spec's effect or id.
+        t = torch.as_tensor(u).detach().to("cpu").clone()
+        if t.dim() != 1:
+            raise ValueError(f"{what}: the vector for {(layer, head)} has shape {tuple(t.shape)}; expected [d_head].")
+        if shape is not None and t.shape != shape:
+            raise ValueError(f"{what}: vectors have different lengths ({tuple(shape)} and {tuple(t.shape)}).")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what}: the vector for {(layer, head)} contains NaN or inf.")
+        shape = t.shape
+        out[(layer, head)] = t
+    return MappingProxyType(out)
+
+
+class InjectVectors(InterventionSpec):
+    """Add ``alpha * u`` to the query (or key) of chosen heads (:func:`~focuslens.interventions.inject_vectors`).
+
+    Args:
+        vectors: ``{(layer, head): Tensor[d_head]}``; copied (later edits of the caller's tensors do
+            not change the spec). Key order is part of the identity.
+        alpha: scale; ``0`` is an exact identity.
+        site: ``"query"`` or ``"key"`` (keys are KV heads).
+        pre_rope: add before the rotary embedding (a different method; see ``inject_vectors``).
+    """
+
+    kind = "inject_vectors"
+    __slots__ = ("vectors", "alpha", "site", "pre_rope")
+
+    def __init__(
+        self,
+        vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"]],
+        *,
+        alpha: float = 1.0,
+        site: Literal["query", "key"] = "query",
+        pre_rope: bool = False,
+    ):
+        what = "InjectVectors"
+        self.vectors = _frozen_vectors(vectors, what=what)
+        self.alpha = _real(alpha, name="alpha", what=what)
+        if site not in ("query", "key"):
+            raise ValueError(f"{what}: site must be 'query' or 'key', got {site!r}.")
+        self.site = site
+        self.pre_rope = bool(pre_rope)
+        self._freeze()
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        return tuple(self.vectors)
+
+    def _ctor(self):
+        return (dict(self.vectors),), {"alpha": self.alpha, "site": self.site, "pre_rope": self.pre_rope}
+
+    def _identity(self) -> dict[str, Any]:
+        stack = torch.stack(list(self.vectors.values()))
+        return {"heads": [list(h) for h in self.vectors], "vectors": tensor_checksum(stack),
+                "alpha": self.alpha, "site": self.site, "pre_rope": self.pre_rope}
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        from .interventions import inject_vectors
+
+        return inject_vectors(model, dict(self.vectors), alpha=self.alpha, site=self.site, pre_rope=self.pre_rope)
+
+    def scaled(self, c: float) -> "InjectVectors":
+        return InjectVectors(self.vectors, alpha=self.alpha * c, site=self.site, pre_rope=self.pre_rope)
+
+    def __repr__(self) -> str:
+        extra = ", pre_rope" if self.pre_rope else ""
+        return (f"InjectVectors({_fmt_heads(self.heads)}, α={self.alpha:g}, {self.site}{extra}, "
+                f"vectors={self.identity['vectors'][:8]})")
+
+
+class Steer(InterventionSpec):
+    """Focus directions applied with a factor α (:meth:`FocusDirections.apply <focuslens.directions.FocusDirections.apply>`).
+
+    Args:
+        directions: a :class:`~focuslens.directions.FocusDirections`; the selected heads are copied
+            at construction (``Steer(d, k=5)`` and ``Steer(d.top(5))`` are the same spec).
+        alpha: a number, or ``"auto"`` (the sink-target magnitude control: needs each example's
+            prompt tokens at attach time, so it is attached per example). Default: ``directions.alpha``.
+        heads: a subset of the directions' heads (list of ``(layer, head)``).
+        k: the top-k heads (``directions.top(k)``); not together with ``heads``.
+        target, alpha_max, per: settings of ``alpha="auto"`` (part of the identity only then).
+    """
+
+    kind = "steer"
+    __slots__ = ("directions", "alpha", "target", "alpha_max", "per")
+
+    def __init__(
+        self,
+        directions: Any,
+        *,
+        alpha: float | Literal["auto"] | None = None,
+        heads: Iterable[Sequence[int]] | None = None,
+        k: int | None = None,
+        target: float = 0.5,
+        alpha_max: float = 4.0,
+        per: Literal["head", "input"] = "head",
+    ):
+        from .directions.artefact import FocusDirections
+
+        what = "Steer"
+        if not isinstance(directions, FocusDirections):
+            raise TypeError(f"{what} takes a FocusDirections, got {type(directions).__name__}.")
+        if heads is not None and k is not None:
+            raise ValueError(f"{what}: give heads= or k=, not both.")
+        d = directions
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(d):
+                raise ValueError(f"{what}: k must be an int in 1..{len(d)}, got {k!r}.")
+            d = d.top(k)
+        elif heads is not None:
+            d = d.select(heads)
+        # Snapshot: the spec must keep describing what it applies even if the artefact is edited later.
+        self.directions = d._replace(vectors=d.vectors.detach().clone(), training=copy.deepcopy(d.training))
+        a = directions.alpha if alpha is None else alpha
+        if isinstance(a, str):
+            if a != "auto":
+                raise ValueError(f"{what}: alpha must be a number or 'auto', got {a!r}.")
+            self.alpha = "auto"
+        else:
+            self.alpha = _real(a, name="alpha", what=what)
+        self.target = _real(target, name="target", what=what)
+        if self.alpha == "auto" and not 0.0 < self.target < 1.0:
+            raise ValueError(f"{what}: target is a fraction of sink mass in (0, 1); got {target!r}.")
+        self.alpha_max = _real(alpha_max, name="alpha_max", what=what)
+        if per not in ("head", "input"):
+            raise ValueError(f"{what}: per must be 'head' or 'input', got {per!r}.")
+        self.per = per
+        self._freeze()
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        return tuple(self.directions.heads)
+
+    @property
+    def per_example(self) -> bool:
+        return self.alpha == "auto"
+
+    def _ctor(self):
+        return (self.directions,), {"alpha": self.alpha, "target": self.target, "alpha_max": self.alpha_max,
+                                    "per": self.per}
+
+    def _identity(self) -> dict[str, Any]:
+        d = self.directions
+        out: dict[str, Any] = {"heads": [list(h) for h in d.heads], "vectors": tensor_checksum(d.vectors),
+                               "alpha": self.alpha, "site": d.site, "fingerprint": dict(d.fingerprint)}
+        if self.alpha == "auto":
+            out.update(target=self.target, alpha_max=self.alpha_max, per=self.per)
+        return out
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        if self.alpha == "auto":
+            tokens = _tokens_of(example) if example is not None else None
+            if tokens is None:
+                raise ValueError("Steer(alpha='auto') needs the prompt: attach(model, example) with a "
+                                 "RenderedExample (or its tokens).")
+            return self.directions.apply(model, alpha="auto", tokens=tokens, target=self.target,
+                                         alpha_max=self.alpha_max, per=self.per)
+        return self.directions.apply(model, alpha=self.alpha)
+
+    def scaled(self, c: float) -> "Steer":
+        if self.alpha == "auto":
+            raise TypeError("Steer(alpha='auto') picks α per prompt; change target= instead of scaling it.")
+        return Steer(self.directions, alpha=self.alpha * c, target=self.target, alpha_max=self.alpha_max,
+                     per=self.per)
+
+    def __repr__(self) -> str:
+        a = "auto" if self.alpha == "auto" else f"{self.alpha:g}"
+        extra = f", target={self.target:g}" if self.alpha == "auto" else ""
+        return (f"Steer({_fmt_heads(self.heads)}, α={a}{extra}, {self.directions.objective}, "
+                f"vectors={self.identity['vectors'][:8]})")
+
+
+class Ablate(InterventionSpec):
+    """Knock out heads (:func:`~focuslens.patching.ablate_heads`): output ``hook_z`` set to 0 or a mean.
+
+    Args:
+        heads: ``(layer, head)`` query heads, in order.
+        mode: ``"zero"`` or ``"mean"``.
+        means: ``{(layer, head): Tensor[d_head]}`` (``mode="mean"``; e.g. from
+            :func:`focuslens.patching.head_means`), copied; their checksum is part of the identity.
+    """
+
+    kind = "ablate"
+    __slots__ = ("heads", "mode", "means")
+
+    def __init__(
+        self,
+        heads: Iterable[Sequence[int]],
+        *,
+        mode: Literal["zero", "mean"] = "zero",
+        means: Mapping[tuple[int, int], Float[Tensor, "d_head"]] | None = None,
+    ):
+        what = "Ablate"
+        self.heads = _heads(heads, what=what)
+        if mode not in ("zero", "mean"):
+            raise ValueError(f"{what}: mode must be 'zero' or 'mean', got {mode!r}.")
+        self.mode = mode
+        if mode == "mean":
+            if means is None:
+                raise ValueError(f"{what}(mode='mean') needs means={{(layer, head): Tensor[d_head]}} "
+                                 "(focuslens.patching.head_means).")
+            m = _frozen_vectors(means, what=f"{what} means")
+            missing = [h for h in self.heads if h not in m]
+            if missing:
+                raise ValueError(f"{what}: means has no entry for heads {missing}.")
+            self.means = MappingProxyType({h: m[h] for h in self.heads})
+        elif means is not None:
+            raise ValueError(f"{what}: means are only used with mode='mean'.")
+        else:
+            self.means = None
+        self._freeze()
+
+    def _ctor(self):
+        return (self.heads,), {"mode": self.mode, "means": None if self.means is None else dict(self.means)}
+
+    def _identity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heads": [list(h) for h in self.heads], "mode": self.mode}
+        if self.means is not None:
+            out["means"] = tensor_checksum(torch.stack([self.means[h] for h in self.heads]))
+        return out
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        from .patching import ablate_heads
+
+        means = None if self.means is None else dict(self.means)
+        return ablate_heads(model, self.heads, mode=self.mode, means=means)
+
+    def __repr__(self) -> str:
+        return f"Ablate({_fmt_heads(self.heads)}, {self.mode})"
+
+
+class Compose(InterventionSpec):
+    """Several specs applied together (``a + b``). Attaching is all-or-nothing.
+
+    Nested compositions are flattened and :class:`NoIntervention` members dropped; a composition of
+    one spec has that spec's identity, of none the identity of :class:`NoIntervention`. Members attach
+    in order; if one fails, those already attached are removed before the error propagates.
+    """
+
+    kind = "compose"
+    __slots__ = ("members",)
+
+    def __init__(self, *specs: InterventionSpec | None):
+        members: list[InterventionSpec] = []
+        for s in specs:
+            if s is None or isinstance(s, NoIntervention):
+                continue
+            if isinstance(s, Compose):
+                members.extend(s.members)
+            elif isinstance(s, InterventionSpec):
+                members.append(s)
+            else:
+                raise TypeError(f"Compose takes intervention specs, got {type(s).__name__} "
+                                "(wrap hooks or handles in a spec, or use focuslens.interventions.compose).")
+        self.members = tuple(members)
+        self._freeze()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        if len(self.members) == 1:
+            return self.members[0].identity
+        if not self.members:
+            return NoIntervention().identity
+        return super().identity
+
+    def _identity(self) -> dict[str, Any]:
+        return {"members": [m.identity for m in self.members]}
+
+    def _ctor(self):
+        return self.members, {}
+
+    @property
+    def per_example(self) -> bool:
+        return any(m.per_example for m in self.members)
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        from .interventions import ComposedHandle
+
+        handles: list[HookHandle] = []
+        try:
+            for m in self.members:
+                handles.append(m.attach(model, example))
+        except BaseException:
+            for h in reversed(handles):
+                try:
+                    h.remove()
+                except Exception:  # keep removing; the attach error is the one to report
+                    pass
+            raise
+        return ComposedHandle(handles, label=repr(self))
+
+    def scaled(self, c: float) -> "Compose":
+        return Compose(*(m.scaled(c) for m in self.members))
+
+    def __repr__(self) -> str:
+        return "Compose(" + " + ".join(repr(m) for m in self.members) + ")" if self.members else "Compose()"
+
+
+def _rebuild(cls: type, args: tuple, kwargs: dict[str, Any]) -> InterventionSpec:
+    return cls(*args, **kwargs)
+
+
+def as_spec(x: Any) -> InterventionSpec | None:
+    """Normalise an optional spec: ``None``, ``NoIntervention()`` and ``Compose()`` → ``None``; a spec →
+    itself; anything else → ``TypeError``."""
+    if x is None or isinstance(x, NoIntervention):
+        return None
+    if isinstance(x, Compose) and not x.members:
+        return None
+    if isinstance(x, InterventionSpec):
+        return x
+    raise TypeError(f"expected an intervention spec (focuslens.specs) or None, got {type(x).__name__}.")

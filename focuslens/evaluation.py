@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -61,7 +60,7 @@ from .generation import (
     stop_ids as _stop_ids,
 )
 from .io import content_hash
-from .models import HookedModel, model_info
+from .models import HookedModel, forward_with_cache, model_info, repeat_cache
 from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
     accuracy_by_position,
@@ -601,7 +600,7 @@ def _continuation_logprobs(
     common = common[: min(len(c) for c in candidates) - 1]
     k = len(common)
     full = torch.cat([prompt.to(dev), torch.tensor(common, dtype=torch.long, device=dev)])[None]
-    logits, cache = model(full, return_type="logits_and_cache", logits_to_keep=k + 1)
+    logits, cache = forward_with_cache(model, full, logits_to_keep=k + 1)
     head = torch.log_softmax(logits[0].float(), dim=-1)  # [k + 1, vocab]
     shared = sum(float(head[t, common[t]]) for t in range(k))
     first = head[-1]
@@ -615,9 +614,8 @@ def _continuation_logprobs(
             ids = torch.zeros(len(chunk), longest - 1, dtype=torch.long, device=dev)
             for j, c in enumerate(chunk):
                 ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-            c_cache = copy.deepcopy(cache)
-            c_cache.batch_repeat_interleave(len(chunk))
-            lo, _ = model(ids, return_type="logits_and_cache", past_key_values=c_cache)
+            c_cache = repeat_cache(model, cache, len(chunk))
+            lo, _ = forward_with_cache(model, ids, c_cache)
             lsm = torch.log_softmax(lo.float(), dim=-1)  # [batch, pos, vocab]
             for j, c in enumerate(chunk):
                 for t in range(1, len(c)):

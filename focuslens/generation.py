@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .models import HookedModel
+from .models import HookedModel, forward_with_cache
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -91,7 +91,7 @@ def greedy_generate(
     tok = model.tokenizer
     stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
     tokens = tokens.to(model_device(model))
-    logits, cache = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
+    logits, cache = forward_with_cache(model, tokens, logits_to_keep=1)
     out: list[int] = []
     while True:
         nxt = int(logits[0, -1].argmax())
@@ -105,7 +105,7 @@ def greedy_generate(
             if "\n" in text:
                 break
         step = torch.tensor([[nxt]], device=tokens.device)
-        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache)
+        logits, cache = forward_with_cache(model, step, cache)
     return out, tok.decode(out, skip_special_tokens=True)
 
 
@@ -149,7 +149,7 @@ def greedy_generate_batch(
         p = p.flatten().to(dev)
         ids[b, width - p.numel():] = p
         mask[b, width - p.numel():] = 1
-    logits, cache = model(ids, return_type="logits_and_cache", attention_mask=mask, logits_to_keep=1)
+    logits, cache = forward_with_cache(model, ids, attention_mask=mask, logits_to_keep=1)
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     while True:
@@ -169,7 +169,7 @@ def greedy_generate_batch(
             break
         step = torch.tensor([[x if not d else int(pad)] for x, d in zip(nxt, done)], device=dev)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-        logits, cache = model(step, return_type="logits_and_cache", past_key_values=cache, attention_mask=mask)
+        logits, cache = forward_with_cache(model, step, cache, attention_mask=mask)
     return [(o, tok.decode(o, skip_special_tokens=True)) for o in outs]
 
 

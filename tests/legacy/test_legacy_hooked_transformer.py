@@ -29,13 +29,6 @@ TOKENS = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13, 99, 150, 3
 SPAN = Span(4, 9)
 SPLIT_HEADS = [(0, 1), (1, 0), (1, 3)]
 
-# Generation on a legacy model needs focuslens.generation / focuslens.evaluation to call
-# focuslens.models.forward_with_cache instead of the bridge-only `return_type="logits_and_cache"`.
-# Pending: /tmp/legacy_fixes.md (apply with /tmp/apply_legacy_fixes.py). Remove this mark once applied.
-NEEDS_GENERATION_FIX = pytest.mark.xfail(
-    strict=False, raises=TypeError,
-    reason="pending library fix (generation.py/evaluation.py -> models.forward_with_cache), see /tmp/legacy_fixes.md",
-)
 
 
 def _tokens(n=48, seed=0):
@@ -266,7 +259,6 @@ def test_patching_identity_and_hand_written_reference(legacy_any):
     assert not torch.all(res == base)
 
 
-@NEEDS_GENERATION_FIX
 def test_greedy_generation_with_the_cache_equals_full_forwards(legacy_any):
     from focuslens.generation import greedy_generate
 
@@ -279,7 +271,6 @@ def test_greedy_generation_with_the_cache_equals_full_forwards(legacy_any):
         assert ids_s == _naive_greedy(legacy_any, toks, 8)
 
 
-@NEEDS_GENERATION_FIX
 def test_batched_generation_equals_one_by_one(legacy_any):
     from focuslens.generation import greedy_generate, greedy_generate_batch
 
@@ -289,7 +280,6 @@ def test_batched_generation_equals_one_by_one(legacy_any):
     assert [b[0] for b in bat] == one
 
 
-@NEEDS_GENERATION_FIX
 def test_evaluate_and_margins(legacy_any, tmp_path):
     from focuslens.specs import SplitSoftmax
     from focuslens.tasks import make_synthetic_qa, render
@@ -308,7 +298,6 @@ def test_evaluate_and_margins(legacy_any, tmp_path):
     assert len(mr) == 3
 
 
-@NEEDS_GENERATION_FIX
 def test_focuslens_wrapper(legacy_any):
     lens = fl.FocusLens(legacy_any)
     assert lens.hooked and lens.info == model_info(legacy_any)

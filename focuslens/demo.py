@@ -177,7 +177,6 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         }
 
     scores = steps.run("scores", do_scores)
-    ranking = [(l, h) for l, h, _ in scores["top20"]]
     full_rank = DatasetScores.load(out / "contextual_heads.json").top_k(info.n_layers * info.n_heads)
 
     # 3. Split softmax -----------------------------------------------------------------------------

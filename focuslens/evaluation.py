@@ -44,23 +44,19 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Literal, Sequence
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from .generation import (
     DEFAULT_MAX_NEW_TOKENS,
     greedy_generate,
     greedy_generate_batch,
-    model_device as _device,
     stop_ids as _stop_ids,
 )
 from .io import content_hash
-from .models import HookedModel, forward_with_cache, model_info, repeat_cache
+from .models import HookedModel, model_info
 from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
     accuracy_by_position,
@@ -549,141 +545,5 @@ def _attached(model: HookedModel, spec: InterventionSpec, example: Any):
         handle.remove()
 
 
-# --------------------------------------------------------------------------------------------------
-# Teacher-forced margins
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MarginResult:
-    """Teacher-forced log-probabilities of gold vs distractor answers, one entry per example.
-
-    Attributes:
-        margin: ``[n]`` gold log-prob minus best distractor log-prob (NaN without distractor answers).
-        gold_logprob: ``[n]`` max over the gold answers of the summed log-prob of their tokens.
-        distractor_logprob: ``[n]`` max over the distractor answers (``-inf`` when there are none).
-        best_distractor: the distractor answer with the highest log-prob (``None`` when none).
-    """
-
-    margin: Float[Tensor, "n"]
-    gold_logprob: Float[Tensor, "n"]
-    distractor_logprob: Float[Tensor, "n"]
-    best_distractor: list[str | None] = field(default_factory=list)
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction of examples (with distractor answers) whose gold answer wins."""
-        ok = ~torch.isnan(self.margin)
-        return float((self.margin[ok] > 0).float().mean()) if ok.any() else float("nan")
-
-    def __len__(self) -> int:
-        return int(self.margin.shape[0])
-
-
-@torch.no_grad()
-def _continuation_logprobs(
-    model: HookedModel, prompt: Tensor, candidates: list[list[int]], *, batch_size: int
-) -> list[float]:
-    """Summed log-probs of each candidate token sequence as a continuation of ``prompt``.
-
-    The tokens that all candidates share at their start (e.g. ``"The capital of Veloria is"``) are
-    scored once, as part of the prefill; the rest of every candidate is right-padded in batches
-    that reuse the prefill's KV cache (the causal mask keeps padding invisible to real tokens).
-    """
-    dev = _device(model)
-    common: list[int] = []
-    for col in zip(*candidates):
-        if len(set(col)) != 1:
-            break
-        common.append(col[0])
-    # Every candidate keeps at least one token of its own.
-    common = common[: min(len(c) for c in candidates) - 1]
-    k = len(common)
-    full = torch.cat([prompt.to(dev), torch.tensor(common, dtype=torch.long, device=dev)])[None]
-    logits, cache = forward_with_cache(model, full, logits_to_keep=k + 1)
-    head = torch.log_softmax(logits[0].float(), dim=-1)  # [k + 1, vocab]
-    shared = sum(float(head[t, common[t]]) for t in range(k))
-    first = head[-1]
-    rests = [c[k:] for c in candidates]
-    out: list[float] = []
-    for b in range(0, len(rests), batch_size):
-        chunk = rests[b : b + batch_size]
-        lp = [shared + float(first[c[0]]) for c in chunk]
-        longest = max(len(c) for c in chunk)
-        if longest > 1:
-            ids = torch.zeros(len(chunk), longest - 1, dtype=torch.long, device=dev)
-            for j, c in enumerate(chunk):
-                ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-            c_cache = repeat_cache(model, cache, len(chunk))
-            lo, _ = forward_with_cache(model, ids, c_cache)
-            lsm = torch.log_softmax(lo.float(), dim=-1)  # [batch, pos, vocab]
-            for j, c in enumerate(chunk):
-                for t in range(1, len(c)):
-                    lp[j] += float(lsm[j, t - 1, c[t]])
-        out += lp
-    return out
-
-
-def teacher_forced_margins(
-    model: HookedModel,
-    rendered_examples: Sequence[RenderedExample],
-    *,
-    answer_prefix: str | Callable[[RenderedExample], str] | None = None,
-    intervene: Intervene = None,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> MarginResult:
-    """Gold-vs-distractor log-prob margins as continuations of each prompt (no generation).
-
-    For each example: ``log p(gold | prompt) - max_d log p(d | prompt)`` where the answers are
-    scored as the tokens of ``answer_prefix + answer`` right after the prompt (summed log-probs;
-    the gold term is the max over accepted answers). Distractor answers that overlap a gold answer
-    are dropped (:func:`~focuslens.tasks.metrics.clean_distractor_answers`). About one prefill per
-    example: use it to sweep many settings quickly, then confirm with :func:`evaluate`.
-
-    Args:
-        answer_prefix: text before the answer; default: the record's ``meta["answer_prefix"]``
-            when it has one (synthetic QA records do: ``"The capital of Veloria is "``, the way
-            chat models phrase the answer), else ``""`` for chat prompts (the assistant turn starts
-            right after the template's header) and ``" "`` for plain prompts (after ``"Answer:"``). A callable gets the rendered example (e.g. to score
-            ``"The capital of Veloria is " + answer``).
-        intervene: as in :func:`evaluate` (a spec, a callable per example, or a context manager
-            around all).
-        batch_size: candidates scored per batched forward pass.
-    """
-    tok = model.tokenizer
-    intervene, _ = _intervention(intervene, id=None, output=None)
-    per_example, outer = _split_intervene(model, intervene)
-    gold_lp, dist_lp, best = [], [], []
-    from tqdm.auto import tqdm
-
-    with outer():
-        for r in tqdm(rendered_examples, disable=not progress, desc="margins", leave=False):
-            if answer_prefix is None:
-                prefix = r.example.meta.get("answer_prefix") or ("" if r.prompt.chat else " ")
-            elif callable(answer_prefix):
-                prefix = answer_prefix(r)
-            else:
-                prefix = answer_prefix
-            golds = list(dict.fromkeys(r.answers))
-            dists = clean_distractor_answers(r.distractor_answers, golds)
-            cands = [tok(prefix + a, add_special_tokens=False).input_ids for a in golds + dists]
-            if any(len(c) == 0 for c in cands):
-                raise ValueError(f"Example {r.id!r}: an answer tokenises to nothing.")
-            cm = per_example(r) if per_example is not None else contextlib.nullcontext()
-            with cm:
-                lps = _continuation_logprobs(model, r.tokens, cands, batch_size=batch_size)
-            g = max(lps[: len(golds)])
-            gold_lp.append(g)
-            if dists:
-                d_lps = lps[len(golds):]
-                k = max(range(len(d_lps)), key=lambda j: d_lps[j])
-                dist_lp.append(d_lps[k])
-                best.append(dists[k])
-            else:
-                dist_lp.append(float("-inf"))
-                best.append(None)
-    gl = torch.tensor(gold_lp, dtype=torch.float64)
-    dl = torch.tensor(dist_lp, dtype=torch.float64)
-    margin = torch.where(torch.isinf(dl), torch.full_like(gl, float("nan")), gl - dl)
-    return MarginResult(margin=margin, gold_logprob=gl, distractor_logprob=dl, best_distractor=best)
+# Teacher-forced margins live in focuslens.margins (re-exported here for existing imports).
+from .margins import MarginResult, teacher_forced_margins  # noqa: E402

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .generation import DEFAULT_MAX_NEW_TOKENS, greedy_generate, stop_ids
 from .hooks import HookHandle
-from .models import Head, HookedModel, ModelInfo, check_heads, model_info
+from .models import Head, ModelInfo, check_heads, model_info
 
 __all__ = ["FocusLens"]
 

@@ -48,11 +48,7 @@ Which function should you use?
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
@@ -61,10 +57,20 @@ from torch import Tensor
 
 from .attention import LayerAttention, attention_probs, expand_kv, qk_route
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
-from .io import atomic_write
 from .hooks import attach_hooks
-from .models import Head, HookedModel, check_heads, hook_name, model_info
+from .models import HookedModel, hook_name, model_info
 from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
+from .ranking import (  # the result types, re-exported from here
+    DISTRACTORS_MAX,
+    DISTRACTORS_TOTAL,
+    RANKING_FORMAT,
+    DatasetScores,
+    HeadScores,
+    _union_mask,
+    contextual_heads,
+    load_heads,
+    save_heads,
+)
 
 __all__ = [
     "ScoringMethod",
@@ -80,229 +86,18 @@ __all__ = [
     "save_heads",
     "qk_route_available",
     "generate_response",
+    "RANKING_FORMAT",
+    "DISTRACTORS_TOTAL",
+    "DISTRACTORS_MAX",
 ]
 
 ScoringMethod = Literal["auto", "qk", "pattern"]
 ResponseMode = Literal["generate", "gold", "gold_only"]
 SpansLike = Union[SpanLike, Sequence[SpanLike]]
 
-RANKING_FORMAT = "focuslens.contextual_heads/v1"
-
-# Names of the aggregate distractor scores (each distractor also gets ``distractor_{i}``, 1-based).
-DISTRACTORS_TOTAL = "distractors_total"
-DISTRACTORS_MAX = "distractors_max"
-
 
 class _StopForward(Exception):
     """Raised from the last layer's hook: everything after it is not needed for scoring."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HeadScores:
-    """Named ``[layer, head]`` attention masses of one sequence, from one forward pass.
-
-    Attributes:
-        scores: name -> ``[n_layers, n_heads]`` float32 tensor; ``s[l, h]`` is the mean over response
-            rows of the attention mass head ``(l, h)`` puts on that span (a union for span lists).
-            Common names: ``relevant``, ``sink``, ``distractor_1``.., ``distractors_total`` (mass on
-            the union of all distractors), ``distractors_max`` (the largest single distractor's mass).
-        columns: ``[n_layers, n_heads, pos]`` mean attention each key column receives from the response
-            rows. Every score above is a sum of these over its columns; use :meth:`mass` for new spans.
-        response: the response span (query rows).
-        method: the route that computed it (``"qk"`` or ``"pattern"``).
-
-    Scores are also attributes: ``hs.relevant`` is ``hs.scores["relevant"]``.
-    """
-
-    scores: dict[str, Float[Tensor, "layer head"]]
-    columns: Float[Tensor, "layer head pos"]
-    response: Span
-    method: str
-    spans: dict[str, list[Span]] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Tensor:
-        scores = self.__dict__.get("scores")
-        if scores is not None and name in scores:
-            return scores[name]
-        raise AttributeError(
-            f"HeadScores has no score {name!r}; it has {list(scores or {})}. Pass the span to "
-            "score_spans(..., spans={name: span}) or use .mass(span)."
-        )
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.scores[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.scores
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.scores)
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.columns.shape[-1])
-
-    def mass(self, span: SpansLike) -> Float[Tensor, "layer head"]:
-        """Attention mass on another span (or union of spans) from the same pass, ``[layer, head]``."""
-        spans = normalise_spans(span, seq_len=self.seq_len, before=self.response, name="span")
-        return self.columns[..., _union_mask(spans, self.seq_len)].sum(-1)
-
-
-@dataclass
-class DatasetScores:
-    """Per-head scores averaged over a dataset, with standard errors and a ranking.
-
-    Attributes:
-        mean: name -> ``[n_layers, n_heads]`` mean over examples (plain mean, not filtered by
-            correctness, as in the paper).
-        stderr: name -> ``[n_layers, n_heads]`` standard error of that mean (``std / √n``, ddof 1).
-        per_example: name -> ``[n, n_layers, n_heads]`` the example scores.
-        n: number of scored examples; ``n_skipped`` examples had no usable response.
-        responses: the response text of every scored example.
-        indices: the position in the input list of every scored example (skipped ones are absent).
-        response_mode: how responses were chosen ("generate", "gold", "gold_only", "callable", ...).
-        model: the model's name; ``fingerprint`` its architecture (checked by :meth:`load` users).
-    """
-
-    mean: dict[str, Float[Tensor, "layer head"]]
-    stderr: dict[str, Float[Tensor, "layer head"]]
-    per_example: dict[str, Float[Tensor, "n layer head"]]
-    n: int
-    n_skipped: int = 0
-    responses: list[str] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)
-    response_mode: str = "generate"
-    model: str = ""
-    fingerprint: dict = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Tensor:
-        mean = self.__dict__.get("mean")
-        if mean is not None and name in mean:
-            return mean[name]
-        raise AttributeError(f"DatasetScores has no score {name!r}; it has {list(mean or {})}.")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.mean["relevant"].shape)  # type: ignore[return-value]
-
-    def ranking(self, name: str = "relevant") -> list[tuple[int, int, float]]:
-        """All heads as ``(layer, head, mean score)``, best first (ties broken by layer, then head)."""
-        return _rank(self.mean[name])
-
-    def top_k(self, k: int = 20, name: str = "relevant") -> list[Head]:
-        """The ``k`` best heads as ``(layer, head)`` pairs."""
-        return [(l, h) for l, h, _ in self.ranking(name)[:_check_k(k, self.mean[name])]]
-
-    def to_json(self) -> dict:
-        rel = self.mean["relevant"]
-        se = self.stderr["relevant"]
-        return {
-            "format": RANKING_FORMAT,
-            "model": self.model,
-            "fingerprint": self.fingerprint,
-            "n": self.n,
-            "n_skipped": self.n_skipped,
-            "response_mode": self.response_mode,
-            "ranking": [[l, h, s, float(se[l, h])] for l, h, s in _rank(rel)],
-            "top_20": [list(x) for x in self.top_k(min(20, rel.numel()))],
-            "mean": {k: v.tolist() for k, v in self.mean.items()},
-            "stderr": {k: v.tolist() for k, v in self.stderr.items()},
-            "responses": self.responses,
-            "indices": self.indices,
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the ranking and all mean/stderr tensors as JSON, atomically (temp file + rename)."""
-        return atomic_write(Path(path), json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "DatasetScores":
-        """Read what :meth:`save` wrote (per-example scores are not saved: ``per_example`` is empty)."""
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or data.get("format") != RANKING_FORMAT:
-            raise ValueError(
-                f"{path} is not a focuslens ranking ({RANKING_FORMAT}); for a plain list of heads "
-                "(the authors' relevant_heads.json) use load_heads()."
-            )
-        mean = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["mean"].items()}
-        stderr = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["stderr"].items()}
-        return cls(mean=mean, stderr=stderr, per_example={}, n=int(data["n"]),
-                   n_skipped=int(data.get("n_skipped", 0)), responses=list(data.get("responses", [])),
-                   indices=list(data.get("indices", [])),
-                   response_mode=str(data.get("response_mode", "")), model=str(data.get("model", "")),
-                   fingerprint=dict(data.get("fingerprint", {})))
-
-
-def _rank(scores: Float[Tensor, "layer head"]) -> list[tuple[int, int, float]]:
-    n_heads = scores.shape[1]
-    flat = scores.flatten().tolist()
-    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
-    return [(i // n_heads, i % n_heads, float(flat[i])) for i in order]
-
-
-def _check_k(k: int, scores: Tensor) -> int:
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}.")
-    if k > scores.numel():
-        raise ValueError(f"k={k} exceeds the number of heads ({scores.numel()}).")
-    return k
-
-
-def contextual_heads(
-    scores: DatasetScores | HeadScores | Float[Tensor, "layer head"], k: int = 20, *, name: str = "relevant"
-) -> list[Head]:
-    """The top-``k`` heads by contextual score as ``(layer, head)`` pairs, best first (paper default k=20)."""
-    if isinstance(scores, (DatasetScores, HeadScores)):
-        t = scores.mean[name] if isinstance(scores, DatasetScores) else scores.scores[name]
-    elif isinstance(scores, Tensor):
-        t = scores
-    else:
-        raise TypeError(f"contextual_heads takes DatasetScores, HeadScores or a [layer, head] tensor, got {type(scores).__name__}.")
-    if t.dim() != 2:
-        raise ValueError(f"scores must be [layer, head], got shape {tuple(t.shape)}.")
-    return [(l, h) for l, h, _ in _rank(t)[:_check_k(k, t)]]
-
-
-def save_heads(heads: Iterable[Sequence[int]], path: str | os.PathLike) -> Path:
-    """Write heads in the authors' ``relevant_heads.json`` format (``[[layer, head], ...]``), atomically."""
-    out = [[int(l), int(h)] for l, h in heads]
-    return atomic_write(Path(path), json.dumps(out))
-
-
-def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedModel | None = None) -> list[Head]:
-    """Read a head list: the authors' ``[[layer, head], ...]`` or a focuslens ranking JSON.
-
-    Args:
-        k: keep the first ``k`` heads (a ranking file has all of them, best first).
-        model: when given, the heads are validated against it (:func:`~focuslens.check_heads`).
-    """
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        if data.get("format") != RANKING_FORMAT or "ranking" not in data:
-            raise ValueError(f"{path}: expected [[layer, head], ...] or a focuslens ranking JSON.")
-        rows = [r[:2] for r in data["ranking"]]
-    elif isinstance(data, list):
-        rows = data
-    else:
-        raise ValueError(f"{path}: expected [[layer, head], ...], got {type(data).__name__}.")
-    heads: list[Head] = []
-    for r in rows:
-        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r)):
-            raise ValueError(f"{path}: every entry must be a [layer, head] pair of ints, got {r!r}.")
-        heads.append((int(r[0]), int(r[1])))
-    if k is not None:
-        if k < 1 or k > len(heads):
-            raise ValueError(f"k={k} but {path} lists {len(heads)} heads.")
-        heads = heads[:k]
-    if model is not None:
-        heads = check_heads(model, heads)
-    return heads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,13 +119,6 @@ def _as_tokens(tokens: Tensor | Sequence[int]) -> Int[Tensor, "1 pos"]:
     if t.shape[1] == 0:
         raise ValueError("tokens is empty.")
     return t.long()
-
-
-def _union_mask(spans: list[Span], seq_len: int) -> Tensor:
-    mask = torch.zeros(seq_len, dtype=torch.bool)
-    for s in spans:
-        mask[s.start:s.end] = True
-    return mask
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,9 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -49,295 +47,30 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
 from ..hooks import HookHandle
-from ..prompts import Span, SpanLike, normalise_spans
+from ..prompts import SpanLike, normalise_spans
 from ..scoring import HeadScores, _head_scores, _named_spans
+from .fused_attention import (
+    _OWNERS,
+    ATTN_IMPL,
+    _chunked_forward,
+    _explicit_rows,  # noqa: F401  (re-exported: tests and callers import it from here)
+    _Injection,
+    _Recorder,
+    _register,
+    _SplitEdit,
+    _unregister,
+    is_registered,
+)
 
 SpansLike = SpanLike | Sequence[SpanLike]
 
 __all__ = ["FusedModel", "BackendHandle", "load_fused", "ATTN_IMPL", "is_registered"]
 
-#: Name under which the focuslens attention function is registered while a context is active.
-ATTN_IMPL = "focuslens_sdpa"
 _DEFAULT_ROW_BLOCK = 1024
 _DEFAULT_MLP_CHUNK = 2048
 
 Head = tuple[int, int]
-
-_REG_LOCK = threading.Lock()
-_REG_COUNT = 0
-# attention module -> (weak ref to its FusedModel, layer index)
-_OWNERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, int]]" = weakref.WeakKeyDictionary()
-
-
-# --------------------------------------------------------------------------------------------------
-# Registration of the attention function (refcounted, removed when the last context exits)
-# --------------------------------------------------------------------------------------------------
-
-
-def _register() -> None:
-    global _REG_COUNT
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    with _REG_LOCK:
-        if _REG_COUNT == 0:
-            AttentionInterface.register(ATTN_IMPL, _focuslens_attention)
-            # Without a mask function registered under the same name transformers would build no mask at
-            # all for a custom implementation; SDPA's mask keeps padding and sliding windows exact.
-            AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
-        _REG_COUNT += 1
-
-
-def _unregister() -> None:
-    global _REG_COUNT
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    with _REG_LOCK:
-        _REG_COUNT -= 1
-        if _REG_COUNT == 0:
-            AttentionInterface._global_mapping.pop(ATTN_IMPL, None)
-            AttentionMaskInterface._global_mapping.pop(ATTN_IMPL, None)
-
-
-def is_registered() -> bool:
-    """Whether the focuslens attention function is currently registered in transformers."""
-    from transformers import AttentionInterface
-
-    return ATTN_IMPL in AttentionInterface._global_mapping
-
-
-# --------------------------------------------------------------------------------------------------
-# Active edits and recorders
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _SplitEdit:
-    heads_by_layer: dict[int, list[int]]
-    spans: list[Span]  # the relevant context C (a union of spans), absolute key positions
-    tau: float
-
-    @property
-    def min_start(self) -> int:
-        return min(sp.start for sp in self.spans)
-
-
-@dataclass
-class _Injection:
-    # layer -> (head indices [n], vectors [n, d] fp32 on CPU; moved to the query's device lazily)
-    by_layer: dict[int, tuple[list[int], Tensor]]
-    alpha: float
-
-
-@dataclass
-class _Recorder:
-    rows: Span  # absolute query positions whose patterns are reduced
-    columns: Tensor  # [n_layers, n_heads, N] fp32: Σ over response rows of each key column's attention
-    seen: set  # layers visited (sanity check: every layer must report once)
-    buffers: dict = field(default_factory=dict)  # device -> flat fp32 workspace, reused by every layer
-
-    def workspace(self, device: torch.device, numel: int) -> Tensor:
-        buf = self.buffers.get(device)
-        if buf is None or buf.numel() < numel:
-            buf = self.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
-        return buf
-
-
-def _split_softmax_rows(
-    pattern: Float[Tensor, "b h q k"], edit: _SplitEdit, query_pos: Int[Tensor, " q"]
-) -> Float[Tensor, "b h q k"]:
-    """Move each row's mass on the edit's spans from π to π^τ, keeping shares inside and outside.
-
-    Delegates to :func:`focuslens.interventions.split_softmax_pattern` with the same union mask and
-    ``min_query`` guard as :func:`focuslens.interventions.split_softmax` (factors in float64; rows with
-    no mass on the span, none outside it, or before the span unchanged), so both backends make exactly
-    the same edit.
-    """
-    from ..interventions import split_softmax_pattern
-
-    inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
-    for sp in edit.spans:
-        inside[sp.start : min(sp.end, pattern.shape[-1])] = True
-    return split_softmax_pattern(pattern, inside, edit.tau, query_positions=query_pos.to(pattern.device),
-                                 min_query=edit.min_start)
-
-
-def _visible(
-    la: LayerAttention, query_pos: Int[Tensor, " r"], n_keys: int, mask: Tensor | None, row_idx: Tensor,
-    device: torch.device,
-) -> Tensor:
-    """:func:`focuslens.attention.visible_keys` (causal + the layer's window) and transformers' mask.
-
-    ``mask`` (bool, True = attend, or additive float with ``finfo.min`` on blocked entries) carries
-    padding; rows are selected with ``row_idx`` (indices into the query block)."""
-    vis = visible_keys(query_pos.to(device), n_keys, sliding_window=la.sliding_window)  # [r, k]
-    if mask is not None:
-        m = mask[..., row_idx.to(mask.device), :] if mask.shape[-2] != 1 else mask
-        m = m[..., :n_keys].to(device)
-        if m.dtype != torch.bool:
-            m = m > torch.finfo(m.dtype).min / 2
-        vis = vis & m
-    return vis
-
-
-def _explicit_rows(
-    query: Float[Tensor, "b h r d"],
-    key: Float[Tensor, "b g k d"],
-    q_heads: Sequence[int] | None,
-    group: int,
-    row_pos: Int[Tensor, " r"],
-    mask: Tensor | None,
-    la: LayerAttention | float,
-    q_offset: int,
-    workspace: Tensor | None = None,
-) -> Float[Tensor, "b h r k"]:
-    """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
-
-    The maths is :mod:`focuslens.attention`'s: ``la.scale``, soft-cap, causal + sliding-window
-    visibility of absolute query positions ``q_offset + row_pos`` (and the given mask's padding), and
-    :func:`~focuslens.attention.row_softmax`. ``row_pos`` holds the rows' indices into the *query*
-    block (``q_offset`` = cached keys before this block). A float ``la`` is a plain causal layer with
-    that scale. With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads
-    only) the rows are computed inside it with no new large allocation: per-layer temporaries of a few
-    MB would otherwise fragment the CPU heap (glibc) and raise the process's peak RSS well above the
-    live memory.
-    """
-    if not isinstance(la, LayerAttention):
-        la = LayerAttention(-1, "", "", float(la))
-    b, _, r, d = query.shape
-    kv = key.shape[2]
-    qf = query.float()
-    kf = key.float()
-    if q_heads is None:
-        g = kf.shape[1]
-        # [b, G, group·r, d] @ [b, G, d, k]: no expanded keys under GQA (query head h uses KV h // group)
-        a, bt = qf.reshape(b, g, group * r, d), kf.transpose(-1, -2)
-        if workspace is not None:
-            scores = torch.matmul(a, bt, out=workspace[: b * g * group * r * kv].view(b, g, group * r, kv))
-        else:
-            scores = a @ bt
-        scores = scores.view(b, g * group, r, kv)
-    else:
-        kv_idx = torch.tensor([h // group for h in q_heads], device=key.device)
-        scores = qf @ kf.index_select(1, kv_idx).transpose(-1, -2)  # [b, n, r, k]
-    # in place from here on: the row block is the largest tensor this backend adds
-    scores = soft_cap(scores.mul_(la.scale), la.softcap, inplace=True)
-    vis = _visible(la, row_pos + q_offset, kv, mask, row_pos, scores.device)
-    return row_softmax(scores, vis, inplace=True)
-
-
-def _focuslens_attention(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """The registered attention function: SDPA plus focuslens edits and response-row reductions.
-
-    Shapes (transformers' attention-function contract): ``query [b, H, q, d]`` post-RoPE,
-    ``key``/``value`` ``[b, G, k, d]`` (after the KV-cache update), returns ``([b, q, H, d], None)``.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    owner = _OWNERS.get(module)
-    fm = owner[0]() if owner is not None else None
-    if fm is None or not fm._active_depth:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer = owner[1]
-    la = module_attention(module, layer=layer, head_dim=query.shape[-1], scaling=scaling,
-                          sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
-    n_heads = query.shape[1]
-    group = n_heads // key.shape[1]
-    q_len, kv_len = query.shape[2], key.shape[2]
-    q_offset = kv_len - q_len  # absolute position of query row 0 (no left padding assumed for spans)
-
-    # 1. query vectors, post-RoPE, every position
-    for inj in fm._injections:
-        entry = inj.by_layer.get(layer)
-        if entry is None:
-            continue
-        heads, vecs = entry
-        query = query.clone()
-        idx = torch.tensor(heads, device=query.device)
-        add = (inj.alpha * vecs.to(device=query.device, dtype=torch.float32)).to(query.dtype)  # [n, d]
-        query.index_add_(1, idx, add[None, :, None, :].expand(query.shape[0], -1, q_len, -1))
-
-    # 2. the fused output for all heads
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    edits = [(e, e.heads_by_layer[layer]) for e in fm._splits if layer in e.heads_by_layer]
-    rec = fm._recorder
-    if (edits or rec is not None) and not la.exact:
-        raise ValueError(f"The fused backend recomputes attention rows explicitly, which is not exact here ({la.why}).")
-
-    # 3. split-softmax heads: explicit rows, overwriting their output slices
-    if edits:
-        heads = sorted({h for _, hs in edits for h in hs})
-        pos_of = {h: i for i, h in enumerate(heads)}
-        kv_idx = torch.tensor([h // group for h in heads], device=value.device)
-        v_sel = value.float().index_select(1, kv_idx)  # [b, n, k, d]
-        q_sel = query.index_select(1, torch.tensor(heads, device=query.device))
-        out = out.clone()
-        for start in range(0, q_len, fm.row_block):
-            stop = min(q_len, start + fm.row_block)
-            rows = torch.arange(start, stop, device=query.device)
-            pat = _explicit_rows(q_sel[:, :, start:stop], key, heads, group, rows, attention_mask, la, q_offset)
-            pat = _apply_edits(pat, edits, pos_of, rows + q_offset)
-            z = (pat.to(v_sel.device) @ v_sel).transpose(1, 2)  # [b, r, n, d]
-            out[:, start:stop, heads, :] = z.to(out.dtype).to(out.device)
-
-    # 4. response-row reductions for scoring
-    if rec is not None:
-        lo = max(rec.rows.start - q_offset, 0)
-        hi = min(rec.rows.end - q_offset, q_len)
-        if hi > lo:
-            rows = torch.arange(lo, hi, device=query.device)
-            work = rec.workspace(query.device, query.shape[0] * n_heads * (hi - lo) * kv_len)
-            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, la, q_offset, work)  # [b, H, r, k]
-            if edits:
-                idx = torch.tensor(heads, device=pat.device)
-                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of, rows + q_offset)
-                pat.index_copy_(1, idx, sub)
-            row_sums = pat.sum(dim=(0, 2))  # [H, k]: Σ over response rows (and the batch of 1)
-            rec.columns[layer, :, :kv_len] += row_sums.to(device=rec.columns.device, dtype=torch.float32)
-            rec.seen.add(layer)
-    return out, None
-
-
-def _chunked_forward(forward: Any, chunk: int) -> Any:
-    """``forward`` applied to ``[..., chunk, d]`` slices of a ``[..., N, d]`` input, written into one output."""
-
-    def run(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-2] <= chunk:
-            return forward(x, *args, **kwargs)
-        n = x.shape[-2]
-        first = forward(x[..., :chunk, :])
-        out = first.new_empty(*x.shape[:-2], n, first.shape[-1])
-        out[..., :chunk, :] = first
-        del first
-        for a in range(chunk, n, chunk):
-            out[..., a:a + chunk, :] = forward(x[..., a:a + chunk, :])
-        return out
-
-    return run
-
-
-def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int], query_pos: Tensor) -> Tensor:
-    """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``,
-    rows at absolute positions ``query_pos``."""
-    for edit, hs in edits:
-        idx = torch.tensor([pos_of[h] for h in hs], device=pat.device)
-        sub = _split_softmax_rows(pat.index_select(1, idx), edit, query_pos)
-        pat = pat.index_copy(1, idx, sub)
-    return pat
-
 
 class BackendHandle(HookHandle):
     """An active fused-backend edit: ``.remove()`` (idempotent) or a ``with`` block, like a

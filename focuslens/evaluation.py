@@ -56,7 +56,7 @@ from .generation import (
     stop_ids as _stop_ids,
 )
 from .io import content_hash
-from .models import HookedModel, model_info
+from .models import HookedModel, model_info, weights_digest
 from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
     accuracy_by_position,
@@ -394,6 +394,7 @@ def evaluate(
         "format": RECORD_FORMAT_VERSION,
         "model": info.name,
         "model_fingerprint": info.fingerprint(),
+        "model_weights": weights_digest(model),
         "variant": variant,
         "max_new_tokens": max_new_tokens,
         "chat": chat,

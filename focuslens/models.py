@@ -23,7 +23,7 @@ from typing import Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .io import atomic_dir
+from .io import atomic_dir, content_hash, tensor_checksum
 
 __all__ = [
     "HookedModel",
@@ -39,6 +39,7 @@ __all__ = [
     "Head",
     "default_model_dir",
     "DEFAULT_MODEL_NAME",
+    "weights_digest",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -116,6 +117,23 @@ def model_info(model: HookedModel) -> ModelInfo:
         rotary=pos == "rotary",
         n_ctx=int(getattr(cfg, "n_ctx", 0) or 0),
     )
+
+
+
+def weights_digest(model: Any, *, per_tensor: int = 4096) -> str:
+    """A cheap content hash of a model's weights: a strided sample of every parameter (name, shape, dtype, values).
+
+    Two checkpoints of one architecture (a base model and its fine-tune, a folder overwritten with new
+    weights) share :meth:`ModelInfo.fingerprint`; this tells them apart without reading every weight
+    (a few thousand values per tensor), so stored results and checkpoints can be keyed by it.
+    """
+    rows = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // per_tensor)
+            rows.append([name, list(p.shape), str(p.dtype), tensor_checksum(flat[::step][:per_tensor])])
+    return content_hash(rows)
 
 
 def hook_name(layer: int, site: HookSite | str) -> str:

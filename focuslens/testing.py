@@ -118,3 +118,68 @@ def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 2):
     model = load_model(hf, tokenizer=tiny_tokenizer())
     model.cfg.model_name = f"tiny-{arch}"
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Slow references shared by the tests (one definition each)
+# --------------------------------------------------------------------------------------------------
+
+
+def capital_example(i: int, n_docs: int = 3):
+    """A tiny "The capital of A<j> is <V>." task record with the gold at ``i % n_docs``."""
+    from .tasks import Document, TaskExample
+
+    ctxs = [Document(title=f"A{j}", text=f"The capital of A{j} is {chr(66 + j)}{i % 5}.") for j in range(n_docs)]
+    g = i % n_docs
+    return TaskExample(question=f"What is the capital of A{g}?", answers=[f"{chr(66 + g)}{i % 5}"], ctxs=ctxs,
+                       gold_index=g)
+
+
+def naive_greedy(model, tokens, n: int) -> list[int]:
+    """Slow reference for greedy decoding: a full forward pass without any cache for every new token."""
+    seq, out = torch.as_tensor(tokens).reshape(1, -1), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(seq)[0, -1].argmax())
+            out.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]], device=seq.device)], dim=1)
+    return out
+
+
+def grab_hooks(model, tokens, names) -> dict:
+    """The first batch row of each named hook point's activation in one forward pass (no grad)."""
+    from .hooks import attach_hooks
+
+    store: dict = {}
+
+    def make(n):
+        def fn(x, hook):
+            store[n] = x[0].detach()
+            return x
+
+        return fn
+
+    with attach_hooks(model, [(n, make(n)) for n in names]), torch.no_grad():
+        model(tokens)
+    return store
+
+
+def pattern_mass(model, examples, heads, directions=None, alpha: float = 1.0, column: str = "relevant"):
+    """Ground truth read from ``hook_pattern`` in live passes: mean response-row mass on the relevant
+    span (or the sink, ``column="sink"``) per head, with ``directions`` applied at ``alpha`` if given."""
+    from .models import hook_name
+
+    layers = sorted({l for l, _ in heads})
+    out = torch.zeros(len(heads))
+    for ex in examples:
+        handle = directions.apply(model, alpha=alpha) if directions is not None else None
+        try:
+            st = grab_hooks(model, ex.prompt.tokens[None], [hook_name(l, "hook_pattern") for l in layers])
+        finally:
+            if handle is not None:
+                handle.remove()
+        r = ex.prompt.response
+        cols = ex.relevant.slice if column == "relevant" else slice(0, 1)
+        for i, (l, h) in enumerate(heads):
+            out[i] += st[hook_name(l, "hook_pattern")][h, r.start:r.end, cols].sum(-1).mean()
+    return out / len(examples)

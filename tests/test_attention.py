@@ -15,10 +15,9 @@ from focuslens.directions import FocusDirections, cache_qk, heldout_attention, m
 from focuslens.directions import attention_mass
 from focuslens.directions import objectives
 from focuslens.directions.magnitude import _sink_curves
-from focuslens.hooks import attach_hooks
 from focuslens.models import hook_name, model_info
 from focuslens.scoring import qk_route_available, score_spans
-from focuslens.tasks import Document, TaskExample
+from focuslens.testing import capital_example as _example, grab_hooks as _grab, pattern_mass as _pattern_mass
 
 ATOL = 1e-5
 
@@ -132,21 +131,6 @@ def test_module_attention_reads_hf_modules():
     assert not fa.module_attention(attn, layer=1).exact
 
 
-def _grab(model, toks, names):
-    store = {}
-
-    def make(n):
-        def fn(x, hook):
-            store[n] = x[0].detach()
-            return x
-
-        return fn
-
-    with attach_hooks(model, [(n, make(n)) for n in names]), torch.no_grad():
-        model(toks)
-    return store
-
-
 @pytest.mark.parametrize("arch", ["tiny_gemma3", "tiny_llama", "tiny_gpt2"])
 def test_scale_and_mask_rebuild_attention_scores_and_pattern(arch, request):
     """scale·q·k (+ soft-cap) equals hook_attn_scores on visible entries; attention_probs = hook_pattern."""
@@ -168,31 +152,6 @@ def test_scale_and_mask_rebuild_attention_scores_and_pattern(arch, request):
 
 
 # ------------------------------------------------------------- the directions code vs hook_pattern
-
-
-def _example(i: int, n_docs: int = 3) -> TaskExample:
-    ctxs = [Document(title=f"A{j}", text=f"The capital of A{j} is {chr(66 + j)}{i % 5}.") for j in range(n_docs)]
-    g = i % n_docs
-    return TaskExample(question=f"What is the capital of A{g}?", answers=[f"{chr(66 + g)}{i % 5}"], ctxs=ctxs,
-                       gold_index=g)
-
-
-def _pattern_mass(model, dx, heads, directions=None, alpha=1.0, column="relevant"):
-    """Ground truth: the mass read from hook_pattern in a live pass (directions applied if given)."""
-    layers = sorted({l for l, _ in heads})
-    out = torch.zeros(len(heads))
-    for ex in dx:
-        handle = directions.apply(model, alpha=alpha) if directions is not None else None
-        try:
-            st = _grab(model, ex.prompt.tokens[None], [hook_name(l, "hook_pattern") for l in layers])
-        finally:
-            if handle is not None:
-                handle.remove()
-        r = ex.prompt.response
-        cols = ex.relevant.slice if column == "relevant" else slice(0, 1)
-        for i, (l, h) in enumerate(heads):
-            out[i] += st[hook_name(l, "hook_pattern")][h, r.start:r.end, cols].sum(-1).mean()
-    return out / len(dx)
 
 
 def _directions(model, heads, seed=0, std=1.0):

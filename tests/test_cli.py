@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from focuslens.cli import build_parser, main
+from focuslens.cli import main
 
 COMMANDS = ["demo", "score", "sweep", "train", "evaluate", "plot", "info"]
 
@@ -103,7 +103,6 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_folder, capsys):
 
 
 def test_train_with_validation_alpha_selection(tmp_path, tiny_folder):
-    from focuslens.directions import FocusDirections
 
     out = tmp_path / "scores"
     assert main(["score", "--model", str(tiny_folder), "--n", "2", "--n-docs", "3", "--max-new-tokens", "4",

@@ -24,51 +24,15 @@ from focuslens.directions import (
 )
 from focuslens.hooks import attach_hooks
 from focuslens.models import hook_name, model_info
-from focuslens.tasks import Document, TaskExample
+from focuslens.testing import capital_example as _example, pattern_mass as _pattern_mass
 
 HEADS = [(1, 2), (0, 1), (1, 3)]  # deliberately not sorted: rank order must be kept
-
-
-def _example(i: int, n_docs: int = 3) -> TaskExample:
-    ctxs = [Document(title=f"A{j}", text=f"The capital of A{j} is {chr(66 + j)}{i % 5}.") for j in range(n_docs)]
-    g = i % n_docs
-    return TaskExample(question=f"What is the capital of A{g}?", answers=[f"{chr(66 + g)}{i % 5}"], ctxs=ctxs,
-                       gold_index=g)
 
 
 @pytest.fixture(scope="module")
 def dx_llama(tiny_llama):
     return make_direction_examples(tiny_llama, [_example(i) for i in range(8)],
                                    responses=[f"The capital is {chr(66 + i % 3)}." for i in range(8)])
-
-
-def _pattern_mass(model, dx, heads, directions=None, alpha=1.0, column="relevant"):
-    """Ground truth from hook_pattern (the live model), optionally with the directions applied."""
-    pats = {}
-
-    def grab(name):
-        def fn(x, hook):
-            pats[name] = x[0].detach()
-            return x
-
-        return fn
-
-    layers = sorted({l for l, _ in heads})
-    out = torch.zeros(len(heads))
-    for ex in dx:
-        hooks = [(hook_name(l, "hook_pattern"), grab(hook_name(l, "hook_pattern"))) for l in layers]
-        handle = directions.apply(model, alpha=alpha) if directions is not None else None
-        try:
-            with attach_hooks(model, hooks), torch.no_grad():
-                model(ex.prompt.tokens[None])
-        finally:
-            if handle is not None:
-                handle.remove()
-        r = ex.prompt.response
-        cols = ex.relevant.slice if column == "relevant" else slice(0, 1)
-        for i, (l, h) in enumerate(heads):
-            out[i] += pats[hook_name(l, "hook_pattern")][h, r.start:r.end, cols].sum(-1).mean()
-    return out / len(dx)
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])

@@ -16,16 +16,9 @@ from focuslens.directions import (
     train_focus_directions,
 )
 from focuslens.directions import train as train_mod
-from focuslens.tasks import Document, TaskExample
+from focuslens.testing import capital_example as _example
 
 HEADS = [(1, 2), (0, 1)]
-
-
-def _example(i: int, n_docs: int = 3) -> TaskExample:
-    ctxs = [Document(title=f"A{j}", text=f"The capital of A{j} is {chr(66 + j)}{i % 5}.") for j in range(n_docs)]
-    g = i % n_docs
-    return TaskExample(question=f"What is the capital of A{g}?", answers=[f"{chr(66 + g)}{i % 5}"], ctxs=ctxs,
-                       gold_index=g)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,7 @@ from focuslens.evaluation import (
 )
 from focuslens.hooks import attach_hooks, count_hooks
 from focuslens.tasks import make_kv_retrieval, make_synthetic_qa, render
-
-
-def _naive_greedy(model, tokens, n):
-    """Slow reference: a full forward pass without any cache for every new token."""
-    seq = tokens[None]
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(seq)[0, -1].argmax())
-            out.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-    return out
+from focuslens.testing import naive_greedy as _naive_greedy
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2", "tiny_qwen2"])
@@ -435,3 +424,20 @@ def test_margins_accept_specs(tiny_llama):
     a = teacher_forced_margins(tiny_llama, rs, intervene=SplitSoftmax(heads, 0.2))
     b = teacher_forced_margins(tiny_llama, rs, intervene=lambda r: split_softmax(tiny_llama, heads, r.relevant, 0.2))
     assert torch.equal(a.margin, b.margin) and count_hooks(tiny_llama) == 0
+
+
+def test_other_weights_of_the_same_architecture_are_never_resumed(tiny_llama, tmp_path):
+    """Same fingerprint (architecture), other weights: the records file is refused, not reused."""
+    from focuslens.models import model_info, weights_digest
+    from focuslens.testing import tiny_model
+
+    other = tiny_model("llama", seed=1)
+    assert model_info(other).fingerprint() == model_info(tiny_llama).fingerprint()
+    assert weights_digest(other) != weights_digest(tiny_llama)
+    exs = make_synthetic_qa(2, n_docs=2, seed=4)
+    out = tmp_path / "r.jsonl"
+    evaluate(tiny_llama, exs, max_new_tokens=2, output=out, progress=False)
+    with pytest.raises(ValueError, match="model_weights"):
+        evaluate(other, exs, max_new_tokens=2, output=out, progress=False)
+    again = evaluate(tiny_llama, exs, max_new_tokens=2, output=out, progress=False)
+    assert again.n_resumed == 2

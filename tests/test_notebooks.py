@@ -26,3 +26,20 @@ def test_notebook_runs(path, monkeypatch):
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_committed_notebooks_are_what_the_build_script_writes():
+    """The notebooks' code and cell ids equal scripts/build_notebooks.py's (outputs may differ)."""
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR.parent / "scripts" / "build_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert sorted(mod.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
+    for name, cells in mod.NOTEBOOKS.items():
+        built = mod.build(name, cells)
+        committed = nbformat.read(NB_DIR / name, as_version=4)
+        assert [(c.id, c.cell_type, c.source) for c in committed.cells] == \
+            [(c.id, c.cell_type, c.source) for c in built.cells], f"{name}: rerun python scripts/build_notebooks.py"

@@ -16,7 +16,7 @@ from focuslens.patching import (
     make_corrupted_pair,
     patch_heads,
 )
-from focuslens.testing import tiny_hf_model, tiny_tokenizer
+from focuslens.testing import tiny_hf_model
 
 CLEAN = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13]])
 CORRUPT = torch.tensor([[0, 5, 17, 33, 8, 200, 121, 44, 7, 60, 250, 13]])

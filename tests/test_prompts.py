@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from focuslens.prompts import Segment, Span, as_span, build_prompt
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_write, atomic_write_json, content_hash, tensor_checksum
-from ..models import HookedModel, model_info
+from ..models import model_info, weights_digest
 from .config import TrainConfig
 from .data import DirectionExample
 
@@ -47,21 +47,6 @@ def _examples_digest(examples: Sequence[DirectionExample] | None) -> dict[str, A
     return {"n": len(rows), "hash": content_hash(rows)}
 
 
-def _weights_probe(model: HookedModel, per_tensor: int = 4096) -> str:
-    """A cheap hash of the model's weights: a strided sample of every parameter (name, shape, dtype, values).
-
-    Two checkpoints of one architecture (e.g. a base model and its fine-tune) share a fingerprint; this
-    tells them apart without reading every weight.
-    """
-    rows = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // per_tensor)
-            rows.append([name, list(p.shape), str(p.dtype), tensor_checksum(flat[::step][:per_tensor])])
-    return content_hash(rows)
-
-
 def _identity(model, heads, cfg: TrainConfig, examples, val_examples, limit: Tensor | None) -> dict[str, Any]:
     """Everything that determines the trained vectors — what a checkpoint is keyed by.
 
@@ -72,7 +57,7 @@ def _identity(model, heads, cfg: TrainConfig, examples, val_examples, limit: Ten
     conf.pop("epochs")
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": {"fingerprint": model_info(model).fingerprint(), "weights": _weights_probe(model)},
+        "model": {"fingerprint": model_info(model).fingerprint(), "weights": weights_digest(model)},
         "heads": [[int(l), int(h)] for l, h in heads],
         "config": conf,
         "train_examples": _examples_digest(examples),

@@ -24,6 +24,7 @@ import focuslens as fl  # noqa: E402
 from focuslens.hooks import attach_hooks, count_hooks  # noqa: E402
 from focuslens.models import hook_name, is_legacy, model_info  # noqa: E402
 from focuslens.prompts import Span  # noqa: E402
+from focuslens.testing import naive_greedy as _naive_greedy
 
 TOKENS = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13, 99, 150, 31, 77]])
 SPAN = Span(4, 9)
@@ -48,16 +49,6 @@ def _ref_mass(att, response, cols) -> torch.Tensor:
     for a, b in cols:
         mask[a:b] = True
     return att[:, :, response[0]:response[1]][..., mask].sum(-1).mean(-1)
-
-
-def _naive_greedy(model, tokens, n):
-    seq, out = tokens.reshape(1, -1), []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(seq)[0, -1].argmax())
-            out.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

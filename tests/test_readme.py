@@ -1,0 +1,30 @@
+"""The README's Python example runs as written (at a small size) on the embedded model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_example() -> str:
+    text = README.read_text()
+    section = text[text.index("## Python in ten lines"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_example_runs(smollm, tmp_path, monkeypatch):
+    import focuslens as fl
+
+    code = _python_example()
+    assert "fl.FocusLens(" in code and "fl.SplitSoftmax(" in code
+    code = code.replace("make_synthetic_qa(50,", "make_synthetic_qa(2,")  # small size for CI
+    assert "make_synthetic_qa(2," in code
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fl, "load_model", lambda *a, **k: smollm)  # the session's copy of the same model
+    ns: dict = {}
+    exec(compile(code, str(README), "exec"), ns)
+    assert len(ns["heads"]) == 20 and ns["res"].summary()["n"] == 2
+    assert (tmp_path / "runs" / "ss.jsonl").exists()
+    assert fl.count_hooks(smollm) == 0

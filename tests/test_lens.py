@@ -112,3 +112,38 @@ def test_patch_equals_patch_heads(tiny_llama):
     ref = fl.patch_heads(tiny_llama, corrupt, clean, metric, site="z")
     got = lens.patch(corrupt, clean, metric, site="z")
     assert torch.equal(got, ref) and got.shape == (2, 4)
+
+
+def test_same_notebook_code_on_the_fused_backend(tiny_llama, rendered):
+    """FocusLens(FusedModel): score / split_softmax / inject give the TransformerLens path's types and values."""
+    from focuslens.backends.fused import FusedModel
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    fused = fl.FocusLens(FusedModel(tiny_hf_model("llama"), tiny_tokenizer()))  # same weights as tiny_llama (seed 0)
+    lens = fl.FocusLens(tiny_llama)
+    r = rendered[2]
+    full = r.prompt.with_response(tiny_llama.tokenizer, " The capital is B.")
+    a = lens.score(full.tokens, response=full.response, relevant=r.relevant)
+    b = fused.score(full.tokens, response=full.response, relevant=r.relevant)
+    assert type(a) is type(b) and set(a.names) <= set(b.names)
+    for name in a.names:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0)
+    assert fused.info.n_layers == 2 and fused.info.n_kv_heads == 2 and "FusedModel" in repr(fused)
+    heads = [(1, 0), (0, 3)]
+    toks = full.tokens[None]
+    with torch.no_grad():
+        with lens.split_softmax(heads, r.relevant, tau=0.3):
+            ref = tiny_llama(toks)
+        with fused.split_softmax(heads, r.relevant, tau=0.3) as h:
+            got = fused.model(toks).logits
+        assert not h.active
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        vecs = {(1, 2): torch.randn(16, generator=torch.Generator().manual_seed(0))}
+        with lens.inject(vecs, alpha=0.7):
+            ref = tiny_llama(toks)
+        with fused.inject(vecs, alpha=0.7):
+            got = fused.model(toks).logits
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    for call in (lambda: fused.ablate(heads), lambda: fused.evaluate(rendered), lambda: fused.attention):
+        with pytest.raises(TypeError, match="hooked model"):
+            call()

@@ -49,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import focuslens as fl
-    from focuslens.directions import QKCache, cache_qk, heldout_attention, make_direction_examples, train_focus_directions
+    from focuslens.directions import cache_qk, heldout_attention, make_direction_examples, train_focus_directions
     from focuslens.tasks import make_synthetic_qa
 
     model = fl.load_model()
@@ -102,11 +102,9 @@ def main() -> None:
                                   "seconds_to_reach": None if t_reach is None else round(t_reach, 2)},
                       "speedup_to_same_objective": None if t_reach is None else round(t_ref / t_reach, 1)})
     print(json.dumps(res, indent=1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    from focuslens.io import atomic_write_json
+
+    atomic_write_json(Path(args.out), res, indent=1)
 
 
 if __name__ == "__main__":

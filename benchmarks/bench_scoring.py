@@ -212,10 +212,9 @@ def main() -> None:
                   f"max diff {max(vals) - min(vals):.2e}")
     if args.out is None:
         return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"raw": raw, "rows": rows, "threads": 1, "response_len": RESPONSE_LEN}, indent=1))
-    os.replace(tmp, args.out)
+    from focuslens.io import atomic_write_json
+
+    atomic_write_json(args.out, {"raw": raw, "rows": rows, "threads": 1, "response_len": RESPONSE_LEN}, indent=1)
     print(f"wrote {args.out}")
 
 

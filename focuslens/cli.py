@@ -321,7 +321,9 @@ def cmd_sweep(args) -> int:
     fig = ablation_curve(args.ks, series, baselines={"original": res["original"]["accuracy"]},
                          xaxis="k", yaxis="accuracy", title="Split softmax on the top-k contextual heads")
     save_figure(fig, out / "split_softmax_curve")
-    (out / "sweep.json").write_text(json.dumps(res, indent=2))
+    from .io import atomic_write_json
+
+    atomic_write_json(out / "sweep.json", res)
     print(f"wrote {out / 'sweep.json'} and the ablation curve")
     return 0
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from .generation import DEFAULT_MAX_NEW_TOKENS
-from .io import atomic_write_json, content_hash
+from .io import atomic_write, atomic_write_json, content_hash
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -254,7 +254,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
                "split_softmax": split, "directions": trained, "alpha": alpha_res,
                "wall_seconds": round(time.time() - t_start, 1)}
     report = _report(cfg, results)
-    (out / "report.md").write_text(report)
+    atomic_write(out / "report.md", report)
     atomic_write_json(out / "results.json", results)
     print(report)
     print(f"[demo] wrote {out / 'report.md'} and figures in {figs}" + (f" and {extra}/demo_*" if extra else ""))

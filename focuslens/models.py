@@ -150,15 +150,31 @@ def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> list[Head
     return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads)
 
 
+def _is_index(x: Any) -> bool:
+    """An integer (Python, numpy, or a 0-dim integer tensor), not a bool or a float."""
+    import numbers
+
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral)
+
+
 def validate_heads(heads: Iterable[Sequence[int]], *, n_layers: int, n_heads: int) -> list[Head]:
     """:func:`check_heads` against explicit sizes (for backends without a hooked model)."""
     out: list[Head] = []
     seen: set[Head] = set()
     for h in heads:
         try:
-            l, hh = (int(x) for x in h)
-        except (TypeError, ValueError):
+            pair = tuple(h)
+        except TypeError:
             raise ValueError(f"Heads must be (layer, head) pairs of ints, got {h!r}.") from None
+        if len(pair) != 2 or not all(_is_index(x) for x in pair):
+            raise ValueError(
+                f"Heads must be (layer, head) pairs of ints, got {h!r} (floats are not truncated: "
+                "pass ints, e.g. [(17, 3), (8, 0)]).")
+        l, hh = int(pair[0]), int(pair[1])
         if not (0 <= l < n_layers and 0 <= hh < n_heads):
             raise ValueError(
                 f"Unknown head (layer={l}, head={hh}): this model has layers 0..{n_layers - 1} "

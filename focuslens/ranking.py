@@ -9,6 +9,7 @@ model fingerprint) or the authors' ``[[layer, head], ...]``; it is checked again
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .io import atomic_write
-from .models import Head, HookedModel, check_heads
+from .models import Head, HookedModel, check_heads, model_info
 from .prompts import Span, SpanLike, normalise_spans
 
 __all__ = ["HeadScores", "DatasetScores", "contextual_heads", "save_heads", "load_heads", "RANKING_FORMAT",
@@ -174,9 +175,10 @@ class DatasetScores:
 
 
 def _rank(scores: Float[Tensor, "layer head"]) -> list[tuple[int, int, float]]:
+    """``(layer, head, score)`` best first; ties by position; NaN scores always last (never "best")."""
     n_heads = scores.shape[1]
     flat = scores.flatten().tolist()
-    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    order = sorted(range(len(flat)), key=lambda i: (math.isnan(flat[i]), -flat[i] if not math.isnan(flat[i]) else 0.0, i))
     return [(i // n_heads, i % n_heads, float(flat[i])) for i in order]
 
 
@@ -216,18 +218,32 @@ def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedMo
         k: keep the first ``k`` heads (a ranking file has all of them, best first).
         model: when given, the heads are validated against it (:func:`~focuslens.check_heads`).
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected [[layer, head], ...] "
+                         "or a focuslens ranking file (focuslens score).") from None
     if isinstance(data, dict):
-        if data.get("format") != RANKING_FORMAT or "ranking" not in data:
+        if data.get("format") != RANKING_FORMAT or not isinstance(data.get("ranking"), list):
             raise ValueError(f"{path}: expected [[layer, head], ...] or a focuslens ranking JSON.")
-        rows = [r[:2] for r in data["ranking"]]
+        saved = data.get("fingerprint")
+        if model is not None and isinstance(saved, dict):
+            actual = model_info(model).fingerprint()
+            diff = sorted(k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k))
+            if diff:
+                raise ValueError(
+                    f"{path} ranks the heads of another model ({data.get('model')!r}; differs in "
+                    + ", ".join(f"{k}={saved.get(k)!r} there, {actual.get(k)!r} here" for k in diff)
+                    + "). Rank this model's heads with `focuslens score --model ...` first.")
+        rows = [r[:2] if isinstance(r, (list, tuple)) else r for r in data["ranking"]]
     elif isinstance(data, list):
         rows = data
     else:
         raise ValueError(f"{path}: expected [[layer, head], ...], got {type(data).__name__}.")
     heads: list[Head] = []
     for r in rows:
-        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r)):
+        if not (isinstance(r, (list, tuple)) and len(r) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
             raise ValueError(f"{path}: every entry must be a [layer, head] pair of ints, got {r!r}.")
         heads.append((int(r[0]), int(r[1])))
     if k is not None:

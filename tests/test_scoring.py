@@ -365,3 +365,46 @@ def test_qk_route_exact_on_sliding_window_and_qk_norm(tiny_gemma3):
     # the window is real: layer 0's response rows cannot see the relevant span (t - j >= 8) or the sink
     assert float(pat.relevant[0].abs().max()) == 0.0 and float(pat.sink[0].abs().max()) == 0.0
     assert float(pat.relevant[1].min()) > 0
+
+
+def test_nan_scores_rank_last_consistently():
+    """A NaN score never outranks a real one (it used to scramble the order), everywhere a ranking is made."""
+    from focuslens.ranking import _rank
+
+    s = torch.tensor([[0.1, float("nan"), 0.9, 0.5]])
+    assert contextual_heads(s, k=4) == [(0, 2), (0, 3), (0, 0), (0, 1)]
+    assert [(l, h) for l, h, _ in _rank(s)] == [(0, 2), (0, 3), (0, 0), (0, 1)]
+    assert contextual_heads(torch.tensor([[float("nan"), float("nan")], [0.2, 0.3]]), k=2) == [(1, 1), (1, 0)]
+
+
+def test_ranking_of_another_model_is_refused(tiny_llama, tmp_path):
+    from focuslens.tasks import make_synthetic_qa, render
+
+    exs = [render(e, tiny_llama.tokenizer) for e in make_synthetic_qa(2, n_docs=2, seed=1)]
+    ds = score_dataset(tiny_llama, exs, response="gold", progress=False)
+    p = ds.save(tmp_path / "r.json")
+    assert load_heads(p, k=3, model=tiny_llama) == ds.top_k(3)
+    with pytest.raises(ValueError, match="another model.*focuslens score"):
+        load_heads(p, k=3, model=_other_arch())
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_heads(tmp_path / "bad.json")
+    (tmp_path / "float.json").write_text("[[0.0, 1.5]]")
+    with pytest.raises(ValueError, match="pair of ints"):
+        load_heads(tmp_path / "float.json")
+
+
+def _other_arch():
+    """The tiny Llama with a 3-layer config: another architecture fingerprint."""
+    from focuslens.testing import tiny_model
+
+    return tiny_model("llama", n_layers=3)
+
+
+def test_heads_must_be_integers(tiny_llama):
+    from focuslens.models import check_heads
+
+    assert check_heads(tiny_llama, [(1, 2), (torch.tensor(0), 3)]) == [(1, 2), (0, 3)]
+    for bad in ([(0.0, 1.5)], [(8.7, 0)], [(True, 0)], [(0,)], [5]):
+        with pytest.raises(ValueError, match="pairs of ints"):
+            check_heads(tiny_llama, bad)

@@ -105,6 +105,14 @@ class FocusLens:
                 "fl.load_model(...) for this."
             )
 
+    def _backend(self, method: str):
+        fn = getattr(self.model, method, None)
+        if not callable(fn):
+            raise TypeError(
+                f"{type(self.model).__name__} does not implement {method} (the nnsight scorer only scores); "
+                "use the fused backend (focuslens.backends.fused.load_fused) or a TransformerLens model.")
+        return fn
+
     def _heads(self, heads: Iterable[Sequence[int]] | int) -> list[Head]:
         if isinstance(heads, int):
             return self.heads(heads)
@@ -206,7 +214,7 @@ class FocusLens:
         """:func:`~focuslens.interventions.split_softmax` on ``heads`` (an int k: the top-k heads)."""
         heads = self._heads(heads)
         if not self.hooked:
-            return self.model.split_softmax(heads, span, tau)
+            return self._backend("split_softmax")(heads, span, tau)
         from .interventions import split_softmax
 
         return split_softmax(self.model, heads, span, tau)
@@ -215,7 +223,7 @@ class FocusLens:
                site: Literal["query", "key"] = "query", pre_rope: bool = False) -> HookHandle:
         """:func:`~focuslens.interventions.inject_vectors`: add ``alpha·v`` to chosen heads' queries/keys."""
         if not self.hooked:
-            return self.model.inject_vectors(vectors, alpha=alpha)
+            return self._backend("inject_vectors")(vectors, alpha=alpha)
         from .interventions import inject_vectors
 
         return inject_vectors(self.model, vectors, alpha=alpha, site=site, pre_rope=pre_rope)
@@ -228,7 +236,7 @@ class FocusLens:
             a = d.alpha if alpha is None else alpha
             if isinstance(a, str):
                 raise TypeError("alpha='auto' needs a TransformerLens hooked model (the sink probe uses hooks).")
-            return self.model.inject_vectors(d.as_dict(), alpha=float(a))
+            return self._backend("inject_vectors")(d.as_dict(), alpha=float(a))
         return directions.apply(self.model, alpha=alpha, heads=heads, tokens=tokens, **kw)
 
     def ablate(self, heads: Iterable[Sequence[int]] | int, *, mode: Literal["zero", "mean"] = "zero",
@@ -261,7 +269,7 @@ class FocusLens:
         """The greedy answer (:func:`~focuslens.generation.greedy_generate`) to a prompt or rendered example."""
         toks = tokens.tokens if hasattr(tokens, "tokens") else torch.as_tensor(tokens)
         if not self.hooked:
-            out = self.model.generate(toks.reshape(1, -1), max_new_tokens=max_new_tokens, do_sample=False)
+            out = self._backend("generate")(toks.reshape(1, -1), max_new_tokens=max_new_tokens, do_sample=False)
             new = [t for t in out[0, toks.numel():].tolist()]
             cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
             text = self.tokenizer.decode(new[:cut], skip_special_tokens=True)

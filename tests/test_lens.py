@@ -147,3 +147,21 @@ def test_same_notebook_code_on_the_fused_backend(tiny_llama, rendered):
     for call in (lambda: fused.ablate(heads), lambda: fused.evaluate(rendered), lambda: fused.attention):
         with pytest.raises(TypeError, match="hooked model"):
             call()
+
+
+def test_nnsight_scorer_through_the_lens(tiny_llama, rendered):
+    """FocusLens(NNsightScorer): the same score() call and type; what it cannot do is a clear TypeError."""
+    pytest.importorskip("nnsight")
+    from focuslens.backends import nnsight_backend
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    lens = fl.FocusLens(nnsight_backend.NNsightScorer(tiny_hf_model("llama"), tiny_tokenizer()))
+    r = rendered[0]
+    full = r.prompt.with_response(tiny_llama.tokenizer, " The capital is B.")
+    got = lens.score(full.tokens, response=full.response, relevant=r.relevant)
+    ref = fl.score_spans(tiny_llama, full.tokens, response=full.response, spans={"relevant": r.relevant})
+    torch.testing.assert_close(got["relevant"], ref["relevant"], atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="does not implement split_softmax"):
+        lens.split_softmax([(0, 1)], r.relevant, tau=0.5)
+    with pytest.raises(TypeError, match="hooked model"):
+        lens.patch(full.tokens[None], full.tokens[None], lambda x: x.sum())

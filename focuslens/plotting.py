@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .io import atomic_write
 
-__all__ = ["head_heatmap", "ablation_curve", "save_figure", "PNG_HELP"]
+__all__ = ["head_heatmap", "ablation_curve", "save_figure", "notebook_figures", "PNG_HELP"]
 
 PNG_HELP = (
     "PNG export needs kaleido and a Chromium browser. Install one with "
@@ -208,13 +208,7 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
             atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True))
             written.append(path)
             continue
-        if not os.environ.get("BROWSER_PATH"):
-            import shutil
-
-            found = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
-                          if shutil.which(b)), None)
-            if found:
-                os.environ["BROWSER_PATH"] = found
+        _find_browser()
         try:
             atomic_write(path, lambda tmp: fig.write_image(tmp, format=f, scale=scale))
         except Exception as e:  # kaleido raises several types when no browser is found
@@ -223,3 +217,35 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
             continue
         written.append(path)
     return written
+
+
+def _find_browser() -> None:
+    """Point kaleido at a Chromium browser on PATH (``BROWSER_PATH``) unless one is set already."""
+    if not os.environ.get("BROWSER_PATH"):
+        import shutil
+
+        found = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                      if shutil.which(b)), None)
+        if found:
+            os.environ["BROWSER_PATH"] = found
+
+
+def notebook_figures() -> str:
+    """Show plotly figures in notebooks interactively *and* as a static PNG, when PNG export works.
+
+    Why: a notebook committed with outputs should show its figures where plotly's JavaScript does not
+    run (GitHub's viewer, nbviewer without JS, a PDF export). With kaleido and a Chromium browser each
+    figure is also embedded as a PNG; without them (the check costs one tiny export) figures stay
+    interactive only and nothing fails. Returns the plotly renderer that was set.
+    """
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    _find_browser()
+    try:
+        go.Figure().to_image(format="png", width=8, height=8)
+        pio.renderers.default = "plotly_mimetype+png"
+    except Exception:  # kaleido raises several types when no browser is found
+        pio.renderers.default = "plotly_mimetype"
+    return pio.renderers.default
+

@@ -1,6 +1,7 @@
 """Writes the notebooks in notebooks/ from the cell sources below (so they stay reviewable as code).
 
-    .venv/bin/python scripts/build_notebooks.py
+    .venv/bin/python scripts/build_notebooks.py                 # code only
+    .venv/bin/python scripts/build_notebooks.py --execute 12    # and run them, keeping the outputs
 
 Each notebook reads its size from the environment (FOCUSLENS_NB_N, default below) so that CI can
 execute it quickly; in Jupyter, edit the `N = ...` line of the set-up cell.
@@ -25,6 +26,7 @@ torch.set_num_threads(int(os.environ.get("FOCUSLENS_NB_THREADS", "1")))
 N = int(os.environ.get("FOCUSLENS_NB_N", "{default_n}"))  # examples per condition: raise for tighter error bars
 model = fl.load_model()  # embedded SmolLM2-135M-Instruct, offline
 lens = fl.FocusLens(model)  # the notebook wrapper: every method returns the module functions' types
+fl.plotting.notebook_figures()  # figures interactive, plus a static PNG where kaleido + Chromium work
 info = lens.info
 lens"""
 
@@ -239,10 +241,36 @@ def build(name: str, cells: list):
     return nb
 
 
-def main() -> None:
+def execute(nb, n: str) -> None:
+    """Run ``nb`` top to bottom in place (outputs kept) at size ``FOCUSLENS_NB_N=n``."""
+    import os
+
+    import nbclient
+
+    os.environ["FOCUSLENS_NB_N"] = n
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    nbclient.NotebookClient(nb, timeout=1800, startup_timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write every notebook; with ``--execute N`` also run it at size N and keep its outputs."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--execute", metavar="N", help="run each notebook with FOCUSLENS_NB_N=N and save the outputs")
+    ap.add_argument("--only", nargs="*", help="notebook file names to (re)build")
+    args = ap.parse_args(argv)
     ROOT.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
+        if args.only and name not in args.only:
+            continue
         nb = build(name, cells)
+        if args.execute:
+            t0 = time.time()
+            execute(nb, args.execute)
+            print(f"executed {name} at N={args.execute} in {time.time() - t0:.0f} s")
         nbf.write(nb, ROOT / name)
         print("wrote", ROOT / name)
 

@@ -97,3 +97,22 @@ def test_save_figure_png_failure_warns_and_continues(tmp_path, monkeypatch, caps
 def test_save_figure_bad_format(tmp_path):
     with pytest.raises(ValueError, match="Unknown figure formats"):
         save_figure(head_heatmap(_scores()), tmp_path / "x", formats=("jpg",))
+
+
+def test_notebook_figures_falls_back_without_png_export(monkeypatch):
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from focuslens.plotting import notebook_figures
+
+    before = pio.renderers.default
+    try:
+        def no_browser(self, *a, **k):
+            raise RuntimeError("no chromium")
+
+        monkeypatch.setattr(go.Figure, "to_image", no_browser)
+        assert notebook_figures() == "plotly_mimetype" == pio.renderers.default
+        monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: b"\x89PNG")
+        assert notebook_figures() == "plotly_mimetype+png" == pio.renderers.default
+    finally:
+        pio.renderers.default = before

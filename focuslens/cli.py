@@ -185,18 +185,14 @@ _CHECKSUMS: dict[tuple[str, int, int], str] = {}
 
 
 def _file_checksum(path: str | os.PathLike) -> str:
-    """:func:`focuslens.io.tensor_checksum` of a file's bytes (cached per path, size and mtime)."""
-    import torch
-
-    from .io import tensor_checksum
+    """:func:`focuslens.io.file_checksum` of a file (cached per path, size and mtime)."""
+    from .io import file_checksum
 
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _CHECKSUMS:
-        data = bytearray(p.read_bytes())
-        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        _CHECKSUMS[key] = tensor_checksum(t)
+        _CHECKSUMS[key] = file_checksum(p)
     return _CHECKSUMS[key]
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -55,7 +54,7 @@ from .generation import (
     greedy_generate_batch,
     stop_ids as _stop_ids,
 )
-from .io import content_hash
+from .io import content_hash, tensor_checksum
 from .models import HookedModel, model_info, weights_digest
 from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
@@ -222,7 +221,7 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any
 
 
 def _prompt_hash(r: RenderedExample) -> str:
-    return hashlib.sha1(json.dumps(r.tokens.tolist()).encode()).hexdigest()[:16]
+    return tensor_checksum(r.tokens.long())
 
 
 def _read_records(path: Path, cfg: dict[str, Any], h: str) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "content_hash", "tensor_checksum"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "content_hash", "tensor_checksum", "file_checksum"]
 
 
 def _umask() -> int:
@@ -137,4 +137,13 @@ def tensor_checksum(x: torch.Tensor, *, n: int = 16) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:n]
+
+
+def file_checksum(path: str | os.PathLike, *, n: int = 16) -> str:
+    """SHA-256 of a file's bytes (streamed): the identity of a ranking file, a data file, an input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()[:n]

@@ -248,6 +248,7 @@ def execute(nb, n: str) -> None:
     import nbclient
 
     os.environ["FOCUSLENS_NB_N"] = n
+    os.environ["TQDM_DISABLE"] = "1"  # committed outputs show results, not hundreds of progress-bar lines
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     nbclient.NotebookClient(nb, timeout=1800, startup_timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}}).execute()

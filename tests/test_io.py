@@ -86,3 +86,16 @@ def test_tensor_checksum_bits_dtype_shape():
     assert tensor_checksum(torch.tensor(1.0)) != tensor_checksum(torch.tensor(2.0))  # 0-dim works
     assert tensor_checksum(torch.zeros(0)) == tensor_checksum(torch.zeros(0))
     assert tensor_checksum(torch.tensor(-0.0)) != tensor_checksum(torch.tensor(0.0))  # bits, not values
+
+
+def test_file_checksum_streams_bytes(tmp_path):
+    import hashlib
+
+    from focuslens.io import file_checksum
+
+    p = tmp_path / "d.bin"
+    data = bytes(range(256)) * 5000  # > one 1 MiB block
+    p.write_bytes(data)
+    assert file_checksum(p) == hashlib.sha256(data).hexdigest()[:16]
+    p.write_bytes(data[:-1] + b"\x00")
+    assert file_checksum(p) != hashlib.sha256(data).hexdigest()[:16]

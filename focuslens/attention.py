@@ -50,7 +50,6 @@ __all__ = [
     "expand_kv",
     "soft_cap",
     "module_attention",
-    "describe",
 ]
 
 
@@ -370,13 +369,4 @@ def module_attention(
     elif not getattr(module, "is_causal", True):
         why = f"layer {layer}: not causal self-attention"
     return LayerAttention(layer, "", "", float(s), w, cap, hasattr(module, "q_norm"), not why, why)
-
-
-def describe(model: HookedModel) -> list[dict[str, Any]]:
-    """A JSON-able summary of every layer's attention (for provenance records and ``focuslens info``)."""
-    return [
-        {"layer": la.layer, "scale": la.scale, "sliding_window": la.sliding_window, "softcap": la.softcap,
-         "qk_norm": la.qk_norm, "exact": la.exact}
-        for la in (layer_attention(model, l) for l in range(model_info(model).n_layers))
-    ]
 

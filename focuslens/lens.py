@@ -78,7 +78,8 @@ class FocusLens:
         m = self.model
         return ModelInfo(name=str(getattr(m, "name", type(m).__name__)), n_layers=m.n_layers, n_heads=m.n_heads,
                          n_kv_heads=getattr(m, "n_kv_heads", m.n_heads), d_head=getattr(m, "d_head", 0),
-                         d_model=getattr(m, "d_model", 0), rotary=True, n_ctx=getattr(m, "n_ctx", 0))
+                         d_model=getattr(m, "d_model", 0), n_ctx=getattr(m, "n_ctx", 0),
+                         rotary=True)  # both backends take rotary HF decoders only (post-RoPE query sites)
 
     @cached_property
     def attention(self) -> list:

@@ -21,6 +21,7 @@ from .models import (  # noqa: E402
     DEFAULT_MODEL_NAME,
     HookedModel,
     ModelInfo,
+    check_context,
     check_heads,
     hook_name,
     load_model,
@@ -38,7 +39,7 @@ from .scoring import (  # noqa: E402
     score_many,
     score_spans,
 )
-from .interventions import compose, inject_vectors, split_softmax  # noqa: E402
+from .interventions import compose, inject_vectors, pasta, split_softmax  # noqa: E402
 from .patching import ablate_heads, patch_heads  # noqa: E402
 from .directions import FocusDirections, train_focus_directions  # noqa: E402
 from .sweeps import select_alpha  # noqa: E402
@@ -46,11 +47,12 @@ from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E4
 from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, greedy_generate  # noqa: E402
 from .lens import FocusLens  # noqa: E402
-from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, SplitSoftmax, Steer  # noqa: E402
+from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, Pasta, SplitSoftmax, Steer  # noqa: E402
 from .evaluation import Decoding  # noqa: E402
 from .sweeps import random_heads  # noqa: E402
 from .directions import TrainConfig  # noqa: E402
-from . import attention, directions, generation, io, specs, sweeps, tasks  # noqa: E402
+from .errors import OutputBusy, UsageError  # noqa: E402
+from . import attention, directions, errors, generation, io, specs, sweeps, tasks  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -60,6 +62,12 @@ __all__ = [
     "InterventionSpec",
     "NoIntervention",
     "SplitSoftmax",
+    "Pasta",
+    "pasta",
+    "UsageError",
+    "OutputBusy",
+    "check_context",
+    "errors",
     "InjectVectors",
     "Steer",
     "Ablate",

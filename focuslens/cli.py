@@ -10,7 +10,13 @@
 
 Every command takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a local Hugging Face
 folder, or a hub name where the network works), ``--data`` (``synthetic`` or a Lost-in-the-Middle
-``.jsonl(.gz)`` file), ``--seed`` and ``--output``. Errors print one line and exit with status 2.
+``.jsonl(.gz)`` file), ``--seed`` and ``--output``.
+
+Errors: every argument is validated before the model is loaded; a problem with the input (an
+argument, a file, a format, a device, a model, the data) prints one line saying what is wrong and how
+to fix it and exits 2; anything else is a bug: one line naming the file that holds the traceback, exit
+1 (``--debug`` prints the traceback). Each command holds the output lock of what it writes
+(:func:`focuslens.io.output_lock`): a second process writing the same output is refused.
 
 Stored evaluations are named by content: ``{name}-{hash}.jsonl``, where the hash covers the
 intervention's identity (:mod:`focuslens.specs`: heads in order and τ, or the directions' checksum and
@@ -24,13 +30,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from pickle import UnpicklingError  # the class only: weights are read by torch.load(weights_only=True)
 
+from .errors import UsageError, is_expected, one_line, write_traceback
 from .generation import DEFAULT_MAX_NEW_TOKENS
 
 __all__ = ["main", "build_parser"]
+
+
+class _ArgError(Exception):
+    """argparse found a bad argument: reported by :func:`main` as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise _ArgError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
 
 
 def _floats(s: str) -> list[float]:
@@ -45,6 +63,11 @@ def _ints(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _debug_flag(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="on an error, print the full traceback")
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
@@ -64,15 +87,17 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                        help=f"greedy generation budget [{DEFAULT_MAX_NEW_TOKENS}]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+    _debug_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="focuslens",
         description="Find the attention heads that read the relevant context (contextual heads), test them "
                     "causally with split softmax, and steer them with focus directions.",
         epilog="Run 'focuslens COMMAND --help' for the options of a command.",
     )
+    _debug_flag(ap, top=True)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the whole pipeline on the default model and task (about 10 minutes)",
@@ -143,12 +168,152 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ranking", help="ranking JSON")
     p.add_argument("--top-k", type=int, default=20, help="heads to mark [20]")
     p.add_argument("--output", default="figures/contextual_heads", help="path stem: writes .html and .png")
+    _debug_flag(p)
 
     p = sub.add_parser("info", help="print the model's architecture", description="Load a model and print its fingerprint.")
     _common(p, data=False)
     return ap
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every argument is checked before any model work
+# --------------------------------------------------------------------------------------------------
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UsageError(msg)
+
+
+def _finite(xs, name: str) -> None:
+    for x in xs:
+        _need(math.isfinite(x), f"{name} must be finite numbers, got {x}")
+
+
+def _check_output(path: str, name: str = "--output", *, folder: bool = True) -> None:
+    p = Path(path)
+    if folder:
+        _need(not (p.exists() and not p.is_dir()),
+              f"{name} {path} exists and is a file; give a folder path (it is created if missing)")
+    else:
+        _need(not p.is_dir(), f"{name} {path} is a folder; give a path stem such as figures/heads")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            _need(parent.is_dir(), f"{name} {path}: {parent} is a file, not a folder; choose another path")
+            break
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if d.type == "cuda":
+        _need(torch.cuda.is_available(),
+              f"--device {device}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+        n = torch.cuda.device_count()
+        _need(d.index is None or d.index < n, f"--device {device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1})")
+    elif d.type == "mps":
+        _need(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here; use --device cpu")
+    else:
+        _need(d.type == "cpu", f"--device {device}: focuslens runs on cpu, cuda or mps")
+
+
+def _check_file(path: str, name: str, what: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{name} {path}: no such file ({what})")
+    _need(p.is_file(), f"{name} {path} is a folder; give {what}")
+
+
+def _validate(args) -> None:
+    """Every argument of the command, before the model is loaded (exit 2 with one line otherwise)."""
+    c = args.command
+    if hasattr(args, "threads"):
+        _need(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+    if hasattr(args, "device"):
+        _check_device(args.device)
+    if getattr(args, "model", None) is not None:
+        m = Path(args.model).expanduser()
+        if m.exists():
+            _need(m.is_dir() and (m / "config.json").is_file(),
+                  f"--model {args.model} is not a Hugging Face checkpoint folder (no config.json); give the folder "
+                  "that holds config.json, the weights and the tokenizer")
+    if hasattr(args, "data"):
+        _need(args.n >= 1, f"--n must be positive, got {args.n}")
+        _need(args.n_docs >= 1, f"--n-docs must be >= 1, got {args.n_docs}")
+        _need(args.offset >= 0, f"--offset must be >= 0 (examples to skip), got {args.offset}")
+        _need(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if c in ("demo", "score", "sweep", "train", "evaluate"):
+        _check_output(args.output)
+    if c == "demo":
+        _need(args.n_test is None or args.n_test >= 1, f"--n-test must be >= 1, got {args.n_test}")
+        if args.figures:
+            _check_output(args.figures, "--figures")
+    if c in ("score", "plot"):
+        _need(args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
+    if c == "plot":
+        _check_file(args.ranking, "ranking", "a ranking JSON written by 'focuslens score'")
+        _check_output(args.output, folder=False)
+    if c == "sweep":
+        _need(bool(args.ks) and min(args.ks) >= 1, f"--ks must be positive integers, got {args.ks}")
+        _need(bool(args.taus), "--taus needs at least one value in (0, 1], e.g. --taus 0.2,0.5")
+        for t in args.taus:
+            _need(math.isfinite(t) and t > 0,
+                  f"tau must be > 0 and finite (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
+        _need(bool(args.random_seeds), "--random-seeds needs at least one seed for the random-head control, e.g. 0,1")
+    if c == "train":
+        t = Path(args.output)
+        _need(not t.is_dir() or not any(t.iterdir()) or (t / "config.json").is_file(),
+              f"--output {args.output} is a folder that is not a focus-directions artefact; saving would replace "
+              "it (deleting its files): choose another path")
+        _need(args.k >= 1, f"--k must be >= 1, got {args.k}")
+        _need(args.n_val >= 1, f"--n-val (validation examples) must be >= 1, got {args.n_val}")
+        if args.select_alphas is None:
+            _need(args.select_ks is None and not args.select_targets,
+                  "--select-ks and --select-targets need --select-alphas (the alpha grid to choose from)")
+        else:
+            _finite(args.select_alphas, "--select-alphas")
+            _need(all(a != 0 for a in args.select_alphas) and any(a > 0 for a in args.select_alphas),
+                  f"--select-alphas must be non-zero (alpha = 0 is the baseline) with at least one > 0; got "
+                  f"{args.select_alphas}")
+            for k in args.select_ks or ():
+                _need(1 <= k <= args.k, f"--select-ks must be in 1..--k ({args.k}), got {k}")
+            for t in args.select_targets:
+                _need(0 < t < 1, f"--select-targets are fractions of sink mass in (0, 1), got {t}")
+    if c == "evaluate":
+        _need(not (args.directions and args.heads), "give either --directions or --heads/--tau, not both")
+        _need(args.alpha is None or bool(args.directions), "--alpha needs --directions (a focus-directions folder)")
+        _need(args.tau is None or bool(args.heads), "--tau needs --heads (a ranking JSON for split softmax)")
+        if args.heads:
+            _need(args.tau is not None and math.isfinite(args.tau) and args.tau > 0,
+                  f"--tau must be given and > 0 with --heads (got {args.tau})")
+            _need(args.k >= 1, f"--k must be >= 1, got {args.k}")
+            _need(args.variant != "negative",
+                  "--variant negative removes the gold document, so split softmax (--heads) has no span to raise "
+                  "attention on; use --variant original or gold_only, or --directions")
+        if args.directions:
+            d = Path(args.directions)
+            if not d.exists():
+                raise FileNotFoundError(f"--directions {args.directions}: no such folder (make one with 'focuslens train')")
+            _need(d.is_dir(), f"--directions {args.directions} is a file; give the folder written by 'focuslens train'")
+        if args.alpha is not None and args.alpha != "auto":
+            try:
+                a = float(args.alpha)
+            except ValueError:
+                raise UsageError(f"--alpha must be a number or 'auto', got {args.alpha!r}") from None
+            _need(math.isfinite(a), f"--alpha must be finite, got {args.alpha}")
+    if hasattr(args, "data") and args.data != "synthetic":  # files last: values first
+        _check_file(args.data, "--data", "'synthetic' or a Lost-in-the-Middle .jsonl(.gz) file")
+    if c in ("sweep", "train") or (c == "evaluate" and args.heads):
+        _check_file(args.heads, "--heads", "a ranking JSON from 'focuslens score' or [[layer, head], ...]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared steps
 # --------------------------------------------------------------------------------------------------
 
 
@@ -158,27 +323,42 @@ def _model(args):
     from .models import load_model
 
     torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    try:
+        return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    except (FileNotFoundError, UsageError):
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError) as e:
+        # corrupt config.json, truncated weights, a pickled .bin refused by weights_only=True, no hub, ...
+        raise UsageError(f"--model {args.model or '(default)'}: cannot load this model ({type(e).__name__}: "
+                         f"{one_line(e)}); check that it is a complete Hugging Face checkpoint (config.json, "
+                         "weights, tokenizer)") from None
 
 
-def _examples(args, n: int | None = None, offset: int | None = None):
+def _examples(args, n: int | None = None, offset: int | None = None, *, what: str = "--n"):
     n = args.n if n is None else n
     offset = args.offset if offset is None else offset
-    if n <= 0:
-        raise ValueError(f"--n must be positive, got {n}")
     if args.data == "synthetic":
         from .tasks import make_synthetic_qa
 
         return make_synthetic_qa(offset + n, n_docs=args.n_docs, seed=args.seed)[offset:]
-    path = Path(args.data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {args.data}: no such file (use 'synthetic' or a LitM .jsonl/.jsonl.gz file)")
     from .tasks import litm
 
-    ex = litm.load_litm(path)
-    if offset >= len(ex):
-        raise ValueError(f"--offset {offset} skips all {len(ex)} examples of {path}")
+    ex = litm.load_litm(args.data)
+    _need(offset < len(ex), f"{what}: skipping the first {offset} examples leaves none of the {len(ex)} in {args.data}"
+          " (lower --offset/--n)")
     return ex[offset : offset + n]
+
+
+def _check_prompts(model, examples, args, *, variant: str = "original") -> None:
+    """Every prompt plus the generation budget fits the model's context (one message naming both)."""
+    from .models import check_context
+    from .tasks import render
+
+    for i, e in enumerate(examples):
+        r = e if hasattr(e, "prompt") else render(e, model.tokenizer, variant=variant)
+        n = len(r.prompt.tokens)
+        check_context(model, n + args.max_new_tokens,
+                      what=f"example {i} ({n} prompt tokens + --max-new-tokens {args.max_new_tokens})")
 
 
 _CHECKSUMS: dict[tuple[str, int, int], str] = {}
@@ -220,36 +400,45 @@ def _out(args) -> Path:
 def _load_heads(path: str, model, k: int | None = None):
     from .scoring import load_heads
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no such ranking file (make one with 'focuslens score')")
     return load_heads(path, k=k, model=model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
 
 
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
+    from .io import output_lock
 
     kw = dict(model=args.model, seed=args.seed, threads=args.threads, objective=args.objective)
     if args.n_test:
         kw["n_test"] = args.n_test
     cfg = DemoConfig.full(**kw) if args.full else DemoConfig(**kw)
-    run_demo(cfg, args.output, figures_dir=args.figures)
+    with output_lock(args.output):
+        run_demo(cfg, args.output, figures_dir=args.figures)
     return 0
 
 
 def cmd_score(args) -> int:
+    from .io import output_lock
     from .models import model_info
     from .plotting import head_heatmap, save_figure
     from .scoring import score_dataset
     from .tasks import render
 
+    examples = _examples(args)
     model = _model(args)
+    rendered = [render(e, model.tokenizer) for e in examples]
+    _check_prompts(model, rendered, args)
     out = _out(args)
-    rendered = [render(e, model.tokenizer) for e in _examples(args)]
-    ds = score_dataset(model, rendered, response=args.response, max_new_tokens=args.max_new_tokens)
-    ds.save(out / "contextual_heads.json")
-    fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k,
-                       title=f"Contextual scores ({model_info(model).name}, n={ds.n})")
-    save_figure(fig, out / "contextual_heads")
+    with output_lock(out / "contextual_heads.json"):
+        ds = score_dataset(model, rendered, response=args.response, max_new_tokens=args.max_new_tokens)
+        ds.save(out / "contextual_heads.json")
+        fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k,
+                           title=f"Contextual scores ({model_info(model).name}, n={ds.n})")
+        save_figure(fig, out / "contextual_heads")
     print(f"scored {ds.n} examples ({ds.n_skipped} skipped); top-{args.top_k} heads:")
     for i, (l, h, v) in enumerate(ds.ranking()[: args.top_k], 1):
         print(f"  {i:>3}. L{l}H{h}  {v:.4f}")
@@ -262,16 +451,19 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
     """Evaluate ``spec`` into ``out/{name}-{content hash}.jsonl`` (resumed when it is the same run).
 
     The file name and the records' configuration both carry the content identity (spec, its source,
-    data, model argument, decoding), so two different configurations never share a file.
+    data, model argument, decoding), so two different configurations never share a file; the file is
+    written under its output lock (a second process on the same configuration is refused).
     """
     from .evaluation import evaluate
-    from .io import content_hash
+    from .io import content_hash, output_lock
 
     context = {"data": _data_identity(args), "model": _model_identity(args), "source": source}
     key = content_hash({"intervene": None if spec is None else spec.identity, **context, "variant": variant,
                         "max_new_tokens": args.max_new_tokens})
-    res = evaluate(model, examples, variant=variant, intervene=spec, output=out / f"{name}-{key[:12]}.jsonl",
-                   max_new_tokens=args.max_new_tokens, tag=context)
+    path = out / f"{name}-{key[:12]}.jsonl"
+    with output_lock(path):
+        res = evaluate(model, examples, variant=variant, intervene=spec, output=path,
+                       max_new_tokens=args.max_new_tokens, tag=context)
     s = res.summary()
     print(f"  {name:<32} n={s['n']:<4} accuracy {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}   "
           f"distractor copy {s['distractor_copy']:.3f}")
@@ -279,72 +471,76 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
 
 
 def cmd_sweep(args) -> int:
+    from .io import atomic_write_json, output_lock
     from .plotting import ablation_curve, save_figure
+    from .scoring import load_heads
     from .specs import SplitSoftmax
     from .sweeps import random_heads
     from .tasks import render
 
-    for t in args.taus:
-        if not t > 0:
-            raise ValueError(f"tau must be > 0 (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
-    if not args.ks or min(args.ks) < 1:
-        raise ValueError(f"--ks must be positive integers, got {args.ks}")
+    n_ranked = len(load_heads(args.heads))
+    _need(max(args.ks) <= n_ranked, f"--ks: k={max(args.ks)} exceeds the {n_ranked} heads in {args.heads}")
+    raw = _examples(args)
     model = _model(args)
     ranking = _load_heads(args.heads, model)
-    if max(args.ks) > len(ranking):
-        raise ValueError(f"k={max(args.ks)} exceeds the {len(ranking)} heads in {args.heads}")
+    examples = [render(e, model.tokenizer) for e in raw]
+    _check_prompts(model, examples, args)
     out = _out(args)
-    examples = [render(e, model.tokenizer) for e in _examples(args)]
     ranking_sum = _file_checksum(args.heads)
-    res = {"original": _eval(model, examples, args, out, "original")}
-    for tau in args.taus:
-        for k in args.ks:
-            res[f"top{k}_tau{tau}"] = _eval(model, examples, args, out, f"top{k}_tau{tau}",
-                                            spec=SplitSoftmax(ranking[:k], tau),
-                                            source={"ranking": ranking_sum, "k": k})
-            for s in args.random_seeds:
-                rh = random_heads(model, k, seed=s)
-                res[f"random{k}_tau{tau}_s{s}"] = _eval(model, examples, args, out, f"random{k}_tau{tau}_s{s}",
-                                                        spec=SplitSoftmax(rh, tau),
-                                                        source={"random_heads": {"k": k, "seed": s}})
-    series = {}
-    for tau in args.taus:
-        series[f"top-k, τ={tau}"] = ([res[f"top{k}_tau{tau}"]["accuracy"] for k in args.ks],
-                                     [res[f"top{k}_tau{tau}"]["accuracy_se"] for k in args.ks])
-        series[f"random k, τ={tau}"] = (
-            [sum(res[f"random{k}_tau{tau}_s{s}"]["accuracy"] for s in args.random_seeds) / len(args.random_seeds) for k in args.ks],
-            None)
-    fig = ablation_curve(args.ks, series, baselines={"original": res["original"]["accuracy"]},
-                         xaxis="k", yaxis="accuracy", title="Split softmax on the top-k contextual heads")
-    save_figure(fig, out / "split_softmax_curve")
-    from .io import atomic_write_json
-
-    atomic_write_json(out / "sweep.json", res)
+    with output_lock(out / "sweep.json"):
+        res = {"original": _eval(model, examples, args, out, "original")}
+        for tau in args.taus:
+            for k in args.ks:
+                res[f"top{k}_tau{tau}"] = _eval(model, examples, args, out, f"top{k}_tau{tau}",
+                                                spec=SplitSoftmax(ranking[:k], tau),
+                                                source={"ranking": ranking_sum, "k": k})
+                for s in args.random_seeds:
+                    rh = random_heads(model, k, seed=s)
+                    res[f"random{k}_tau{tau}_s{s}"] = _eval(model, examples, args, out, f"random{k}_tau{tau}_s{s}",
+                                                            spec=SplitSoftmax(rh, tau),
+                                                            source={"random_heads": {"k": k, "seed": s}})
+        series = {}
+        for tau in args.taus:
+            series[f"top-k, τ={tau}"] = ([res[f"top{k}_tau{tau}"]["accuracy"] for k in args.ks],
+                                         [res[f"top{k}_tau{tau}"]["accuracy_se"] for k in args.ks])
+            series[f"random k, τ={tau}"] = (
+                [sum(res[f"random{k}_tau{tau}_s{s}"]["accuracy"] for s in args.random_seeds) / len(args.random_seeds)
+                 for k in args.ks], None)
+        fig = ablation_curve(args.ks, series, baselines={"original": res["original"]["accuracy"]},
+                             xaxis="k", yaxis="accuracy", title="Split softmax on the top-k contextual heads")
+        save_figure(fig, out / "split_softmax_curve")
+        atomic_write_json(out / "sweep.json", res)
     print(f"wrote {out / 'sweep.json'} and the ablation curve")
     return 0
 
 
 def cmd_train(args) -> int:
     from . import directions as fd
+    from .io import output_lock
+    from .scoring import load_heads
 
+    load_heads(args.heads, k=args.k)  # format and k, before the model
+    train = _examples(args)
+    val = _examples(args, n=args.n_val, offset=args.offset + args.n, what="--n-val")
     model = _model(args)
     heads = _load_heads(args.heads, model, k=args.k)
-    train = _examples(args)
-    val = _examples(args, n=args.n_val, offset=args.offset + args.n)
-    train_d = fd.make_direction_examples(model, train, max_new_tokens=args.max_new_tokens)
-    val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens)
-    d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
-                                  seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
-    if args.select_alphas:
-        sel = fd.select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
-                              targets=args.select_targets, max_new_tokens=args.max_new_tokens,
-                              output_dir=Path(args.output + ".select"))
-        print(sel.table())
-        fixed = sel.best_fixed
-        d = d.top(sel.k)._replace(alpha=float(fixed["alpha"]), training={**d.training, "alpha_selection": sel.to_dict()})
-        print(f"chosen on {len(val)} validation examples: k={sel.k}, alpha={sel.alpha}"
-              + (f" (magnitude-control target {sel.target:g})" if sel.target is not None else ""))
-    d.save(args.output)
+    _check_prompts(model, train + val, args)
+    with output_lock(args.output):
+        train_d = fd.make_direction_examples(model, train, max_new_tokens=args.max_new_tokens)
+        val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens)
+        d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
+                                      seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
+        if args.select_alphas:
+            sel = fd.select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
+                                  targets=args.select_targets, max_new_tokens=args.max_new_tokens,
+                                  output_dir=Path(args.output + ".select"))
+            print(sel.table())
+            fixed = sel.best_fixed
+            d = d.top(sel.k)._replace(alpha=float(fixed["alpha"]),
+                                      training={**d.training, "alpha_selection": sel.to_dict()})
+            print(f"chosen on {len(val)} validation examples: k={sel.k}, alpha={sel.alpha}"
+                  + (f" (magnitude-control target {sel.target:g})" if sel.target is not None else ""))
+        d.save(args.output)
     print(f"saved {len(d)} focus directions ({args.objective}) to {args.output}")
     if d.training:
         print(json.dumps({k: v for k, v in d.training.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
@@ -354,38 +550,36 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .tasks import render
 
-    if args.directions and args.heads:
-        raise ValueError("give either --directions or --heads/--tau, not both")
-    if args.heads and (args.tau is None or not args.tau > 0):
-        raise ValueError(f"--tau must be given and > 0 with --heads (got {args.tau})")
-    if args.n <= 0:
-        raise ValueError(f"--n must be positive, got {args.n}")
-    model = _model(args)
-    out = _out(args)
     examples = _examples(args)
-    if args.variant == "original":
-        examples = [render(e, model.tokenizer) for e in examples]
+    d = heads = None
     if args.directions:
         from .directions import FocusDirections
+
+        d = FocusDirections.load(args.directions)
+    elif args.heads:
+        from .scoring import load_heads
+
+        load_heads(args.heads, k=args.k)  # format and k, before the model
+    model = _model(args)
+    if d is not None:
+        d.check_model(model)
+    elif args.heads:
+        heads = _load_heads(args.heads, model, k=args.k)
+    _check_prompts(model, examples, args, variant=args.variant)
+    if args.variant == "original":
+        examples = [render(e, model.tokenizer) for e in examples]
+    out = _out(args)
+    if d is not None:
         from .io import tensor_checksum
         from .specs import Steer
 
-        if not Path(args.directions).exists():
-            raise FileNotFoundError(f"--directions {args.directions}: no such folder")
-        d = FocusDirections.load(args.directions)
         alpha = args.alpha if args.alpha is not None else d.alpha
-        if alpha != "auto":
-            try:
-                alpha = float(alpha)
-            except ValueError:
-                raise ValueError(f"--alpha must be a number or 'auto', got {alpha!r}") from None
-        spec = Steer(d, alpha=alpha)
+        alpha = alpha if alpha == "auto" else float(alpha)
         _eval(model, examples, args, out, f"directions_alpha{alpha if alpha == 'auto' else format(alpha, 'g')}",
-              spec=spec, variant=args.variant, source={"directions": tensor_checksum(d.vectors)})
-    elif args.heads:
+              spec=Steer(d, alpha=alpha), variant=args.variant, source={"directions": tensor_checksum(d.vectors)})
+    elif heads is not None:
         from .specs import SplitSoftmax
 
-        heads = _load_heads(args.heads, model, k=args.k)
         _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau:g}",
               spec=SplitSoftmax(heads, args.tau), variant=args.variant,
               source={"ranking": _file_checksum(args.heads), "k": args.k})
@@ -398,10 +592,7 @@ def cmd_plot(args) -> int:
     from .plotting import head_heatmap, save_figure
     from .scoring import DatasetScores
 
-    p = Path(args.ranking)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such ranking file")
-    ds = DatasetScores.load(p)
+    ds = DatasetScores.load(args.ranking)
     fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k, title=f"Contextual scores ({ds.model}, n={ds.n})")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     for f in save_figure(fig, args.output):
@@ -420,31 +611,69 @@ def cmd_info(args) -> int:
 COMMANDS = {"demo": cmd_demo, "score": cmd_score, "sweep": cmd_sweep, "train": cmd_train,
             "evaluate": cmd_evaluate, "plot": cmd_plot, "info": cmd_info}
 
+# What a rerun after Ctrl-C does: these keep finished work (JSONL records, training checkpoints).
+RESUMES = {"demo": "rerun the same command to resume (finished steps are kept)",
+           "sweep": "rerun the same command to resume (finished records are kept)",
+           "evaluate": "rerun the same command to resume (finished records are kept)",
+           "train": "rerun the same command to resume from the last training checkpoint",
+           "score": "score does not resume: a rerun starts over",
+           "plot": "nothing was written", "info": "nothing was written"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The error boundary
+# --------------------------------------------------------------------------------------------------
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"focuslens: warning: {' '.join(str(message).split())}\n"
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 a problem with the input (one line on stderr saying what
+    and how to fix it), 1 an internal error (one line naming the file with the traceback), 130 Ctrl-C.
+    ``--debug`` (or ``FOCUSLENS_DEBUG=1``) also prints the full traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except _ArgError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     if not args.command:
         ap.print_help()
         return 2
+    debug = bool(getattr(args, "debug", False) or os.environ.get("FOCUSLENS_DEBUG"))
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # keep the CLI's own output readable
     except Exception:  # pragma: no cover - transformers is a hard dependency
         pass
+    import warnings
+
+    fmt, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
+        _validate(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("focuslens: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"focuslens {args.command}: interrupted; {RESUMES[args.command]}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, TypeError) as e:
-        if os.environ.get("FOCUSLENS_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"focuslens {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        if is_expected(e):
+            print(f"focuslens {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        where = write_traceback(args.command)
+        print(f"focuslens {args.command}: internal error ({type(e).__name__}: {one_line(e)}); this is a bug: "
+              f"please report it with the traceback written to {where}"
+              + ("" if debug else " (or rerun with --debug to print it)"), file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = fmt
 
 
 if __name__ == "__main__":

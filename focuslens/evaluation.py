@@ -12,8 +12,9 @@ Three things make that practical and honest:
 * **interventions as specs**: ``intervene`` is a spec of :mod:`focuslens.specs`
   (``SplitSoftmax(heads, tau)``, ``Steer(directions, alpha=0.5)``...). A spec that needs the example
   (split softmax takes each example's own gold span, ``alpha="auto"`` its tokens) is attached around
-  each example's generation; one that does not is attached once around the whole run (and batches).
-  Either way the hooks are removed in a ``finally``, also after an exception;
+  each batch's generation with ``attach_batch`` (each row its own span / α under left padding); one
+  that does not is attached once around the whole run. Either way the batches are decoded together
+  and the hooks are removed in a ``finally``, also after an exception;
 * **records keyed by content**: each example's result is appended to a JSONL file and flushed at
   once; the file's header holds the configuration, which includes the spec's ``identity`` (heads,
   τ/α, a checksum of the vectors...). A rerun with the same configuration skips the finished
@@ -52,10 +53,11 @@ from .generation import (
     DEFAULT_MAX_NEW_TOKENS,
     greedy_generate,
     greedy_generate_batch,
+    left_pad_offsets,
     stop_ids as _stop_ids,
 )
-from .io import content_hash, tensor_checksum
-from .models import HookedModel, model_info, weights_digest
+from .io import content_hash, output_lock, tensor_checksum
+from .models import HookedModel, check_context, model_info, weights_digest
 from .specs import InterventionSpec, NoIntervention
 from .tasks.metrics import (
     accuracy_by_position,
@@ -343,10 +345,12 @@ def evaluate(
         model: a hooked model (``fl.load_model()``).
         examples: :class:`TaskExample` records (rendered here with the decoding settings) or already
             :class:`RenderedExample` objects (used as given; they must match ``variant``/``chat``).
-        intervene: ``None``; an intervention spec (:mod:`focuslens.specs`): attached with
-            ``spec.attach(model, example)`` around each example's generation when it needs the
-            example (``spec.per_example``: split softmax, ``alpha="auto"``), else once around the
-            whole run; its ``identity`` enters the records' configuration. Also accepted, without a
+        intervene: ``None``; an intervention spec (:mod:`focuslens.specs`): when it needs the
+            example (``spec.per_example``: split softmax, PASTA, ``alpha="auto"``) attached around
+            each batch's generation with ``spec.attach_batch(model, batch, offsets=...)`` (each row
+            its own span / α, shifted by its left padding; a batch of one uses ``spec.attach``),
+            else once around the whole run; its ``identity`` enters the records' configuration. A
+            spec with ``batchable == False`` runs one example at a time. Also accepted, without a
             content identity: a callable ``RenderedExample -> context manager`` (entered per example)
             or a context manager object (entered once) — with ``output`` these need ``id``. An
             exception inside an intervention stops the run; finished records are kept and the hooks
@@ -361,10 +365,13 @@ def evaluate(
             stop_at_newline); each of those may also be given as a keyword here, overriding it.
         tag: a free label (string or JSON-able dict, e.g. the data's identity) that enters the
             configuration hash.
-        batch_size: examples decoded together (left-padded, :func:`greedy_generate_batch`) when
-            nothing is attached per example (per-example interventions always run one by one). A
-            CPU decodes 8 prompts per step for about the cost of one. Not part of the configuration
-            hash: batched and one-by-one answers agree (up to float rounding of near ties).
+        batch_size: examples decoded together (left-padded, :func:`greedy_generate_batch`), with
+            any spec (only a bare per-example callable runs one by one). A CPU decodes 8 prompts
+            per step for about the cost of one. Each record's ``batch_size`` says how many were
+            decoded with it. Not part of the configuration hash: batched and one-by-one answers
+            agree up to float rounding, which can flip an argmax between two near-tied tokens (the
+            near-tie rule of :func:`greedy_generate_batch`; the tests find identical answers on tiny
+            models, ``benchmarks/bench_batched_eval.py`` counts mismatches on SmolLM2).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -405,117 +412,129 @@ def evaluate(
     }
     h = config_hash(cfg)
     path = Path(output) if output is not None else None
-    done: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and path.exists() and path.stat().st_size > 0:
-            done = _read_records(path, cfg, h)
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"focuslens_eval": RECORD_FORMAT_VERSION, "config_hash": h, "config": cfg}) + "\n")
+    # One writer per output file: a second process is refused (io.output_lock), never interleaved.
+    with output_lock(path) if path is not None else contextlib.nullcontext():
+        done: dict[str, dict[str, Any]] = {}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and path.exists() and path.stat().st_size > 0:
+                done = _read_records(path, cfg, h)
+            else:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"focuslens_eval": RECORD_FORMAT_VERSION, "config_hash": h, "config": cfg}) + "\n")
 
-    stops = _stop_ids(model)
-    t_start = time.perf_counter()
-    per_example, outer = _split_intervene(model, intervene)
-    # Per-example interventions need each example alone in the forward pass.
-    batch = 1 if per_example is not None else batch_size
-    slots: list[dict[str, Any] | None] = [None] * len(examples)
-    n_resumed = 0
+        stops = _stop_ids(model)
+        t_start = time.perf_counter()
+        per_example, outer = _split_intervene(model, intervene)
+        # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
+        # a bare per-example callable, or a spec without a batched attach, needs each example alone.
+        per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
+        batch = 1 if per_example is not None and not per_batch else batch_size
+        slots: list[dict[str, Any] | None] = [None] * len(examples)
+        n_resumed = 0
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(examples), disable=not progress, desc=f"evaluate ({variant})", leave=False)
-    fh = open(path, "a", encoding="utf-8") if path is not None else None
+        bar = tqdm(total=len(examples), disable=not progress, desc=f"evaluate ({variant})", leave=False)
+        fh = open(path, "a", encoding="utf-8") if path is not None else None
 
-    def run(pending: list[tuple[int, RenderedExample, str]]) -> None:
-        t0, c0 = time.perf_counter(), time.process_time()
-        if per_example is not None:
-            (_, r, _), = pending
-            with per_example(r):
-                outs = [greedy_generate(model, r.tokens, max_new_tokens=max_new_tokens,
-                                        stop_at_newline=stop_at_newline, stop_ids=stops)]
-        else:
-            outs = greedy_generate_batch(model, [r.tokens for _, r, _ in pending],
-                                         max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
-                                         stop_ids=stops)
-        # Time is shared equally by the examples of a batch.
-        secs = (time.perf_counter() - t0) / len(pending)
-        cpu = (time.process_time() - c0) / len(pending)
-        for (i, r, ph), (ids, text) in zip(pending, outs):
-            answers = list(r.answers)
-            dist = clean_distractor_answers(r.distractor_answers, answers)
-            rec = {
-                "key": f"{i}:{r.id}",
-                "config_hash": h,
-                "index": i,
-                "id": r.id,
-                "task": r.example.task,
-                "variant": r.variant,
-                "n_docs": r.n_docs,
-                "gold_position": r.gold_position,
-                "prediction": text,
-                "answers": answers,
-                "em": best_subspan_em(text, answers),
-                "substring": substring_match(text, answers),
-                "distractor_copy": distractor_copy(text, dist, answers),
-                "n_prompt_tokens": len(r),
-                "n_new_tokens": len(ids),
-                "seconds": round(secs, 4),
-                "cpu_seconds": round(cpu, 4),
-                "batch_size": len(pending),
-                "prompt_hash": ph,
-            }
-            if fh is not None:
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-            slots[i] = rec
-            bar.update(1)
+        def run(pending: list[tuple[int, RenderedExample, str]]) -> None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if per_example is not None and len(pending) == 1:
+                (_, r, _), = pending
+                with per_example(r):
+                    outs = [greedy_generate(model, r.tokens, max_new_tokens=max_new_tokens,
+                                            stop_at_newline=stop_at_newline, stop_ids=stops)]
+            elif per_example is not None:
+                prompts = [r.tokens for _, r, _ in pending]
+                with _attached_batch(model, intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
+                    outs = greedy_generate_batch(model, prompts, max_new_tokens=max_new_tokens,
+                                                 stop_at_newline=stop_at_newline, stop_ids=stops)
+            else:
+                outs = greedy_generate_batch(model, [r.tokens for _, r, _ in pending],
+                                             max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
+                                             stop_ids=stops)
+            # Time is shared equally by the examples of a batch.
+            secs = (time.perf_counter() - t0) / len(pending)
+            cpu = (time.process_time() - c0) / len(pending)
+            for (i, r, ph), (ids, text) in zip(pending, outs):
+                answers = list(r.answers)
+                dist = clean_distractor_answers(r.distractor_answers, answers)
+                rec = {
+                    "key": f"{i}:{r.id}",
+                    "config_hash": h,
+                    "index": i,
+                    "id": r.id,
+                    "task": r.example.task,
+                    "variant": r.variant,
+                    "n_docs": r.n_docs,
+                    "gold_position": r.gold_position,
+                    "prediction": text,
+                    "answers": answers,
+                    "em": best_subspan_em(text, answers),
+                    "substring": substring_match(text, answers),
+                    "distractor_copy": distractor_copy(text, dist, answers),
+                    "n_prompt_tokens": len(r),
+                    "n_new_tokens": len(ids),
+                    "seconds": round(secs, 4),
+                    "cpu_seconds": round(cpu, 4),
+                    "batch_size": len(pending),
+                    "prompt_hash": ph,
+                }
+                if fh is not None:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                slots[i] = rec
+                bar.update(1)
 
-    try:
-        with outer():
-            pending: list[tuple[int, RenderedExample, str]] = []
-            for i, ex in enumerate(examples):
-                if isinstance(ex, RenderedExample):
-                    r = ex
-                    if r.variant != variant or r.prompt.chat != chat:
-                        raise ValueError(
-                            f"examples[{i}] was rendered with variant={r.variant!r}, chat={r.prompt.chat}, "
-                            f"but evaluate was called with variant={variant!r}, chat={chat}: pass the "
-                            "same settings (they are part of the records' configuration)."
-                        )
-                elif isinstance(ex, TaskExample):
-                    r = render(ex, model, variant=variant, chat=chat, gold_position=gold_position,
-                               system=system, index=i)
-                else:
-                    raise TypeError(f"examples[{i}] is a {type(ex).__name__}, not a TaskExample or RenderedExample.")
-                key = f"{i}:{r.id}"
-                ph = _prompt_hash(r)
-                if key in done:
-                    rec = done[key]
-                    if rec.get("prompt_hash") != ph:
-                        raise ValueError(
-                            f"{path}: the record for example {key} was made from a different prompt "
-                            "(the examples changed). Use another output file, or resume=False."
-                        )
-                    slots[i] = rec
-                    n_resumed += 1
-                    bar.update(1)
-                    continue
-                pending.append((i, r, ph))
-                if len(pending) >= batch:
+        try:
+            with outer():
+                pending: list[tuple[int, RenderedExample, str]] = []
+                for i, ex in enumerate(examples):
+                    if isinstance(ex, RenderedExample):
+                        r = ex
+                        if r.variant != variant or r.prompt.chat != chat:
+                            raise ValueError(
+                                f"examples[{i}] was rendered with variant={r.variant!r}, chat={r.prompt.chat}, "
+                                f"but evaluate was called with variant={variant!r}, chat={chat}: pass the "
+                                "same settings (they are part of the records' configuration)."
+                            )
+                    elif isinstance(ex, TaskExample):
+                        r = render(ex, model, variant=variant, chat=chat, gold_position=gold_position,
+                                   system=system, index=i)
+                    else:
+                        raise TypeError(f"examples[{i}] is a {type(ex).__name__}, not a TaskExample or RenderedExample.")
+                    key = f"{i}:{r.id}"
+                    ph = _prompt_hash(r)
+                    if key in done:
+                        rec = done[key]
+                        if rec.get("prompt_hash") != ph:
+                            raise ValueError(
+                                f"{path}: the record for example {key} was made from a different prompt "
+                                "(the examples changed). Use another output file, or resume=False."
+                            )
+                        slots[i] = rec
+                        n_resumed += 1
+                        bar.update(1)
+                        continue
+                    n_prompt = len(r.prompt.tokens)
+                    check_context(model, n_prompt + max_new_tokens,
+                                  what=f"example {i} ({n_prompt} prompt tokens + max_new_tokens {max_new_tokens})")
+                    pending.append((i, r, ph))
+                    if len(pending) >= batch:
+                        run(pending)
+                        pending = []
+                if pending:
                     run(pending)
-                    pending = []
-            if pending:
-                run(pending)
-    finally:
-        bar.close()
-        if fh is not None:
-            fh.close()
-    records = [rec for rec in slots if rec is not None]
-    return EvalResult(
-        records=records, config=cfg, config_hash=h, path=path, n_resumed=n_resumed,
-        wall_seconds=time.perf_counter() - t_start,
-    )
+        finally:
+            bar.close()
+            if fh is not None:
+                fh.close()
+        records = [rec for rec in slots if rec is not None]
+        return EvalResult(
+            records=records, config=cfg, config_hash=h, path=path, n_resumed=n_resumed,
+            wall_seconds=time.perf_counter() - t_start,
+        )
 
 
 def _split_intervene(model: HookedModel, intervene: Any) -> tuple[Callable[[Any], ContextManager[Any]] | None,
@@ -539,6 +558,15 @@ def _split_intervene(model: HookedModel, intervene: Any) -> tuple[Callable[[Any]
 @contextlib.contextmanager
 def _attached(model: HookedModel, spec: InterventionSpec, example: Any):
     handle = spec.attach(model, example)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _attached_batch(model: HookedModel, spec: InterventionSpec, examples: Sequence[Any], offsets: list[int]):
+    handle = spec.attach_batch(model, examples, offsets=offsets)
     try:
         yield handle
     finally:

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .models import HookedModel, forward_with_cache
+from .models import HookedModel, check_context, forward_with_cache
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -30,6 +30,7 @@ __all__ = [
     "stop_ids",
     "greedy_generate",
     "greedy_generate_batch",
+    "left_pad_offsets",
     "generate_response",
     "model_device",
 ]
@@ -88,6 +89,9 @@ def greedy_generate(
         raise ValueError(f"greedy_generate takes one prompt ([pos] or [1, pos]), got {tuple(tokens.shape)}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_context(model, tokens, what="the prompt")
+    check_context(model, tokens.shape[1] + max_new_tokens,
+                  what=f"the prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens})")
     tok = model.tokenizer
     stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
     tokens = tokens.to(model_device(model))
@@ -109,6 +113,17 @@ def greedy_generate(
     return out, tok.decode(out, skip_special_tokens=True)
 
 
+def left_pad_offsets(prompts: Sequence[Tensor]) -> list[int]:
+    """Pad tokens before each prompt in :func:`greedy_generate_batch`'s left-padded batch.
+
+    Row i holds ``prompts[i]`` at padded positions ``offsets[i] .. width-1`` (``width`` = the longest
+    prompt), so a span ``[s, e)`` of prompt i sits at ``[s + offsets[i], e + offsets[i])`` in the
+    batch: what :meth:`InterventionSpec.attach_batch <focuslens.specs.InterventionSpec.attach_batch>` takes.
+    """
+    width = max(int(p.numel()) for p in prompts) if len(prompts) else 0
+    return [width - int(p.numel()) for p in prompts]
+
+
 @torch.no_grad()
 def greedy_generate_batch(
     model: HookedModel,
@@ -124,8 +139,11 @@ def greedy_generate_batch(
     prompt: this is where batching saves time. Prompts are left-padded with an attention mask; the
     bridge derives each row's position ids from the mask, so every row sees the positions it would
     see alone (RoPE and learned positions). Results equal the one-by-one ones up to float rounding
-    (which can flip an argmax between two near-tied tokens). Hooks see ``[batch, ...]`` tensors
-    with padding columns: use batches only without per-example interventions.
+    (which can flip an argmax between two near-tied tokens: the *near-tie rule*; the tests on tiny
+    models and the benchmarks find identical tokens, and ``benchmarks/bench_batched_eval.py`` counts
+    and shows any mismatch). Hooks see ``[batch, ...]`` tensors with padding columns (pad key columns
+    are masked, pattern exactly 0); an intervention that depends on the example must be attached for
+    the whole batch with ``spec.attach_batch(model, examples, offsets=left_pad_offsets(prompts))``.
 
     Args:
         prompts: ``[pos]`` token ids, one per prompt (lengths may differ).
@@ -137,18 +155,22 @@ def greedy_generate_batch(
                                 stop_at_newline=stop_at_newline, stop_ids=stop_ids)]
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    for i, p in enumerate(prompts):
+        check_context(model, p, what=f"prompt {i}")
+    check_context(model, max(int(p.numel()) for p in prompts) + max_new_tokens,
+                  what=f"the longest prompt + max_new_tokens ({max_new_tokens})")
     tok = model.tokenizer
     stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
     dev = model_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
     n = len(prompts)
+    offsets = left_pad_offsets(prompts)
     width = max(int(p.numel()) for p in prompts)
     ids = torch.full((n, width), int(pad), dtype=torch.long, device=dev)
     mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        p = p.flatten().to(dev)
-        ids[b, width - p.numel():] = p
-        mask[b, width - p.numel():] = 1
+    for b, (p, off) in enumerate(zip(prompts, offsets)):
+        ids[b, off:] = p.flatten().to(dev)
+        mask[b, off:] = 1
     logits, cache = forward_with_cache(model, ids, attention_mask=mask, logits_to_keep=1)
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n

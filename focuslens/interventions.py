@@ -21,6 +21,9 @@ Which one should you use?
 * :func:`split_softmax`: the *oracle* test. It needs the relevant span and rewrites the attention
   pattern directly: the mass on the span goes from π to π^τ. Use it to prove that more attention on
   the gold document helps, and to rank how much each set of heads can help.
+* :func:`pasta`: PASTA (Zhang et al. 2024), the published span-steering baseline: attention outside
+  the span is multiplied by a coefficient (0.01) and each row renormalised. Same span machinery as
+  split softmax (:mod:`focuslens.pattern_edits`), a different map of π (odds × 1/coefficient).
 * :func:`inject_vectors`: the *deployable* intervention. It needs no span at inference time: it adds
   ``alpha * u`` to the post-RoPE query of chosen heads, which acts as a key-dependent logit bias
   ``alpha * u·k_j / sqrt(d)``. This is what :class:`focuslens.directions.FocusDirections` applies.
@@ -43,12 +46,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .hooks import HookHandle, attach_hooks
-from .models import HookedModel, check_heads, hook_name, model_info
-from .prompts import SpanLike, normalise_spans
+from .models import HookedModel, _is_index, check_heads, hook_name, model_info
+from .pattern_edits import _check_strength, _span_edit_hooks, pasta_pattern, split_softmax_pattern
+from .prompts import SpanLike
 
 __all__ = [
     "split_softmax",
     "split_softmax_pattern",
+    "pasta",
+    "pasta_pattern",
     "inject_vectors",
     "compose",
     "ComposedHandle",
@@ -142,13 +148,6 @@ def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
     return ComposedHandle(handles, label=label)
 
 
-def _group_by_layer(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
-    by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, head in heads:
-        by_layer[layer].append(head)
-    return {l: sorted(hs) for l, hs in sorted(by_layer.items())}
-
-
 # --------------------------------------------------------------------------------------------------
 # Query / key vector injection
 # --------------------------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ def _inject_site(model: HookedModel, site: InjectSite, pre_rope: bool) -> str:
 
 def inject_vectors(
     model: HookedModel,
-    vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"]],
+    vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"] | Float[Tensor, "batch d_head"]],
     *,
     alpha: float = 1.0,
     site: InjectSite = "query",
@@ -184,7 +183,11 @@ def inject_vectors(
 
     Args:
         model: a hooked model (TransformerBridge).
-        vectors: ``(layer, head) -> Tensor[d_head]``. For ``site="query"`` ``head`` is a query head;
+        vectors: ``(layer, head) -> Tensor[d_head]``; or, for a batch whose rows need different
+            vectors (``alpha="auto"`` picks each prompt's own magnitude), ``Tensor[batch, d_head]``
+            for every head (row i of the forward pass gets row i; a batch of another size raises).
+            Left padding needs nothing more: a pad position's query or key only changes pad
+            positions, whose keys every real row masks. For ``site="query"`` ``head`` is a query head;
             for ``site="key"`` it is a **KV head** (``0..n_kv_heads-1``): under grouped-query
             attention a key vector therefore changes the keys seen by *every query head of that
             group* (``group_size`` heads). A key vector alone has (up to rounding) **no effect on
@@ -228,11 +231,13 @@ def inject_vectors(
     n_slots = info.n_heads if site == "query" else info.n_kv_heads
     what = "query head" if site == "query" else "KV head"
     by_layer: dict[int, dict[int, Tensor]] = defaultdict(dict)
+    rows: tuple[int, ...] | None = None
     for key, u in vectors.items():
-        try:
-            layer, head = (int(x) for x in key)
-        except (TypeError, ValueError):
-            raise ValueError(f"vectors keys must be (layer, head) pairs of ints, got {key!r}.") from None
+        if not (isinstance(key, tuple) and len(key) == 2 and all(_is_index(x) for x in key)):
+            raise ValueError(
+                f"vectors keys must be (layer, head) pairs of ints, got {key!r} (floats are not truncated)."
+            )
+        layer, head = int(key[0]), int(key[1])
         if not (0 <= layer < info.n_layers and 0 <= head < n_slots):
             extra = (
                 f" (site='key' vectors are keyed by KV head; this model has {info.n_kv_heads} KV "
@@ -243,10 +248,17 @@ def inject_vectors(
                 f"0..{info.n_layers - 1} and {what}s 0..{n_slots - 1}{extra}."
             )
         u = torch.as_tensor(u).detach()
-        if u.shape != (info.d_head,):
+        if u.shape != (info.d_head,) and not (u.dim() == 2 and u.shape[1] == info.d_head and u.shape[0] >= 1):
             raise ValueError(
                 f"Vector for ({layer}, {head}) has shape {tuple(u.shape)}; expected ({info.d_head},) "
-                "= [d_head]."
+                f"= [d_head] (or [batch, {info.d_head}], one per batch row)."
+            )
+        if rows is None:
+            rows = tuple(u.shape[:-1])
+        elif tuple(u.shape[:-1]) != rows:
+            raise ValueError(
+                f"Vector for ({layer}, {head}) has shape {tuple(u.shape)}, other vectors have "
+                f"{rows + (info.d_head,)}: give every head [d_head], or every head [batch, d_head]."
             )
         if not torch.isfinite(u).all():
             raise ValueError(f"Vector for ({layer}, {head}) contains NaN or inf.")
@@ -256,9 +268,10 @@ def inject_vectors(
     for layer in sorted(by_layer):
         heads = sorted(by_layer[layer])
         idx = torch.tensor(heads, dtype=torch.long)
-        stack = torch.stack([by_layer[layer][h] for h in heads])  # [n_sel, d_head]
+        stack = torch.stack([by_layer[layer][h] for h in heads], dim=-2)  # [n_sel, d] or [batch, n_sel, d]
         hooks.append((hook_name(layer, hook_site), _make_add_hook(idx, stack, alpha_f)))
-    label = f"inject_vectors({site}, alpha={alpha_f:g}, {len(vectors)} heads, {hook_site})"
+    per_row = f", batch of {rows[0]}" if rows else ""
+    label = f"inject_vectors({site}, alpha={alpha_f:g}, {len(vectors)} heads, {hook_site}{per_row})"
     handle = attach_hooks(model, hooks, label=label)
     handle.hook_names = [n for n, _ in hooks]
     return handle
@@ -274,6 +287,13 @@ def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
         if key not in cache:
             cache[key] = (idx.to(x.device), (alpha * stack.to(torch.float64)).to(x.device, x.dtype))
         i, add = cache[key]
+        if add.dim() == 3:  # one vector per batch row: [batch, n_sel, d] -> [batch, 1, n_sel, d]
+            if x.shape[0] != add.shape[0]:
+                raise ValueError(
+                    f"inject_vectors was given vectors for a batch of {add.shape[0]} rows but the forward "
+                    f"pass has {x.shape[0]}: attach it with the prompts of this batch."
+                )
+            add = add[:, None]
         out = x.clone()
         out[:, :, i, :] = x[:, :, i, :] + add  # broadcast over batch and positions
         return out
@@ -286,55 +306,6 @@ def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
 # --------------------------------------------------------------------------------------------------
 
 
-def split_softmax_pattern(
-    pattern: Float[Tensor, "... q k"],
-    key_mask: torch.Tensor,
-    tau: float,
-    *,
-    query_positions: torch.Tensor | None = None,
-    min_query: int = 0,
-) -> Float[Tensor, "... q k"]:
-    """Apply METHOD.md §3 to attention rows: move the mass on ``key_mask`` from π to π^τ.
-
-    For each row with π = Σ_{j∈C} A_j and ρ = Σ_{j∉C} A_j (ρ = 1 − π up to rounding), s = π + ρ:
-
-        A'_j = A_j · p^τ / p            for j ∈ C,     p = π / s
-        A'_j = A_j · (1 − p^τ) / (1 − p)  for j ∉ C,     1 − p = ρ / s
-
-    which keeps the row sum and the proportions inside C and inside not-C. ρ is summed directly (not
-    taken as ``1 − π``, which loses all precision when π is close to 1), and the per-row factors are
-    computed in float64 with ``1 − p^τ = −expm1(τ·log p)``. Guards: rows with π = 0 (the query cannot
-    see the span, e.g. t < span start under the causal mask) or ρ = 0 (nothing outside C) are returned
-    unchanged, as are rows whose absolute ``query_positions`` are ``< min_query``.
-
-    Args:
-        pattern: ``[..., q, k]`` post-softmax attention rows.
-        key_mask: ``[k]`` bool, True on the relevant key positions C.
-        tau: exponent > 0; 1 is the identity, < 1 raises the mass on C.
-        query_positions: ``[q]`` absolute position of each row (for the ``min_query`` guard).
-        min_query: rows at absolute positions below this are untouched.
-
-    Returns:
-        The edited pattern (a new tensor, same dtype as ``pattern``).
-    """
-    m = key_mask.to(device=pattern.device, dtype=torch.bool)
-    mf = m.to(pattern.dtype)
-    pi = (pattern @ mf).double()  # [..., q]
-    rho = (pattern @ (1 - mf)).double()
-    total = pi + rho
-    ok = (pi > 0) & (rho > 0)
-    if query_positions is not None:
-        ok = ok & (query_positions.to(pattern.device) >= min_query)
-    safe_total = torch.where(ok, total, torch.ones_like(total))
-    logp = torch.log(torch.where(ok, pi, 0.5 * safe_total) / safe_total)
-    scale_c = torch.exp((tau - 1.0) * logp)  # p^τ / p
-    scale_r = -torch.expm1(tau * logp) * safe_total / torch.where(ok, rho, safe_total)  # (1 − p^τ)/(1 − p)
-    one = torch.ones_like(scale_c)
-    scale_c = torch.where(ok, scale_c, one).to(pattern.dtype).unsqueeze(-1)
-    scale_r = torch.where(ok, scale_r, one).to(pattern.dtype).unsqueeze(-1)
-    return pattern * torch.where(m, scale_c, scale_r)
-
-
 def split_softmax(
     model: HookedModel,
     heads: Iterable[Sequence[int]],
@@ -342,6 +313,7 @@ def split_softmax(
     tau: float,
     *,
     seq_len: int | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> HookHandle:
     """Reweight the attention of chosen heads so that their mass on ``span`` becomes π^τ.
 
@@ -357,25 +329,36 @@ def split_softmax(
     every other head's pattern is passed through bit-for-bit.
 
     It acts in a plain forward pass, at the prefill of ``model.generate`` (pattern ``[b, H, P, P]``)
-    and at every decoding step with the KV cache (``[b, H, 1, P+i]``): ``span`` is in **absolute key
-    positions**, and the absolute position of a query row is ``k_len − q_len + row``. It assumes
-    unpadded sequences (no left padding); the same span is used for every batch element.
+    and at every decoding step with the KV cache (``[b, H, 1, P+i]``; on a sliding-window layer the
+    cache holds only the last keys, and the hook reads the sequence length from the call): ``span``
+    is in **absolute key positions**, and the absolute position of a query row is ``total − q_len + row``.
+
+    Two modes:
+
+    * ``offsets=None`` (default): unpadded sequences; the same span for every batch element.
+    * ``offsets=[o_0, ..., o_{b-1}]``: a **left-padded batch** (:func:`focuslens.generation.greedy_generate_batch`),
+      ``o_i`` pad tokens before row i's prompt. ``span`` is then one span (or list of spans) per row,
+      in that row's *unpadded* positions; each is shifted by its row's offset. Pad key columns are
+      already masked (zero attention), so they count neither in π nor in ρ; pad query rows are never
+      edited. Each row gets what it would get alone, up to float rounding.
 
     Args:
         model: a hooked model.
         heads: ``(layer, head)`` query heads. Under grouped-query attention each query head is
             edited on its own (its pattern is its own even though it shares keys).
         span: the relevant context C: a :class:`Span`, a ``slice``, a ``(start, end)`` pair, or a
-            list of them (their union), half-open token ranges.
+            list of them (their union), half-open token ranges; with ``offsets`` a list of those, one per row.
         tau: exponent, must be > 0.
-        seq_len: optional prompt length, to check the spans now instead of at the first forward.
+        seq_len: optional (padded) prompt length, to check the spans now instead of at the first forward.
+        offsets: left-pad tokens of each batch row (see above).
 
     Returns:
         A :class:`HookHandle` (``.remove()``; context manager).
 
     Raises:
         ValueError: ``tau <= 0`` or not finite, unknown or duplicate heads, an empty head list, an
-            empty span, or (at the first forward pass) a span that reaches past the sequence.
+            empty span, a span list that does not match ``offsets``, (at the first forward pass) a
+            span that reaches past the sequence, or a batch of another size than ``offsets``.
 
     Example:
         >>> r = render(example, model.tokenizer)
@@ -383,60 +366,55 @@ def split_softmax(
         ...     out = model.generate(r.prompt.tokens[None], max_new_tokens=20, do_sample=False,
         ...                          verbose=False)
     """
-    try:
-        tau_f = float(tau)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau must be a positive number, got {tau!r}.") from None
-    if not (math.isfinite(tau_f) and tau_f > 0):
-        raise ValueError(
-            f"tau must be > 0 and finite, got {tau!r}: the mass on the span becomes π^τ, so τ = 1 is "
-            "the identity, 0 < τ < 1 raises attention on the span and τ > 1 lowers it."
-        )
-    head_list = check_heads(model, heads)
-    if not head_list:
-        raise ValueError("split_softmax needs at least one (layer, head); got an empty list.")
-    spans = normalise_spans(span, seq_len=seq_len, name="split_softmax span")
-    min_start = min(s.start for s in spans)
-    max_end = max(s.end for s in spans)
-    by_layer = _group_by_layer(head_list)
+    tau_f = _check_strength(tau, name="tau", what="split_softmax")
 
-    def make_hook(layer: int, heads_here: list[int]):
-        idx_cpu = torch.tensor(heads_here, dtype=torch.long)
-        state: dict[str, Tensor] = {}
+    def edit(p, mask, *, query_positions, min_query):
+        return split_softmax_pattern(p, mask, tau_f, query_positions=query_positions, min_query=min_query)
 
-        def mask_for(k_len: int, device) -> Tensor:
-            buf = state.get("mask")
-            if buf is None or buf.shape[0] < k_len or buf.device != torch.device(device):
-                buf = torch.zeros(max(2 * k_len, max_end), dtype=torch.bool, device=device)
-                for s in spans:
-                    buf[s.start:s.end] = True
-                state["mask"] = buf
-                state["idx"] = idx_cpu.to(device)
-            return buf[:k_len]
+    heads = check_heads(model, heads)
+    n = len(heads)
+    return _span_edit_hooks(
+        model, heads, span, edit=edit, identity=tau_f == 1.0, offsets=offsets, seq_len=seq_len,
+        label=f"split_softmax(tau={tau_f:g}, {n} heads{', batch of ' + str(len(offsets)) if offsets is not None else ''})",
+        what="split_softmax",
+    )
 
-        def hook(pattern: Float[Tensor, "batch head q k"], hook=None):
-            # pattern: [batch, head, q_pos, k_pos]; query row r is at absolute position k_len - q_len + r
-            q_len, k_len = pattern.shape[-2], pattern.shape[-1]
-            if max_end > k_len:
-                raise ValueError(
-                    f"split_softmax span(s) {spans} reach past the sequence of {k_len} key "
-                    f"positions at layer {layer}: spans are absolute token positions in the prompt."
-                )
-            if tau_f == 1.0:
-                return pattern
-            mask = mask_for(k_len, pattern.device)
-            idx = state["idx"]
-            first = k_len - q_len
-            qpos = None if first >= min_start else torch.arange(first, k_len, device=pattern.device)
-            new = split_softmax_pattern(
-                pattern.index_select(1, idx), mask, tau_f, query_positions=qpos, min_query=min_start
-            )
-            return pattern.index_copy(1, idx, new)  # a new tensor; other heads copied bit for bit
 
-        return hook
+def pasta(
+    model: HookedModel,
+    heads: Iterable[Sequence[int]],
+    span: SpanLike | Sequence[SpanLike],
+    coefficient: float = 0.01,
+    *,
+    seq_len: int | None = None,
+    offsets: Sequence[int] | None = None,
+) -> HookHandle:
+    """PASTA attention steering (Zhang et al. 2024) on chosen heads: attention outside ``span`` × ``coefficient``.
 
-    hooks = [(hook_name(l, "hook_pattern"), make_hook(l, hs)) for l, hs in by_layer.items()]
-    label = f"split_softmax(tau={tau_f:g}, {len(head_list)} heads, spans={spans})"
-    handle = attach_hooks(model, hooks, label=label)
-    handle.hook_names = [n for n, _ in hooks]
-    return handle
+    For each listed head and every query row that can see the span, ``A'_j = A_j / Z`` on the span C
+    and ``coefficient · A_j / Z`` outside it, ``Z = π + coefficient·(1 − π)`` (:func:`pasta_pattern`;
+    equal to PASTA's ``+log(coefficient)`` on the pre-softmax scores outside C). Where split softmax
+    sets the mass on C to a chosen π^τ, PASTA scales the odds of C by ``1/coefficient``: the new mass
+    is ``π / (π + coefficient·(1 − π))``. The same span machinery as :func:`split_softmax` (prefill,
+    KV-cache steps, sliding windows, ``offsets`` for a left-padded batch, other heads bit for bit).
+
+    Args:
+        coefficient: > 0; PASTA's default 0.01; ``1`` is the identity.
+        heads, span, seq_len, offsets: as :func:`split_softmax`.
+
+    Example:
+        >>> with pasta(model, top20, r.relevant, 0.01):
+        ...     ids, text = greedy_generate(model, r.tokens)
+    """
+    c = _check_strength(coefficient, name="coefficient", what="pasta")
+
+    def edit(p, mask, *, query_positions, min_query):
+        return pasta_pattern(p, mask, c, query_positions=query_positions, min_query=min_query)
+
+    heads = check_heads(model, heads)
+    n = len(heads)
+    return _span_edit_hooks(
+        model, heads, span, edit=edit, identity=c == 1.0, offsets=offsets, seq_len=seq_len,
+        label=f"pasta(coefficient={c:g}, {n} heads{', batch of ' + str(len(offsets)) if offsets is not None else ''})",
+        what="pasta",
+    )

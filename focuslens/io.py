@@ -6,12 +6,19 @@ leave a truncated JSON that a resume then trusts) and must carry the identity of
 library writes goes through :func:`atomic_write` (a file) or :func:`atomic_dir` (a folder artefact);
 every stored result is keyed with :func:`content_hash` of what produced it.
 
+Two processes writing one output would interleave records or replace each other's artefact halfway:
+:func:`output_lock` (an ``flock`` on a hidden sibling ``.NAME.lock`` file, non-blocking) refuses the
+second writer with a message naming the first one's pid. :func:`atomic_dir` takes it, and the CLI
+takes it for every output it writes.
+
 Nothing here unpickles: files the library reads are JSON, JSONL or safetensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +30,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "content_hash", "tensor_checksum", "file_checksum"]
+from .errors import OutputBusy
+
+try:  # POSIX; elsewhere output_lock degrades to no locking
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "recover_dir", "output_lock", "content_hash",
+           "tensor_checksum", "file_checksum"]
 
 
 def _umask() -> int:
@@ -78,38 +93,220 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+# --------------------------------------------------------------------------------------------------
+# Output locks
+# --------------------------------------------------------------------------------------------------
+
+_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: re-entrant within one process
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of an output: the hidden sibling ``.NAME.lock`` (its content is the holder's pid)."""
+    p = Path(path).absolute()
+    return p.parent.resolve() / f".{p.name}.lock"  # one lock whatever symlinks lead to the folder
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the write lock of ``path`` (a file or a folder) for the ``with`` block, or refuse at once.
+
+    A second process that asks for the same output while the first holds it gets
+    :class:`~focuslens.errors.OutputBusy` ("another focuslens process is writing X (pid N); wait for it
+    or choose another output") instead of interleaving records or replacing a folder halfway. The
+    lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (non-blocking), so the kernel drops it
+    when the holder exits or is killed: a stale lock file never blocks anyone (a clean exit removes
+    it; a killed holder leaves an unlocked, harmless file). Re-entrant within one
+    process (the CLI locks a command's output and the library then locks the same path again).
+    """
+    lock = lock_path(path)
+    key = str(lock)
+    held = _HELD.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield Path(path)
+        finally:
+            held[1] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise OutputBusy(
+                        f"another focuslens process is writing {Path(path)} (pid {pid}); wait for it to finish "
+                        "or choose another output."
+                    ) from None
+            try:  # the holder before us may have removed the file after we opened it: lock the live one
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        break
+    _HELD[key] = [fd, 1]
+    try:
+        yield Path(path)
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: a waiter that opened it retries on the new file
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _try_lock(path: Path):
+    """``output_lock(path)`` if it is free, else ``None`` (somebody is writing); ``False`` if no lock can be made."""
+    try:
+        cm = output_lock(path)
+        cm.__enter__()
+        return cm
+    except OutputBusy:
+        return None
+    except OSError:  # read-only folder: nobody can be writing there through focuslens either
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder artefacts
+# --------------------------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2 = fn
+        except (AttributeError, OSError):
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    AT_FDCWD = -100
+    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _leftovers(target: Path) -> tuple[list[Path], list[Path]]:
+    """Hidden siblings left by interrupted writers: (``.NAME.old-*`` previous artefacts, ``.NAME.tmp-*``)."""
+    def mtime(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:  # removed meanwhile
+            return -1
+
+    olds = sorted((p for p in target.parent.glob(f".{target.name}.old-*") if p.is_dir()), key=mtime, reverse=True)
+    return olds, [p for p in target.parent.glob(f".{target.name}.tmp-*") if p.is_dir()]
+
+
+def _recover_locked(target: Path) -> None:
+    """With the lock held (so no writer is alive): put a previous artefact back if ``target`` is
+    missing, then delete every leftover of dead writers."""
+    olds, tmps = _leftovers(target)
+    if not target.exists() and olds:
+        os.replace(olds[0], target)
+        olds = olds[1:]
+    for p in olds + tmps:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike, *, wait: float = 10.0) -> Path:
+    """Make a folder artefact at ``path`` readable after an interrupted writer; returns the folder to read.
+
+    :func:`atomic_dir` replaces a folder with one atomic exchange where the OS has it (Linux), else
+    with two renames (``path`` -> ``.NAME.old-*``, then the new folder -> ``path``); a kill between
+    those two leaves ``path`` missing. Here, when no writer holds the lock, the previous artefact is
+    moved back and leftovers (``.NAME.old-*``, ``.NAME.tmp-*``) are deleted; while a writer holds it,
+    this waits up to ``wait`` seconds for ``path`` to reappear. In a read-only folder nothing is
+    changed and the newest previous artefact is returned to be read where it lies.
+    """
+    target = Path(path)
+    olds, tmps = _leftovers(target)
+    if not olds and not tmps:
+        return target
+    lock = _try_lock(target)
+    if lock is False:
+        return target if target.exists() or not olds else olds[0]
+    if lock is None:  # a writer is between its renames (microseconds) or still building
+        deadline = time.monotonic() + wait
+        while not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return target
+    try:
+        _recover_locked(target)
+    finally:
+        lock.__exit__(None, None, None)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Build a folder artefact in a temporary sibling, then move it to ``path`` in one step.
 
-    Yields the temporary folder to fill. On success it replaces ``path`` (an existing folder is
-    moved aside first and deleted after; with ``replace=False`` an existing folder is kept and the new
-    one discarded — a concurrent writer finished first). On an exception the temporary folder is
-    removed and a previous artefact at ``path`` is left intact.
+    Yields the temporary folder to fill. On success it replaces ``path``: one atomic exchange of the
+    two folders where the OS supports it (Linux ``renameat2``), else two renames whose gap
+    :func:`recover_dir` repairs on the next load or save — a kill at any point leaves the old or the
+    new artefact readable at ``path``. With ``replace=False`` an existing folder is kept and the new one
+    discarded (a concurrent writer finished first). On an exception the temporary folder is removed
+    and a previous artefact at ``path`` is left intact.
+
+    With ``replace=True`` the write holds :func:`output_lock` of ``path`` throughout: a second writer
+    gets :class:`~focuslens.errors.OutputBusy` instead of a half-swapped folder; leftovers of
+    interrupted writers are recovered or removed first.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder; give a folder path for this artefact.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
-    try:
-        yield tmp
-        if target.exists():
-            if not replace:
+    with output_lock(target) if replace else contextlib.nullcontext():
+        if replace:
+            _recover_locked(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        old = None
+        try:
+            yield tmp
+            if target.exists():
+                if not replace:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                if _exchange(tmp, target):
+                    old = tmp  # now holds the previous artefact
+                else:
+                    old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
+                    os.replace(target, old)
+                    os.replace(tmp, target)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            if old is not None and old != tmp and not target.exists():
+                os.replace(old, target)
+                old = None
+            if old is None or old != tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
-                return
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.replace(old, target)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def content_hash(obj: Any, *, n: int = 16) -> str:

@@ -220,6 +220,18 @@ class FocusLens:
 
         return split_softmax(self.model, heads, span, tau)
 
+    def pasta(self, heads: Iterable[Sequence[int]] | int, span: Any, coefficient: float = 0.01) -> HookHandle:
+        """:func:`~focuslens.interventions.pasta` (PASTA attention steering) on ``heads`` (an int k: top-k)."""
+        heads = self._heads(heads)
+        if not self.hooked:
+            raise TypeError(
+                "pasta needs a hooked model (TransformerBridge/HookedTransformer); this FocusLens wraps a "
+                "backend without hook_pattern. Use FocusLens(fl.load_model(name)) instead."
+            )
+        from .interventions import pasta
+
+        return pasta(self.model, heads, span, coefficient)
+
     def inject(self, vectors: Mapping[tuple[int, int], Tensor], *, alpha: float = 1.0,
                site: Literal["query", "key"] = "query", pre_rope: bool = False) -> HookHandle:
         """:func:`~focuslens.interventions.inject_vectors`: add ``alpha·v`` to chosen heads' queries/keys."""

@@ -4,6 +4,13 @@ The cheap companion of :func:`focuslens.evaluation.evaluate` for sweeps: the log
 gold answer minus that of the best distractor answer, both as continuations of the prompt, from one
 prefill and one batched forward pass per example. Interventions are the same as for ``evaluate``
 (a spec, a per-example callable, or a context manager).
+
+Batching and padding: the batch here is one example's candidate answers, right-padded after the
+shared prompt and run on copies of the prompt's KV cache. A per-example spec is therefore attached
+once per example with ``spec.attach(model, example)``: every row has the same prompt, so the span
+sits at the same positions in every row, and right padding comes after the answer tokens, where the
+causal mask keeps it invisible to them (pad rows are edited too but never read). On a
+sliding-window layer the span is found from the call's cache length, also for the reused copies.
 """
 
 from __future__ import annotations

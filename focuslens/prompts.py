@@ -338,9 +338,12 @@ def build_prompt(
         norm = [rendered[:at], *norm, rendered[at + len(user_text):]]
     prompt = _tokenise_parts(tokenizer, norm, chat=chat, rendered=chat)
     if max_length is not None and len(prompt) > max_length:
-        raise ValueError(
-            f"The prompt has {len(prompt)} tokens but the model's context is {max_length}: use "
-            "fewer or shorter documents."
+        from .errors import UsageError
+
+        # The same rule and wording as focuslens.models.check_context, for a tokenizer-only caller.
+        raise UsageError(
+            f"the prompt has {len(prompt)} tokens but the model's context is {max_length} tokens; shorten it "
+            "(fewer or shorter documents) or use a model with a longer context."
         )
     return prompt
 

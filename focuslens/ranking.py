@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import UsageError
 from .io import atomic_write
 from .models import Head, HookedModel, check_heads, model_info
 from .prompts import Span, SpanLike, normalise_spans
@@ -158,20 +159,34 @@ class DatasetScores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetScores":
-        """Read what :meth:`save` wrote (per-example scores are not saved: ``per_example`` is empty)."""
-        data = json.loads(Path(path).read_text())
+        """Read what :meth:`save` wrote (per-example scores are not saved: ``per_example`` is empty).
+
+        Raises :class:`~focuslens.errors.UsageError` naming the file for anything that is not such a
+        ranking (not JSON, another format, missing or malformed ``mean``/``stderr``/``n``).
+        """
+        data = _read_json(path)
         if not isinstance(data, dict) or data.get("format") != RANKING_FORMAT:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a focuslens ranking ({RANKING_FORMAT}); for a plain list of heads "
                 "(the authors' relevant_heads.json) use load_heads()."
             )
-        mean = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["mean"].items()}
-        stderr = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["stderr"].items()}
-        return cls(mean=mean, stderr=stderr, per_example={}, n=int(data["n"]),
-                   n_skipped=int(data.get("n_skipped", 0)), responses=list(data.get("responses", [])),
+        fix = "re-run `focuslens score` to write it again"
+        try:
+            mean = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["mean"].items()}
+            stderr = {k: torch.tensor(v, dtype=torch.float32) for k, v in data["stderr"].items()}
+            n = data["n"]
+            if not isinstance(n, int) or isinstance(n, bool) or "relevant" not in mean:
+                raise ValueError("'n' must be an int and 'mean' must have 'relevant'")
+            if any(t.dim() != 2 for t in (*mean.values(), *stderr.values())):
+                raise ValueError("every mean/stderr entry must be a [layer, head] table")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UsageError(f"{path}: malformed ranking file ({type(e).__name__}: {e}); {fix}.") from None
+        fp = data.get("fingerprint", {})
+        return cls(mean=mean, stderr=stderr, per_example={}, n=n,
+                   n_skipped=int(data.get("n_skipped", 0) or 0), responses=list(data.get("responses", [])),
                    indices=list(data.get("indices", [])),
                    response_mode=str(data.get("response_mode", "")), model=str(data.get("model", "")),
-                   fingerprint=dict(data.get("fingerprint", {})))
+                   fingerprint=dict(fp) if isinstance(fp, dict) else {})
 
 
 def _rank(scores: Float[Tensor, "layer head"]) -> list[tuple[int, int, float]]:
@@ -218,20 +233,22 @@ def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedMo
         k: keep the first ``k`` heads (a ranking file has all of them, best first).
         model: when given, the heads are validated against it (:func:`~focuslens.check_heads`).
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected [[layer, head], ...] "
-                         "or a focuslens ranking file (focuslens score).") from None
+    data = _read_json(path)
     if isinstance(data, dict):
         if data.get("format") != RANKING_FORMAT or not isinstance(data.get("ranking"), list):
-            raise ValueError(f"{path}: expected [[layer, head], ...] or a focuslens ranking JSON.")
+            raise UsageError(f"{path}: expected [[layer, head], ...] or a focuslens ranking JSON "
+                             "(written by `focuslens score`).")
         saved = data.get("fingerprint")
-        if model is not None and isinstance(saved, dict):
+        if not isinstance(saved, dict):
+            raise UsageError(
+                f"{path}: 'fingerprint' must be the ranked model's architecture object, got {saved!r}, so the "
+                "ranking cannot be checked against a model; re-run `focuslens score`, or give the heads as a "
+                "plain [[layer, head], ...] list.")
+        if model is not None:
             actual = model_info(model).fingerprint()
             diff = sorted(k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k))
             if diff:
-                raise ValueError(
+                raise UsageError(
                     f"{path} ranks the heads of another model ({data.get('model')!r}; differs in "
                     + ", ".join(f"{k}={saved.get(k)!r} there, {actual.get(k)!r} here" for k in diff)
                     + "). Rank this model's heads with `focuslens score --model ...` first.")
@@ -239,20 +256,37 @@ def load_heads(path: str | os.PathLike, *, k: int | None = None, model: HookedMo
     elif isinstance(data, list):
         rows = data
     else:
-        raise ValueError(f"{path}: expected [[layer, head], ...], got {type(data).__name__}.")
+        raise UsageError(f"{path}: expected [[layer, head], ...], got {type(data).__name__}.")
     heads: list[Head] = []
     for r in rows:
         if not (isinstance(r, (list, tuple)) and len(r) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
-            raise ValueError(f"{path}: every entry must be a [layer, head] pair of ints, got {r!r}.")
+            raise UsageError(f"{path}: every entry must be a [layer, head] pair of ints, got {r!r}.")
         heads.append((int(r[0]), int(r[1])))
+    if not heads:
+        raise UsageError(f"{path} lists no heads.")
     if k is not None:
-        if k < 1 or k > len(heads):
-            raise ValueError(f"k={k} but {path} lists {len(heads)} heads.")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > len(heads):
+            raise UsageError(f"k={k!r} but {path} lists {len(heads)} heads: give an int k in 1..{len(heads)}.")
         heads = heads[:k]
     if model is not None:
         heads = check_heads(model, heads)
     return heads
+
+
+def _read_json(path: str | os.PathLike):
+    """JSON of a user-given file; every failure is a :class:`UsageError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file" + (" (it is a folder)" if p.is_dir() else "")
+                                + "; give a ranking JSON written by `focuslens score` or [[layer, head], ...].")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); expected [[layer, head], ...] "
+                         "or a focuslens ranking file (focuslens score).") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not a text file; expected a JSON ranking (focuslens score).") from None
 
 
 def _union_mask(spans: list[Span], seq_len: int) -> Tensor:

@@ -58,7 +58,7 @@ from torch import Tensor
 from .attention import LayerAttention, attention_probs, expand_kv, qk_route
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
 from .hooks import attach_hooks
-from .models import HookedModel, hook_name, model_info
+from .models import HookedModel, check_context, hook_name, model_info
 from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 from .ranking import (  # the result types, re-exported from here
     DISTRACTORS_MAX,
@@ -261,6 +261,7 @@ def score_spans(
         # Another backend (focuslens.backends: FusedModel, NNsightScorer): same protocol and result type.
         return backend(tokens, response=response, spans=spans, distractors=distractors, sink=sink)
     toks = _as_tokens(tokens)
+    check_context(model, toks, what="the scored sequence (prompt + response)")
     N = toks.shape[1]
     R, named, n_dis = _named_spans(N, response=response, spans=spans, distractors=distractors, sink=sink)
     columns, used = _column_sums(model, toks, R, method=method, stop_early=stop_early)
@@ -482,6 +483,12 @@ def score_dataset(
         if getattr(ex, "relevant", None) is None:
             skipped.append(f"example {i}: no relevant span (variant {getattr(ex, 'variant', '?')!r})")
             continue
+        n_prompt = len(ex.prompt.tokens)
+        if response in ("generate", "gold_only"):  # generation may run up to the budget: check before it
+            check_context(model, n_prompt + max_new_tokens,
+                          what=f"example {i} (prompt {n_prompt} tokens + max_new_tokens {max_new_tokens})")
+        else:
+            check_context(model, ex.prompt.tokens, what=f"example {i}'s prompt")
         resp = _response_for(model, ex, response, max_new_tokens=max_new_tokens)
         empty = (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0)
         if empty:

@@ -53,12 +53,12 @@ from torch import Tensor
 from .hooks import HookHandle, attach_hooks
 from .io import content_hash, tensor_checksum
 from .models import HookedModel
-from .prompts import Span, normalise_spans
 
 __all__ = [
     "InterventionSpec",
     "NoIntervention",
     "SplitSoftmax",
+    "Pasta",
     "InjectVectors",
     "Steer",
     "Ablate",
@@ -107,6 +107,17 @@ def _real(x: Any, *, name: str, what: str) -> float:
 def _fmt_heads(heads: Sequence[Head], n: int = 3) -> str:
     shown = ", ".join(f"L{l}H{h}" for l, h in heads[:n])
     return f"{len(heads)} heads [{shown}{', …' if len(heads) > n else ''}]"
+
+
+def _check_batch(examples: Sequence[Any], offsets: Sequence[int], *, what: str) -> None:
+    if len(examples) == 0 or len(examples) != len(offsets):
+        raise ValueError(
+            f"{what}.attach_batch needs one offset (left-pad tokens) per example; got {len(examples)} examples "
+            f"and {len(offsets)} offsets."
+        )
+    for i, o in enumerate(offsets):
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
+            raise ValueError(f"{what}.attach_batch: offsets[{i}] must be an int >= 0, got {o!r}.")
 
 
 def _tokens_of(example: Any):
@@ -164,6 +175,31 @@ class InterventionSpec:
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:  # pragma: no cover
         """Attach the hooks to ``model`` (for ``example`` when the spec needs one); returns a handle."""
         raise NotImplementedError
+
+    @property
+    def batchable(self) -> bool:
+        """True when :meth:`attach_batch` can serve a left-padded batch of different examples.
+
+        Every built-in spec can. A subclass that needs the example but has no batched attach says
+        False, and :func:`~focuslens.evaluation.evaluate` then runs it one example at a time.
+        """
+        return not self.per_example or type(self).attach_batch is not InterventionSpec.attach_batch
+
+    def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Attach for one left-padded batch: row i is ``examples[i]`` after ``offsets[i]`` pad tokens.
+
+        The batch of :func:`~focuslens.generation.greedy_generate_batch` (``offsets`` from
+        :func:`~focuslens.generation.left_pad_offsets`). Row i gets what ``attach(model, examples[i])``
+        gives it alone, up to float rounding; pad positions cannot change real rows (their keys are
+        masked). Specs that do not need the example attach once, as :meth:`attach` does.
+        """
+        _check_batch(examples, offsets, what=type(self).__name__)
+        if not self.per_example:
+            return self.attach(model, None)
+        raise TypeError(
+            f"{type(self).__name__} needs each example and has no batched attach: run it one example at a "
+            "time (evaluate does so by itself)."
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, InterventionSpec):
@@ -247,88 +283,6 @@ class NoIntervention(InterventionSpec):
 
     def __repr__(self) -> str:
         return "NoIntervention()"
-
-
-class SplitSoftmax(InterventionSpec):
-    """Split softmax (METHOD.md §3) on ``heads``: the attention mass on the span becomes π^τ.
-
-    Args:
-        heads: ``(layer, head)`` query heads, in order (the order is part of the identity).
-        tau: exponent > 0; 1 is the identity, < 1 moves attention onto the span.
-        span: where the mass goes. A rule read from the example at attach time: ``"relevant"``
-            (default: ``example.relevant``, the gold document), ``"distractors"`` (their union),
-            any other span attribute of the example, or a prompt span name (``"question"``,
-            ``"doc_3"``). Or explicit spans (a :class:`~focuslens.prompts.Span`, a ``(start, end)``
-            pair, or a list of them), the same for every example.
-
-    Always attached per example (the span is in absolute positions of an unpadded prompt).
-    """
-
-    kind = "split_softmax"
-    __slots__ = ("heads", "tau", "span")
-
-    def __init__(self, heads: Iterable[Sequence[int]], tau: float, *, span: SpanRule | Any = "relevant"):
-        what = "SplitSoftmax"
-        self.heads = _heads(heads, what=what)
-        t = _real(tau, name="tau", what=what)
-        if not t > 0:
-            raise ValueError(
-                f"{what}: tau must be > 0, got {tau!r}: the mass on the span becomes π^τ, so τ = 1 is the "
-                "identity, 0 < τ < 1 raises attention on the span and τ > 1 lowers it."
-            )
-        self.tau = t
-        if isinstance(span, str):
-            if not span:
-                raise ValueError(f"{what}: span rule must be a non-empty name such as 'relevant'.")
-            self.span = span
-        else:
-            self.span = tuple(normalise_spans(span, name="SplitSoftmax span"))
-        self._freeze()
-
-    @property
-    def per_example(self) -> bool:
-        return True
-
-    def _ctor(self):
-        return (self.heads, self.tau), {"span": self.span if isinstance(self.span, str) else list(self.span)}
-
-    def _identity(self) -> dict[str, Any]:
-        span = self.span if isinstance(self.span, str) else [[s.start, s.end] for s in self.span]
-        return {"heads": [list(h) for h in self.heads], "tau": self.tau, "span": span}
-
-    def spans_for(self, example: Any) -> list[Span]:
-        """The span(s) this spec edits for ``example`` (explicit spans are returned as given)."""
-        if not isinstance(self.span, str):
-            return list(self.span)
-        if example is None:
-            raise ValueError(
-                f"SplitSoftmax(span={self.span!r}) takes its span from the example: "
-                "attach(model, example) with a RenderedExample (or give explicit spans)."
-            )
-        val = getattr(example, self.span, None) if not self.span.startswith("_") else None
-        if val is None:
-            spans = getattr(getattr(example, "prompt", example), "spans", None)
-            if isinstance(spans, Mapping) and self.span in spans:
-                val = spans[self.span]
-        if val is None or (isinstance(val, (list, tuple)) and len(val) == 0):
-            name = getattr(example, "id", None)
-            names = sorted(getattr(getattr(example, "prompt", example), "spans", {}) or {})
-            raise ValueError(
-                f"SplitSoftmax(span={self.span!r}): example {name!r} has no such span (a 'negative' prompt "
-                f"has no relevant document; prompt spans: {names})."
-            )
-        return normalise_spans(val, name=f"SplitSoftmax span {self.span!r}")
-
-    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        from .interventions import split_softmax
-
-        tokens = _tokens_of(example) if example is not None else None
-        seq_len = int(tokens.shape[-1]) if tokens is not None else None
-        return split_softmax(model, self.heads, self.spans_for(example), self.tau, seq_len=seq_len)
-
-    def __repr__(self) -> str:
-        span = repr(self.span) if isinstance(self.span, str) else list(self.span)
-        return f"SplitSoftmax({_fmt_heads(self.heads)}, τ={self.tau:g}, span={span})"
 
 
 def _frozen_vectors(vectors: Mapping[Any, Any], *, what: str) -> Mapping[Head, Tensor]:
@@ -467,6 +421,11 @@ class Steer(InterventionSpec):
         if self.alpha == "auto" and not 0.0 < self.target < 1.0:
             raise ValueError(f"{what}: target is a fraction of sink mass in (0, 1); got {target!r}.")
         self.alpha_max = _real(alpha_max, name="alpha_max", what=what)
+        if not (self.alpha_max > 0 and math.isfinite(self.alpha_max)):
+            raise ValueError(
+                f"{what}: alpha_max is the top of the alpha grid [0, alpha_max] that alpha='auto' searches; "
+                f"it must be finite and > 0, got {alpha_max!r}."
+            )
         if per not in ("head", "input"):
             raise ValueError(f"{what}: per must be 'head' or 'input', got {per!r}.")
         self.per = per
@@ -501,6 +460,49 @@ class Steer(InterventionSpec):
             return self.directions.apply(model, alpha="auto", tokens=tokens, target=self.target,
                                          alpha_max=self.alpha_max, per=self.per)
         return self.directions.apply(model, alpha=self.alpha)
+
+    def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Fixed α: attached once. ``alpha="auto"``: each row's α from its own unpadded prompt.
+
+        The probe pass of :func:`~focuslens.directions.magnitude.sink_target_alphas` runs per example
+        on the unpadded tokens (exactly what :meth:`attach` runs), then one injection hook adds row i's
+        scaled vectors to row i (:func:`~focuslens.interventions.inject_vectors` with ``[batch, d_head]``
+        vectors). Pad positions only change pad rows, whose keys every real row masks.
+        """
+        _check_batch(examples, offsets, what="Steer")
+        if self.alpha != "auto":
+            return self.attach(model, None)
+        return self._attach_rows(model, self._row_vectors(model, examples))
+
+    def _row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
+        """``{head: [batch, d_head]}``: each row's auto-scaled vectors; the probe runs with ``prior``
+        attached for that row alone (what a :class:`Compose` member attached before this one does)."""
+        from .attention import query_site
+        from .directions.magnitude import sink_target_alphas
+
+        d = self.directions
+        d.check_model(model)  # the checks of FocusDirections.apply
+        if d.site != query_site(model):
+            raise ValueError(f"Directions were made for {d.site} but this model's query site is {query_site(model)}.")
+        rows = []
+        for e in examples:
+            tokens = _tokens_of(e)
+            if tokens is None:
+                raise ValueError("Steer(alpha='auto').attach_batch needs each example's prompt tokens.")
+            handle = prior.attach(model, e) if prior is not None else None
+            try:
+                a = sink_target_alphas(model, d, tokens, target=self.target, alpha_max=self.alpha_max, per=self.per)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            rows.append(d.scaled(a).as_dict())
+        return {h: torch.stack([r[h] for r in rows]) for h in rows[0]}
+
+    @staticmethod
+    def _attach_rows(model: HookedModel, vectors) -> HookHandle:
+        from .interventions import inject_vectors
+
+        return inject_vectors(model, vectors, alpha=1.0, site="query", pre_rope=False)
 
     def scaled(self, c: float) -> "Steer":
         if self.alpha == "auto":
@@ -634,6 +636,32 @@ class Compose(InterventionSpec):
             raise
         return ComposedHandle(handles, label=repr(self))
 
+    @property
+    def batchable(self) -> bool:
+        return all(m.batchable for m in self.members)
+
+    def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Every member's :meth:`attach_batch`, all-or-nothing like :meth:`attach`."""
+        from .interventions import ComposedHandle
+
+        _check_batch(examples, offsets, what="Compose")
+        # alpha="auto" probes first, each row alone with the members before it attached (as attach does).
+        probed = {k: m._row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
+                  for k, m in enumerate(self.members) if isinstance(m, Steer) and m.alpha == "auto"}
+        handles: list[HookHandle] = []
+        try:
+            for k, m in enumerate(self.members):
+                handles.append(Steer._attach_rows(model, probed[k]) if k in probed
+                               else m.attach_batch(model, examples, offsets=offsets))
+        except BaseException:
+            for h in reversed(handles):
+                try:
+                    h.remove()
+                except Exception:  # keep removing; the attach error is the one to report
+                    pass
+            raise
+        return ComposedHandle(handles, label=repr(self))
+
     def scaled(self, c: float) -> "Compose":
         return Compose(*(m.scaled(c) for m in self.members))
 
@@ -655,3 +683,7 @@ def as_spec(x: Any) -> InterventionSpec | None:
     if isinstance(x, InterventionSpec):
         return x
     raise TypeError(f"expected an intervention spec (focuslens.specs) or None, got {type(x).__name__}.")
+
+
+# The span edits (SplitSoftmax, Pasta) live in their own module; imported last (they subclass the base).
+from .span_specs import Pasta, SplitSoftmax  # noqa: E402

@@ -161,6 +161,8 @@ def select_alpha(
             checksum and heads, α or the magnitude-control target), the examples and the decoding
             budget: selecting on other directions or other data into the same folder never reuses
             another configuration's records.
+        batch_size: examples decoded together by :func:`~focuslens.evaluation.evaluate`, also for
+            the ``alpha="auto"`` targets (each row gets its own α, ``Steer.attach_batch``).
 
     Returns:
         An :class:`AlphaSelection` (``.k``, ``.alpha``, ``.target``, ``.table()``).

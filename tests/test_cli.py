@@ -46,7 +46,7 @@ def tiny_folder(tmp_path_factory):
 
 def test_errors_are_one_line_and_nonzero(tmp_path, tiny_folder, capsys):
     cases = [
-        (["plot", str(tmp_path / "missing.json")], "no such ranking file"),
+        (["plot", str(tmp_path / "missing.json")], "no such file"),
         (["info", "--model", str(tmp_path / "nope")], "No such model folder"),
         (["evaluate", "--model", str(tiny_folder), "--n", "2", "--heads", str(tmp_path / "r.json"), "--tau", "0"], "tau"),
         (["sweep", "--model", str(tiny_folder), "--n", "2", "--heads", str(tmp_path / "r.json"), "--taus", "-1"], "tau must be > 0"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,13 +240,13 @@ def test_interrupted_save_keeps_previous_artefact(tiny_llama, tmp_path, monkeypa
     d.save(tmp_path / "fd")
     before = {p.name: p.read_bytes() for p in (tmp_path / "fd").iterdir()}
     new = _dirs(tiny_llama, seed=1)
-    real_write = type(tmp_path).write_text
+    import focuslens.directions.artefact as art
 
-    def boom(self, *a, **k):  # weights already written to the temp folder, config write fails
-        real_write(self, "{partial", **{})
+    def boom(path, data):  # weights already written to the temp folder, config write fails
+        Path(path).write_text("{partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(tmp_path), "write_text", boom)
+    monkeypatch.setattr(art, "atomic_write", boom)
     with pytest.raises(OSError, match="disk full"):
         new.save(tmp_path / "fd")
     monkeypatch.undo()

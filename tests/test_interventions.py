@@ -512,3 +512,106 @@ def test_split_and_inject_in_manual_cache_loop(tiny_llama):
         full = tiny_llama(seq)[:, -1]
     torch.testing.assert_close(logits[:, -1], full, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(full, tiny_llama(seq)[:, -1], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The single-example path is bit-identical to the original definition; PASTA
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_softmax_pattern_original(pattern, key_mask, tau, *, query_positions=None, min_query=0):
+    """The single-example ``split_softmax_pattern`` as it was before per-row masks (frozen copy)."""
+    m = key_mask.to(device=pattern.device, dtype=torch.bool)
+    mf = m.to(pattern.dtype)
+    pi = (pattern @ mf).double()
+    rho = (pattern @ (1 - mf)).double()
+    total = pi + rho
+    ok = (pi > 0) & (rho > 0)
+    if query_positions is not None:
+        ok = ok & (query_positions.to(pattern.device) >= min_query)
+    safe_total = torch.where(ok, total, torch.ones_like(total))
+    logp = torch.log(torch.where(ok, pi, 0.5 * safe_total) / safe_total)
+    scale_c = torch.exp((tau - 1.0) * logp)
+    scale_r = -torch.expm1(tau * logp) * safe_total / torch.where(ok, rho, safe_total)
+    one = torch.ones_like(scale_c)
+    scale_c = torch.where(ok, scale_c, one).to(pattern.dtype).unsqueeze(-1)
+    scale_r = torch.where(ok, scale_r, one).to(pattern.dtype).unsqueeze(-1)
+    return pattern * torch.where(m, scale_c, scale_r)
+
+
+def test_single_example_split_softmax_pattern_is_bit_identical_to_the_original():
+    g = torch.Generator().manual_seed(3)
+    pat = torch.softmax(torch.randn(2, 3, 7, 12, generator=g) * 3, -1)
+    m = torch.zeros(12, dtype=torch.bool)
+    m[3:6] = True
+    for tau, qpos, mq in ((0.2, None, 0), (2.5, None, 0), (0.3, torch.arange(5, 12), 8)):
+        a = split_softmax_pattern(pat, m, tau, query_positions=qpos, min_query=mq)
+        b = _split_softmax_pattern_original(pat, m, tau, query_positions=qpos, min_query=mq)
+        assert torch.equal(a, b)
+
+
+def test_per_row_masks_equal_row_by_row():
+    g = torch.Generator().manual_seed(4)
+    pat = torch.softmax(torch.randn(3, 2, 5, 9, generator=g) * 2, -1)
+    masks = torch.zeros(3, 9, dtype=torch.bool)
+    masks[0, 1:3], masks[1, 4:8], masks[2, 0:1] = True, True, True
+    mq = torch.tensor([0, 6, 7])
+    qpos = torch.arange(4, 9)
+    from focuslens.interventions import pasta_pattern
+
+    for fn, s in ((split_softmax_pattern, 0.3), (pasta_pattern, 0.05)):
+        got = fn(pat, masks, s, query_positions=qpos, min_query=mq)
+        for b in range(3):
+            want = fn(pat[b], masks[b], s, query_positions=qpos, min_query=int(mq[b]))
+            torch.testing.assert_close(got[b], want, atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="per-row key mask"):
+        split_softmax_pattern(pat[:2], masks, 0.5)
+
+
+def test_pasta_pattern_is_the_log_coefficient_score_shift():
+    """PASTA's implementation adds log(coefficient) to the scores outside C; the pattern edit is the same."""
+    from focuslens.interventions import pasta_pattern
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, 6, 10, generator=g, dtype=torch.float64) * 2
+    m = torch.zeros(10, dtype=torch.bool)
+    m[2:5] = True
+    for c in (0.01, 0.3, 4.0):
+        want = torch.softmax(scores + torch.where(m, 0.0, torch.log(torch.tensor(c, dtype=torch.float64))), -1)
+        got = pasta_pattern(torch.softmax(scores, -1), m, c)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # guards: rows with no mass on C or nothing outside C are unchanged; coefficient 1 is the identity
+    pat = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    mk = torch.tensor([False, True, True, False])
+    out = pasta_pattern(pat, mk, 0.01)
+    assert torch.equal(out[:2], pat[:2])
+    torch.testing.assert_close(out[2, 1:3].sum(), torch.tensor(0.5 / (0.5 + 0.01 * 0.5)))
+    torch.testing.assert_close(pasta_pattern(pat, mk, 1.0), pat)
+
+
+def test_pasta_hook_matches_the_formula_and_is_exact_identity_at_one(tiny_llama):
+    from focuslens.interventions import pasta
+
+    name = hook_name(1, "hook_pattern")
+    logits, base = tiny_llama.run_with_cache(TOKENS, names_filter=[name])
+    with pasta(tiny_llama, [(1, 1)], SPAN, 1.0):
+        assert torch.equal(tiny_llama(TOKENS), logits)
+    with pasta(tiny_llama, [(1, 1)], SPAN, 0.01):
+        assert (tiny_llama(TOKENS) - logits).abs().max() > 1e-3, "PASTA must change the logits"
+    with pasta(tiny_llama, [(1, 1)], SPAN, 0.01):
+        _, c = tiny_llama.run_with_cache(TOKENS, names_filter=[name])
+    a0, a1 = base[name][0].double(), c[name][0].double()
+    for h in (0, 2, 3):
+        assert torch.equal(c[name][0, h], base[name][0, h])
+    assert torch.equal(a1[1, : SPAN.start], a0[1, : SPAN.start])  # rows that cannot see the span
+    for t in range(SPAN.start, TOKENS.shape[1]):
+        row = a0[1, t]
+        pi = row[SPAN.slice].sum()
+        z = pi + 0.01 * (row.sum() - pi)
+        want = row * 0.01 / z
+        want[SPAN.slice] = row[SPAN.slice] / z
+        torch.testing.assert_close(a1[1, t], want, atol=1e-6, rtol=1e-5)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="coefficient must be > 0"):
+            pasta(tiny_llama, [(1, 1)], SPAN, bad)
+    assert count_hooks(tiny_llama) == 0

@@ -1,4 +1,6 @@
-"""focuslens.io: atomic writes (no half-written file, ever) and content identities."""
+"""focuslens.io: atomic writes (no half-written file, ever), output locks and content identities.
+
+Kills, planted files and second processes are in tests/test_hostile.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,18 @@ import os
 import pytest
 import torch
 
-from focuslens.io import atomic_dir, atomic_write, atomic_write_json, content_hash, tensor_checksum
+import focuslens.io as fio
+from focuslens.errors import OutputBusy
+from focuslens.io import (
+    atomic_dir,
+    atomic_write,
+    atomic_write_json,
+    content_hash,
+    lock_path,
+    output_lock,
+    recover_dir,
+    tensor_checksum,
+)
 
 
 def test_atomic_write_text_bytes_and_callback(tmp_path):
@@ -64,6 +77,49 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileExistsError, match="not a folder"):
         with atomic_dir(tmp_path / "file"):
             pass
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_dir_with_and_without_the_atomic_exchange(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fio, "_exchange", lambda a, b: False)  # two renames (non-Linux)
+    target = tmp_path / "art"
+    for v in ("1", "2", "3"):
+        with atomic_dir(target) as d:
+            (d / "w").write_text(v)
+        assert (target / "w").read_text() == v and sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_output_lock_refuses_another_holder_and_is_reentrant(tmp_path):
+    import fcntl
+
+    target = tmp_path / "records.jsonl"
+    with output_lock(target):
+        assert lock_path(target).read_text().strip() == str(os.getpid())
+        with output_lock(target):  # the same process again: allowed
+            pass
+        assert lock_path(target).exists()  # still held by the outer block
+    assert not lock_path(target).exists()  # removed on release
+    with open(lock_path(target), "w") as other:  # another open file description = another holder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("123\n")
+        other.flush()
+        with pytest.raises(OutputBusy, match=r"another focuslens process is writing .*records\.jsonl \(pid 123\)"):
+            with output_lock(target):
+                pass
+    with output_lock(target):  # the other holder is gone (its descriptor closed)
+        pass
+
+
+def test_recover_dir_puts_the_previous_folder_back(tmp_path):
+    target = tmp_path / "art"
+    assert recover_dir(target) == target  # nothing to do, nothing created
+    assert os.listdir(tmp_path) == []
+    (tmp_path / ".art.old-1-2").mkdir()
+    (tmp_path / ".art.old-1-2" / "w").write_text("old")
+    (tmp_path / ".art.tmp-x").mkdir()
+    assert recover_dir(target) == target and (target / "w").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["art"]
 
 
 def test_content_hash_is_stable_and_sensitive():

@@ -70,6 +70,11 @@ def test_interventions_equal_the_eager_functions_and_leave_no_hooks(tiny_llama, 
         with lens.split_softmax(heads, r.relevant, tau=0.3) as h:
             got = tiny_llama(toks)
         assert not h.active and torch.equal(got, ref) and not torch.equal(got, base)
+        with fl.pasta(tiny_llama, heads, r.relevant, 0.05):
+            ref = tiny_llama(toks)
+        with lens.pasta(heads, r.relevant, coefficient=0.05):
+            got = tiny_llama(toks)
+        assert torch.equal(got, ref) and not torch.equal(got, base)
         vecs = {(1, 2): torch.randn(16), (0, 1): torch.randn(16)}
         with fl.inject_vectors(tiny_llama, vecs, alpha=0.7):
             ref = tiny_llama(toks)

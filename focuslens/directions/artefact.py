@@ -1,13 +1,18 @@
 """The focus-directions artefact: one query vector per head, its model fingerprint, save/load (SAELens-style folder).
 
 See :mod:`focuslens.directions` for the method. The artefact is a folder with ``directions.safetensors``
-and ``config.json``; loading checks the format and the model fingerprint and never unpickles.
+and ``config.json``; loading checks the format, the payload checksum (vectors, heads, site and
+fingerprint: a flipped byte or hand-swapped heads are refused) and the model fingerprint, and never
+unpickles (other files in the folder, such as a planted ``*.pt``, are never read). Saving replaces
+the folder atomically under an output lock (:func:`focuslens.io.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -18,7 +23,8 @@ from torch import Tensor
 
 from ..attention import query_site
 from ..hooks import HookHandle
-from ..io import atomic_dir
+from ..errors import UsageError
+from ..io import atomic_dir, atomic_write, content_hash, recover_dir, tensor_checksum
 from ..models import Head, HookedModel, check_heads, model_info
 from ..prompts import LabelledPrompt
 
@@ -242,6 +248,9 @@ class FocusDirections:
         if alpha == "auto":
             if tokens is None:
                 raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
+            if not (isinstance(alpha_max, (int, float)) and math.isfinite(alpha_max) and alpha_max > 0):
+                raise ValueError(f"alpha_max is the top of the alpha grid [0, alpha_max] that alpha='auto' searches; "
+                                 f"it must be finite and > 0, got {alpha_max!r}.")
             from .magnitude import sink_target_alphas
 
             alphas = sink_target_alphas(model, d, tokens, target=target, alpha_max=alpha_max, per=per)
@@ -253,6 +262,12 @@ class FocusDirections:
         return inject_vectors(model, d.as_dict(), alpha=float(alpha), site="query", pre_rope=False)
 
     # --- persistence ---------------------------------------------------------------------------
+    def payload_checksum(self) -> str:
+        """What ``config.json`` stores as ``checksum`` and :meth:`load` verifies: a hash of the vectors'
+        exact bytes (:func:`~focuslens.io.tensor_checksum`) together with the heads in order, the hook
+        site and the fingerprint, so that editing either file after saving is detected."""
+        return _payload_checksum(self.heads, tensor_checksum(self.vectors), self.site, self.fingerprint)
+
     def config(self) -> dict[str, Any]:
         return {
             "format": "focuslens.FocusDirections",
@@ -266,24 +281,31 @@ class FocusDirections:
             "objective": self.objective,
             "training": self.training,
             "versions": self.versions,
+            "checksum": self.payload_checksum(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the folder ``path`` (``directions.safetensors`` + ``config.json``) atomically.
 
-        Files go to a temporary sibling folder which then replaces ``path``; an interrupted save
-        leaves a previous artefact at ``path`` intact.
+        Files go to a temporary sibling folder which then replaces ``path`` in one atomic exchange
+        (:func:`focuslens.io.atomic_dir`): a kill at any point leaves the previous or the new artefact
+        loadable at ``path`` (leftovers are recovered or removed by the next load or save). The save
+        holds the output lock of ``path``: a second process saving there at the same time gets
+        :class:`~focuslens.errors.OutputBusy`. ``config.json`` carries :meth:`payload_checksum`.
         """
         from safetensors.torch import save_file
 
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not target.is_dir():
-            raise ValueError(f"{target} exists and is not a folder; FocusDirections are saved as a folder.")
+            raise UsageError(f"{target} exists and is not a folder; FocusDirections are saved as a folder: "
+                             "give another path.")
+        if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
+            raise UsageError(f"{target} is a folder but not a FocusDirections folder (no {CONFIG_FILE}); saving "
+                             "replaces the whole folder, so its files would be deleted: give another path.")
+        vectors = self.vectors.detach().to("cpu").contiguous()
         with atomic_dir(target) as tmp:
-            save_file({"vectors": self.vectors.detach().to("cpu").contiguous()}, str(tmp / WEIGHTS_FILE),
-                      metadata={"format": "focuslens.FocusDirections"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=str))
+            save_file({"vectors": vectors}, str(tmp / WEIGHTS_FILE), metadata={"format": "focuslens.FocusDirections"})
+            atomic_write(tmp / CONFIG_FILE, json.dumps(self.config(), indent=2, default=str))
         return target
 
     @classmethod
@@ -295,24 +317,76 @@ class FocusDirections:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> "FocusDirections":
-        """Read a folder written by :meth:`save`; with ``model=`` also refuse a mismatched model."""
+        """Read a folder written by :meth:`save`; with ``model=`` also refuse a mismatched model.
+
+        Only ``config.json`` (JSON) and ``directions.safetensors`` are read; nothing is unpickled.
+        Every defect of the folder — a missing or truncated file, a config that is not a
+        FocusDirections object, a payload whose checksum differs from the one saved (bytes flipped,
+        heads edited) — raises :class:`~focuslens.errors.UsageError` naming the file and the fix.
+        Artefacts saved before checksums existed load with a warning. A folder left half-replaced by
+        a killed save is recovered first (:func:`focuslens.io.recover_dir`).
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        p = Path(path)
-        if not (p / CONFIG_FILE).exists() or not (p / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{p} is not a FocusDirections folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
-        cfg = json.loads((p / CONFIG_FILE).read_text())
-        if cfg.get("format") != "focuslens.FocusDirections":
-            raise ValueError(f"{p / CONFIG_FILE} is not a focuslens FocusDirections config.")
-        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{p} was written by a newer focuslens (format {cfg['format_version']}); upgrade.")
-        v = load_file(str(p / WEIGHTS_FILE))["vectors"]
+        p = recover_dir(Path(path))
+        if not p.is_dir() or not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{p} is not a FocusDirections folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                                    "give the folder written by FocusDirections.save / focuslens train.")
+        cfg_file = p / CONFIG_FILE
+        fix = "re-save or re-train the directions"
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{cfg_file}: not valid JSON ({e}); {fix}.") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != "focuslens.FocusDirections":
+            raise UsageError(f"{cfg_file} is not a focuslens FocusDirections config (expected a JSON object with "
+                             f"\"format\": \"focuslens.FocusDirections\", got {type(cfg).__name__}); {fix}.")
+        version = cfg.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise UsageError(f"{cfg_file}: format_version must be an integer, got {version!r}; {fix}.")
+        if version > FORMAT_VERSION:
+            raise UsageError(f"{p} was written by a newer focuslens (format {version}); upgrade focuslens.")
+        heads, fingerprint = cfg.get("heads"), cfg.get("fingerprint")
+        if not isinstance(fingerprint, dict):
+            raise UsageError(f"{cfg_file}: 'fingerprint' must be the model's architecture object, got "
+                             f"{fingerprint!r}; {fix}.")
+        if not isinstance(heads, list) or not all(
+                isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)
+                for h in heads):
+            raise UsageError(f"{cfg_file}: 'heads' must be a list of [layer, head] pairs of ints; {fix}.")
+        for key, kind in (("site", str), ("objective", str), ("model_name", str), ("training", dict),
+                          ("versions", dict), ("alpha", (int, float))):
+            if key in cfg and (not isinstance(cfg[key], kind) or isinstance(cfg[key], bool)):
+                raise UsageError(f"{cfg_file}: {key!r} has the wrong type ({type(cfg[key]).__name__}); {fix}.")
+        try:
+            tensors = load_file(str(p / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"{p / WEIGHTS_FILE}: cannot be read as safetensors ({e}): the file is truncated or "
+                             f"corrupt; {fix}.") from None
+        if set(tensors) != {"vectors"}:
+            raise UsageError(f"{p / WEIGHTS_FILE} must hold exactly one tensor 'vectors', found {sorted(tensors)}; {fix}.")
+        v = tensors["vectors"]
+        site = cfg.get("site", "hook_rot_q")
+        saved = cfg.get("checksum")
+        if saved is None:
+            warnings.warn(f"{p} has no payload checksum (saved by an older focuslens), so corruption cannot be "
+                          "detected; re-save it (FocusDirections.load(p).save(p)) to add one.", UserWarning, stacklevel=2)
+        else:
+            actual = _payload_checksum([tuple(h) for h in heads], tensor_checksum(v), site, fingerprint)
+            if saved != actual:
+                raise UsageError(
+                    f"{p}: the payload checksum does not match (config.json says {saved}, the files give {actual}): "
+                    f"{WEIGHTS_FILE} or the heads/site/fingerprint in {CONFIG_FILE} changed after saving; {fix}.")
         if device is not None or dtype is not None:
             v = v.to(device=device, dtype=dtype)
-        d = cls(heads=[tuple(h) for h in cfg["heads"]], vectors=v, fingerprint=cfg["fingerprint"],
-                model_name=cfg.get("model_name", ""), site=cfg.get("site", "hook_rot_q"),
-                alpha=float(cfg.get("alpha", 1.0)), objective=cfg.get("objective", ""),
-                training=cfg.get("training", {}), versions=cfg.get("versions", {}))
+        try:
+            d = cls(heads=[tuple(h) for h in heads], vectors=v, fingerprint=fingerprint,
+                    model_name=cfg.get("model_name", ""), site=site, alpha=float(cfg.get("alpha", 1.0)),
+                    objective=cfg.get("objective", ""), training=cfg.get("training", {}),
+                    versions=cfg.get("versions", {}))
+        except ValueError as e:
+            raise UsageError(f"{p}: {e} ({fix}).") from None
         if model is not None:
             d.check_model(model)
         return d
@@ -365,6 +439,12 @@ class FocusDirections:
                    alpha=alpha, objective="authors",
                    training={"source": str(folder), "layers": layers, "key_files_ignored": n_key,
                              "note": "key-side vectors are inert and were not imported"})
+
+
+def _payload_checksum(heads: Sequence[Sequence[int]], vectors_checksum: str, site: str,
+                      fingerprint: Mapping[str, Any]) -> str:
+    return content_hash({"heads": [[int(l), int(h)] for l, h in heads], "vectors": vectors_checksum,
+                         "site": site, "fingerprint": dict(fingerprint)})
 
 
 def random_like(directions: FocusDirections, *, seed: int = 0) -> FocusDirections:

@@ -21,18 +21,19 @@ no copy of them (a 30-line slice of the oracle file is a test fixture).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from .metrics import normalize_answer
 from .records import Document, TaskExample
 from .synthetic import GoldPosition, _gold_position
@@ -46,18 +47,13 @@ _STOP = frozenset(
 )
 
 
-def _open_text(path: Path, mode: str):
+def _open_text(path: Path):
+    """Open a LitM file for reading as text: gzip by the ``.gz`` suffix or by its magic bytes."""
     gz = path.suffix == ".gz"
-    if "r" in mode and not gz:
+    if not gz:
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
-    if gz:
-        if "w" in mode:
-            # mtime=0: the same records give byte-identical files.
-            raw = open(path, "wb")
-            return io.TextIOWrapper(gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0), encoding="utf-8")
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, mode + "t" if "t" not in mode else mode, encoding="utf-8")
+    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, "rt", encoding="utf-8")
 
 
 def load_litm(
@@ -80,7 +76,9 @@ def load_litm(
         ``nq_annotated_gold``) kept in ``meta``.
 
     Raises:
-        ValueError: ``"{path}:{line}: ..."`` for a line that is not JSON or not a valid record.
+        FileNotFoundError: no such file.
+        focuslens.errors.UsageError: ``"{path}:{line}: ..."`` for a line that is not JSON or not a
+            valid record; a folder; a ``.gz`` that is truncated or not gzip; bytes that are not UTF-8.
     """
     p = Path(path)
     if not p.exists():
@@ -88,9 +86,21 @@ def load_litm(
             f"{p} does not exist. LitM files are downloaded from the lost-in-the-middle repository "
             "(qa_data/nq-open-oracle.jsonl.gz, qa_data/20_total_documents/...)."
         )
+    if not p.is_file():
+        raise UsageError(f"{p} is a folder; give a LitM .jsonl or .jsonl.gz file.")
+    try:
+        return _read_litm(p, limit=limit, task=task)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UsageError(f"{p}: cannot decompress ({type(e).__name__}: {e}): the file is truncated or not gzip; "
+                         "download it again (or give an uncompressed .jsonl without the .gz suffix).") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); give a LitM .jsonl(.gz) file.") from None
+
+
+def _read_litm(p: Path, *, limit: int | None, task: str | None) -> list[TaskExample]:
     name = p.name
     out: list[TaskExample] = []
-    with _open_text(p, "r") as f:
+    with _open_text(p) as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
                 break
@@ -99,11 +109,15 @@ def load_litm(
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                raise UsageError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            if not isinstance(obj, dict):
+                raise UsageError(f"{p}:{lineno}: malformed record: expected a JSON object with question, answers "
+                                 f"and ctxs, got {type(obj).__name__}.")
             try:
                 ex = TaskExample.from_dict(obj, id=f"{name}:{lineno}")
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{p}:{lineno}: malformed record: {e}") from None
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                raise UsageError(f"{p}:{lineno}: malformed record: {why}") from None
             if task is not None:
                 ex.task = task
             out.append(ex)
@@ -111,13 +125,21 @@ def load_litm(
 
 
 def save_litm(examples: Iterable[TaskExample], path: str | os.PathLike) -> Path:
-    """Write records as LitM JSON lines (gzipped when ``path`` ends in ``.gz``, byte-reproducibly)."""
+    """Write records as LitM JSON lines (gzipped when ``path`` ends in ``.gz``, byte-reproducibly, atomically)."""
+    from ..io import atomic_write
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with _open_text(p, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-    return p
+    lines = [json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples]
+
+    def write(tmp: str) -> None:
+        if p.suffix == ".gz":  # mtime=0: the same records give byte-identical files
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g:
+                g.write("".join(lines).encode("utf-8"))
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+
+    return atomic_write(p, write)
 
 
 def contains_answer(text: str, answers: Sequence[str]) -> bool:

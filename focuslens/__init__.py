@@ -40,7 +40,8 @@ from .scoring import (  # noqa: E402
     score_spans,
 )
 from .interventions import compose, inject_vectors, pasta, split_softmax  # noqa: E402
-from .patching import ablate_heads, patch_heads  # noqa: E402
+from .patching import PatchMethod, ablate_heads, patch_heads  # noqa: E402
+from .attribution import attribution_patch_heads, attribution_patch_sites  # noqa: E402
 from .directions import FocusDirections, train_focus_directions  # noqa: E402
 from .sweeps import select_alpha  # noqa: E402
 from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
@@ -105,6 +106,9 @@ __all__ = [
     "score_dataset",
     "score_many",
     "patch_heads",
+    "PatchMethod",
+    "attribution_patch_heads",
+    "attribution_patch_sites",
     "ablate_heads",
     "evaluate",
     "EvalResult",

@@ -277,6 +277,19 @@ class FocusLens:
 
         return patch_heads(self.model, corrupted_tokens, clean, metric, site=site, per_position=per_position, **kw)
 
+    def attribute(self, corrupted_tokens: Tensor, clean_tokens: Tensor, metric: Any, *, site: str = "z",
+                  per_position: bool = False, **kw: Any) -> Tensor:
+        """:func:`~focuslens.attribution.attribution_patch_heads`: the gradient estimate of :meth:`patch`.
+
+        Same ``[layer, head]`` contract as :meth:`patch` for all heads at ≈ 3 forward-equivalents;
+        patch the heads it ranks highest exactly before trusting a number (docs/patching.md).
+        """
+        self._need_hooks("attribute")
+        from .attribution import attribution_patch_heads
+
+        return attribution_patch_heads(self.model, corrupted_tokens, clean_tokens, metric, site=site,
+                                       per_position=per_position, **kw)
+
     @torch.no_grad()
     def generate(self, tokens: Any, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop_at_newline: bool = True) -> str:
         """The greedy answer (:func:`~focuslens.generation.greedy_generate`) to a prompt or rendered example."""

@@ -117,6 +117,9 @@ def test_patch_equals_patch_heads(tiny_llama):
     ref = fl.patch_heads(tiny_llama, corrupt, clean, metric, site="z")
     got = lens.patch(corrupt, clean, metric, site="z")
     assert torch.equal(got, ref) and got.shape == (2, 4)
+    att = lens.attribute(corrupt, clean, metric, site="z")
+    assert torch.equal(att, fl.attribution_patch_heads(tiny_llama, corrupt, clean, metric, site="z"))
+    assert att.shape == (2, 4) and count_hooks(tiny_llama) == 0
 
 
 def test_same_notebook_code_on_the_fused_backend(tiny_llama, rendered):

@@ -185,3 +185,95 @@ def test_corrupted_pair_real_tokenizer_and_model(smollm):
     res = patch_heads(smollm, corrupt_t, clean_t, metric, site="z", layers=[20])
     assert res.shape == (30, 9) and not torch.isnan(res[20]).any()
     assert (res[20] - m_corrupt).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched patching: equal to one-by-one and to TransformerLens' own patching functions
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("site", ["z", "q", "k", "v", "pattern"])
+def test_batched_equals_loop(arch, site, request):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    for per_position, bs in ((False, None), (False, 3), (True, 5)):
+        kw = {"site": site, "per_position": per_position, "positions": [0, 5, 6, 11] if per_position else None}
+        loop = patch_heads(model, CORRUPT, CLEAN, metric_fn, method="loop", **kw)
+        batched = patch_heads(model, CORRUPT, CLEAN, metric_fn, method="batched", batch_size=bs, **kw)
+        assert torch.equal(torch.isnan(loop), torch.isnan(batched))
+        torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0, equal_nan=True)
+    base = float(metric_fn(model(CORRUPT)))
+    assert (loop[~torch.isnan(loop)] - base).abs().max() > 1e-4, "patching must move the metric"
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("site", ["z", "k", "pattern"])
+def test_batched_shared_prefix_beyond_a_sliding_window(tiny_gemma3, site):
+    """The corrupted tokens differ late (position 25 of 36): the shared-prefix KV cache of Gemma-3's
+    sliding layer (window 8) holds fewer keys than the prompt; per-position jobs before the first
+    difference must give the corrupted metric; the whole result equals the loop."""
+    ids = [0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13] * 3
+    clean = torch.tensor([ids])
+    corrupt = clean.clone()
+    corrupt[0, 25:27] = torch.tensor([200, 121])
+    for per_position in (False, True):
+        kw = {"site": site, "per_position": per_position, "positions": [3, 20, 25, 26, 35] if per_position else None}
+        loop = patch_heads(tiny_gemma3, corrupt, clean, metric_fn, method="loop", **kw)
+        batched = patch_heads(tiny_gemma3, corrupt, clean, metric_fn, batch_size=4, **kw)
+        torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0, equal_nan=True)
+    base = float(metric_fn(tiny_gemma3(corrupt)))
+    assert torch.all(batched[:, [3, 20]] == base)
+    assert (batched[:, 25:][~torch.isnan(batched[:, 25:])] - base).abs().max() > 1e-4
+    assert count_hooks(tiny_gemma3) == 0
+
+
+def test_batched_with_several_prompts_and_a_cache(tiny_llama):
+    """b > 1 corrupted prompts (the input is repeated, the metric sees each run's b rows); a clean cache."""
+    clean2 = torch.cat([CLEAN, CLEAN.flip(1)])
+    corrupt2 = torch.cat([CORRUPT, CORRUPT.flip(1)])
+    seen = []
+
+    def metric(logits):
+        seen.append(logits.shape[0])
+        return metric_fn(logits).mean()
+
+    loop = patch_heads(tiny_llama, corrupt2, clean2, metric, site="v", method="loop")
+    cache = cache_sites(tiny_llama, clean2, ["v"])
+    batched = patch_heads(tiny_llama, corrupt2, cache, metric, site="v", batch_size=3)
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+    assert set(seen) == {2}
+    with pytest.raises(ValueError, match="method"):
+        patch_heads(tiny_llama, CORRUPT, CLEAN, metric_fn, method="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        patch_heads(tiny_llama, CORRUPT, CLEAN, metric_fn, batch_size=0)
+
+    def boom(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        patch_heads(tiny_llama, CORRUPT, CLEAN, boom)
+    assert count_hooks(tiny_llama) == 0
+
+
+def test_batched_matches_transformer_lens_patching(tiny_llama):
+    """TransformerLens 4's own ``patching`` functions run on the bridge (GQA k/v per KV head)."""
+    import transformer_lens.patching as tlp
+
+    _, clean_cache = tiny_llama.run_with_cache(CLEAN)
+    pairs = [
+        ("z", False, tlp.get_act_patch_attn_head_out_all_pos),
+        ("q", False, tlp.get_act_patch_attn_head_q_all_pos),
+        ("k", False, tlp.get_act_patch_attn_head_k_all_pos),
+        ("v", False, tlp.get_act_patch_attn_head_v_all_pos),
+        ("pattern", False, tlp.get_act_patch_attn_head_pattern_all_pos),
+        ("z", True, tlp.get_act_patch_attn_head_out_by_pos),
+        ("k", True, tlp.get_act_patch_attn_head_k_by_pos),
+        ("pattern", True, tlp.get_act_patch_attn_head_pattern_by_pos),  # TL: [layer, head, dest_pos]
+    ]
+    for site, per_position, fn in pairs:
+        ref = fn(tiny_llama, CORRUPT, clean_cache, lambda lg: metric_fn(lg).mean()).float()
+        if site == "pattern" and per_position:
+            ref = ref.transpose(1, 2)
+        got = patch_heads(tiny_llama, CORRUPT, CLEAN, metric_fn, site=site, per_position=per_position)
+        assert got.shape == ref.shape, (site, per_position)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

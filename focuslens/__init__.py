@@ -45,7 +45,7 @@ from .attribution import attribution_patch_heads, attribution_patch_sites  # noq
 from .directions import FocusDirections, train_focus_directions  # noqa: E402
 from .sweeps import select_alpha  # noqa: E402
 from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
-from .plotting import ablation_curve, head_heatmap, save_figure  # noqa: E402
+from .plotting import CONDITION_COLORS, Baseline, Series, ablation_curve, curves, head_doc_view, head_heatmap, save_figure  # noqa: E402
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, greedy_generate  # noqa: E402
 from .lens import FocusLens  # noqa: E402
 from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, Pasta, SplitSoftmax, Steer  # noqa: E402
@@ -126,5 +126,10 @@ __all__ = [
     "train_focus_directions",
     "head_heatmap",
     "ablation_curve",
+    "curves",
+    "head_doc_view",
+    "Series",
+    "Baseline",
+    "CONDITION_COLORS",
     "save_figure",
 ]

@@ -11,7 +11,12 @@ already there with the same configuration; evaluations also resume example by ex
 4. ``directions`` — focus directions learned on separate training examples (validation split for
                     early stopping), saved as an artefact folder.
 5. ``alpha``      — accuracy vs α with the learned directions (negative α included), the matched-norm
-                    random control and this project's sink-target magnitude control (``alpha="auto"``).
+                    random control and this project's magnitude control (``alpha="auto"``) in its
+                    calibrated per-input form (docs/directions.md): one α per input, shared by the heads,
+                    such that their mean sink mass falls by the fraction that the reference α removes on
+                    average over the *validation* prompts (``calibrate_sink_target``; no labels, nothing
+                    chosen on test). The reference α is the positive α of the sweep, chosen on the
+                    validation examples (``select_alpha``) when there are several.
 
 Per-condition evaluation files are named ``runs/{name}-{hash}.jsonl``; the hash covers the
 intervention spec's identity (:mod:`focuslens.specs`: heads and τ, or the directions' checksum and α),
@@ -210,7 +215,10 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         baselines={"gold only": base["gold_only"]["accuracy"], "original": base["original"]["accuracy"],
                    "negative": base["negative"]["accuracy"]},
         xaxis="k (heads edited)", yaxis="accuracy (best-subspan EM)",
-        title=f"Split softmax on the top-k contextual heads ({cfg.n_docs} docs, n={cfg.n_test} per point)",
+        title=f"Split softmax on the top-k contextual heads ({cfg.n_docs} docs, n={cfg.n_test} per point; "
+              "error bars ± 1 SE)",
+        conditions={**{name: ("split_softmax" if name.startswith("top-k") else "random_heads") for name in series},
+                    "gold only": "gold_only", "original": "unmodified", "negative": "negative"},
     )
     save(fig, "split_softmax_curve")
 
@@ -233,7 +241,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     directions = fd.FocusDirections.load(dir_path)
 
     # 5. Alpha sweep -------------------------------------------------------------------------------
-    alpha_res = steps.run("alpha", lambda: _alpha_sweep(cfg, directions, model, ev, fd))
+    # "alpha_calibrated": the magnitude control is the calibrated per-input one (the step name changed
+    # with it, so a demo folder of an older version recomputes this step instead of reusing its result)
+    alpha_res = steps.run("alpha_calibrated", lambda: _alpha_sweep(cfg, directions, model, ev, fd, val_ex, out))
     xs = list(cfg.alphas)
     fig = ablation_curve(
         xs,
@@ -244,9 +254,13 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
                                      [alpha_res["random"].get(str(a), {}).get("accuracy_se", float("nan")) for a in xs]),
         },
         baselines={"original": base["original"]["accuracy"], "gold only": base["gold_only"]["accuracy"],
-                   "magnitude control (auto α)": alpha_res["auto"]["accuracy"]},
+                   "magnitude control (α = auto, calibrated per input)": alpha_res["auto"]["accuracy"]},
+        conditions={"learned focus directions": "focus_directions", "random, matched norm": "random_directions",
+                    "original": "unmodified", "gold only": "gold_only",
+                    "magnitude control (α = auto, calibrated per input)": "magnitude_control"},
         xaxis="α", yaxis="accuracy (best-subspan EM)",
-        title=f"Focus directions on the top-{cfg.k_directions} heads ({cfg.objective} objective, n={cfg.n_test} per point)",
+        title=f"Focus directions on the top-{cfg.k_directions} heads ({cfg.objective} objective, n={cfg.n_test} per point; "
+              "error bars ± 1 SE)",
     )
     save(fig, "focus_directions_alpha")
 
@@ -261,8 +275,10 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     return results
 
 
-def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd) -> dict:
+def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd, val_ex, out: Path) -> dict:
     from .specs import Steer
+    from .sweeps import select_alpha
+    from .tasks import render
 
     res: dict[str, Any] = {"learned": {}, "random": {}}
     rnd = fd.random_like(directions, seed=cfg.seed)
@@ -270,7 +286,21 @@ def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd) -> dict:
         res["learned"][str(a)] = ev(f"fd_{cfg.objective}_a{a}", spec=Steer(directions, alpha=a))
         if a > 0:
             res["random"][str(a)] = ev(f"fd_random_a{a}", spec=Steer(rnd, alpha=a))
-    res["auto"] = ev(f"fd_{cfg.objective}_auto", spec=Steer(directions, alpha="auto"))
+    # Calibrated per-input magnitude control: the reference α comes from validation, never from test.
+    pos = [a for a in cfg.alphas if a > 0]
+    if not pos:
+        raise ValueError(f"DemoConfig.alphas needs a positive α for the magnitude control; got {cfg.alphas}.")
+    if len(pos) > 1:
+        sel = select_alpha(model, directions, val_ex, alphas=pos, max_new_tokens=cfg.max_new_tokens,
+                           progress=False, output_dir=out / "runs" / "select_alpha")
+        a_ref, how = float(sel.best_fixed["alpha"]), f"chosen on {len(val_ex)} validation examples"
+    else:
+        a_ref, how = float(pos[0]), "the sweep's only positive α"
+    prompts = [render(e, model.tokenizer).prompt.tokens for e in val_ex]
+    target = fd.calibrate_sink_target(model, directions, prompts, alpha=a_ref)
+    res["auto"] = ev(f"fd_{cfg.objective}_auto_input",
+                     spec=Steer(directions, alpha="auto", per="input", target=target))
+    res["auto_calibration"] = {"alpha": a_ref, "alpha_from": how, "target": target, "n_prompts": len(prompts)}
     return res
 
 
@@ -313,8 +343,9 @@ def _report(cfg: DemoConfig, r: dict) -> str:
         L.append(f"| learned | {k_} | {_pm(v['accuracy'], v['accuracy_se'])} | {_pm(v['distractor_copy'], v['distractor_copy_se'])} |")
     for k_, v in a["random"].items():
         L.append(f"| random, matched norm | {k_} | {_pm(v['accuracy'], v['accuracy_se'])} | {_pm(v['distractor_copy'], v['distractor_copy_se'])} |")
-    v = a["auto"]
-    L.append(f"| learned, magnitude control (this project's sink-target α) | auto | {_pm(v['accuracy'], v['accuracy_se'])} | "
-             f"{_pm(v['distractor_copy'], v['distractor_copy_se'])} |")
+    v, c = a["auto"], a["auto_calibration"]
+    L.append(f"| learned, magnitude control calibrated per input (target {c['target']:.2f}: the sink-mass drop of "
+             f"α = {c['alpha']:g}, {c['alpha_from']}, over {c['n_prompts']} validation prompts) | auto | "
+             f"{_pm(v['accuracy'], v['accuracy_se'])} | {_pm(v['distractor_copy'], v['distractor_copy_se'])} |")
     L += ["", "Small samples: differences under about two standard errors are noise. `focuslens demo --full` runs the larger protocol.", ""]
     return "\n".join(L)

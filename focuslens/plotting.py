@@ -1,9 +1,16 @@
-"""Figures: where the heads sit (a ``[layer, head]`` heatmap) and how a metric moves (ablation curves).
+"""Figures: where the heads sit (a ``[layer, head]`` heatmap), how a metric moves (curves), what one
+prompt looks like to the top heads (heads × documents), in **one visual style**.
 
-Both return a plotly ``go.Figure`` so they show in notebooks, and :func:`save_figure` writes them to
-disk: HTML always (no browser needed), PNG through kaleido when a Chromium browser is available. A
-missing browser is a warning with the fix, never a crash: static export is a convenience, the HTML
-carries the same figure.
+One style: every condition has one colour everywhere (:data:`CONDITION_COLORS`: unmodified, gold-only,
+negative, split softmax, random heads, focus directions, random directions, magnitude control, zero and
+mean ablation); variants of a condition (τ, k, objective) keep its colour and change the dash and
+marker. :func:`curves` puts n and the mean ± SE into every legend entry and says in the title that the
+error bars are ± 1 SE, so a figure read alone carries its sample sizes.
+
+All functions return a plotly ``go.Figure`` so they show in notebooks, and :func:`save_figure` writes
+them to disk: HTML always (no browser needed), PNG through kaleido when a Chromium browser is
+available. A missing browser is a warning with the fix, never a crash: static export is a
+convenience, the HTML carries the same figure.
 
 Example:
     >>> fig = head_heatmap(scores.relevant, title="Contextual scores", top_k=20)
@@ -15,7 +22,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -23,7 +31,37 @@ from torch import Tensor
 
 from .io import atomic_write
 
-__all__ = ["head_heatmap", "ablation_curve", "save_figure", "notebook_figures", "PNG_HELP"]
+__all__ = ["head_heatmap", "ablation_curve", "curves", "head_doc_view", "Series", "Baseline", "Condition",
+           "CONDITION_COLORS", "CONDITION_LABELS", "condition_style", "save_figure", "notebook_figures",
+           "PNG_HELP"]
+
+Condition = Literal["unmodified", "gold_only", "negative", "split_softmax", "random_heads", "focus_directions",
+                    "random_directions", "magnitude_control", "ablation_zero", "ablation_mean"]
+
+#: One colour per condition, used by every figure of the project (colour-blind-safe where possible).
+CONDITION_COLORS: dict[str, str] = {
+    "unmodified": "#404040",         # dark grey: the model as it is
+    "gold_only": "#1b9e77",          # green: the ceiling (only the relevant document)
+    "negative": "#d62728",           # red: the floor (distractors only)
+    "split_softmax": "#1f77b4",      # blue: split softmax on the top-k contextual heads
+    "random_heads": "#ff7f0e",       # orange: the same edit on k random heads
+    "focus_directions": "#7b3294",   # purple: learned focus directions
+    "random_directions": "#a6761d",  # brown: random directions of matched norm
+    "magnitude_control": "#e7298a",  # magenta: focus directions with alpha="auto"
+    "ablation_zero": "#17becf",      # cyan: zero ablation of the top-k heads
+    "ablation_mean": "#0b5563",      # dark teal: mean ablation of the top-k heads
+}
+#: How each condition is named in legends.
+CONDITION_LABELS: dict[str, str] = {
+    "unmodified": "unmodified", "gold_only": "gold only", "negative": "distractors only (negative)",
+    "split_softmax": "split softmax, top-k contextual heads", "random_heads": "k random heads",
+    "focus_directions": "focus directions", "random_directions": "random directions, matched norm",
+    "magnitude_control": "magnitude control (α = auto)", "ablation_zero": "zero ablation",
+    "ablation_mean": "mean ablation",
+}
+_DASHES = ("solid", "dot", "dashdot", "longdash", "dash")
+_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x")
+SE_NOTE = "error bars ± 1 SE; n in the legend"
 
 PNG_HELP = (
     "PNG export needs kaleido and a Chromium browser. Install one with "
@@ -135,8 +173,11 @@ def ablation_curve(
     yaxis: str = "",
     title: str = "",
     log_x: bool = False,
+    conditions: Mapping[str, str] | None = None,
 ):
     """Lines with error bars for several conditions, plus horizontal baseline lines.
+
+    For new figures prefer :func:`curves`, which also writes n and ± SE into the legend.
 
     Args:
         x: the swept values (k, tau, alpha...).
@@ -145,6 +186,8 @@ def ablation_curve(
             (e.g. ``{"original": 0.20, "gold only": 0.72}``).
         xaxis, yaxis, title: labels.
         log_x: logarithmic x axis.
+        conditions: series or baseline name -> a :data:`Condition`, colouring it in the project's
+            style (:func:`condition_style`); names not listed get plotly's default colours.
 
     Returns:
         ``go.Figure``: one scatter trace per series (in order), then one line trace per baseline.
@@ -170,13 +213,246 @@ def ablation_curve(
             if len(e) != len(xs):
                 raise ValueError(f"series[{name!r}] error bars have {len(e)} values but x has {len(xs)}.")
             err_d = {"type": "data", "array": e, "visible": True}
-        fig.add_trace(go.Scatter(x=xs, y=y, error_y=err_d, mode="lines+markers", name=name))
+        style = _style_of(conditions, name)
+        fig.add_trace(go.Scatter(x=xs, y=y, error_y=err_d, mode="lines+markers", name=name, **style))
     lo, hi = min(xs), max(xs)
     for name, v in (baselines or {}).items():
+        c = _style_of(conditions, name).get("line", {}).get("color")
         fig.add_trace(go.Scatter(x=[lo, hi], y=[float(v), float(v)], mode="lines", name=name,
-                                 line={"dash": "dash", "width": 1.5}, hovertemplate=f"{name}: {float(v):.4g}<extra></extra>"))
+                                 line={"dash": "dash", "width": 1.5, **({"color": c} if c else {})},
+                                 hovertemplate=f"{name}: {float(v):.4g}<extra></extra>"))
     fig.update_layout(title={"text": title}, xaxis={"title": {"text": xaxis}, "type": "log" if log_x else "linear"},
                       yaxis={"title": {"text": yaxis}}, template="plotly_white")
+    return fig
+
+
+def _style_of(conditions: Mapping[str, str] | None, name: str) -> dict:
+    if not conditions or name not in conditions:
+        return {}
+    st = condition_style(conditions[name])
+    return {"line": {"color": st["color"], "dash": st["dash"]}, "marker": {"color": st["color"], "symbol": st["symbol"]}}
+
+
+def condition_style(condition: str, variant: int = 0) -> dict[str, str]:
+    """The colour, dash and marker of a condition: ``{"color", "dash", "symbol"}``.
+
+    Args:
+        condition: one of :data:`CONDITION_COLORS` (e.g. ``"split_softmax"``).
+        variant: 0, 1, 2... for variants of one condition drawn in one figure (τ values, k values,
+            objectives): same colour, another dash and marker.
+    """
+    if condition not in CONDITION_COLORS:
+        raise ValueError(f"Unknown condition {condition!r}; use one of {sorted(CONDITION_COLORS)} "
+                         "(focuslens.plotting.CONDITION_COLORS).")
+    if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
+        raise ValueError(f"variant must be a non-negative int, got {variant!r}.")
+    return {"color": CONDITION_COLORS[condition], "dash": _DASHES[variant % len(_DASHES)],
+            "symbol": _SYMBOLS[variant % len(_SYMBOLS)]}
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of :func:`curves`: a condition measured at every x.
+
+    Attributes:
+        name: legend text (n is appended: ``"... (n=40)"``).
+        condition: a :data:`Condition` (sets the colour).
+        y: one value per x (NaN: not measured, left as a gap).
+        se: ± 1 standard error per x (drawn as error bars), or None.
+        n: examples per point: one int for all points or one per x (hover and legend).
+        variant: dash/marker index within the condition (e.g. the τ's index).
+        markers_only: draw markers without a connecting line (points that are not a curve).
+    """
+
+    name: str
+    condition: str
+    y: Sequence[float]
+    se: Sequence[float] | None = None
+    n: int | Sequence[int] | None = None
+    variant: int = 0
+    markers_only: bool = False
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A constant reference of :func:`curves` (horizontal dashed line, its ± SE as a band)."""
+
+    name: str
+    condition: str
+    value: float
+    se: float | None = None
+    n: int | None = None
+
+
+def _n_text(n: int | Sequence[int] | None) -> str:
+    if n is None:
+        return ""
+    if isinstance(n, int):
+        return f"n={n}"
+    ns = sorted({int(v) for v in n})
+    return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
+
+
+def curves(
+    x: Sequence[float],
+    series: Sequence[Series],
+    *,
+    baselines: Sequence[Baseline] = (),
+    xaxis: str,
+    yaxis: str,
+    title: str,
+    log_x: bool = False,
+    x_ticks: Sequence[str] | None = None,
+    marks: Mapping[str, float] | None = None,
+    y_range: tuple[float, float] | None = (-0.02, 1.02),
+    subtitle: str = "",
+):
+    """Curves in the project's style: one colour per condition, ± 1 SE error bars, n in every legend.
+
+    Why one function: every figure of the paper (Figure 3 and 4, ablation and position curves) is
+    "accuracy of some conditions against a swept value, with baselines"; drawing them all here keeps
+    colours, error bars and the statement of n identical across figures.
+
+    Args:
+        x: the swept values (k, α, gold position...).
+        series: the :class:`Series` to draw, in legend order.
+        baselines: :class:`Baseline` values drawn as dashed horizontal lines with a ± SE band; the
+            legend entry reads ``"name 0.20 ± 0.06 (n=40)"``.
+        xaxis, yaxis: axis titles, with units (required: a figure without them is not readable alone).
+        title: the figure title; a second line ``error bars ± 1 SE; n in the legend`` is added.
+        log_x: logarithmic x axis.
+        x_ticks: tick labels for the x values (same length as ``x``).
+        marks: label -> x value of a vertical dotted line (e.g. the validation-chosen α).
+        y_range: y axis range (default: an accuracy's 0..1; None: automatic).
+        subtitle: details on a second title line (model, data, n), before the error-bar note.
+
+    Returns:
+        ``go.Figure``: one trace per series (in order), then per baseline a band and a line.
+    """
+    import plotly.graph_objects as go
+
+    xs = [float(v) for v in x]
+    if not xs:
+        raise ValueError("curves needs at least one x value.")
+    if not series and not baselines:
+        raise ValueError("curves needs at least one series or baseline.")
+    if not xaxis or not yaxis:
+        raise ValueError("curves needs axis titles with units (xaxis=..., yaxis=...).")
+    if x_ticks is not None and len(x_ticks) != len(xs):
+        raise ValueError(f"x_ticks has {len(x_ticks)} labels but x has {len(xs)} values.")
+    fig = go.Figure()
+    for s in series:
+        if not isinstance(s, Series):
+            raise TypeError(f"curves takes Series objects, got {type(s).__name__}.")
+        st = condition_style(s.condition, s.variant)
+        y = [float(v) for v in s.y]
+        if len(y) != len(xs):
+            raise ValueError(f"series {s.name!r} has {len(y)} values but x has {len(xs)}.")
+        err = None
+        if s.se is not None:
+            e = [float(v) for v in s.se]
+            if len(e) != len(xs):
+                raise ValueError(f"series {s.name!r} has {len(e)} error bars but x has {len(xs)}.")
+            err = {"type": "data", "array": e, "visible": True, "thickness": 1.2}
+        ns = [s.n] * len(xs) if isinstance(s.n, int) or s.n is None else list(s.n)
+        if len(ns) != len(xs):
+            raise ValueError(f"series {s.name!r} has {len(ns)} sample sizes but x has {len(xs)}.")
+        nt = _n_text(s.n)
+        fig.add_trace(go.Scatter(
+            x=xs, y=y, error_y=err, name=f"{s.name} ({nt})" if nt else s.name,
+            mode="markers" if s.markers_only else "lines+markers",
+            line={"color": st["color"], "dash": st["dash"], "width": 2},
+            marker={"color": st["color"], "symbol": st["symbol"], "size": 8},
+            customdata=[[-1 if v is None else v, (err["array"][i] if err else float("nan"))] for i, v in enumerate(ns)],
+            hovertemplate=f"{s.name}<br>x %{{x}}<br>%{{y:.3f}} ± %{{customdata[1]:.3f}} (n=%{{customdata[0]}})<extra></extra>",
+        ))
+    lo, hi = min(xs), max(xs)
+    for b in baselines:
+        if not isinstance(b, Baseline):
+            raise TypeError(f"curves takes Baseline objects, got {type(b).__name__}.")
+        color = condition_style(b.condition)["color"]
+        v = float(b.value)
+        label = f"{b.name} {v:.2f}" + (f" ± {b.se:.2f}" if b.se is not None else "") + (f" (n={b.n})" if b.n else "")
+        if b.se is not None and b.se == b.se:
+            fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[v - b.se, v - b.se, v + b.se, v + b.se], fill="toself",
+                                     mode="lines", line={"width": 0}, fillcolor=color, opacity=0.12,
+                                     hoverinfo="skip", showlegend=False, legendgroup=b.name, name=f"{b.name} ± SE"))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[v, v], mode="lines", name=label, legendgroup=b.name,
+                                 line={"dash": "dash", "width": 1.5, "color": color},
+                                 hovertemplate=f"{label}<extra></extra>"))
+    for label, xv in (marks or {}).items():
+        fig.add_vline(x=float(xv), line={"dash": "dot", "width": 1.5, "color": "#555"},
+                      annotation_text=label, annotation_position="top")
+    xa: dict = {"title": {"text": xaxis}, "type": "log" if log_x else "linear"}
+    if x_ticks is not None:
+        xa.update(tickmode="array", tickvals=xs, ticktext=list(x_ticks))
+    sub = f"{subtitle} · {SE_NOTE}" if subtitle else SE_NOTE
+    fig.update_layout(title={"text": f"{title}<br><sub>{sub}</sub>", "font": {"size": 15}}, xaxis=xa,
+                      yaxis={"title": {"text": yaxis}, **({"range": list(y_range)} if y_range else {})},
+                      template="plotly_white",
+                      legend={"font": {"size": 10}}, width=980, height=560)
+    return fig
+
+
+def head_doc_view(
+    before: Float[Tensor, "k doc"],
+    *,
+    heads: Sequence[Sequence[int]],
+    docs: Sequence[str],
+    gold: int,
+    after: Float[Tensor, "k doc"] | None = None,
+    after_label: str = "after",
+    title: str,
+):
+    """A head's view of one prompt: attention mass of each selected head on each document.
+
+    Rows are heads (``L{layer}H{head}``, in the order given: the ranking), columns the documents in
+    prompt order; hovering a cell shows the document's title and opening words and the mass. The
+    gold document's column is outlined. With ``after`` (the same heads under an intervention), two
+    panels share one colour scale so the move of mass toward the gold column is visible.
+
+    Args:
+        before: ``[k, n_docs]`` mean attention mass from the answer rows on each document.
+        heads: the k ``(layer, head)`` pairs of the rows.
+        docs: ``n_docs`` hover texts (title and opening words).
+        gold: 0-based position of the gold document.
+        after: ``[k, n_docs]`` the same under an intervention, or None.
+        after_label: the second panel's title.
+        title: the figure title.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    b = _as_matrix(before)
+    mats = [b] + ([_as_matrix(after)] if after is not None else [])
+    k, n = b.shape
+    if any(m.shape != b.shape for m in mats):
+        raise ValueError(f"before {tuple(b.shape)} and after {tuple(mats[-1].shape)} must have the same shape.")
+    if len(heads) != k:
+        raise ValueError(f"heads has {len(heads)} entries but the matrix has {k} rows.")
+    if len(docs) != n:
+        raise ValueError(f"docs has {len(docs)} texts but the matrix has {n} columns.")
+    if not 0 <= int(gold) < n:
+        raise ValueError(f"gold={gold} is outside 0..{n - 1}.")
+    ylab = [f"L{int(l)}H{int(h)}" for l, h in heads]
+    xlab = [f"doc {i + 1}" + (" (gold)" if i == gold else "") for i in range(n)]
+    hover = [[docs[j] for j in range(n)] for _ in range(k)]
+    zmax = max(float(m.max()) for m in mats)
+    titles = ["unmodified"] + ([after_label] if after is not None else [])
+    fig = make_subplots(rows=1, cols=len(mats), subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04)
+    for c, m in enumerate(mats, start=1):
+        fig.add_trace(go.Heatmap(
+            z=m.tolist(), x=xlab, y=ylab, customdata=hover, zmin=0.0, zmax=zmax, colorscale="Blues",
+            showscale=c == len(mats), colorbar={"title": {"text": "attention mass"}},
+            hovertemplate="%{y} → %{x}<br>mass %{z:.3f}<br>%{customdata}<extra></extra>", name=titles[c - 1],
+        ), row=1, col=c)
+        fig.add_shape(type="rect", x0=gold - 0.5, x1=gold + 0.5, y0=-0.5, y1=k - 0.5, xref=f"x{c if c > 1 else ''}",
+                      yref="y", line={"color": CONDITION_COLORS["gold_only"], "width": 3})
+    fig.update_yaxes(autorange="reversed", title_text="head (ranked)", row=1, col=1)
+    fig.update_xaxes(title_text="document (prompt order)")
+    fig.update_layout(title={"text": title, "font": {"size": 15}, "y": 0.98, "yanchor": "top"}, margin={"t": 170},
+                      template="plotly_white", height=max(460, 26 * k + 260),
+                      width=min(1600, 60 * n * len(mats) + 300))
     return fig
 
 

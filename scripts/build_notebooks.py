@@ -230,6 +230,65 @@ NOTEBOOKS = {
         md("## Recap\n\n- `patching.patch_heads` returns a `[layer, head]` tensor like TransformerLens' patching module.\n"
            "- Sites: `z`, `q`, `k`, `v`, `pattern`; k/v are patched per KV head under grouped-query attention."),
     ],
+    "05_paper_figures.ipynb": [
+        md("# 5 · The paper's figures on SmolLM2, as measured\n\n"
+           "Notebooks 1–4 run each method at a small size. This one shows the full-size figures that "
+           "`experiments/figures.py` computed (one named, resumable command per figure; docs/figures.md), in one "
+           "visual style: the same colour per condition everywhere, error bars ± 1 SE, n in every legend or title. "
+           "It reads the stored figures (`figures/<name>.plotly.json`) and their tables (`figures/<name>.md`), so it "
+           "runs in seconds and needs no model; a figure that has not been computed yet says which command makes it."),
+        code("import json, pathlib\n"
+             "import plotly.io as pio\n"
+             "from IPython.display import Markdown, display\n"
+             "import focuslens as fl\n"
+             "fl.plotting.notebook_figures()  # interactive, plus a static PNG where kaleido + Chromium work\n"
+             "FIG = pathlib.Path('..') / 'figures'\n"
+             "COMMAND = {'headview': 'headview', 'fig3_split_softmax': 'fig3 --n 40', 'ablation_curves': 'ablation --n 40',\n"
+             "           'positions': 'positions --n 20', 'fig4_focus_directions_alpha': 'fig4 --n 40'}\n"
+             "\n"
+             "def show(stem):\n"
+             "    fig_path, table = FIG / f'{stem}.plotly.json', FIG / f'{stem}.md'\n"
+             "    if not fig_path.exists():\n"
+             "        print(f'{stem}: not computed yet; run  python experiments/figures.py {COMMAND[stem]}')\n"
+             "        return None\n"
+             "    display(Markdown(table.read_text()))\n"
+             "    return pio.read_json(fig_path)"),
+        md("## 5.1 A head's view of one prompt\n\n"
+           "Before any statistics: what do the top contextual heads look at? For one test prompt, each row is one of the "
+           "top-10 heads (ranked on separate training examples), each column a document in prompt order, each cell the "
+           "head's attention mass from the answer tokens onto that document (hover: the document's title and opening "
+           "words; the gold document is outlined). The right panel is the same prompt under split softmax (τ = 0.2) on "
+           "these heads: the mass moves onto the gold column, and the title says whether the answer changed."),
+        code("show('headview')"),
+        md("## 5.2 Figure 3 · sufficiency: split softmax on the top-k contextual heads vs k random heads\n\n"
+           "If the contextual heads are the ones that read the relevant context, raising their attention on the gold "
+           "document (split softmax: mass π → π^τ) should move accuracy from the *unmodified* baseline toward the "
+           "*gold-only* one, and the same edit on k random heads (mean of 3 seeds) should do much less. Smaller τ is a "
+           "stronger edit. The *distractors-only* (negative) line is the floor: no gold document at all."),
+        code("show('fig3_split_softmax')"),
+        md("## 5.3 Necessity: ablating the contextual heads\n\n"
+           "The converse question: does the model *need* these heads? Zero ablation sets a head's output to 0, mean "
+           "ablation to its mean over training prompts; each is compared with as many random heads. The right panel "
+           "uses gold-only prompts (no distractors): if ablating the top heads hurts there too, they matter for "
+           "reading the context at all, not only for finding it among distractors."),
+        code("show('ablation_curves')"),
+        md("## 5.4 Lost in the middle: accuracy and attention vs gold position\n\n"
+           "The same examples with the gold document moved to every position of a 10- and a 20-document prompt: "
+           "accuracy unmodified, with split softmax and with focus directions (top row), and the top heads' attention "
+           "mass on the gold document (bottom row). The question: does the U-shape of accuracy follow the heads' "
+           "attention, and do the interventions flatten it?"),
+        code("show('positions')"),
+        md("## 5.5 Figure 4 · focus directions: accuracy vs α\n\n"
+           "Learned focus directions (both objectives) on the top-k heads for k ∈ {5, 10, 20, 50}, across α "
+           "(negative α pushes the other way), with random directions of matched per-head norm as the control. The "
+           "dotted line marks the α chosen on the validation split — the only α that a test-set claim may use."),
+        code("show('fig4_focus_directions_alpha')"),
+        md("## Recap\n\n- Every figure here comes from one named command of `experiments/figures.py`, resumable and keyed "
+           "by content (model, data, intervention, settings); its table gives n and ± SE for every point.\n"
+           "- Sufficiency (Figure 3) and necessity (ablation) are measured against k random heads, never against "
+           "nothing.\n- The head view and the position curves show *where* the attention goes, the accuracy curves "
+           "*whether it matters*.\n- Numbers and commands: docs/figures.md."),
+    ],
 }
 
 

@@ -89,7 +89,8 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_folder, capsys):
                      max_new_tokens=4)
     res = run_demo(cfg, tmp_path / "demo")
     report = (tmp_path / "demo" / "report.md").read_text()
-    for needle in ("Baselines", "Contextual heads", "Split softmax", "Focus directions", "magnitude control"):
+    for needle in ("Baselines", "Contextual heads", "Split softmax", "Focus directions", "magnitude control",
+                   "calibrated per input"):
         assert needle in report
     for fig in ("contextual_heads", "split_softmax_curve", "focus_directions_alpha"):
         assert (tmp_path / "demo" / "figures" / f"{fig}.html").exists()

@@ -116,3 +116,83 @@ def test_notebook_figures_falls_back_without_png_export(monkeypatch):
         assert notebook_figures() == "plotly_mimetype+png" == pio.renderers.default
     finally:
         pio.renderers.default = before
+
+
+def test_condition_style_one_colour_per_condition():
+    from typing import get_args
+
+    from focuslens.plotting import CONDITION_COLORS, CONDITION_LABELS, Condition, condition_style
+
+    assert set(get_args(Condition)) == set(CONDITION_COLORS) == set(CONDITION_LABELS)
+    assert len(set(CONDITION_COLORS.values())) == len(CONDITION_COLORS)  # no two conditions share a colour
+    a, b = condition_style("split_softmax", 0), condition_style("split_softmax", 1)
+    assert a["color"] == b["color"] == CONDITION_COLORS["split_softmax"]
+    assert a["dash"] != b["dash"] and a["symbol"] != b["symbol"]
+    with pytest.raises(ValueError, match="Unknown condition 'split'"):
+        condition_style("split")
+    with pytest.raises(ValueError, match="non-negative"):
+        condition_style("negative", -1)
+
+
+def test_curves_colours_n_and_se_everywhere():
+    from focuslens.plotting import CONDITION_COLORS, Baseline, Series, curves
+
+    fig = curves([1, 5, 20], [Series("top-k, τ=0.2", "split_softmax", [0.2, 0.5, 0.9], [0.06, 0.08, 0.05], 40),
+                              Series("random, τ=0.2", "random_heads", [0.2, 0.25, 0.3], None, [40, 40, 38], variant=1)],
+                 baselines=[Baseline("unmodified", "unmodified", 0.2, 0.063, 40)],
+                 xaxis="k (heads)", yaxis="accuracy", title="Split softmax", marks={"chosen": 5})
+    d = fig.to_dict()
+    top, rnd, band, base = d["data"]
+    assert top["name"] == "top-k, τ=0.2 (n=40)" and rnd["name"] == "random, τ=0.2 (n=38–40)"
+    assert top["line"]["color"] == CONDITION_COLORS["split_softmax"] and rnd["line"]["color"] == CONDITION_COLORS["random_heads"]
+    assert rnd["line"]["dash"] == "dot" and list(top["error_y"]["array"]) == [0.06, 0.08, 0.05]
+    assert rnd.get("error_y") in (None, {})
+    assert base["name"] == "unmodified 0.20 ± 0.06 (n=40)" and base["line"]["color"] == CONDITION_COLORS["unmodified"]
+    assert list(band["y"]) == pytest.approx([0.137, 0.137, 0.263, 0.263]) and band["showlegend"] is False
+    assert "± 1 SE" in d["layout"]["title"]["text"] and d["layout"]["xaxis"]["title"]["text"] == "k (heads)"
+    assert d["layout"]["shapes"][0]["x0"] == 5  # the marked x
+    assert [c[0] for c in rnd["customdata"]] == [40, 40, 38]
+    with pytest.raises(ValueError, match="axis titles"):
+        curves([1], [Series("a", "unmodified", [0.1])], xaxis="", yaxis="acc", title="t")
+    with pytest.raises(ValueError, match="has 1 values but x has 2"):
+        curves([1, 2], [Series("a", "unmodified", [0.1])], xaxis="x", yaxis="y", title="t")
+    with pytest.raises(ValueError, match="Unknown condition"):
+        curves([1], [Series("a", "nonsense", [0.1])], xaxis="x", yaxis="y", title="t")
+    with pytest.raises(TypeError, match="Series"):
+        curves([1], [("a", [0.1])], xaxis="x", yaxis="y", title="t")
+
+
+def test_ablation_curve_conditions_colour_series():
+    from focuslens.plotting import CONDITION_COLORS
+
+    fig = ablation_curve([1, 2], {"top": ([0.1, 0.2], None), "other": ([0.3, 0.3], None)},
+                         baselines={"gold": 0.7}, conditions={"top": "split_softmax", "gold": "gold_only"})
+    d = fig.to_dict()["data"]
+    assert d[0]["line"]["color"] == CONDITION_COLORS["split_softmax"]
+    assert "color" not in (d[1].get("line") or {})
+    assert d[2]["line"]["color"] == CONDITION_COLORS["gold_only"] and d[2]["line"]["dash"] == "dash"
+
+
+def test_head_doc_view_hover_gold_and_shared_scale():
+    from focuslens.plotting import head_doc_view
+
+    before = torch.tensor([[0.1, 0.3, 0.05], [0.2, 0.1, 0.0]])
+    after = torch.tensor([[0.0, 0.9, 0.0], [0.05, 0.6, 0.05]])
+    fig = head_doc_view(before, after=after, heads=[(3, 1), (0, 2)], docs=["A: one", "B: two", "C: three"], gold=1,
+                        title="view")
+    d = fig.to_dict()
+    h0, h1 = d["data"]
+    assert h0["y"] == ["L3H1", "L0H2"] and h0["x"] == ["doc 1", "doc 2 (gold)", "doc 3"]
+    assert h0["customdata"][1][2] == "C: three" and "%{customdata}" in h0["hovertemplate"]
+    assert h0["zmax"] == h1["zmax"] == pytest.approx(0.9) and h0["zmin"] == 0.0
+    assert h1["z"][0][1] == pytest.approx(0.9)
+    rects = [s for s in d["layout"]["shapes"] if s["type"] == "rect"]
+    assert len(rects) == 2 and all(r["x0"] == 0.5 and r["x1"] == 1.5 for r in rects)
+    one = head_doc_view(before, heads=[(3, 1), (0, 2)], docs=["a", "b", "c"], gold=0, title="t").to_dict()
+    assert len(one["data"]) == 1
+    with pytest.raises(ValueError, match="gold=3"):
+        head_doc_view(before, heads=[(3, 1), (0, 2)], docs=["a", "b", "c"], gold=3, title="t")
+    with pytest.raises(ValueError, match="heads has 1"):
+        head_doc_view(before, heads=[(3, 1)], docs=["a", "b", "c"], gold=0, title="t")
+    with pytest.raises(ValueError, match="same shape"):
+        head_doc_view(before, after=after[:, :2], heads=[(3, 1), (0, 2)], docs=["a", "b", "c"], gold=0, title="t")

@@ -26,6 +26,7 @@ from .models import (  # noqa: E402
     hook_name,
     load_model,
     model_info,
+    run_until,
 )
 from .prompts import LabelledPrompt, Segment, Span, as_span, build_prompt  # noqa: E402
 from .scoring import (  # noqa: E402
@@ -53,7 +54,8 @@ from .evaluation import Decoding  # noqa: E402
 from .sweeps import random_heads  # noqa: E402
 from .directions import TrainConfig  # noqa: E402
 from .errors import OutputBusy, UsageError  # noqa: E402
-from . import attention, directions, errors, generation, io, specs, sweeps, tasks  # noqa: E402
+from .finders import find_heads  # noqa: E402
+from . import attention, directions, errors, finders, generation, io, specs, sweeps, tasks  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -68,7 +70,10 @@ __all__ = [
     "UsageError",
     "OutputBusy",
     "check_context",
+    "run_until",
     "errors",
+    "finders",
+    "find_heads",
     "InjectVectors",
     "Steer",
     "Ablate",

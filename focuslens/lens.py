@@ -277,6 +277,14 @@ class FocusLens:
 
         return patch_heads(self.model, corrupted_tokens, clean, metric, site=site, per_position=per_position, **kw)
 
+    def find_heads(self, examples: Sequence[Any], *, finder: str = "contextual", **kw: Any):
+        """:func:`~focuslens.finders.find_heads`: ``DatasetScores`` of one head finder (contextual,
+        retrieval, qrhead, patching) over ``examples``; ``.top_k(k)`` gives the heads."""
+        self._need_hooks("find_heads")
+        from .finders import find_heads
+
+        return find_heads(self.model, examples, finder=finder, **kw)
+
     def attribute(self, corrupted_tokens: Tensor, clean_tokens: Tensor, metric: Any, *, site: str = "z",
                   per_position: bool = False, **kw: Any) -> Tensor:
         """:func:`~focuslens.attribution.attribution_patch_heads`: the gradient estimate of :meth:`patch`.

@@ -58,7 +58,7 @@ from torch import Tensor
 from .attention import LayerAttention, attention_probs, expand_kv, qk_route
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
 from .hooks import attach_hooks
-from .models import HookedModel, check_context, hook_name, model_info
+from .models import HookedModel, check_context, hook_name, model_info, run_until
 from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 from .ranking import (  # the result types, re-exported from here
     DISTRACTORS_MAX,
@@ -94,10 +94,6 @@ __all__ = [
 ScoringMethod = Literal["auto", "qk", "pattern"]
 ResponseMode = Literal["generate", "gold", "gold_only"]
 SpansLike = Union[SpanLike, Sequence[SpanLike]]
-
-
-class _StopForward(Exception):
-    """Raised from the last layer's hook: everything after it is not needed for scoring."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +166,6 @@ def _column_sums(
 
     def finish(l: int) -> None:
         done[l] = True
-        if stop_early and all(done):
-            raise _StopForward
 
     hooks: list[tuple[str, Callable]] = []
     if plan is not None:
@@ -203,11 +197,12 @@ def _column_sums(
 
         hooks = [(hook_name(l, "hook_pattern"), make_pattern(l)) for l in range(L)]
 
-    with torch.inference_mode(), attach_hooks(model, hooks, label="focuslens scoring"):
-        try:
-            model(tokens, return_type=None)
-        except _StopForward:
-            pass
+    with torch.inference_mode():
+        if stop_early:  # nothing after the last layer's attention is needed (models.run_until)
+            run_until(model, tokens, hooks=hooks)
+        else:
+            with attach_hooks(model, hooks, label="focuslens scoring"):
+                model(tokens, return_type=None)
     if not all(done):
         missing = [l for l, d in enumerate(done) if not d]
         raise RuntimeError(f"Scoring hooks did not fire on layers {missing}: the model skipped them.")

@@ -317,3 +317,70 @@ def test_checkpoint_is_json_and_safetensors_only(tiny_llama, dx, tmp_path):
     t = load_file(str(tmp_path / "ck" / meta["tensors"]))
     assert set(t) == {"u", "best_u", "adam.step", "adam.exp_avg", "adam.exp_avg_sq"}
     assert torch.equal(t["best_u"], d.vectors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched caching and the factorised optimiser: same numbers as the one-by-one / reference paths
+
+
+def _mixed_lengths(model):
+    from focuslens.testing import capital_example
+
+    exs = [capital_example(i, n_docs=1 + i % 3) for i in range(7)]
+    return make_direction_examples(model, exs, responses=[("The capital is B. " * (1 + i % 2)).strip()
+                                                          for i in range(7)])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_gemma3"])
+def test_cache_qk_batched_equals_one_by_one(fixture, request):
+    from focuslens.directions import cache_qk
+
+    model = request.getfixturevalue(fixture)
+    ex = _mixed_lengths(model)
+    assert len({len(e.prompt) for e in ex}) >= 3  # the batches really are padded
+    heads = [(1, 2), (0, 1), (1, 3)]
+    one = cache_qk(model, ex, heads, batch_size=1)
+    for bs in (3, 16):
+        many = cache_qk(model, ex, heads, batch_size=bs)
+        assert len(many) == len(one) and many.heads == one.heads and many.kv_pairs == one.kv_pairs
+        for name in ("queries", "keys", "logits0"):
+            for i, (a, b) in enumerate(zip(getattr(one, name), getattr(many, name))):
+                assert a.shape == b.shape, (name, i)  # example order kept, nothing padded in the cache
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{name}[{i}] batch_size={bs}")
+        for name in ("visible", "relevant", "sink"):
+            for a, b in zip(getattr(one, name), getattr(many, name)):
+                assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        cache_qk(model, ex, heads, batch_size=0)
+
+
+def test_factorised_mass_equals_reference(tiny_llama, dx):
+    from focuslens.directions import cache_qk
+    from focuslens.directions.objectives import _mass_from_batch, _pad_batch
+
+    cache = cache_qk(tiny_llama, dx, HEADS)
+    idx = list(range(len(dx)))
+    g = torch.Generator().manual_seed(0)
+    for std in (0.0, 0.5, 3.0):
+        u = (torch.randn(len(HEADS), int(tiny_llama.cfg.d_head), generator=g) * std).requires_grad_(True)
+        out = {}
+        for fac in (True, False):
+            batch = _pad_batch(cache, idx, "relevant", factorised=fac)
+            assert (batch.E is not None) == fac
+            m = _mass_from_batch(batch, u)
+            (grad,) = torch.autograd.grad(m.sum(), u)
+            out[fac] = (m.detach(), grad)
+        torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-4)
+
+
+def test_fast_paths_train_the_same_directions_with_the_same_identity(tiny_llama, dx):
+    kw = {"heads": HEADS, "val_examples": dx[6:], "progress": False, "steps": 30, "patience": 2}
+    ref = train_focus_directions(tiny_llama, dx[:6], cache_batch_size=1, _factorised=False, **kw)
+    fast = train_focus_directions(tiny_llama, dx[:6], **kw)  # defaults: batched cache, factorised optimiser
+    assert fast.training["identity"] == ref.training["identity"]  # same data, model, heads, config
+    torch.testing.assert_close(fast.vectors, ref.vectors, atol=1e-4, rtol=1e-4)
+    assert fast.training["heldout_relevant_attention_after"] == pytest.approx(
+        ref.training["heldout_relevant_attention_after"], abs=1e-4)
+    assert [h["step"] for h in fast.training["history"]] == [h["step"] for h in ref.training["history"]]
+    assert fast.training["cache_seconds"] >= 0 and fast.training["cache_seconds"] <= fast.training["train_seconds"]

@@ -173,3 +173,12 @@ def test_nnsight_scorer_through_the_lens(tiny_llama, rendered):
         lens.split_softmax([(0, 1)], r.relevant, tau=0.5)
     with pytest.raises(TypeError, match="hooked model"):
         lens.patch(full.tokens[None], full.tokens[None], lambda x: x.sum())
+
+
+def test_find_heads_equals_the_module_function(tiny_llama, rendered):
+    lens = fl.FocusLens(tiny_llama)
+    for finder in ("qrhead", "retrieval"):
+        got = lens.find_heads(rendered, finder=finder, progress=False)
+        ref = fl.find_heads(tiny_llama, rendered, finder=finder, progress=False)
+        assert torch.equal(got.mean["relevant"], ref.mean["relevant"]) and type(got) is type(ref)
+    assert count_hooks(tiny_llama) == 0

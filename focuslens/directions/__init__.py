@@ -15,7 +15,8 @@ appended (:func:`make_direction_examples`); ``R`` = response rows, ``C`` = the r
 
 * ``objective="attention"`` (the paper's): maximise the mean attention mass ``Σ_{j∈C} A_{t,j}`` of
   response rows, per head, on the *unmodified* model's activations. Because only the selected heads'
-  queries (response rows) and keys enter the loss, one frozen forward pass per example caches them
+  queries (response rows) and keys enter the loss, frozen forward passes (batched, each stopped after
+  the last selected layer) cache them
   (:func:`cache_qk`) and the optimisation runs on those tensors: all heads jointly as one batched
   problem (``method="batched"``, full-batch Adam, seconds) or the authors' loop (``method="per_layer"``:
   per layer, batch 1, AdamW lr 1e-3, init N(0, 0.01²), 10 epochs), kept as a reference.

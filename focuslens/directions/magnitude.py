@@ -9,8 +9,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..attention import attention_probs, require_qk_route
-from ..hooks import attach_hooks
-from ..models import HookedModel, model_info
+from ..models import HookedModel, model_info, run_until
 from ..prompts import LabelledPrompt
 from .artefact import FocusDirections
 
@@ -39,27 +38,8 @@ def _sink_curves(
     heads = directions.heads
     plan = require_qk_route(model, [l for l, _ in heads], what="The sink probe (alpha='auto')",
                             hint="Use a fixed alpha on this model.")
-    last = plan[max(plan)].k_hook
-    store: dict[str, Tensor] = {}
-
-    class _Stop(Exception):
-        pass
-
-    def make_grab(name):  # keyed by the requested name: hook.name may be an alias (GPT-2)
-        def grab(x, hook):
-            store[name] = x[0].detach()
-            if name == last:
-                raise _Stop()
-            return x
-
-        return grab
-
-    hooks = [(s, make_grab(s)) for la in plan.values() for s in (la.q_hook, la.k_hook)]
-    with attach_hooks(model, hooks, label="focus directions: sink probe"), torch.no_grad():
-        try:
-            model(toks.reshape(1, -1))
-        except _Stop:
-            pass
+    names = [s for la in plan.values() for s in (la.q_hook, la.k_hook)]
+    store = {k: v[0] for k, v in run_until(model, toks.reshape(1, -1), names=names).items()}
     qpos = torch.arange(n - rows, n)
     out = torch.zeros(len(heads), alphas.numel())
     for i, (l, h) in enumerate(heads):
@@ -107,6 +87,8 @@ def sink_target_alphas(
         raise ValueError(f"target is the fraction of sink mass to remove, in (0, 1); got {target}.")
     if per not in ("head", "input"):
         raise ValueError(f"per must be 'head' or 'input', got {per!r}.")
+    if not 0.0 < float(alpha_max) < float("inf"):
+        raise ValueError(f"alpha_max is the top of the α grid [0, alpha_max]; it must be finite and > 0, got {alpha_max}.")
     alphas = torch.linspace(0.0, alpha_max, grid)  # [A]
     s = _sink_curves(model, directions, tokens, alphas, rows)  # [n, A]
     if per == "input":

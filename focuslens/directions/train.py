@@ -76,6 +76,8 @@ def train_focus_directions(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     caches: tuple[QKCache, QKCache | None] | None = None,
+    cache_batch_size: int = 8,
+    _factorised: bool = True,
     **overrides: Any,
 ) -> FocusDirections:
     """Learn one query vector per head; return :class:`FocusDirections` (heads in the order given).
@@ -95,6 +97,13 @@ def train_focus_directions(
             ValueError says what differs. The attention objectives ignore it. A legacy pickle
             ``state.pt`` there is never loaded (a warning says so).
         caches: precomputed ``(train_cache, val_cache)`` from :func:`cache_qk`.
+        cache_batch_size: examples per frozen forward pass when caching q/k (:func:`cache_qk`'s
+            ``batch_size``; grouped by length, right-padded; 1: one unpadded pass per example). It
+            changes the cached tensors only by float rounding (≤ 1e-5), so it is not part of the
+            run's identity.
+        _factorised: benchmark switch only (``benchmarks/bench_directions.py --compare``): False
+            runs the batched optimiser's reference path (the full softmax of the big logit tensor
+            every step) instead of the factorised one; same result to ~1e-6.
 
     ``.training`` of the result records what was trained: the resolved config (``config``) and its
     used fields at the top level, ``identity`` (the content hash of the run) and, when resumed,
@@ -108,14 +117,16 @@ def train_focus_directions(
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if caches is None and (cfg.objective == "attention" or cfg.max_norm == "query"):
-        tr = cache_qk(model, examples, heads, progress=progress)
-        va = cache_qk(model, val_examples, heads, progress=progress) if val_examples else None
+        tr = cache_qk(model, examples, heads, progress=progress, batch_size=cache_batch_size)
+        va = (cache_qk(model, val_examples, heads, progress=progress, batch_size=cache_batch_size)
+              if val_examples else None)
     elif caches is not None:
         tr, va = caches
         if tr.heads != list(heads):
             raise ValueError("The given caches were built for other heads.")
     else:
         tr = va = None
+    t_cache = time.time() - t0
     limit = _resolve_max_norm(cfg.max_norm, tr, len(heads))
     g = torch.Generator().manual_seed(cfg.seed)
     u0 = torch.randn(len(heads), info.d_head, generator=g) * cfg.init_std
@@ -131,7 +142,7 @@ def train_focus_directions(
     })
     if cfg.objective == "attention":
         if cfg.method == "batched":
-            u, hist = _train_batched(tr, va, u0, cfg, limit, progress=progress)
+            u, hist = _train_batched(tr, va, u0, cfg, limit, progress=progress, factorised=_factorised)
         else:
             u, hist = _train_per_layer(tr, u0, cfg, limit, progress=progress)
     else:
@@ -141,6 +152,7 @@ def train_focus_directions(
         if resumed:
             summary["resumed_from_epoch"] = resumed
     summary["train_seconds"] = round(time.time() - t0, 2)
+    summary["cache_seconds"] = round(t_cache, 2)  # the frozen forward passes (0 with caches=)
     summary["history"] = hist
     if va is not None:
         before = heldout_attention(va, None)
@@ -162,7 +174,7 @@ def _chunks(n: int, chunk: int) -> list[list[int]]:
 
 
 def _train_batched(tr: QKCache, va: QKCache | None, u0: Tensor, cfg: TrainConfig, limit: Tensor | None, *,
-                   progress: bool, chunk: int = 64):
+                   progress: bool, chunk: int = 64, factorised: bool = True):
     u = u0.clone().requires_grad_(True)
     opt = torch.optim.AdamW([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
     _project(u, limit)
@@ -176,8 +188,9 @@ def _train_batched(tr: QKCache, va: QKCache | None, u0: Tensor, cfg: TrainConfig
 
         it = bar = tqdm(it, desc="focus directions (attention, batched)", leave=False)
     n = len(tr)
-    batches = [(len(idx), _pad_batch(tr, idx, "relevant")) for idx in _chunks(n, chunk)]
-    vbatches = [] if va is None else [(len(idx), _pad_batch(va, idx, "relevant")) for idx in _chunks(len(va), chunk)]
+    batches = [(len(idx), _pad_batch(tr, idx, "relevant", factorised=factorised)) for idx in _chunks(n, chunk)]
+    vbatches = [] if va is None else [(len(idx), _pad_batch(va, idx, "relevant", factorised=factorised))
+                                      for idx in _chunks(len(va), chunk)]
     for step in it:
         opt.zero_grad()
         tot = 0.0

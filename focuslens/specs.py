@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import math
 from types import MappingProxyType
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -620,21 +620,21 @@ class Compose(InterventionSpec):
     def per_example(self) -> bool:
         return any(m.per_example for m in self.members)
 
-    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        from .interventions import ComposedHandle
+    def _all_or_nothing(self, attachers: Iterable[Callable[[], HookHandle]]) -> HookHandle:
+        """Attach every member in order; if one raises, remove those already attached, then re-raise."""
+        from .interventions import ComposedHandle, _remove_all
 
         handles: list[HookHandle] = []
         try:
-            for m in self.members:
-                handles.append(m.attach(model, example))
+            for attach in attachers:
+                handles.append(attach())
         except BaseException:
-            for h in reversed(handles):
-                try:
-                    h.remove()
-                except Exception:  # keep removing; the attach error is the one to report
-                    pass
+            _remove_all(handles)
             raise
         return ComposedHandle(handles, label=repr(self))
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        return self._all_or_nothing((lambda m=m: m.attach(model, example)) for m in self.members)
 
     @property
     def batchable(self) -> bool:
@@ -642,25 +642,15 @@ class Compose(InterventionSpec):
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Every member's :meth:`attach_batch`, all-or-nothing like :meth:`attach`."""
-        from .interventions import ComposedHandle
-
         _check_batch(examples, offsets, what="Compose")
         # alpha="auto" probes first, each row alone with the members before it attached (as attach does).
         probed = {k: m._row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
                   for k, m in enumerate(self.members) if isinstance(m, Steer) and m.alpha == "auto"}
-        handles: list[HookHandle] = []
-        try:
-            for k, m in enumerate(self.members):
-                handles.append(Steer._attach_rows(model, probed[k]) if k in probed
-                               else m.attach_batch(model, examples, offsets=offsets))
-        except BaseException:
-            for h in reversed(handles):
-                try:
-                    h.remove()
-                except Exception:  # keep removing; the attach error is the one to report
-                    pass
-            raise
-        return ComposedHandle(handles, label=repr(self))
+        return self._all_or_nothing(
+            (lambda k=k, m=m: Steer._attach_rows(model, probed[k]) if k in probed
+             else m.attach_batch(model, examples, offsets=offsets))
+            for k, m in enumerate(self.members)
+        )
 
     def scaled(self, c: float) -> "Compose":
         return Compose(*(m.scaled(c) for m in self.members))

@@ -477,13 +477,10 @@ class Steer(InterventionSpec):
     def _row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
         """``{head: [batch, d_head]}``: each row's auto-scaled vectors; the probe runs with ``prior``
         attached for that row alone (what a :class:`Compose` member attached before this one does)."""
-        from .attention import query_site
         from .directions.magnitude import sink_target_alphas
 
         d = self.directions
-        d.check_model(model)  # the checks of FocusDirections.apply
-        if d.site != query_site(model):
-            raise ValueError(f"Directions were made for {d.site} but this model's query site is {query_site(model)}.")
+        d.check_applies_to(model)  # the checks of FocusDirections.apply
         rows = []
         for e in examples:
             tokens = _tokens_of(e)

@@ -199,6 +199,13 @@ class FocusDirections:
         return self + (-other)
 
     # --- model checks and application ------------------------------------------------------------
+    def check_applies_to(self, model: HookedModel) -> None:
+        """:meth:`check_model` plus the query site: what every application (``apply``, ``Steer``) checks."""
+        self.check_model(model)
+        expected = query_site(model)
+        if self.site != expected:
+            raise ValueError(f"Directions were made for {self.site} but this model's query site is {expected}.")
+
     def check_model(self, model: HookedModel) -> None:
         """Raise ``ValueError`` naming every architecture field that differs from :attr:`fingerprint`."""
         diff = _fingerprint_diff(self.fingerprint, model_info(model).fingerprint())
@@ -239,10 +246,7 @@ class FocusDirections:
             d = d.top(heads)
         elif heads is not None:
             d = d.select(heads)
-        d.check_model(model)
-        expected = query_site(model)
-        if d.site != expected:
-            raise ValueError(f"Directions were made for {d.site} but this model's query site is {expected}.")
+        d.check_applies_to(model)
         if alpha is None:
             alpha = self.alpha
         if alpha == "auto":

@@ -4,7 +4,7 @@ Run them through ``experiments/figures.py`` (shared options, ranking and caches)
 their protocol:
 
 * directions are trained once per objective on the top-``max(--ks)`` contextual heads (ranked on the
-  training examples) and cached by content under ``runs/figures/directions/`` (model fingerprint,
+  training examples) and cached by content under ``experiments/results/figures/directions/`` (model fingerprint and weights digest,
   heads, objective, training data and settings); ``Steer(d, k=k)`` is their top-k subset. Settings
   are those of ``experiments/generalisation.py`` (docs/directions.md): likelihood objective on the gold
   answer sentence (1 epoch, lr 1e-2, no norm cap); attention objective (the paper's) on the model's
@@ -46,7 +46,7 @@ def directions_for(ctx: Ctx, objective: str):
         return d
     heads = ctx.ranking[: min(max(a.ks), len(ctx.ranking))]
     train, val = _splits(ctx)
-    key = content_hash({"model": model_info(model).fingerprint(), "heads": [list(h) for h in heads],
+    key = content_hash({"model": ctx.model_key, "heads": [list(h) for h in heads],
                         "objective": objective, "train": [e.id for e in train], "val": [e.id for e in val],
                         "n_docs": a.n_docs, "max_new_tokens": a.max_new_tokens, "seed": 0})
     path = ctx.run_dir / "directions" / f"{objective}-{key[:16]}"

@@ -88,6 +88,7 @@ def no_torch_load(monkeypatch):
     ("init_std", -0.1, "init_std must be a finite number >= 0"),
     ("weight_decay", -0.01, "weight_decay must be"),
     ("seed", "zero", "seed must be an integer"),
+    ("cache_precision", "fp8", "cache_precision must be 'model'"),
 ])
 def test_config_validation(field, value, msg):
     with pytest.raises(ValueError, match=msg) as e:
@@ -352,6 +353,27 @@ def test_cache_qk_batched_equals_one_by_one(fixture, request):
                 assert torch.equal(a, b)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         cache_qk(model, ex, heads, batch_size=0)
+
+
+def test_bfloat16_cache_is_close_keyed_and_leaves_the_model_float32(tiny_llama, dx):
+    """cache_precision='bfloat16': autocast only inside the caching passes (q/k within bfloat16 rounding
+    of the float32 cache, stored as float32), the model keeps its dtype, and the run's identity differs."""
+    from focuslens.directions import cache_qk
+
+    exact = cache_qk(tiny_llama, dx, HEADS)
+    fast = cache_qk(tiny_llama, dx, HEADS, precision="bfloat16")
+    assert next(tiny_llama.parameters()).dtype == torch.float32
+    for a, b in zip(exact.queries + exact.keys, fast.queries + fast.keys):
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        assert not torch.equal(a, b)  # really ran in bfloat16 ...
+        torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()), rtol=0.05)  # ... and only rounds
+    with pytest.raises(ValueError, match="precision must be 'model' or 'bfloat16'"):
+        cache_qk(tiny_llama, dx, HEADS, precision="half")
+    kw = dict(heads=HEADS, objective="attention", steps=3, progress=False)
+    d32 = train_focus_directions(tiny_llama, dx, **kw)
+    d16 = train_focus_directions(tiny_llama, dx, cache_precision="bfloat16", **kw)
+    assert d16.training["config"]["cache_precision"] == "bfloat16" and d32.training["config"]["cache_precision"] == "model"
+    assert d16.training["identity"] != d32.training["identity"]
 
 
 def test_factorised_mass_equals_reference(tiny_llama, dx):

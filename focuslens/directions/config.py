@@ -8,10 +8,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "Objective", "Method"]
+__all__ = ["TrainConfig", "Objective", "Method", "CachePrecision"]
 
 Objective = Literal["attention", "likelihood", "both"]
 Method = Literal["batched", "per_layer"]
+CachePrecision = Literal["model", "bfloat16"]
 
 _LIVE = ("likelihood", "both")
 
@@ -57,6 +58,12 @@ class TrainConfig:
             once per epoch only).
         attention_weight: objective ``"both"``: weight of the attention-mass term (default 1).
         seed: initialisation and example order.
+        cache_precision: the frozen forward passes that cache q/k (attention objective, and
+            ``max_norm="query"``). ``"model"``: the model's own dtype (exact; the default).
+            ``"bfloat16"``: under ``torch.autocast`` in bfloat16 when the model is float32 — 2.2–2.6×
+            faster on CPUs with AMX and on GPUs; the cached q/k carry bfloat16 rounding (~3
+            significant digits) into training only, the optimiser itself runs in float32, and the
+            trained vectors are applied at the model's dtype. Part of the run's identity.
     """
 
     objective: Objective = "attention"
@@ -73,6 +80,7 @@ class TrainConfig:
     live_eval_every: int | None = None
     attention_weight: float | None = 1.0
     seed: int = 0
+    cache_precision: CachePrecision = "model"
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -125,6 +133,9 @@ class TrainConfig:
             if not _is_int(v) or int(v) < 1:
                 raise ValueError(f"{name} must be an integer >= 1 or None ({hint}); got {v!r}.")
             fix(name, int(v))
+        if self.cache_precision not in ("model", "bfloat16"):
+            raise ValueError(f"cache_precision must be 'model' (the model's dtype, exact) or 'bfloat16' (autocast, "
+                             f"faster on AMX CPUs and GPUs); got {self.cache_precision!r}.")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, e.g. 0; got {self.seed!r}.")
         fix("seed", int(self.seed))

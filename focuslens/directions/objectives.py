@@ -9,6 +9,7 @@ ALiBi...) are refused by :func:`cache_qk` with the reason.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -103,6 +104,7 @@ def cache_qk(
     *,
     progress: bool = False,
     batch_size: int = 8,
+    precision: Literal["model", "bfloat16"] = "model",
 ) -> QKCache:
     """Frozen forward passes over the examples; keep only what the attention objective needs.
 
@@ -111,6 +113,9 @@ def cache_qk(
     right-padded (padding is masked and, being after every real token, never visible to a real row:
     the cache equals the one-by-one cache up to float rounding of the batched matmuls, ≤ 1e-5 — tested).
     ``batch_size=1`` is one unpadded pass per example. The cache keeps the examples' order.
+    ``precision="bfloat16"`` runs the passes under ``torch.autocast(dtype=torch.bfloat16)`` when the
+    model is float32 (2.2–2.6× faster on AMX CPUs and GPUs; q/k then carry bfloat16 rounding); the
+    cached tensors are float32 either way.
 
     Raises:
         ValueError: the model's attention cannot be recomputed exactly from hooked q/k on the selected
@@ -118,7 +123,12 @@ def cache_qk(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (examples per frozen forward pass), got {batch_size!r}.")
+    if precision not in ("model", "bfloat16"):
+        raise ValueError(f"precision must be 'model' or 'bfloat16'; got {precision!r}.")
     heads = check_heads(model, heads)
+    param = next(model.parameters())
+    autocast = (torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
+                if precision == "bfloat16" and param.dtype == torch.float32 else contextlib.nullcontext())
     info = model_info(model)
     layers, head_scale, scale, softcap = _layer_plan(model, heads, what="The cached attention objective (cache_qk)")
     kv_pairs = sorted({(l, info.kv_head(h)) for l, h in heads})
@@ -138,7 +148,8 @@ def cache_qk(
         bar = tqdm(total=len(examples), desc="caching q/k", leave=False)
     for group in groups:
         toks, mask = _pad_right([examples[i].prompt.tokens for i in group], pad_id)
-        store = run_until(model, toks, names=names, attention_mask=mask)
+        with autocast:
+            store = run_until(model, toks, names=names, attention_mask=mask)
         for b, i in enumerate(group):
             ex = examples[i]
             r = ex.prompt.response

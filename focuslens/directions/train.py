@@ -117,8 +117,10 @@ def train_focus_directions(
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if caches is None and (cfg.objective == "attention" or cfg.max_norm == "query"):
-        tr = cache_qk(model, examples, heads, progress=progress, batch_size=cache_batch_size)
-        va = (cache_qk(model, val_examples, heads, progress=progress, batch_size=cache_batch_size)
+        tr = cache_qk(model, examples, heads, progress=progress, batch_size=cache_batch_size,
+                      precision=cfg.cache_precision)
+        va = (cache_qk(model, val_examples, heads, progress=progress, batch_size=cache_batch_size,
+                       precision=cfg.cache_precision)
               if val_examples else None)
     elif caches is not None:
         tr, va = caches

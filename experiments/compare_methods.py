@@ -1,7 +1,7 @@
 """Head finders compared, and every steering method on every finder's heads, in one table (issue #18).
 
 Command (resumable: every finder result, trained direction and evaluated cell is cached under
-``runs/compare/`` by content; rerun the same command to continue where it stopped):
+``experiments/results/compare/`` (tracked in git) by content; rerun the same command to continue where it stopped):
 
     nice -n 19 python experiments/compare_methods.py --n 24        # SmolLM2, n = 24 per cell
     python experiments/compare_methods.py --report                  # docs table + figure from the cache
@@ -93,7 +93,9 @@ class Run:
 
     def __init__(self, args):
         self.quick = args.quick
-        self.out = Path(args.out) if args.out else (ROOT / "runs" / ("compare_quick" if args.quick else "compare"))
+        # real runs: tracked in git (small, content-keyed records that a later session resumes); --quick: scratch
+        self.out = Path(args.out) if args.out else (ROOT / "runs" / "compare_quick" if args.quick
+                                                    else ROOT / "experiments" / "results" / "compare")
         self.n = 2 if args.quick else args.n
         self.n_find = 2 if args.quick else args.n_find
         self.n_patch = 1 if args.quick else args.n_patch
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=20, help="heads per finder")
     ap.add_argument("--fd-finders", default="contextual", help="finders whose heads get focus directions")
     ap.add_argument("--tasks", default=",".join(TASKS), help="tasks, in the order run")
-    ap.add_argument("--out", default=None, help="cache folder (default runs/compare)")
+    ap.add_argument("--out", default=None, help="cache folder (default experiments/results/compare, tracked; --quick: runs/compare_quick)")
     ap.add_argument("--only", default=None,
                     help="run only these rows, e.g. 'contextual:fd,contextual:auto' (parallel workers)")
     ap.add_argument("--quick", action="store_true", help="tiny-model smoke run")

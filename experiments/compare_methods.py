@@ -59,7 +59,7 @@ from focuslens.directions import train_focus_directions  # noqa: E402
 from focuslens.evaluation import evaluate  # noqa: E402
 from focuslens.finders import compare_finders, find_heads, finder_heatmaps  # noqa: E402
 from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import model_info, weights_digest  # noqa: E402
+from focuslens.models import model_identity  # noqa: E402
 from focuslens.plotting import save_figure  # noqa: E402
 from focuslens.ranking import DatasetScores, contextual_heads  # noqa: E402
 from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
@@ -145,8 +145,7 @@ def task_examples(run: Run, task: str, n: int):
 
 
 def model_id(model) -> str:
-    info = model_info(model)
-    return content_hash({"fingerprint": info.fingerprint(), "weights": weights_digest(model)})
+    return content_hash(model_identity(model))
 
 
 # ------------------------------------------------------------------------------------------ finders

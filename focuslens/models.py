@@ -137,6 +137,12 @@ def weights_digest(model: Any, *, per_tensor: int = 4096) -> str:
     return content_hash(rows)
 
 
+def model_identity(model: Any) -> dict[str, Any]:
+    """What keys stored results to a model: the architecture fingerprint and the weights digest (which
+    covers the dtype). The one definition used by checkpoints, experiment caches and comparisons."""
+    return {"fingerprint": model_info(model).fingerprint(), "weights": weights_digest(model)}
+
+
 def hook_name(layer: int, site: HookSite | str) -> str:
     """``hook_name(3, "hook_pattern") -> "blocks.3.attn.hook_pattern"``."""
     return f"blocks.{layer}.attn.{site}"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_write, atomic_write_json, content_hash, tensor_checksum
-from ..models import model_info, weights_digest
+from ..models import model_identity
 from .config import TrainConfig
 from .data import DirectionExample
 
@@ -57,7 +57,7 @@ def _identity(model, heads, cfg: TrainConfig, examples, val_examples, limit: Ten
     conf.pop("epochs")
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": {"fingerprint": model_info(model).fingerprint(), "weights": weights_digest(model)},
+        "model": model_identity(model),
         "heads": [[int(l), int(h)] for l, h in heads],
         "config": conf,
         "train_examples": _examples_digest(examples),

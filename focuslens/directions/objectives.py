@@ -23,6 +23,7 @@ from ..attention import (LayerAttention, attention_logits, attention_probs, expa
 from ..hooks import attach_hooks
 from ..models import Head, HookedModel, check_heads, model_info, run_until
 from .artefact import FocusDirections
+from .config import CachePrecision
 from .data import DirectionExample
 
 __all__ = ["QKCache", "cache_qk", "attention_mass", "heldout_attention"]
@@ -104,7 +105,7 @@ def cache_qk(
     *,
     progress: bool = False,
     batch_size: int = 8,
-    precision: Literal["model", "bfloat16"] = "model",
+    precision: CachePrecision = "model",
 ) -> QKCache:
     """Frozen forward passes over the examples; keep only what the attention objective needs.
 

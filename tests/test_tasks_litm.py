@@ -197,3 +197,90 @@ def test_shared_oracle_file_when_present():
     assert len(ex) == 2655 and all(e.gold_index == 0 for e in ex)
     for a, b in zip(ex[:30], load_litm(DATA)):  # the shipped slice is the file's first 30 lines
         assert (a.question, a.answers, a.ctxs, a.meta) == (b.question, b.answers, b.ctxs, b.meta)
+
+
+# ---- train / validation / test sets split by question (issue 19) ----
+from focuslens.tasks import SPLITS, question_split, real_document_splits  # noqa: E402
+from focuslens.tasks.metrics import normalize_answer  # noqa: E402
+
+
+def test_question_split_is_a_pure_function_of_the_question():
+    q = "who got the first nobel prize in physics"
+    assert question_split(q) == question_split("Who got the first Nobel prize in physics?")  # normalised text
+    assert {question_split(f"question {i}") for i in range(200)} == set(SPLITS)
+    fr = [sum(question_split(f"question {i}") == s for i in range(3000)) / 3000 for s in SPLITS]
+    assert abs(fr[0] - 0.6) < 0.04 and abs(fr[1] - 0.2) < 0.03 and abs(fr[2] - 0.2) < 0.03
+    assert question_split(q, fractions=(1, 0, 0)) == "train" and question_split(q, fractions=(0, 0, 1)) == "test"
+    with pytest.raises(ValueError, match="summing to 1"):
+        question_split(q, fractions=(0.5, 0.2, 0.2))
+
+
+@pytest.mark.parametrize("kind", ["random", "hard"])
+def test_real_document_splits_keep_questions_and_passages_apart(oracle, kind):
+    fr = (0.4, 0.3, 0.3)
+    sets = real_document_splits(oracle, n_docs=5, distractors=kind, fractions=fr, seed=3)
+    assert sets == real_document_splits(oracle, n_docs=5, distractors=kind, fractions=fr, seed=3)  # deterministic
+    qs = {s: {normalize_answer(e.question) for e in exs} for s, exs in sets.items()}
+    assert sum(len(v) for v in qs.values()) == len(oracle)  # every question once, in one split
+    assert not (qs["train"] & qs["test"]) and not (qs["train"] & qs["validation"]) and not (qs["validation"] & qs["test"])
+    gold_text = {normalize_answer(e.question): e.ctxs[0].text for e in oracle}
+    for split, exs in sets.items():
+        own = {gold_text[q] for q in qs[split]}
+        for i, e in enumerate(exs):
+            assert e.meta["split"] == split and e.id.endswith(f"@{split}")
+            assert e.n_docs == 5 and e.gold.isgold and e.gold_index == i % 5  # "cycle"
+            for d in e.ctxs:
+                assert d.text in own  # distractors only from the split's own questions: no test passage in train
+                if not d.isgold:
+                    assert not contains_answer(d.text, e.answers)
+
+
+def test_real_document_splits_every_position_equals_one_build_per_position(oracle):
+    sets = real_document_splits(oracle, n_docs=4, positions="every", fractions=(0.5, 0.5, 0.0), seed=1)
+    assert sets["test"] == []
+    for split in ("train", "validation"):
+        qs = [e for e in oracle if question_split(e.question, fractions=(0.5, 0.5, 0.0), seed=1) == split]
+        exs = sets[split]
+        assert len(exs) == 4 * len(qs)
+        for p in range(4):  # the slow reference: one build_from_oracle per gold position
+            ref = build_from_oracle(qs, n_docs=4, distractors="random", gold_position=p, seed=1)
+            got = exs[p::4]
+            assert [e.gold_index for e in got] == [p] * len(qs)
+            assert [[d.text for d in e.ctxs] for e in got] == [[d.text for d in r.ctxs] for r in ref]
+            assert [e.distractor_answers for e in got] == [r.distractor_answers for r in ref]
+            assert all(e.id == f"{r.id}@{split}/p{p}" for e, r in zip(got, ref))
+
+
+def test_real_document_splits_bad_input(oracle):
+    with pytest.raises(ValueError, match="positions must be"):
+        real_document_splits(oracle, positions="all")
+    with pytest.raises(ValueError, match="fewer than n_docs"):
+        real_document_splits(oracle, n_docs=25)
+
+
+def test_real_document_splits_subset_equals_the_full_build(oracle):
+    full = real_document_splits(oracle, n_docs=4, fractions=(0.4, 0.3, 0.3))
+    part = real_document_splits(oracle, n_docs=4, fractions=(0.4, 0.3, 0.3), splits=("test",))
+    assert list(part) == ["test"] and part["test"] == full["test"]
+    with pytest.raises(ValueError, match="splits must name"):
+        real_document_splits(oracle, splits=("dev",))
+
+
+def test_real_documents_script_writes_reproducible_files_and_a_manifest(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_documents", Path(__file__).parents[1] / "experiments" / "real_documents.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--oracle", str(DATA), "--n-docs", "4", "--kinds", "random", "--fractions", "0.4", "0.3", "0.3"]
+    assert mod.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert mod.main([*args, "--out", str(tmp_path / "b")]) == 0
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert sorted(man["files"]) == ["nq-random4-test-every.jsonl.gz", "nq-random4-test.jsonl.gz",
+                                    "nq-random4-train.jsonl.gz", "nq-random4-validation.jsonl.gz"]
+    for name, info in man["files"].items():
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b and mod.sha256_file(tmp_path / "a" / name) == info["sha256"]  # byte-reproducible
+        assert len(load_litm(tmp_path / "a" / name)) == info["examples"]
+    assert man["files"]["nq-random4-test-every.jsonl.gz"]["examples"] == 4 * man["files"]["nq-random4-test.jsonl.gz"]["examples"]
+    assert mod.main(["--oracle", str(tmp_path / "missing.jsonl.gz"), "--out", str(tmp_path / "c")]) == 2

@@ -1,6 +1,15 @@
 """Distraction tasks: multi-document QA records, generators, loaders and rendering with exact spans."""
 
-from .litm import TfidfIndex, build_from_oracle, contains_answer, load_litm, save_litm
+from .litm import (
+    SPLITS,
+    TfidfIndex,
+    build_from_oracle,
+    contains_answer,
+    load_litm,
+    question_split,
+    real_document_splits,
+    save_litm,
+)
 from .metrics import (
     accuracy_by_position,
     best_subspan_em,
@@ -59,6 +68,9 @@ __all__ = [
     "load_litm",
     "save_litm",
     "build_from_oracle",
+    "real_document_splits",
+    "question_split",
+    "SPLITS",
     "TfidfIndex",
     "contains_answer",
     "best_subspan_em",

@@ -38,7 +38,8 @@ from .metrics import normalize_answer
 from .records import Document, TaskExample
 from .synthetic import GoldPosition, _gold_position
 
-__all__ = ["load_litm", "save_litm", "build_from_oracle", "TfidfIndex", "contains_answer"]
+__all__ = ["load_litm", "save_litm", "build_from_oracle", "TfidfIndex", "contains_answer", "question_split",
+           "real_document_splits", "SPLITS"]
 
 _WORD = re.compile(r"\w+")
 _STOP = frozenset(
@@ -295,4 +296,116 @@ def build_from_oracle(
             meta={"source_id": ex.id, "n_docs": n_docs, "seed": seed},
             id=f"{ex.id}|{distractors}{n_docs}-s{seed}",
         ))
+    return out
+
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+
+
+def question_split(question: str, *, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> Split:
+    """The split of one question: a pure function of its normalised text (and ``seed``).
+
+    Why by question and by hash: a question must never be trained on and tested on (not even with
+    other distractors or another gold position), and hashing its own text (not its line number or
+    file name) puts it in the same split in the full oracle file, in any slice of it and in any later
+    superset — so a test set stays a test set when more data is added.
+
+    Args:
+        question: the question text (normalised with :func:`~focuslens.tasks.metrics.normalize_answer`).
+        fractions: ``(train, validation, test)``, non-negative, summing to 1.
+        seed: another seed gives another (equally deterministic) partition.
+    """
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 or not math.isfinite(f) for f in fr) or abs(sum(fr) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must be three non-negative numbers (train, validation, test) summing to 1; "
+                         f"got {tuple(fractions)}.")
+    import hashlib
+
+    h = hashlib.sha256(f"focuslens-split:{seed}:{normalize_answer(question)}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64  # uniform in [0, 1)
+    if u < fr[0]:
+        return "train"
+    return "validation" if u < fr[0] + fr[1] else "test"
+
+
+def real_document_splits(
+    oracle: Sequence[TaskExample] | str | os.PathLike,
+    *,
+    n_docs: int = 10,
+    distractors: Literal["random", "hard"] = "random",
+    positions: Literal["cycle", "every"] = "cycle",
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    splits: Sequence[Split] = SPLITS,
+) -> dict[Split, list[TaskExample]]:
+    """Train / validation / test sets of N-document examples with real passages, split by question.
+
+    Each split is built by :func:`build_from_oracle` from **its own questions only**: a question's
+    gold passage is a distractor only inside its own split, so no test passage (nor its answer) is
+    ever seen in training, as gold or as distractor. Distractors never contain the question's
+    answers (``build_from_oracle``'s eligibility rule).
+
+    Args:
+        oracle: oracle records or the path of ``nq-open-oracle.jsonl.gz`` (``../shared/data/litm/``).
+        n_docs: documents per example (10 and 20 are the paper's / LitM's settings).
+        distractors: ``"random"`` or ``"hard"`` (TF-IDF nearest to the question, within the split).
+        positions: ``"cycle"``: question ``i`` of a split has the gold at position ``i mod n_docs``
+            (each position gets ``≈ n / n_docs`` questions; one example per question);
+            ``"every"``: each question once at **every** position (``n × n_docs`` examples, paired
+            across positions: the lost-in-the-middle curve without question-mix noise).
+        fractions: ``(train, validation, test)`` for :func:`question_split`.
+        seed: the split seed and the distractor seed.
+        splits: which splits to build (the others are skipped, not returned); a split's examples do
+            not depend on which others are built.
+
+    Returns:
+        ``{"train": [...], "validation": [...], "test": [...]}`` (the requested ones); ids end in ``@<split>`` (and
+        ``/p<pos>`` with ``positions="every"``), ``meta["split"]`` names the split.
+    """
+    if isinstance(oracle, (str, os.PathLike)):
+        oracle = load_litm(oracle)
+    if positions not in ("cycle", "every"):
+        raise ValueError(f"positions must be 'cycle' or 'every', got {positions!r}.")
+    if not splits or any(sp not in SPLITS for sp in splits):
+        raise ValueError(f"splits must name some of {SPLITS}, got {tuple(splits)!r}.")
+    by: dict[Split, list[TaskExample]] = {s: [] for s in SPLITS}
+    for ex in oracle:
+        by[question_split(ex.question, fractions=fractions, seed=seed)].append(ex)
+    out: dict[Split, list[TaskExample]] = {}
+    for split, qs in by.items():
+        if split not in splits:
+            continue
+        if not qs:
+            out[split] = []
+            continue
+        if len(qs) < n_docs:
+            raise ValueError(f"The {split} split has {len(qs)} questions, fewer than n_docs={n_docs}: its "
+                             "distractors come from its own questions. Use more oracle records or fewer documents.")
+        if positions == "cycle":
+            rows = build_from_oracle(qs, n_docs=n_docs, distractors=distractors,
+                                     gold_position=list(range(n_docs)), seed=seed)
+        else:  # question-major: the n_docs positions of one question are adjacent
+            # The distractors and their order do not depend on the gold position (build_from_oracle draws
+            # them before placing the gold), so one build at position 0 moved to every position equals
+            # n_docs builds (tested), at 1/n_docs of the cost.
+            rows = [_move_gold(ex, p) for ex in build_from_oracle(qs, n_docs=n_docs, distractors=distractors,
+                                                                  gold_position=0, seed=seed)
+                    for p in range(n_docs)]
+        for ex in rows:
+            ex.id = f"{ex.id}@{split}" + ("" if positions == "cycle" else f"/p{ex.gold_index}")
+            ex.meta = {**ex.meta, "split": split, "positions": positions}
+        out[split] = rows
+    return out
+
+
+def _move_gold(ex: TaskExample, pos: int) -> TaskExample:
+    """``ex`` (gold at position 0) with its gold passage moved to ``pos``; the distractors keep their order."""
+    import copy
+
+    docs = [copy.deepcopy(d) for d in ex.ctxs]
+    gold = docs.pop(ex.gold_index)
+    docs.insert(pos, gold)
+    out = copy.deepcopy(ex)
+    out.ctxs, out.gold_index = docs, pos
     return out

@@ -65,6 +65,7 @@ from focuslens.ranking import DatasetScores, contextual_heads  # noqa: E402
 from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
 from focuslens.sweeps import examples_identity, random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
+from focuslens.tasks.metrics import paired_difference  # noqa: E402
 
 FINDER_ORDER = ("contextual", "retrieval", "qrhead", "patching")
 METHODS = {"ss": "split softmax (τ=0.2, oracle span)", "pasta": "PASTA (coef. 0.01, oracle span)",
@@ -422,14 +423,6 @@ def _evaluate_cell(run: Run, model, task, finder, method, spec, sid, exs, data_i
     return cell
 
 
-def paired(a: list, b: list) -> tuple[float, float, int]:
-    n = min(len(a), len(b))
-    d = [a[i] - b[i] for i in range(n)]
-    m = sum(d) / n
-    se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
-    return m, se, n
-
-
 # ------------------------------------------------------------------------------------------ report
 def table(run: Run) -> str:
     cols = list(TASKS)
@@ -445,7 +438,7 @@ def table(run: Run) -> str:
         for t in cols:
             c, b = load_json(cell_path(run, t, f, m)), base[t]
             if c and b:
-                d, se, n = paired(c["em"], b["em"])
+                d, se, n, *_ = paired_difference(c["em"], b["em"])
                 cells.append(f"{d * 100:+.1f} ± {se * 100:.1f} (n={n})")
             else:
                 cells.append("missing")

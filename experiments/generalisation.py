@@ -56,6 +56,7 @@ from focuslens.io import atomic_write_json  # noqa: E402
 from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
 from focuslens.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
+from focuslens.tasks.metrics import paired_difference  # noqa: E402
 
 N_DOCS = 10
 SEEDS = (0, 1, 2)
@@ -446,13 +447,6 @@ def stage_transfer(model, prep, sel, only=None):
 
 
 # ------------------------------------------------------------------------------------------ report
-def paired(a: list, b: list) -> tuple[float, float, int, int]:
-    """Mean difference a − b on the shared examples, its paired SE, wins, losses."""
-    n = min(len(a), len(b))
-    d = [a[i] - b[i] for i in range(n)]
-    m = sum(d) / n
-    se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
-    return m, se, sum(x > 0 for x in d), sum(x < 0 for x in d)
 
 
 def stage_report(model_name="SmolLM2-135M-Instruct") -> str:
@@ -475,25 +469,25 @@ def stage_report(model_name="SmolLM2-135M-Instruct") -> str:
                   "|---|---|---|---|---|---|---|"]
         for name, r in res.items():
             if base and name != "unmodified":
-                m, se, w, l_ = paired(r["em"], base["em"])
+                m, se, _, w, l_ = paired_difference(r["em"], base["em"])
                 dcol, wl = f"{m:+.3f} ± {se:.3f}", f"{w} / {l_}"
             else:
                 dcol, wl = "—", "—"
             lines.append(f"| {name} | {r['n']} | {r['acc']:.3f} | {r['se']:.3f} | {dcol} | {wl} | {r['copy']:.2f} |")
         seeds = [res[f"likelihood_s{s}"] for s in SEEDS if f"likelihood_s{s}" in res]
         if base and len(seeds) == 3:
-            ds = [paired(r["em"], base["em"])[0] for r in seeds]
+            ds = [paired_difference(r["em"], base["em"]).mean for r in seeds]
             lines.append(f"\nLikelihood directions over 3 seeds: Δ = {sum(ds) / 3:+.3f} (per seed "
                          + ", ".join(f"{x:+.3f}" for x in ds) + f"; spread ± {_sd(ds):.3f} sd)")
         for obj, fixed_name in (("likelihood", "likelihood_s0"), ("attention", "attention_s0")):
             for auto in (f"{obj}_auto_input", f"{obj}_auto"):
                 if auto in res and fixed_name in res:
-                    m, se, w, l_ = paired(res[auto]["em"], res[fixed_name]["em"])
+                    m, se, _, w, l_ = paired_difference(res[auto]["em"], res[fixed_name]["em"])
                     lines.append(f"Magnitude control `{auto}` − best fixed α (`{fixed_name}`), paired on "
                                  f"{min(res[auto]['n'], res[fixed_name]['n'])}: {m:+.3f} ± {se:.3f} ({w} / {l_})")
         seeds = [res[f"attention_s{s}"] for s in SEEDS if f"attention_s{s}" in res]
         if base and len(seeds) == 3:
-            ds = [paired(r["em"], base["em"])[0] for r in seeds]
+            ds = [paired_difference(r["em"], base["em"]).mean for r in seeds]
             lines.append(f"Attention directions over 3 seeds: Δ = {sum(ds) / 3:+.3f} (per seed "
                          + ", ".join(f"{x:+.3f}" for x in ds) + f"; spread ± {_sd(ds):.3f} sd)")
         lines.append("")
@@ -535,7 +529,7 @@ def matrix_markdown() -> str:
         for c, _ in MATRIX_COLS:
             r, b = res[c].get(key), res[c].get("unmodified")
             if r and b:
-                m, se, w, l_ = paired(r["em"], b["em"])
+                m, se, _, w, l_ = paired_difference(r["em"], b["em"])
                 cells.append(f"{m * 100:+.1f} ± {se * 100:.1f}" + (f" (n = {r['n']})" if r["n"] != b["n"] else ""))
             else:
                 cells.append("–")
@@ -563,7 +557,7 @@ def _figures() -> None:
         for c in cols:
             res = load_results(c)
             if row in res and "unmodified" in res:
-                m, se, _, _ = paired(res[row]["em"], res["unmodified"]["em"])
+                m, se, *_ = paired_difference(res[row]["em"], res["unmodified"]["em"])
                 zr.append(m)
                 tr.append(f"{m:+.2f}<br>±{se:.2f}<br>n={min(res[row]['n'], res['unmodified']['n'])}")
             else:

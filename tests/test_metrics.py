@@ -79,3 +79,22 @@ def test_accuracy_by_position():
     out = accuracy_by_position(recs)
     assert list(out) == [0, 4]
     assert out[0]["accuracy"] == 0.5 and out[0]["n"] == 2 and out[4]["accuracy"] == 1.0
+
+
+def test_paired_difference_against_the_textbook_formula():
+    import math
+    import random
+
+    from focuslens.tasks import paired_difference
+
+    rng = random.Random(0)
+    a = [float(rng.random() < 0.6) for _ in range(57)]
+    b = [float(rng.random() < 0.4) for _ in range(60)]  # longer: only the shared prefix is paired
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+    p = paired_difference(a, b)
+    assert p.n == 57 and abs(p.mean - m) < 1e-12 and abs(p.se - se) < 1e-12
+    assert p.wins == sum(x > 0 for x in d) and p.losses == sum(x < 0 for x in d)
+    same = paired_difference(a, a)
+    assert same.mean == 0.0 and same.se == 0.0 and same.wins == same.losses == 0

@@ -284,3 +284,13 @@ def test_real_documents_script_writes_reproducible_files_and_a_manifest(tmp_path
         assert len(load_litm(tmp_path / "a" / name)) == info["examples"]
     assert man["files"]["nq-random4-test-every.jsonl.gz"]["examples"] == 4 * man["files"]["nq-random4-test.jsonl.gz"]["examples"]
     assert mod.main(["--oracle", str(tmp_path / "missing.jsonl.gz"), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_real_distraction_script_needs_the_sets_first(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_distraction", Path(__file__).parents[1] / "experiments" / "real_distraction.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--sets", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "python experiments/real_documents.py" in capsys.readouterr().err

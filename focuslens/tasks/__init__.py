@@ -16,6 +16,7 @@ from .metrics import (
     clean_distractor_answers,
     distractor_copy,
     mean_se,
+    paired_difference,
     normalize_answer,
     substring_match,
 )
@@ -80,4 +81,5 @@ __all__ = [
     "normalize_answer",
     "accuracy_by_position",
     "mean_se",
+    "paired_difference",
 ]

@@ -1,0 +1,138 @@
+"""Real distraction on held-out NQ documents: the baselines and the ceilings (issue 19, part 3 begun).
+
+    python experiments/real_documents.py                                      # the sets (once, ≈ 4.5 min)
+    nice -n 19 python experiments/real_distraction.py --n 40                  # resumable; ≈ 3 s / generation here
+    python experiments/real_distraction.py --n 40 --report                    # the table from finished records
+
+On the **test** split of ``experiments/real_documents.py`` (``nq-{kind}{N}-test``, gold cycling over
+positions, 530 questions none of which is trained on), with SmolLM2-135M-Instruct (``--dtype``, default
+bfloat16 as ``experiments/figures.py``), greedy, ≤ ``--max-new-tokens`` 16, best-subspan EM:
+
+* unmodified; gold only (the gold passage alone: what the model can do without distraction);
+* split softmax on the top-k contextual heads (``figures/contextual_heads.json``, ranked on
+  **synthetic** data) at τ — the oracle ceiling: it is given the gold span;
+* the same on k random heads (seeds 0, 1, 2; ``focuslens.sweeps.random_heads``) — the control.
+
+Every condition is one JSONL under ``experiments/results/real_distraction/`` (tracked), named by a
+content hash of the model identity, the data file's sha256 (from the sets' ``manifest.json``), the
+intervention's identity and the decoding settings; the first n of one fixed list, so a larger ``--n``
+extends a smaller run. Δ are paired on the same examples (``focuslens.tasks.paired_difference``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from focuslens.evaluation import evaluate  # noqa: E402
+from focuslens.io import atomic_write, content_hash  # noqa: E402
+from focuslens.models import load_model, model_identity  # noqa: E402
+from focuslens.ranking import load_heads  # noqa: E402
+from focuslens.specs import SplitSoftmax  # noqa: E402
+from focuslens.sweeps import random_heads  # noqa: E402
+from focuslens.tasks import load_litm, paired_difference  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results" / "real_distraction"
+
+
+def conditions(model, a) -> list[tuple[str, str, object]]:
+    """``(name, variant, spec)`` in priority order: baselines, the oracle ceiling, then the controls."""
+    top = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k, model=model)
+    out = [("unmodified", "original", None), ("gold_only", "gold_only", None),
+           (f"split_softmax_top{a.k}_tau{a.tau}", "original", SplitSoftmax(top, a.tau))]
+    out += [(f"split_softmax_random{a.k}_seed{s}_tau{a.tau}", "original", SplitSoftmax(random_heads(model, a.k, seed=s), a.tau))
+            for s in a.random_seeds]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", type=Path, default=ROOT / "runs" / "real_documents",
+                    help="folder written by experiments/real_documents.py")
+    ap.add_argument("--kind", default="random", choices=["random", "hard"])
+    ap.add_argument("--n-docs", type=int, default=10)
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--tau", type=float, default=0.2)
+    ap.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=8, help="conditions advance together this many examples at a time")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="no generation: the table from the finished records")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    name = f"nq-{a.kind}{a.n_docs}-test.jsonl.gz"
+    manifest_path = a.sets / "manifest.json"
+    if not manifest_path.is_file() or name not in json.loads(manifest_path.read_text())["files"]:
+        print(f"error: {a.sets / name} is not there; write the sets first: python experiments/real_documents.py",
+              file=sys.stderr)
+        return 2
+    data = {"file": name, "sha256": json.loads(manifest_path.read_text())["files"][name]["sha256"]}
+    torch.set_num_threads(a.threads)
+    test = load_litm(a.sets / name)[: a.n]
+    model = load_model(dtype=getattr(torch, a.dtype), verbose=False)
+    key_model = model_identity(model)
+    conds = conditions(model, a)
+    t0 = time.time()
+    results: dict[str, dict] = {}
+
+    def path_of(cname: str, variant: str, spec) -> Path:
+        key = content_hash({"model": key_model, "data": data, "variant": variant,
+                            "intervene": None if spec is None else spec.identity, "max_new_tokens": a.max_new_tokens})
+        return a.out / f"{cname}-{key[:12]}.jsonl"
+
+    def done(p: Path) -> int:
+        return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+
+    steps = range(a.chunk, a.n + a.chunk, a.chunk)
+    for m in ([] if a.report else steps):
+        m = min(m, a.n)
+        for cname, variant, spec in conds:
+            p = path_of(cname, variant, spec)
+            if done(p) >= m:
+                continue
+            evaluate(model, test[:m], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
+                     output=p, tag=data, progress=False, batch_size=a.batch_size)
+        print(f"[real_distraction] {len(conds)} conditions at n={m} ({time.time() - t0:.0f} s)", flush=True)
+    for cname, variant, spec in conds:
+        p = path_of(cname, variant, spec)
+        have = min(done(p), a.n)
+        if have:
+            res = evaluate(model, test[:have], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
+                           output=p, tag=data, progress=False, batch_size=a.batch_size)
+            results[cname] = {"n": have, "em": [float(r["em"]) for r in res.records], "summary": res.summary()}
+    atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", report(results, a, data))
+    print(report(results, a, data))
+    return 0
+
+
+def report(results: dict, a, data: dict) -> str:
+    base = results.get("unmodified")
+    lines = [f"NQ-open test split, {a.n_docs} real documents ({a.kind} distractors), SmolLM2-135M-Instruct "
+             f"({a.dtype}); `{data['file']}` sha256 {data['sha256'][:12]}; command: "
+             f"`python experiments/real_distraction.py --kind {a.kind} --n-docs {a.n_docs} --n {a.n}`", "",
+             "| condition | n | accuracy ± SE | Δ vs unmodified (paired) ± SE | wins / losses |", "|---|---|---|---|---|"]
+    for cname, r in results.items():
+        s = r["summary"]
+        cell = f"| {cname} | {r['n']} | {s['accuracy']:.3f} ± {s['accuracy_se']:.3f} | "
+        if base is None or cname == "unmodified":
+            cell += "— | — |"
+        else:
+            p = paired_difference(r["em"], base["em"])
+            cell += f"{100 * p.mean:+.1f} ± {100 * p.se:.1f} pts (n={p.n}) | {p.wins} / {p.losses} |"
+        lines.append(cell)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -186,11 +186,6 @@ def _need(ok: bool, msg: str) -> None:
         raise UsageError(msg)
 
 
-def _finite(xs, name: str) -> None:
-    for x in xs:
-        _need(math.isfinite(x), f"{name} must be finite numbers, got {x}")
-
-
 def _check_output(path: str, name: str = "--output", *, folder: bool = True) -> None:
     p = Path(path)
     if folder:
@@ -275,15 +270,15 @@ def _validate(args) -> None:
         if args.select_alphas is None:
             _need(args.select_ks is None and not args.select_targets,
                   "--select-ks and --select-targets need --select-alphas (the alpha grid to choose from)")
-        else:
-            _finite(args.select_alphas, "--select-alphas")
-            _need(all(a != 0 for a in args.select_alphas) and any(a > 0 for a in args.select_alphas),
-                  f"--select-alphas must be non-zero (alpha = 0 is the baseline) with at least one > 0; got "
-                  f"{args.select_alphas}")
-            for k in args.select_ks or ():
-                _need(1 <= k <= args.k, f"--select-ks must be in 1..--k ({args.k}), got {k}")
-            for t in args.select_targets:
-                _need(0 < t < 1, f"--select-targets are fractions of sink mass in (0, 1), got {t}")
+        else:  # the library's one rule, with the flags' names in the message
+            from .sweeps import check_selection_grid
+
+            try:
+                check_selection_grid(args.select_alphas, args.select_ks, args.select_targets, n_heads=args.k,
+                                     names={"alphas": "--select-alphas", "ks": "--select-ks",
+                                            "targets": "--select-targets", "n_heads": f"--k ({args.k})"})
+            except ValueError as e:
+                raise UsageError(str(e)) from None
     if c == "evaluate":
         _need(not (args.directions and args.heads), "give either --directions or --heads/--tau, not both")
         _need(args.alpha is None or bool(args.directions), "--alpha needs --directions (a focus-directions folder)")

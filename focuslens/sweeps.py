@@ -18,7 +18,7 @@ from .directions.artefact import FocusDirections
 from .io import content_hash, tensor_checksum
 from .models import HookedModel, model_info
 
-__all__ = ["select_alpha", "AlphaSelection", "random_heads", "examples_identity"]
+__all__ = ["select_alpha", "check_selection_grid", "AlphaSelection", "random_heads", "examples_identity"]
 
 
 def random_heads(
@@ -127,6 +127,50 @@ def _selection_key(r: Mapping[str, Any]) -> tuple:
     return (round(float(r["accuracy"]), 9), -a, -int(r["k"]))
 
 
+def check_selection_grid(
+    alphas: Sequence[float],
+    ks: Sequence[int] | None,
+    targets: Sequence[float],
+    *,
+    n_heads: int,
+    names: Mapping[str, str] | None = None,
+) -> tuple[list[float], list[int] | None, list[float]]:
+    """The rules of a ``(k, α, target)`` selection grid, checked before anything runs.
+
+    One definition for :func:`select_alpha` and the CLI's ``--select-*`` flags (which pass
+    ``names`` so that the error names the flag): α finite and non-zero (α = 0 is the baseline) with at
+    least one positive α to choose; each k in ``1..n_heads``; each magnitude-control target a fraction
+    of sink mass in (0, 1).
+
+    Args:
+        names: labels for the messages: ``"alphas"``, ``"ks"``, ``"targets"``, ``"n_heads"`` (default:
+            the parameter names and the number).
+
+    Returns:
+        ``(alphas, ks, targets)`` as lists of floats / ints (``ks`` None stays None: "all heads").
+
+    Raises:
+        ValueError: the first rule broken, naming the value.
+    """
+    lab = {"alphas": "alphas", "ks": "k", "targets": "targets", "n_heads": str(n_heads), **(names or {})}
+    alphas = [float(a) for a in alphas]
+    for a in alphas:
+        if not math.isfinite(a):
+            raise ValueError(f"{lab['alphas']} must be finite numbers, got {a}.")
+    if not alphas or any(a == 0 for a in alphas) or not any(a > 0 for a in alphas):
+        raise ValueError(f"{lab['alphas']} must be non-zero (α = 0 is the baseline) with at least one > 0 "
+                         f"(a positive α to choose from); got {alphas}.")
+    ks = None if ks is None else [int(k) for k in ks]
+    for k in ks or ():
+        if not 1 <= k <= n_heads:
+            raise ValueError(f"{lab['ks']} must be in 1..{lab['n_heads']} (the number of heads with a direction); got {k}.")
+    targets = [float(t) for t in targets]
+    for t in targets:
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"{lab['targets']} are fractions of sink mass to remove, in (0, 1); got {t}.")
+    return alphas, ks, targets
+
+
 def select_alpha(
     model: HookedModel,
     directions: FocusDirections,
@@ -172,18 +216,8 @@ def select_alpha(
 
     if not examples:
         raise ValueError("select_alpha needs validation examples.")
-    alphas = [float(a) for a in alphas]
-    if not alphas or any(a == 0 or not math.isfinite(a) for a in alphas):
-        raise ValueError(f"alphas must be non-empty, finite and non-zero (α = 0 is the baseline); got {alphas}.")
-    if not any(a > 0 for a in alphas):
-        raise ValueError(f"select_alpha needs at least one positive α to choose from; got {alphas}.")
-    ks = [len(directions)] if ks is None else [int(k) for k in ks]
-    for k in ks:
-        if not 1 <= k <= len(directions):
-            raise ValueError(f"k must be in 1..{len(directions)} (the number of heads with a direction); got {k}.")
-    for t in targets:
-        if not 0.0 < t < 1.0:
-            raise ValueError(f"targets are fractions of sink mass to remove, in (0, 1); got {t}.")
+    alphas, ks, targets = check_selection_grid(alphas, ks, targets, n_heads=len(directions))
+    ks = [len(directions)] if ks is None else ks
     directions.check_model(model)
     out = Path(output_dir) if output_dir is not None else None
 

@@ -11,7 +11,12 @@ bfloat16 as ``experiments/figures.py``), greedy, ≤ ``--max-new-tokens`` 16, be
 * unmodified; gold only (the gold passage alone: what the model can do without distraction);
 * split softmax on the top-k contextual heads (``figures/contextual_heads.json``, ranked on
   **synthetic** data) at τ — the oracle ceiling: it is given the gold span;
-* the same on k random heads (seeds 0, 1, 2; ``focuslens.sweeps.random_heads``) — the control.
+* the same on k random heads (seeds 0, 1, 2; ``focuslens.sweeps.random_heads``) — the control;
+* **where the attention goes** (part 4 of the issue, for the oracle): the top-k heads' mean attention
+  mass from the answer tokens (the condition's own answer) on the gold passage, the sink (first token)
+  and all distractors, unmodified and under the oracle, per example — how much attention a label-free
+  vector would have to move to match the oracle, and whether the examples it fixes are those where
+  the most mass moved. Cached in ``budget-<hash>.json`` (same content key + the heads).
 
 Every condition is one JSONL under ``experiments/results/real_distraction/`` (tracked), named by a
 content hash of the model identity, the data file's sha256 (from the sets' ``manifest.json``), the
@@ -33,14 +38,21 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write, content_hash  # noqa: E402
+from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.models import load_model, model_identity  # noqa: E402
 from focuslens.ranking import load_heads  # noqa: E402
 from focuslens.specs import SplitSoftmax  # noqa: E402
 from focuslens.sweeps import random_heads  # noqa: E402
-from focuslens.tasks import load_litm, paired_difference  # noqa: E402
+from focuslens.tasks import load_litm, mean_se, paired_difference, render  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "real_distraction"
+
+
+def record_path(a, key_model: dict, data: dict, cname: str, variant: str, spec) -> Path:
+    """A condition's JSONL, named by the content that produced it (model, data file, intervention, decoding)."""
+    key = content_hash({"model": key_model, "data": data, "variant": variant,
+                        "intervene": None if spec is None else spec.identity, "max_new_tokens": a.max_new_tokens})
+    return a.out / f"{cname}-{key[:12]}.jsonl"
 
 
 def conditions(model, a) -> list[tuple[str, str, object]]:
@@ -86,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     results: dict[str, dict] = {}
 
-    def path_of(cname: str, variant: str, spec) -> Path:
-        key = content_hash({"model": key_model, "data": data, "variant": variant,
-                            "intervene": None if spec is None else spec.identity, "max_new_tokens": a.max_new_tokens})
-        return a.out / f"{cname}-{key[:12]}.jsonl"
-
+    path_of = lambda cname, variant, spec: record_path(a, key_model, data, cname, variant, spec)  # noqa: E731
     def done(p: Path) -> int:
         return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
 
@@ -111,12 +119,66 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(model, test[:have], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
                            output=p, tag=data, progress=False, batch_size=a.batch_size)
             results[cname] = {"n": have, "em": [float(r["em"]) for r in res.records], "summary": res.summary()}
-    atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", report(results, a, data))
-    print(report(results, a, data))
+    budget = attention_budget(model, test, results, conds, a, key_model, data) if "unmodified" in results else None
+    text = report(results, a, data, budget)
+    atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", text)
+    print(text)
     return 0
 
 
-def report(results: dict, a, data: dict) -> str:
+def _masses(model, r, response: str, heads) -> dict[str, float]:
+    """The heads' mean mass from the response rows on the gold passage, the sink and the distractors."""
+    from focuslens.scoring import score_spans
+
+    p = r.prompt.with_response(model.tokenizer, response or " ")
+    hs = score_spans(model, p.tokens, response=p.response, spans={"gold": r.relevant}, distractors=r.distractors,
+                     sink=1, method="pattern")
+    pick = lambda t: float(torch.stack([t[l, h] for l, h in heads]).mean())  # noqa: E731
+    return {"gold": pick(hs.scores["gold"]), "sink": pick(hs.scores["sink"]),
+            "distractors": pick(hs.scores["distractors_total"])}
+
+
+def attention_budget(model, test, results, conds, a, key_model, data) -> dict:
+    """Per example: the top-k heads' mass (gold / sink / distractors) unmodified and under the oracle."""
+    oracle = next(((c, s) for c, _, s in conds if c.startswith("split_softmax_top")), None)
+    if oracle is None or oracle[0] not in results:
+        return {}
+    cname, spec = oracle
+    n = min(results["unmodified"]["n"], results[cname]["n"])
+    key = content_hash({"model": key_model, "data": data, "spec": spec.identity, "n": n,
+                        "max_new_tokens": a.max_new_tokens})
+    path = a.out / f"budget-{a.kind}{a.n_docs}-{key[:12]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    preds_u = _predictions(model, test[:n], a, data, key_model, "unmodified", conds)
+    preds_o = _predictions(model, test[:n], a, data, key_model, cname, conds)
+    heads = spec.heads
+    rows = []
+    with torch.inference_mode():
+        for i, ex in enumerate(test[:n]):
+            r = render(ex, model.tokenizer)
+            before = _masses(model, r, preds_u[i], heads)
+            with spec.attach(model, r):
+                after = _masses(model, r, preds_o[i], heads)
+            rows.append({"id": ex.id, "before": before, "after": after,
+                         "em_before": results["unmodified"]["em"][i], "em_after": results[cname]["em"][i]})
+    out = {"condition": cname, "n": n, "heads": [list(h) for h in heads], "rows": rows}
+    atomic_write_json(path, out)
+    return out
+
+
+def _predictions(model, examples, a, data, key_model, cname, conds) -> list[str]:
+    """A finished condition's answers (read back from its records: nothing is generated)."""
+    for c, v, s in conds:
+        if c == cname:
+            res = evaluate(model, examples, variant=v, intervene=s, max_new_tokens=a.max_new_tokens,
+                           output=record_path(a, key_model, data, c, v, s), tag=data, progress=False,
+                           batch_size=a.batch_size)
+            return res.predictions
+    raise KeyError(cname)
+
+
+def report(results: dict, a, data: dict, budget: dict | None = None) -> str:
     base = results.get("unmodified")
     lines = [f"NQ-open test split, {a.n_docs} real documents ({a.kind} distractors), SmolLM2-135M-Instruct "
              f"({a.dtype}); `{data['file']}` sha256 {data['sha256'][:12]}; command: "
@@ -131,6 +193,25 @@ def report(results: dict, a, data: dict) -> str:
             p = paired_difference(r["em"], base["em"])
             cell += f"{100 * p.mean:+.1f} ± {100 * p.se:.1f} pts (n={p.n}) | {p.wins} / {p.losses} |"
         lines.append(cell)
+    if budget and budget.get("rows"):
+        rows = budget["rows"]
+        lines += ["", f"Where the top-{len(budget['heads'])} heads' attention goes (mean mass from the answer tokens, "
+                  f"n = {budget['n']}; `{budget['condition']}` is the oracle):", "",
+                  "| mass on | unmodified | oracle | Δ (paired) |", "|---|---|---|---|"]
+        for part in ("gold", "sink", "distractors"):
+            b = [r["before"][part] for r in rows]
+            o = [r["after"][part] for r in rows]
+            mb, sb = mean_se(b)
+            mo, so = mean_se(o)
+            p = paired_difference(o, b)
+            lines.append(f"| {part} | {mb:.3f} ± {sb:.3f} | {mo:.3f} ± {so:.3f} | {p.mean:+.3f} ± {p.se:.3f} |")
+        fixed = [r for r in rows if r["em_after"] > r["em_before"]]
+        rest = [r for r in rows if not r["em_after"] > r["em_before"]]
+        gain = lambda rs: mean_se([r["after"]["gold"] - r["before"]["gold"] for r in rs])  # noqa: E731
+        if fixed and rest:
+            (mf, sf), (mr, sr) = gain(fixed), gain(rest)
+            lines += ["", f"Gold-mass gain on the {len(fixed)} examples the oracle fixes: {mf:+.3f} ± {sf:.3f}; on the "
+                      f"other {len(rest)}: {mr:+.3f} ± {sr:.3f}."]
     return "\n".join(lines) + "\n"
 
 

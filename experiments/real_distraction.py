@@ -145,26 +145,60 @@ def attention_budget(model, test, results, conds, a, key_model, data) -> dict:
         return {}
     cname, spec = oracle
     n = min(results["unmodified"]["n"], results[cname]["n"])
+    preds = lambda c: _predictions(model, test[:n], a, data, key_model, c, conds)  # noqa: E731
+    return cached_budget(model, test[:n], spec, spec.heads, cname, a, key_model, data,
+                         before=(lambda: preds("unmodified"), results["unmodified"]["em"]),
+                         after=(lambda: preds(cname), results[cname]["em"]))
+
+
+def cached_budget(model, examples, spec, heads, cname: str, a, key_model, data, *, before, after) -> dict:
+    """The heads' mass per example, unmodified (answers ``before``) and under ``spec`` (answers ``after``).
+
+    ``before`` / ``after`` are ``(answers thunk, em list)``: the answers are read only when the budget is
+    not cached yet. Stored in ``a.out / budget-<kind><N>-<hash>.json``, the hash covering the model, the
+    data file, the spec's identity, n and the decoding budget.
+    """
+    n = len(examples)
     key = content_hash({"model": key_model, "data": data, "spec": spec.identity, "n": n,
                         "max_new_tokens": a.max_new_tokens})
     path = a.out / f"budget-{a.kind}{a.n_docs}-{key[:12]}.json"
     if path.exists():
         return json.loads(path.read_text())
-    preds_u = _predictions(model, test[:n], a, data, key_model, "unmodified", conds)
-    preds_o = _predictions(model, test[:n], a, data, key_model, cname, conds)
-    heads = spec.heads
+    preds_b, preds_a = before[0](), after[0]()
     rows = []
     with torch.inference_mode():
-        for i, ex in enumerate(test[:n]):
+        for i, ex in enumerate(examples):
             r = render(ex, model.tokenizer)
-            before = _masses(model, r, preds_u[i], heads)
+            mb = _masses(model, r, preds_b[i], heads)
             with spec.attach(model, r):
-                after = _masses(model, r, preds_o[i], heads)
-            rows.append({"id": ex.id, "before": before, "after": after,
-                         "em_before": results["unmodified"]["em"][i], "em_after": results[cname]["em"][i]})
+                ma = _masses(model, r, preds_a[i], heads)
+            rows.append({"id": ex.id, "before": mb, "after": ma, "em_before": before[1][i], "em_after": after[1][i]})
     out = {"condition": cname, "n": n, "heads": [list(h) for h in heads], "rows": rows}
     atomic_write_json(path, out)
     return out
+
+
+def budget_lines(budget: dict, title: str, column: str) -> list[str]:
+    """Markdown: mean mass on gold / sink / distractors before and after, paired Δ ± SE, and the gain split
+    by whether the condition fixed the example."""
+    rows = budget.get("rows") or []
+    if not rows:
+        return []
+    lines = ["", title, "", f"| mass on | unmodified | {column} | Δ (paired) |", "|---|---|---|---|"]
+    for part in ("gold", "sink", "distractors"):
+        b = [r["before"][part] for r in rows]
+        o = [r["after"][part] for r in rows]
+        (mb, sb), (mo, so) = mean_se(b), mean_se(o)
+        p = paired_difference(o, b)
+        lines.append(f"| {part} | {mb:.3f} ± {sb:.3f} | {mo:.3f} ± {so:.3f} | {p.mean:+.3f} ± {p.se:.3f} |")
+    fixed = [r for r in rows if r["em_after"] > r["em_before"]]
+    rest = [r for r in rows if not r["em_after"] > r["em_before"]]
+    gain = lambda rs: mean_se([r["after"]["gold"] - r["before"]["gold"] for r in rs])  # noqa: E731
+    if fixed and rest:
+        (mf, sf), (mr, sr) = gain(fixed), gain(rest)
+        lines += ["", f"Gold-mass gain on the {len(fixed)} examples it fixes: {mf:+.3f} ± {sf:.3f}; on the "
+                  f"other {len(rest)}: {mr:+.3f} ± {sr:.3f}."]
+    return lines
 
 
 def _predictions(model, examples, a, data, key_model, cname, conds) -> list[str]:
@@ -193,25 +227,9 @@ def report(results: dict, a, data: dict, budget: dict | None = None) -> str:
             p = paired_difference(r["em"], base["em"])
             cell += f"{100 * p.mean:+.1f} ± {100 * p.se:.1f} pts (n={p.n}) | {p.wins} / {p.losses} |"
         lines.append(cell)
-    if budget and budget.get("rows"):
-        rows = budget["rows"]
-        lines += ["", f"Where the top-{len(budget['heads'])} heads' attention goes (mean mass from the answer tokens, "
-                  f"n = {budget['n']}; `{budget['condition']}` is the oracle):", "",
-                  "| mass on | unmodified | oracle | Δ (paired) |", "|---|---|---|---|"]
-        for part in ("gold", "sink", "distractors"):
-            b = [r["before"][part] for r in rows]
-            o = [r["after"][part] for r in rows]
-            mb, sb = mean_se(b)
-            mo, so = mean_se(o)
-            p = paired_difference(o, b)
-            lines.append(f"| {part} | {mb:.3f} ± {sb:.3f} | {mo:.3f} ± {so:.3f} | {p.mean:+.3f} ± {p.se:.3f} |")
-        fixed = [r for r in rows if r["em_after"] > r["em_before"]]
-        rest = [r for r in rows if not r["em_after"] > r["em_before"]]
-        gain = lambda rs: mean_se([r["after"]["gold"] - r["before"]["gold"] for r in rs])  # noqa: E731
-        if fixed and rest:
-            (mf, sf), (mr, sr) = gain(fixed), gain(rest)
-            lines += ["", f"Gold-mass gain on the {len(fixed)} examples the oracle fixes: {mf:+.3f} ± {sf:.3f}; on the "
-                      f"other {len(rest)}: {mr:+.3f} ± {sr:.3f}."]
+    if budget:
+        lines += budget_lines(budget, f"Where the top-{len(budget['heads'])} heads' attention goes (mean mass from "
+                              f"the answer tokens, n = {budget['n']}; `{budget['condition']}` is the oracle):", "oracle")
     return "\n".join(lines) + "\n"
 
 

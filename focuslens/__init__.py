@@ -26,8 +26,8 @@ from .models import (  # noqa: E402
     hook_name,
     load_model,
     model_info,
-    run_until,
 )
+from .forward import run_until  # noqa: E402
 from .prompts import LabelledPrompt, Segment, Span, as_span, build_prompt  # noqa: E402
 from .scoring import (  # noqa: E402
     DatasetScores,

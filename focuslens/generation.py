@@ -22,7 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .models import HookedModel, check_context, forward_with_cache
+from .forward import forward_with_cache
+from .models import HookedModel, check_context
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .evaluation import Intervene, _intervention, _split_intervene
 from .generation import model_device as _device
-from .models import HookedModel, forward_with_cache, repeat_cache
+from .forward import forward_with_cache, repeat_cache
+from .models import HookedModel
 from .tasks.metrics import clean_distractor_answers
 from .tasks.records import RenderedExample
 

@@ -58,7 +58,8 @@ from torch import Tensor
 from .attention import LayerAttention, attention_probs, expand_kv, qk_route
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
 from .hooks import attach_hooks
-from .models import HookedModel, check_context, hook_name, model_info, run_until
+from .forward import run_until
+from .models import HookedModel, check_context, hook_name, model_info
 from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 from .ranking import (  # the result types, re-exported from here
     DISTRACTORS_MAX,
@@ -198,7 +199,7 @@ def _column_sums(
         hooks = [(hook_name(l, "hook_pattern"), make_pattern(l)) for l in range(L)]
 
     with torch.inference_mode():
-        if stop_early:  # nothing after the last layer's attention is needed (models.run_until)
+        if stop_early:  # nothing after the last layer's attention is needed (forward.run_until)
             run_until(model, tokens, hooks=hooks)
         else:
             with attach_hooks(model, hooks, label="focuslens scoring"):

@@ -294,3 +294,41 @@ def test_real_distraction_script_needs_the_sets_first(tmp_path, capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--sets", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "python experiments/real_documents.py" in capsys.readouterr().err
+
+
+def _experiment(name: str):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_directions_script_needs_the_sets_first(tmp_path, capsys):
+    mod = _experiment("real_directions")
+    assert mod.main(["--sets", str(tmp_path), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "r")]) == 2
+    assert "python experiments/real_documents.py" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
+
+
+def test_real_directions_are_stored_under_their_content(tmp_path):
+    """Another seed, training set, n, model or head list never names the same folder (no stale vectors)."""
+    import argparse
+
+    mod = _experiment("real_directions")
+    a = argparse.Namespace(out=tmp_path)
+    key = {"model": {"weights": "w"}, "train": {"file": "t", "sha256": "1"}, "n_train": 200,
+           "val": {"file": "v", "sha256": "2"}, "n_train_val": 12}
+    heads = [(0, 1), (2, 3)]
+    base, cfg = mod.direction_folder(a, "attention", 0, heads, key)
+    assert base == mod.direction_folder(a, "attention", 0, [[0, 1], [2, 3]], dict(key))[0]  # same content, same folder
+    assert cfg.seed == 0 and cfg.objective == "attention"
+    others = [mod.direction_folder(a, "attention", 1, heads, key)[0],
+              mod.direction_folder(a, "likelihood", 0, heads, key)[0],
+              mod.direction_folder(a, "attention", 0, heads[::-1], key)[0],
+              mod.direction_folder(a, "attention", 0, heads, {**key, "n_train": 100})[0],
+              mod.direction_folder(a, "attention", 0, heads, {**key, "model": {"weights": "x"}})[0],
+              mod.direction_folder(a, "attention", 0, heads, {**key, "train": {"file": "t", "sha256": "9"}})[0]]
+    assert len({base, *others}) == 7

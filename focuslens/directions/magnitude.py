@@ -9,7 +9,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..attention import attention_probs, require_qk_route
-from ..models import HookedModel, model_info, run_until
+from ..forward import run_until
+from ..models import HookedModel, model_info
 from ..prompts import LabelledPrompt
 from .artefact import FocusDirections
 

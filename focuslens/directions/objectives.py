@@ -21,7 +21,8 @@ from torch import Tensor
 from ..attention import (LayerAttention, attention_logits, attention_probs, expand_kv, layer_attention,
                          require_qk_route, row_softmax, soft_cap, visible_keys)
 from ..hooks import attach_hooks
-from ..models import Head, HookedModel, check_heads, model_info, run_until
+from ..forward import run_until
+from ..models import Head, HookedModel, check_heads, model_info
 from .artefact import FocusDirections
 from .config import CachePrecision
 from .data import DirectionExample
@@ -109,7 +110,7 @@ def cache_qk(
 ) -> QKCache:
     """Frozen forward passes over the examples; keep only what the attention objective needs.
 
-    Each pass stops right after the last selected layer's key hook (:func:`~focuslens.models.run_until`:
+    Each pass stops right after the last selected layer's key hook (:func:`~focuslens.forward.run_until`:
     nothing downstream is computed). Examples are run ``batch_size`` at a time, grouped by length and
     right-padded (padding is masked and, being after every real token, never visible to a real row:
     the cache equals the one-by-one cache up to float rounding of the batched matmuls, ≤ 1e-5 — tested).

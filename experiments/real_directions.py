@@ -52,7 +52,7 @@ from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: 
 from focuslens.models import load_model, model_identity  # noqa: E402
 from focuslens.ranking import load_heads  # noqa: E402
 from focuslens.specs import Steer  # noqa: E402
-from focuslens.sweeps import select_alpha  # noqa: E402
+from focuslens.sweeps import examples_identity, select_alpha, selection_record  # noqa: E402
 from focuslens.tasks import load_litm, paired_difference  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "real_directions"
@@ -112,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", type=Path, default=ROOT / "runs" / "real_documents")
     ap.add_argument("--kind", default="random", choices=["random", "hard"])
     ap.add_argument("--n-docs", type=int, default=10)
-    ap.add_argument("--objectives", nargs="+", default=["likelihood", "attention"], choices=list(CONFIGS))
+    ap.add_argument("--objectives", nargs="+", default=["attention", "likelihood"], choices=list(CONFIGS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--k-max", type=int, default=20, help="heads trained (the top of figures/contextual_heads.json)")
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 20], help="k grid of the validation selection")
-    ap.add_argument("--n-train", type=int, default=200)
+    ap.add_argument("--n-train", type=int, default=200, help="train questions (attention objective: cached q/k)")
+    ap.add_argument("--n-train-live", type=int, default=64,
+                    help="train questions of the likelihood objective (a float32 forward + backward per example: "
+                         "≈ 15-20 s each at 10 documents on this CPU)")
     ap.add_argument("--n-train-val", type=int, default=12, help="validation examples for early stopping")
     ap.add_argument("--n-val", type=int, default=40, help="validation questions that choose k and α")
     ap.add_argument("--n", type=int, default=40, help="test questions (the first n of the test split)")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except MissingSets as e:
         print(e, file=sys.stderr)
         return 2
-    train = load_litm(tr_path)[: a.n_train]
+    train = load_litm(tr_path)[: max(a.n_train, a.n_train_live)]
     val_all = load_litm(va_path)
     val_train, val_sel = val_all[-a.n_train_val:], val_all[: a.n_val]  # disjoint: early stopping vs selection
     test = load_litm(te_path)[: a.n]
@@ -144,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     key_model = model_identity(model)
     heads = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k_max, model=model)
     train_model = load_model(dtype=torch.float32, verbose=False)  # training in float32; applied at --dtype
-    key_train = {"model": model_identity(train_model), "train": tr_id,
-                 "n_train": a.n_train, "val": va_id, "n_train_val": a.n_train_val}
+    key_train = {"model": model_identity(train_model), "train": tr_id, "val": va_id, "n_train_val": a.n_train_val}
     rd_args = argparse.Namespace(out=a.records, max_new_tokens=a.max_new_tokens)
     t0 = time.time()
     cells: dict[str, dict] = {}
@@ -167,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     run("unmodified", "original", None)
     run("gold_only", "gold_only", None)
     selections: dict[str, dict] = {}
+    val_budgets: dict[str, dict] = {}
     for obj in a.objectives:
         for seed in a.seeds:
-            d = train_or_load(a, train_model, obj, seed, heads, key_train, train, val_train)
+            n_tr = a.n_train_live if CONFIGS[obj]["objective"] == "likelihood" else a.n_train
+            d = train_or_load(a, train_model, obj, seed, heads, {**key_train, "n_train": n_tr}, train[:n_tr], val_train)
             sel_dir = a.out / "select" / f"{obj}_s{seed}-{d.payload_checksum()[:12]}"
             sel = select_alpha(model, d, val_sel, alphas=ALPHAS[obj], ks=a.ks, max_new_tokens=a.max_new_tokens,
                                output_dir=sel_dir, progress=False, batch_size=a.batch_size)
@@ -182,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             run(f"random_vectors_{name}_k{sel.k}_a{sel.alpha:g}", "original",
                 Steer(random_like(d.top(sel.k), seed=seed), alpha=sel.alpha))
             run(f"directions_{name}_k{sel.k}_a{sel.alpha:g}_gold_only", "gold_only", spec)
+            if 1.0 in ALPHAS[obj] and len(d) in a.ks:  # the training setting, read back from the selection
+                val_budgets[f"{name}_k{len(d)}_a1 (validation)"] = training_setting_budget(
+                    model, d, val_sel, sel_dir, a, key_model, va_id)
     budgets = {c: budget(model, test, cells, c, a, key_model, te_id) for c in list(cells)
                if c.startswith("directions_") and not c.endswith("_gold_only")}
+    budgets.update(val_budgets)
     text = report(cells, selections, budgets, a, te_id)
     atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", text)
     atomic_write_json(a.out / f"selection-{a.kind}{a.n_docs}.json", selections)
@@ -201,12 +209,28 @@ def budget(model, test, cells, cname: str, a, key_model, data) -> dict:
                             data, before=(lambda: u["predictions"], u["em"]), after=(lambda: c["predictions"], c["em"]))
 
 
+def training_setting_budget(model, d: FocusDirections, val, sel_dir: Path, a, key_model, data) -> dict:
+    """Where the attention goes with every trained head at the training α (1): on the validation
+    questions, from the answers ``select_alpha`` recorded (read back, not generated again)."""
+    data_id = examples_identity(val)
+    read = lambda tag, spec: evaluate(  # noqa: E731
+        model, val, intervene=spec, max_new_tokens=a.max_new_tokens, progress=False, batch_size=a.batch_size,
+        output=selection_record(sel_dir, tag, spec, data_id, max_new_tokens=a.max_new_tokens), tag=tag)
+    full = Steer(d, k=len(d), alpha=1.0)
+    before, after = read("unmodified", None), read(f"k{len(d)}_a1", full)
+    em = lambda res: [float(r["em"]) for r in res.records]  # noqa: E731
+    return rd.cached_budget(model, val, full, [tuple(h) for h in d.heads], f"k{len(d)}_a1 (validation)", a,
+                            key_model, data, before=(lambda: before.predictions, em(before)),
+                            after=(lambda: after.predictions, em(after)))
+
+
 def report(cells: dict, selections: dict, budgets: dict, a, data: dict) -> str:
     base, gold = cells.get("unmodified"), cells.get("gold_only")
     lines = [f"NQ-open test split, {a.n_docs} real documents ({a.kind} distractors), SmolLM2-135M-Instruct "
-             f"({a.dtype}); directions trained on {a.n_train} train questions; k, α chosen on {a.n_val} validation "
-             f"questions; `{data['file']}` sha256 {data['sha256'][:12]}; command: "
-             f"`python experiments/real_directions.py --kind {a.kind} --n-docs {a.n_docs} --n {a.n}`", "",
+             f"({a.dtype}); directions trained on {a.n_train} (attention) / {a.n_train_live} (likelihood) train "
+             f"questions; k, α chosen on {a.n_val} validation questions; `{data['file']}` sha256 {data['sha256'][:12]}; command: "
+             f"`python experiments/real_directions.py --kind {a.kind} --n-docs {a.n_docs} --n {a.n} "
+             f"--objectives {' '.join(a.objectives)}`", "",
              "| condition | n | accuracy ± SE | Δ (paired) ± SE | wins / losses |", "|---|---|---|---|---|"]
     for cname, r in cells.items():
         s = r["summary"]

@@ -18,7 +18,7 @@ from .directions.artefact import FocusDirections
 from .io import content_hash, tensor_checksum
 from .models import HookedModel, model_info
 
-__all__ = ["select_alpha", "check_selection_grid", "AlphaSelection", "random_heads", "examples_identity"]
+__all__ = ["select_alpha", "selection_record", "check_selection_grid", "AlphaSelection", "random_heads", "examples_identity"]
 
 
 def random_heads(
@@ -171,6 +171,19 @@ def check_selection_grid(
     return alphas, ks, targets
 
 
+def selection_record(output_dir: str | os.PathLike, tag: str, spec: Any, data_id: str, *,
+                     max_new_tokens: int) -> Path:
+    """The JSONL of one :func:`select_alpha` configuration: ``{tag}-{hash}.jsonl``, the hash covering the
+    spec's identity, the examples (``data_id`` = :func:`examples_identity`) and the decoding budget.
+
+    Public so that a caller can read back a configuration's answers (e.g. to measure where its attention
+    went) without re-deriving the naming rule.
+    """
+    key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
+                        "max_new_tokens": max_new_tokens})
+    return Path(output_dir) / f"{tag}-{key[:12]}.jsonl"
+
+
 def select_alpha(
     model: HookedModel,
     directions: FocusDirections,
@@ -224,11 +237,7 @@ def select_alpha(
     data_id = examples_identity(examples) if out is not None else None
 
     def run(tag: str, spec: Steer | None) -> dict[str, Any]:
-        path = None
-        if out is not None:
-            key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
-                                "max_new_tokens": max_new_tokens})
-            path = out / f"{tag}-{key[:12]}.jsonl"
+        path = None if out is None else selection_record(out, tag, spec, data_id, max_new_tokens=max_new_tokens)
         res = evaluate(model, examples, max_new_tokens=max_new_tokens, intervene=spec, progress=progress,
                        output=path, tag=tag, batch_size=batch_size)
         s = res.summary()

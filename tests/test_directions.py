@@ -473,6 +473,14 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
     # One file per configuration, named by content ({name}-{hash of spec identity, data, budget}).
     assert len(list(tmp_path.glob("k2_a4-*.jsonl"))) == 1 and len(list(tmp_path.glob("unmodified-*.jsonl"))) == 1
     assert len(list(tmp_path.glob("*.jsonl"))) == 3
+    # selection_record is the naming rule select_alpha used: a caller reads a configuration back by it.
+    from focuslens.specs import Steer
+
+    data_id = sweeps.examples_identity(exs)
+    named = {sweeps.selection_record(tmp_path, f"k2_a{a:g}", Steer(d, k=2, alpha=a), data_id, max_new_tokens=3)
+             for a in (0.5, 4.0)} | {sweeps.selection_record(tmp_path, "unmodified", None, data_id, max_new_tokens=3)}
+    assert named == set(tmp_path.glob("*.jsonl"))
+    assert sweeps.selection_record(tmp_path, "k2_a4", Steer(d, k=2, alpha=4.0), data_id, max_new_tokens=4) not in named
 
 
 def test_select_alpha_other_directions_in_the_same_folder_never_reuse(tiny_llama, tmp_path, monkeypatch):

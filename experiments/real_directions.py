@@ -33,7 +33,6 @@ examples (``focuslens.tasks.paired_difference``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -63,21 +62,6 @@ CONFIGS = {  # the recipes of experiments/generalisation.py, sized to this machi
 }
 
 
-class MissingSets(Exception):
-    """The real-document sets are not written yet (the message says the command that writes them)."""
-
-
-def data_file(a, split: str) -> tuple[Path, dict]:
-    """The set's path and its identity (file name + sha256 from ``manifest.json``)."""
-    name = f"nq-{a.kind}{a.n_docs}-{split}.jsonl.gz"
-    manifest = a.sets / "manifest.json"
-    files = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
-    if name not in files:
-        raise MissingSets(f"error: {a.sets / name} is not there; write the sets first: "
-                          "python experiments/real_documents.py")
-    return a.sets / name, {"file": name, "sha256": files[name]["sha256"]}
-
-
 def answer(ex) -> str:
     """The training response: the first gold answer string (what the likelihood objective makes likelier)."""
     return ex.answers[0]
@@ -92,11 +76,14 @@ def direction_folder(a, obj: str, seed: int, heads, key_train: dict) -> tuple[Pa
     return a.out / "directions" / f"{obj}_s{seed}-{key[:12]}", cfg
 
 
-def train_or_load(a, model, obj: str, seed: int, heads, key_train: dict, train, val) -> FocusDirections:
-    """The direction set for ``(objective, seed)``: loaded if its content-named folder exists, else trained."""
+def train_or_load(a, model, obj: str, seed: int, heads, key_train: dict, train, val) -> FocusDirections | None:
+    """The direction set for ``(objective, seed)``: loaded if its content-named folder exists, else trained
+    (``--report``: None, nothing is trained)."""
     folder, cfg = direction_folder(a, obj, seed, heads, key_train)
     if (folder / "config.json").exists():
         return FocusDirections.load(folder)
+    if a.report:
+        return None
     tr = make_direction_examples(model, train, responses=[answer(e) for e in train])
     va = make_direction_examples(model, val, responses=[answer(e) for e in val])
     t0 = time.time()
@@ -128,15 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--report", action="store_true", help="no new generation beyond what is recorded")
+    ap.add_argument("--report", action="store_true", help="tables from what is recorded: no training, test cells only to their recorded n")
     ap.add_argument("--out", type=Path, default=OUT, help="directions, selection records, budgets, report")
     ap.add_argument("--records", type=Path, default=rd.RESULTS,
                     help="test records (shared with experiments/real_distraction.py)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
-        (tr_path, tr_id), (va_path, va_id), (te_path, te_id) = (data_file(a, s) for s in ("train", "validation", "test"))
-    except MissingSets as e:
+        (tr_path, tr_id), (va_path, va_id), (te_path, te_id) = (rd.data_file(a, s)
+                                                                for s in ("train", "validation", "test"))
+    except rd.MissingSets as e:
         print(e, file=sys.stderr)
         return 2
     train = load_litm(tr_path)[: max(a.n_train, a.n_train_live)]
@@ -154,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(cname: str, variant: str, spec) -> dict:
         p = rd.record_path(rd_args, key_model, te_id, cname, variant, spec)
-        have = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-        n = min(have, a.n) if a.report else a.n
+        n = min(rd.records_done(p), a.n) if a.report else a.n
         if n == 0:
             return {}
         res = evaluate(model, test[:n], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
@@ -174,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in a.seeds:
             n_tr = a.n_train_live if CONFIGS[obj]["objective"] == "likelihood" else a.n_train
             d = train_or_load(a, train_model, obj, seed, heads, {**key_train, "n_train": n_tr}, train[:n_tr], val_train)
+            if d is None:
+                continue
             sel_dir = a.out / "select" / f"{obj}_s{seed}-{d.payload_checksum()[:12]}"
             sel = select_alpha(model, d, val_sel, alphas=ALPHAS[obj], ks=a.ks, max_new_tokens=a.max_new_tokens,
                                output_dir=sel_dir, progress=False, batch_size=a.batch_size)

@@ -55,6 +55,26 @@ def record_path(a, key_model: dict, data: dict, cname: str, variant: str, spec) 
     return a.out / f"{cname}-{key[:12]}.jsonl"
 
 
+class MissingSets(Exception):
+    """The real-document sets are not written yet (the message says the command that writes them)."""
+
+
+def data_file(a, split: str) -> tuple[Path, dict]:
+    """A set's path and identity (file name + sha256 from ``manifest.json`` of ``a.sets``)."""
+    name = f"nq-{a.kind}{a.n_docs}-{split}.jsonl.gz"
+    manifest = a.sets / "manifest.json"
+    files = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
+    if name not in files:
+        raise MissingSets(f"error: {a.sets / name} is not there; write the sets first: "
+                          "python experiments/real_documents.py")
+    return a.sets / name, {"file": name, "sha256": files[name]["sha256"]}
+
+
+def records_done(p: Path) -> int:
+    """Examples already recorded in an ``evaluate`` JSONL (its first line is the config header)."""
+    return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+
+
 def conditions(model, a) -> list[tuple[str, str, object]]:
     """``(name, variant, spec)`` in priority order: baselines, the oracle ceiling, then the controls."""
     top = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k, model=model)
@@ -83,15 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="no generation: the table from the finished records")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    name = f"nq-{a.kind}{a.n_docs}-test.jsonl.gz"
-    manifest_path = a.sets / "manifest.json"
-    if not manifest_path.is_file() or name not in json.loads(manifest_path.read_text())["files"]:
-        print(f"error: {a.sets / name} is not there; write the sets first: python experiments/real_documents.py",
-              file=sys.stderr)
+    try:
+        test_path, data = data_file(a, "test")
+    except MissingSets as e:
+        print(e, file=sys.stderr)
         return 2
-    data = {"file": name, "sha256": json.loads(manifest_path.read_text())["files"][name]["sha256"]}
     torch.set_num_threads(a.threads)
-    test = load_litm(a.sets / name)[: a.n]
+    test = load_litm(test_path)[: a.n]
     model = load_model(dtype=getattr(torch, a.dtype), verbose=False)
     key_model = model_identity(model)
     conds = conditions(model, a)
@@ -99,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
 
     path_of = lambda cname, variant, spec: record_path(a, key_model, data, cname, variant, spec)  # noqa: E731
-    def done(p: Path) -> int:
-        return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-
+    done = records_done
     steps = range(a.chunk, a.n + a.chunk, a.chunk)
     for m in ([] if a.report else steps):
         m = min(m, a.n)

@@ -15,6 +15,7 @@ their protocol:
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import torch
@@ -53,18 +54,20 @@ def directions_for(ctx: Ctx, objective: str):
     if (path / "config.json").exists():
         return fd.FocusDirections.load(path)
     ctx.log(f"training {objective} directions on {len(heads)} heads, {len(train)} examples")
+    ckpt = ctx.run_dir / "directions" / f"ckpt-{objective}-{key[:16]}"  # resumes an interrupted training
     if objective == "likelihood":
         tr = fd.make_direction_examples(model, train, responses=[e.gold.text for e in train])
         va = fd.make_direction_examples(model, val[:12], responses=[e.gold.text for e in val[:12]])
         d = fd.train_focus_directions(model, tr, heads=heads, objective="likelihood", val_examples=va, lr=1e-2,
                                       epochs=1, max_norm=None, seed=0, progress=False,
-                                      checkpoint_dir=ctx.run_dir / "directions" / f"ckpt-{objective}-{key[:16]}")
+                                      checkpoint_dir=ckpt)
     else:
         tr = fd.make_direction_examples(model, train, max_new_tokens=a.max_new_tokens)
         va = fd.make_direction_examples(model, val, max_new_tokens=a.max_new_tokens)
         d = fd.train_focus_directions(model, tr, heads=heads, objective="attention", val_examples=va, patience=5,
                                       seed=0, progress=False)
     d.save(path)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the saved artefact supersedes it (and is what is tracked)
     ctx.log(f"trained {objective} directions: {d.training.get('train_seconds')} s")
     return d
 

@@ -260,6 +260,22 @@ def recover_dir(path: str | os.PathLike, *, wait: float = 10.0) -> Path:
     return target
 
 
+def _publishable(folder: Path) -> None:
+    """Give a finished temporary folder the permissions a plain ``mkdir`` + write would have.
+
+    ``mkdtemp`` makes the folder 0700 and some writers (safetensors) leave 0600 files: an artefact in
+    a shared lab folder would then be unreadable to colleagues. Folders get ``0777 & ~umask``, files
+    ``0666 & ~umask`` (an executable bit that a writer set is kept).
+    """
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            fp = os.path.join(root, f)
+            if not os.path.islink(fp):
+                os.chmod(fp, (0o777 if os.stat(fp).st_mode & 0o100 else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Build a folder artefact in a temporary sibling, then move it to ``path`` in one step.
@@ -286,6 +302,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
         old = None
         try:
             yield tmp
+            _publishable(tmp)
             if target.exists():
                 if not replace:
                     shutil.rmtree(tmp, ignore_errors=True)

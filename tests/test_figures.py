@@ -87,6 +87,8 @@ def test_ablation_positions_fig4_quick(figures, tmp_path):
         assert (tmp_path / "runs" / f"{stem}.md").read_text().strip()
     # positions and fig4 share the cached likelihood directions (trained once)
     assert len(list((tmp_path / "runs" / "directions").glob("likelihood-*"))) == 1
+    # the saved artefact supersedes its training checkpoint (nothing stale left in the tracked records)
+    assert not list((tmp_path / "runs" / "directions").glob("ckpt-*"))
 
 
 def test_bad_options_are_clear(figures, tmp_path, capsys):

@@ -79,6 +79,23 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
             pass
 
 
+def test_atomic_dir_publishes_with_umask_permissions(tmp_path):
+    """mkdtemp's 0700 folder and a writer's 0600 file must not leak into the published artefact."""
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "art"
+        with atomic_dir(target) as d:
+            fd = os.open(d / "w.bin", os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors' writer leaves it
+            os.close(fd)
+            (d / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(d / "run.sh", 0o700)
+        assert oct(target.stat().st_mode & 0o777) == oct(0o755)
+        assert oct((target / "w.bin").stat().st_mode & 0o777) == oct(0o644)
+        assert oct((target / "run.sh").stat().st_mode & 0o777) == oct(0o755)
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("exchange", [True, False])
 def test_atomic_dir_with_and_without_the_atomic_exchange(tmp_path, monkeypatch, exchange):
     if not exchange:

@@ -126,7 +126,7 @@ def fig4(ctx: Ctx) -> dict:
         series = []
         for i, k in enumerate(ks):
             ys = [out["learned"][str(k)][str(x)] for x in alphas]
-            series.append(Series(f"{obj}, top-{k} heads", "focus_directions", [y["accuracy"] for y in ys],
+            series.append(Series(f"learned directions, top-{k} heads", "focus_directions", [y["accuracy"] for y in ys],
                                  [y["accuracy_se"] for y in ys], [y["n"] for y in ys], variant=i))
             rs = [out["random"][str(k)].get(str(x)) for x in alphas]
             nan = float("nan")

@@ -289,7 +289,10 @@ def _n_text(n: int | Sequence[int] | None) -> str:
         return ""
     if isinstance(n, int):
         return f"n={n}"
-    ns = sorted({int(v) for v in n})
+    # an unmeasured point (a gap, n = 0) has no sample size: the legend states the n of what is drawn
+    ns = sorted({int(v) for v in n if v is not None and int(v) > 0})
+    if not ns:
+        return ""
     return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}"
 
 

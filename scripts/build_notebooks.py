@@ -287,7 +287,12 @@ NOTEBOOKS = {
            "by content (model, data, intervention, settings); its table gives n and ± SE for every point.\n"
            "- Sufficiency (Figure 3) and necessity (ablation) are measured against k random heads, never against "
            "nothing.\n- The head view and the position curves show *where* the attention goes, the accuracy curves "
-           "*whether it matters*.\n- Numbers and commands: docs/figures.md."),
+           "*whether it matters*.\n- What they say on SmolLM2 (n = 40 per point, 20 for positions): split softmax on the "
+           "top-20 heads lifts 0.25 to 0.875 (random heads ≈ 0.34); ablating the top-10 takes even gold-only prompts "
+           "from 0.75 to 0.025 (random draws of 10: 0.03–0.98, one draw hit a head the model needs); the U of "
+           "accuracy over positions follows the U of the heads' attention, and both interventions flatten it at 10 "
+           "documents; likelihood directions reach 0.925 at the validation-chosen k = 50, α = 1, random vectors "
+           "never beat unmodified, and negative α is the mirror image.\n- Numbers and commands: docs/figures.md."),
     ],
 }
 

@@ -17,15 +17,17 @@ What it does, most important first:
    random-head control (``random_heads(seed=0)``) and the unmodified model; columns = tasks. Methods:
    split softmax (τ = 0.2, oracle span = the gold document), PASTA (coefficient 0.01, oracle span;
    only when ``focuslens.specs.Pasta`` exists), focus directions (likelihood objective, trained on
-   128 examples of seed 301 on that finder's heads, α = 1: the validation-chosen α of
+   ``--n-train`` (48) examples of seed 301 on that finder's heads, α = 1: the validation-chosen α of
    ``docs/directions.md``, not re-chosen here) and the magnitude-controlled variant (``alpha="auto"``,
    ``per="input"``, target calibrated on 16 unlabelled validation prompts at α = 1). Focus directions
    are trained for the finders in ``--fd-finders`` only (training costs minutes each on CPU).
    Tasks in priority order: synthetic QA 10 docs (seed 403), NQ-open with 5 real Wikipedia passages
    (gold + 4 random, seed 407), gold-only prompts of the synthetic test examples (harm check),
    synthetic QA 20 docs (seed 405), key–value retrieval (10 pairs, 8-character keys, seed 406).
-   Greedy decoding, 20 new tokens, best-subspan EM; each cell is Δ accuracy vs unmodified on the
-   same examples, ± paired standard error.
+   Greedy decoding with a new-token budget per task (``MAX_NEW``: 20 for the synthetic 10-document and
+   gold-only prompts, 40 at 20 documents, 48 for NQ and key–value, whose replies restate the question
+   first), best-subspan EM; each cell is Δ accuracy vs unmodified on the same examples, ± paired
+   standard error, and records how many replies hit the budget.
 3. **Report**: the markdown table between the ``<!-- table -->`` markers of ``docs/comparison.md``
    (the prose around it is kept) and the finder comparison.
 
@@ -40,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,7 +80,11 @@ TASKS = {  # name: (label, description)
     "syn20": ("synthetic 20 docs", "synthetic QA, 20 documents (seed 405)"),
     "kv": ("key–value", "key-value retrieval, 10 pairs, 8-character keys (seed 406)"),
 }
-TAU, PASTA_COEF, ALPHA, MAX_NEW = 0.2, 0.01, 1.0, 20
+TAU, PASTA_COEF, ALPHA = 0.2, 0.01, 1.0
+# New-token budget per task: long enough that the reply is not cut before its answer (the replies of
+# NQ and key-value restate the question first: at 20 tokens 21-24 of the 24 key-value replies stopped
+# before the value). Part of each cell's identity; each cell records how many replies hit the budget.
+MAX_NEW = {"syn10": 20, "gold_only": 20, "syn20": 40, "kv": 48, "nq": 48}
 MARK_START, MARK_END = "<!-- table:start -->", "<!-- table:end -->"
 
 
@@ -259,11 +266,13 @@ def directions_for(run: Run, model, mid: str, finder: str, heads) -> tuple[Focus
     else:
         log(f"train focus directions on the top-{len(heads)} {finder} heads ({run.n_train} examples)")
         t0 = time.time()
+        ckpt = run.out / "ckpt" / f"{finder}-{key}"  # resumes an interrupted training
         lik = lambda exs: make_direction_examples(model, exs, responses=[e.gold.text for e in exs])  # noqa: E731
         d = train_focus_directions(model, lik(train), heads=heads, objective="likelihood",
                                    val_examples=lik(val[:run.n_val]), lr=1e-2, epochs=1, max_norm=None, seed=0,
-                                   progress=False, checkpoint_dir=run.out / "ckpt" / f"{finder}-{key}")
+                                   progress=False, checkpoint_dir=ckpt)
         d.save(path)
+        shutil.rmtree(ckpt, ignore_errors=True)  # the saved artefact supersedes it (and is what is tracked)
         log(f"  trained in {time.time() - t0:.0f} s")
     cal_p = path.parent / f"{finder}-{key}-calibration.json"
     cal = load_json(cal_p)
@@ -375,7 +384,8 @@ def run_cell(run: Run, model, task: str, finder: str, method: str, factory, exs,
         return None
     sid = spec.id if spec is not None else "none"
     old = load_json(p)
-    if old and old.get("spec") == sid and old.get("data") == data_id and old.get("n") == len(exs):
+    if (old and old.get("spec") == sid and old.get("data") == data_id and old.get("n") == len(exs)
+            and old.get("max_new_tokens") == MAX_NEW[task]):
         return old
     lock = p.with_suffix(".lock")
     if not _take_lock(lock):
@@ -410,11 +420,13 @@ def _take_lock(lock: Path) -> bool:
 def _evaluate_cell(run: Run, model, task, finder, method, spec, sid, exs, data_id, p: Path) -> dict:
     variant = "gold_only" if task == "gold_only" else "original"
     t0 = time.time()
-    res = evaluate(model, exs, variant=variant, max_new_tokens=MAX_NEW, intervene=spec, progress=False,
-                   output=run.out / "evals" / task / f"{finder.strip('—') or 'none'}-{method}-{sid}-{data_id}.jsonl",
+    budget = MAX_NEW[task]
+    res = evaluate(model, exs, variant=variant, max_new_tokens=budget, intervene=spec, progress=False,
+                   output=run.out / "evals" / task / f"{finder.strip('—') or 'none'}-{method}-{sid}-{data_id}-t{budget}.jsonl",
                    tag={"task": task, "data": data_id})
     s = res.summary()
     cell = {"task": task, "finder": finder, "method": method, "spec": sid, "data": data_id, "n": s["n"],
+            "max_new_tokens": budget, "capped": sum(r["n_new_tokens"] >= budget for r in res.records),
             "acc": s["accuracy"], "se": s["accuracy_se"], "copy": s["distractor_copy"],
             "em": [r["em"] for r in res.records], "seconds": round(time.time() - t0, 1)}
     atomic_write_json(p, cell, indent=1)
@@ -429,6 +441,7 @@ def table(run: Run) -> str:
     base = {t: load_json(cell_path(run, t, "—", "unmodified")) for t in cols}
     head = "| finder | method | " + " | ".join(TASKS[t][0] for t in cols) + " |"
     lines = [head, "|---|---|" + "---|" * len(cols)]
+    lines.append("| — | new-token budget | " + " | ".join(str(MAX_NEW[t]) for t in cols) + " |")
     lines.append("| — | unmodified: accuracy | " + " | ".join(
         f"{b['acc']:.3f} ± {b['se']:.3f} (n={b['n']})" if b else "missing" for b in base.values()) + " |")
     keys = [(f, m) for f in ["contextual", "retrieval", "qrhead", "patching", "random"] for m in METHODS
@@ -447,12 +460,23 @@ def table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def capped_summary(run: Run) -> str:
+    """How often the budget cut a reply, per task: a high count means the column under-states accuracy."""
+    parts = []
+    for t in TASKS:
+        cs = [c for p in sorted((run.out / "cells" / t).glob("*.json")) if (c := load_json(p)) and "capped" in c]
+        if cs:
+            parts.append(f"{TASKS[t][0]} {sum(c['capped'] for c in cs)} / {sum(c['n'] for c in cs)}")
+    return ", ".join(parts) or "none recorded"
+
+
 def write_docs(run: Run, finder_md: str | None) -> None:
     p = run.docs_path
     cmd = ("python experiments/compare_methods.py --quick --out " + str(run.out)) if run.quick else \
         "nice -n 19 python experiments/compare_methods.py --n " + str(run.n)
     block = [MARK_START, "", f"Command: `{cmd}` (k = {run.k} heads; cells are Δ accuracy in points vs unmodified on "
-             "the same examples, ± paired SE; `missing` = not run yet: the command resumes).", "", table(run), ""]
+             "the same examples, ± paired SE; `missing` = not run yet: the command resumes). Replies that hit the "
+             f"new-token budget (all cells of a task, summed): {capped_summary(run)}.", "", table(run), ""]
     if finder_md:
         block += ["### Finder agreement", "", finder_md, ""]
     block.append(MARK_END)

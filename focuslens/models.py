@@ -383,11 +383,51 @@ def _boot_legacy(source: str, *, device: str, dtype: torch.dtype):
     return model
 
 
+def cpu_lacks_fast(dtype: torch.dtype, device: "str | torch.device" = "cpu") -> bool:
+    """Whether ``dtype`` runs without hardware support on this CPU (so far slower than float32).
+
+    Why: bfloat16 halves memory and is 1.3–2.6× faster than float32 on CPUs with AMX or AVX-512 BF16
+    (and on GPUs), but on a CPU without either, PyTorch emulates it: measured here on an AVX2-only
+    AMD EPYC, a SmolLM2-135M forward of 512 tokens took 29.9 s in bfloat16 vs 4.0 s in float32
+    (7.5×; a bare bfloat16 matmul 0.7 vs 31 GFLOP/s; ``python benchmarks/bench_dtype.py``, docs/speed.md). float16 is
+    emulated on every CPU without AMX-FP16. Only CPU devices are judged; float32/float64 never are.
+    """
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    cpu = getattr(torch, "cpu", None)
+    probe = {torch.bfloat16: ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
+             torch.float16: ("_is_amx_fp16_supported",)}[dtype]
+    checks = [getattr(cpu, name, None) for name in probe]
+    if not any(callable(c) for c in checks):
+        return False  # this torch cannot tell: say nothing rather than guess
+    return not any(bool(c()) for c in checks if callable(c))
+
+
+def warn_if_slow_dtype(dtype: torch.dtype, device: "str | torch.device" = "cpu", *, what: str = "load_model",
+                       fix: str = "use dtype=torch.float32 (CLI/scripts: --dtype float32)") -> bool:
+    """Warn (``RuntimeWarning``) when ``dtype`` is emulated on this CPU (:func:`cpu_lacks_fast`).
+
+    Returns whether it warned. Nothing is changed: the dtype is part of every result's identity, so
+    focuslens never swaps it silently; the warning says what to pass instead.
+    """
+    if not cpu_lacks_fast(dtype, device):
+        return False
+    import warnings
+
+    name = str(dtype).replace("torch.", "")
+    warnings.warn(
+        f"{what}: {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AMX / AVX-512 BF16) is "
+        f"emulated and runs several times slower than float32 (a SmolLM2 forward measured 6.8-7.5x slower on an AVX2 CPU); "
+        f"{fix} unless you need these exact records.",
+        RuntimeWarning, stacklevel=3)
+    return True
+
+
 def load_model(
     name_or_path: str | os.PathLike | Any | None = None,
     *,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     tokenizer: Any = None,
     verbose: bool = True,
     backend: Literal["bridge", "legacy"] = "bridge",
@@ -406,7 +446,11 @@ def load_model(
               cache where the network works; with ``HF_HUB_OFFLINE=1`` and no cached copy it fails
               at once with a message saying what to do.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        dtype: parameter dtype (``torch.bfloat16`` on GPUs for 3B+ models).
+        dtype: parameter dtype; ``None`` (default): float32 for a model loaded from disk or the hub,
+            the model's own dtype for an in-memory one (a different ``dtype`` for an in-memory model
+            is refused: cast it first). ``torch.bfloat16`` on GPUs for 3B+ models; on a CPU without
+            AMX / AVX-512 BF16 bfloat16 is emulated and slower than float32 (a ``RuntimeWarning``
+            says so: :func:`cpu_lacks_fast`).
         tokenizer: the tokenizer for an in-memory model.
         backend: ``"bridge"`` (default): a TransformerLens ``TransformerBridge`` (TL 4; TL 3.x has
             one too). ``"legacy"``: a ``HookedTransformer`` (TL 2.x/3.x only), converted offline
@@ -425,6 +469,17 @@ def load_model(
         return name_or_path
     if backend not in ("bridge", "legacy"):
         raise ValueError(f"backend must be 'bridge' or 'legacy', got {backend!r}.")
+    if isinstance(name_or_path, torch.nn.Module):
+        have = next((p.dtype for p in name_or_path.parameters() if p.is_floating_point()), None)
+        if dtype is not None and have is not None and dtype != have:
+            raise ValueError(
+                f"The in-memory model's parameters are {str(have).replace('torch.', '')} but dtype="
+                f"{str(dtype).replace('torch.', '')} was asked; focuslens does not cast a model you own. "
+                f"Cast it first (model.to({dtype})) or leave dtype out to keep its own."
+            )
+        dtype = have if dtype is None else dtype
+    dtype = torch.float32 if dtype is None else dtype
+    warn_if_slow_dtype(dtype, device)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
         path = _ensure_default_checkpoint(verbose=verbose)
         if backend == "legacy":

@@ -123,3 +123,69 @@ def test_hook_handle_is_leak_free(tiny_llama, tok):
             tiny_llama(ids)
     assert fl.count_hooks(tiny_llama) == 0
     assert torch.equal(tiny_llama(ids), base)
+
+
+@pytest.mark.parametrize("has_support", [False, True])
+def test_slow_low_precision_dtype_warns_only_without_cpu_support(monkeypatch, has_support):
+    """bfloat16 on a CPU without AMX / AVX-512 BF16 is emulated (several times slower than float32):
+    load_model and the bfloat16 q/k cache say so, with what to pass instead; nothing else warns."""
+    import warnings
+
+    from focuslens.directions.objectives import cache_qk
+    from focuslens.directions import make_direction_examples
+    from focuslens.models import cpu_lacks_fast, warn_if_slow_dtype
+    from focuslens.testing import capital_example, tiny_hf_model, tiny_tokenizer
+
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: has_support, raising=False)
+    assert cpu_lacks_fast(torch.bfloat16) is (not has_support)
+    assert cpu_lacks_fast(torch.float16) is (not has_support)
+    assert not cpu_lacks_fast(torch.float32) and not cpu_lacks_fast(torch.bfloat16, "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fl.load_model(tiny_hf_model().to(torch.bfloat16), tokenizer=tiny_tokenizer())
+        fl.load_model(tiny_hf_model(), tokenizer=tiny_tokenizer())
+        assert warn_if_slow_dtype(torch.float32) is False
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "emulated" in str(w.message)]
+    assert next(model.parameters()).dtype == torch.bfloat16  # never swapped silently
+    if has_support:
+        assert slow == []
+        return
+    assert len(slow) == 1 and "bfloat16" in str(slow[0].message) and "float32" in str(slow[0].message)
+    assert slow[0].filename == __file__  # points at the caller's line, not focuslens internals
+    model32 = fl.load_model(tiny_hf_model(), tokenizer=tiny_tokenizer())
+    exs = make_direction_examples(model32, [capital_example(0)], responses=["Paris"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache_qk(model32, exs, [(0, 0)], precision="bfloat16")
+        cache_qk(model32, exs, [(0, 0)], precision="model")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith("cache_qk(precision='bfloat16')")
+
+
+def test_in_memory_model_keeps_its_dtype_and_refuses_another():
+    """An in-memory HF model is wrapped as it is: TransformerLens ignores dtype= for it, so asking for
+    another dtype used to return a float32 model silently; now it is refused with what to do."""
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    hf = tiny_hf_model()
+    with pytest.raises(ValueError, match=r"float32 but dtype=bfloat16.*model.to\(torch.bfloat16\)"):
+        fl.load_model(hf, tokenizer=tiny_tokenizer(), dtype=torch.bfloat16)
+    assert next(hf.parameters()).dtype == torch.float32  # the user's model untouched
+    m = fl.load_model(hf, tokenizer=tiny_tokenizer(), dtype=torch.float32)
+    assert next(m.parameters()).dtype == torch.float32
+
+
+def test_bench_dtype_smoke():
+    """benchmarks/bench_dtype.py runs on the tiny model and reports both dtypes and the rule's verdict."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dtype.py"
+    spec = importlib.util.spec_from_file_location("bench_dtype", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tiny", "--repeats", "1", "--tokens", "16", "--matmul", "64", "--threads", "1"])
+    assert set(out["forward_s"]) == {"torch.float32", "torch.bfloat16"}
+    assert out["bfloat16_over_float32"] > 0
+    assert out["cpu_lacks_fast_bfloat16"] == fl.models.cpu_lacks_fast(torch.bfloat16)

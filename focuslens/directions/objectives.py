@@ -22,7 +22,7 @@ from ..attention import (LayerAttention, attention_logits, attention_probs, expa
                          require_qk_route, row_softmax, soft_cap, visible_keys)
 from ..hooks import attach_hooks
 from ..forward import run_until
-from ..models import Head, HookedModel, check_heads, model_info
+from ..models import Head, HookedModel, check_heads, model_info, warn_if_slow_dtype
 from .artefact import FocusDirections
 from .config import CachePrecision
 from .data import DirectionExample
@@ -116,7 +116,8 @@ def cache_qk(
     the cache equals the one-by-one cache up to float rounding of the batched matmuls, ≤ 1e-5 — tested).
     ``batch_size=1`` is one unpadded pass per example. The cache keeps the examples' order.
     ``precision="bfloat16"`` runs the passes under ``torch.autocast(dtype=torch.bfloat16)`` when the
-    model is float32 (2.2–2.6× faster on AMX CPUs and GPUs; q/k then carry bfloat16 rounding); the
+    model is float32 (2.2–2.6× faster on AMX CPUs and GPUs, several times *slower* on CPUs without
+    AMX / AVX-512 BF16, which get a ``RuntimeWarning``; q/k then carry bfloat16 rounding); the
     cached tensors are float32 either way.
 
     Raises:
@@ -129,8 +130,12 @@ def cache_qk(
         raise ValueError(f"precision must be 'model' or 'bfloat16'; got {precision!r}.")
     heads = check_heads(model, heads)
     param = next(model.parameters())
+    use_bf16 = precision == "bfloat16" and param.dtype == torch.float32
+    if use_bf16:
+        warn_if_slow_dtype(torch.bfloat16, param.device, what="cache_qk(precision='bfloat16')",
+                           fix="use precision='model' (TrainConfig(cache_precision='model'))")
     autocast = (torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
-                if precision == "bfloat16" and param.dtype == torch.float32 else contextlib.nullcontext())
+                if use_bf16 else contextlib.nullcontext())
     info = model_info(model)
     layers, head_scale, scale, softcap = _layer_plan(model, heads, what="The cached attention objective (cache_qk)")
     kv_pairs = sorted({(l, info.kv_head(h)) for l, h in heads})

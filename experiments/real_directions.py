@@ -33,6 +33,7 @@ examples (``focuslens.tasks.paired_difference``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ from focuslens.sweeps import examples_identity, select_alpha, selection_record  
 from focuslens.tasks import load_litm, paired_difference  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "real_directions"
+ORACLE_TAU = 0.2  # the oracle ceiling: split softmax on the top --k-max heads (records shared with real_distraction.py)
 ALPHAS = {"likelihood": (0.5, 1.0, 2.0), "attention": (0.25, 0.5, 1.0)}
 CONFIGS = {  # the recipes of experiments/generalisation.py, sized to this machine
     "likelihood": dict(objective="likelihood", lr=1e-2, epochs=1, max_norm=None),
@@ -117,9 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--report", action="store_true", help="tables from what is recorded: no training, test cells only to their recorded n")
     ap.add_argument("--out", type=Path, default=OUT, help="directions, selection records, budgets, report")
+    ap.add_argument("--chunk", type=int, default=8, help="test conditions advance together this many examples at a time")
+    ap.add_argument("--selected", type=Path, default=None,
+                    help="take k and α from this selection-*.json of an earlier run (e.g. the bfloat16 one) "
+                         "instead of choosing them on validation again")
     ap.add_argument("--records", type=Path, default=rd.RESULTS,
                     help="test records (shared with experiments/real_distraction.py)")
     a = ap.parse_args(argv)
+    selected = None
+    if a.selected is not None:  # checked before anything loads: a bad file costs nothing
+        try:
+            selected = json.loads(a.selected.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --selected {a.selected}: cannot read it as JSON ({e}); pass a selection-*.json that "
+                  "experiments/real_directions.py wrote", file=sys.stderr)
+            return 2
+        missing = [f"{o}_s{s}" for o in a.objectives for s in a.seeds
+                   if not isinstance(selected.get(f"{o}_s{s}"), dict) or not {"k", "alpha"} <= set(selected[f"{o}_s{s}"])]
+        if missing:
+            print(f"error: --selected {a.selected} has no k and α for {', '.join(missing)} (it has "
+                  f"{', '.join(selected) or 'none'}); leave --selected out to choose them on validation", file=sys.stderr)
+            return 2
     torch.set_num_threads(a.threads)
     try:
         (tr_path, tr_id), (va_path, va_id), (te_path, te_id) = (rd.data_file(a, s)
@@ -136,54 +156,56 @@ def main(argv: list[str] | None = None) -> int:
     heads = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k_max, model=model)
     train_model = load_model(dtype=torch.float32, verbose=False)  # training in float32; applied at --dtype
     key_train = {"model": model_identity(train_model), "train": tr_id, "val": va_id, "n_train_val": a.n_train_val}
-    rd_args = argparse.Namespace(out=a.records, max_new_tokens=a.max_new_tokens)
+    rd_args = argparse.Namespace(out=a.records, max_new_tokens=a.max_new_tokens, n=a.n, chunk=a.chunk,
+                                 batch_size=a.batch_size, kind=a.kind, n_docs=a.n_docs, k=a.k_max, tau=ORACLE_TAU,
+                                 random_seeds=[])
     t0 = time.time()
-    cells: dict[str, dict] = {}
-
-    def run(cname: str, variant: str, spec) -> dict:
-        p = rd.record_path(rd_args, key_model, te_id, cname, variant, spec)
-        n = min(rd.records_done(p), a.n) if a.report else a.n
-        if n == 0:
-            return {}
-        res = evaluate(model, test[:n], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
-                       output=p, tag=te_id, progress=False, batch_size=a.batch_size)
-        cells[cname] = {"n": n, "em": [float(r["em"]) for r in res.records], "summary": res.summary(),
-                        "predictions": res.predictions, "spec": spec}
-        print(f"[real_directions] {cname}: {res.summary()['accuracy']:.3f} (n={n}, {time.time() - t0:.0f} s)",
-              flush=True)
-        return cells[cname]
-
-    run("unmodified", "original", None)
-    run("gold_only", "gold_only", None)
+    conds = rd.conditions(model, rd_args)  # unmodified, gold only, the oracle (split softmax, top-k, τ): shared records
     selections: dict[str, dict] = {}
     val_budgets: dict[str, dict] = {}
     for obj in a.objectives:
         for seed in a.seeds:
+            name = f"{obj}_s{seed}"
             n_tr = a.n_train_live if CONFIGS[obj]["objective"] == "likelihood" else a.n_train
             d = train_or_load(a, train_model, obj, seed, heads, {**key_train, "n_train": n_tr}, train[:n_tr], val_train)
             if d is None:
                 continue
-            sel_dir = a.out / "select" / f"{obj}_s{seed}-{d.payload_checksum()[:12]}"
-            sel = select_alpha(model, d, val_sel, alphas=ALPHAS[obj], ks=a.ks, max_new_tokens=a.max_new_tokens,
-                               output_dir=sel_dir, progress=False, batch_size=a.batch_size)
-            name = f"{obj}_s{seed}"
-            selections[name] = {**sel.to_dict(), "norm": float(d.top(sel.k).norms().mean())}
-            print(f"[real_directions] {name} selected k={sel.k} α={sel.alpha} (val {sel.best_fixed['accuracy']:.3f}"
-                  f" vs {sel.baseline:.3f} unmodified; {time.time() - t0:.0f} s)", flush=True)
-            spec = Steer(d, k=sel.k, alpha=sel.alpha)
-            run(f"directions_{name}_k{sel.k}_a{sel.alpha:g}", "original", spec)
-            run(f"random_vectors_{name}_k{sel.k}_a{sel.alpha:g}", "original",
-                Steer(random_like(d.top(sel.k), seed=seed), alpha=sel.alpha))
-            run(f"directions_{name}_k{sel.k}_a{sel.alpha:g}_gold_only", "gold_only", spec)
-            if 1.0 in ALPHAS[obj] and len(d) in a.ks:  # the training setting, read back from the selection
-                val_budgets[f"{name}_k{len(d)}_a1 (validation)"] = training_setting_budget(
-                    model, d, val_sel, sel_dir, a, key_model, va_id)
+            if selected is not None:  # k and α as chosen on validation by an earlier run (another dtype, say)
+                sel_k, sel_alpha = int(selected[name]["k"]), float(selected[name]["alpha"])
+                selections[name] = {**selected[name], "from": str(a.selected.name)}
+            else:
+                sel_dir = a.out / "select" / f"{obj}_s{seed}-{d.payload_checksum()[:12]}"
+                sel = select_alpha(model, d, val_sel, alphas=ALPHAS[obj], ks=a.ks, max_new_tokens=a.max_new_tokens,
+                                   output_dir=sel_dir, progress=False, batch_size=a.batch_size)
+                sel_k, sel_alpha = sel.k, sel.alpha
+                selections[name] = {**sel.to_dict(), "norm": float(d.top(sel.k).norms().mean())}
+                print(f"[real_directions] {name} selected k={sel.k} α={sel.alpha} (val {sel.best_fixed['accuracy']:.3f}"
+                      f" vs {sel.baseline:.3f} unmodified; {time.time() - t0:.0f} s)", flush=True)
+                if 1.0 in ALPHAS[obj] and len(d) in a.ks:  # the training setting, read back from the selection
+                    val_budgets[f"{name}_k{len(d)}_a1 (validation)"] = training_setting_budget(
+                        model, d, val_sel, sel_dir, a, key_model, va_id)
+            spec = Steer(d, k=sel_k, alpha=sel_alpha)
+            tag = f"{name}_k{sel_k}_a{sel_alpha:g}"
+            conds += [(f"directions_{tag}", "original", spec),
+                      (f"random_vectors_{tag}", "original", Steer(random_like(d.top(sel_k), seed=seed), alpha=sel_alpha)),
+                      (f"directions_{tag}_gold_only", "gold_only", spec)]
+    if not a.report:
+        rd.advance_together(model, test, conds, rd_args, key_model, te_id, log="real_directions")
+    cells: dict[str, dict] = {}
+    for cname, variant, spec in conds:
+        res = rd.read_condition(model, test, cname, variant, spec, rd_args, key_model, te_id)
+        if res is not None:
+            cells[cname] = {"n": len(res.records), "em": [float(r["em"]) for r in res.records],
+                            "summary": res.summary(), "predictions": res.predictions, "spec": spec}
     budgets = {c: budget(model, test, cells, c, a, key_model, te_id) for c in list(cells)
                if c.startswith("directions_") and not c.endswith("_gold_only")}
+    oracle = rd.attention_budget(model, test, cells, conds, rd_args, key_model, te_id)  # cached by real_distraction
+    test_budgets = {**({next(c for c, _, _ in conds if c.startswith("split_softmax_top")): oracle} if oracle else {}),
+                    **budgets}
     budgets.update(val_budgets)
-    text = report(cells, selections, budgets, a, te_id)
-    atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", text)
-    atomic_write_json(a.out / f"selection-{a.kind}{a.n_docs}.json", selections)
+    text = report(cells, selections, budgets, a, te_id) + "\n".join(rd.share_lines(test_budgets)) + "\n"
+    atomic_write(a.out / rd.output_name(a, "report", "md"), text)
+    atomic_write_json(a.out / rd.output_name(a, "selection", "json"), selections)
     print(text)
     return 0
 
@@ -217,9 +239,12 @@ def report(cells: dict, selections: dict, budgets: dict, a, data: dict) -> str:
     base, gold = cells.get("unmodified"), cells.get("gold_only")
     lines = [f"NQ-open test split, {a.n_docs} real documents ({a.kind} distractors), SmolLM2-135M-Instruct "
              f"({a.dtype}); directions trained on {a.n_train} (attention) / {a.n_train_live} (likelihood) train "
-             f"questions; k, α chosen on {a.n_val} validation questions; `{data['file']}` sha256 {data['sha256'][:12]}; command: "
-             f"`python experiments/real_directions.py --kind {a.kind} --n-docs {a.n_docs} --n {a.n} "
-             f"--objectives {' '.join(a.objectives)}`", "",
+             f"questions; k, α chosen on {a.n_val} validation questions"
+             f"{f' (in the run of `{a.selected.name}`)' if a.selected else ''}; `{data['file']}` sha256 "
+             f"{data['sha256'][:12]}; command: `python experiments/real_directions.py --kind {a.kind} --n-docs {a.n_docs} "
+             f"--n {a.n} --objectives {' '.join(a.objectives)}"
+             f"{'' if a.dtype == 'bfloat16' else ' --dtype ' + a.dtype}"
+             f"{f' --selected {a.selected}' if a.selected else ''}`", "",
              "| condition | n | accuracy ± SE | Δ (paired) ± SE | wins / losses |", "|---|---|---|---|---|"]
     for cname, r in cells.items():
         s = r["summary"]
@@ -228,7 +253,8 @@ def report(cells: dict, selections: dict, budgets: dict, a, data: dict) -> str:
         if ref is None or r is ref or cname == "gold_only":
             cell += "— | — |"
         else:
-            p = paired_difference(r["em"], ref["em"][: r["n"]])
+            m = min(r["n"], ref["n"])  # paired on the examples both have
+            p = paired_difference(r["em"][:m], ref["em"][:m])
             vs = "gold only" if ref is gold else "unmodified"
             cell += f"{100 * p.mean:+.1f} ± {100 * p.se:.1f} pts vs {vs} (n={p.n}) | {p.wins} / {p.losses} |"
         lines.append(cell)

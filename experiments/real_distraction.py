@@ -70,9 +70,40 @@ def data_file(a, split: str) -> tuple[Path, dict]:
     return a.sets / name, {"file": name, "sha256": files[name]["sha256"]}
 
 
+def output_name(a, stem: str, ext: str) -> str:
+    """A report's file name: ``{stem}-{kind}{N}.{ext}``, plus ``-{dtype}`` for a dtype other than the
+    default bfloat16 (so that a float32 run never overwrites the bfloat16 report, and vice versa)."""
+    return f"{stem}-{a.kind}{a.n_docs}{'' if a.dtype == 'bfloat16' else '-' + a.dtype}.{ext}"
+
+
 def records_done(p: Path) -> int:
     """Examples already recorded in an ``evaluate`` JSONL (its first line is the config header)."""
     return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+
+
+def advance_together(model, test, conds, a, key_model, data, *, log: str) -> None:
+    """Evaluate every condition on the first ``a.n`` examples, ``a.chunk`` examples at a time for all
+    of them together: a run stopped early leaves every condition at (nearly) the same n, so paired
+    differences use all that was spent. Resumes each condition's content-keyed JSONL."""
+    t0 = time.time()
+    for m in range(a.chunk, a.n + a.chunk, a.chunk):
+        m = min(m, a.n)
+        for cname, variant, spec in conds:
+            p = record_path(a, key_model, data, cname, variant, spec)
+            if records_done(p) < m:
+                evaluate(model, test[:m], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
+                         output=p, tag=data, progress=False, batch_size=a.batch_size)
+        print(f"[{log}] {len(conds)} conditions at n={m} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def read_condition(model, test, cname: str, variant: str, spec, a, key_model, data):
+    """A condition's recorded results on the first min(recorded, ``a.n``) examples (no generation), or None."""
+    p = record_path(a, key_model, data, cname, variant, spec)
+    have = min(records_done(p), a.n)
+    if not have:
+        return None
+    return evaluate(model, test[:have], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
+                    output=p, tag=data, progress=False, batch_size=a.batch_size)
 
 
 def conditions(model, a) -> list[tuple[str, str, object]]:
@@ -113,31 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(dtype=getattr(torch, a.dtype), verbose=False)
     key_model = model_identity(model)
     conds = conditions(model, a)
-    t0 = time.time()
     results: dict[str, dict] = {}
 
-    path_of = lambda cname, variant, spec: record_path(a, key_model, data, cname, variant, spec)  # noqa: E731
-    done = records_done
-    steps = range(a.chunk, a.n + a.chunk, a.chunk)
-    for m in ([] if a.report else steps):
-        m = min(m, a.n)
-        for cname, variant, spec in conds:
-            p = path_of(cname, variant, spec)
-            if done(p) >= m:
-                continue
-            evaluate(model, test[:m], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
-                     output=p, tag=data, progress=False, batch_size=a.batch_size)
-        print(f"[real_distraction] {len(conds)} conditions at n={m} ({time.time() - t0:.0f} s)", flush=True)
+    if not a.report:
+        advance_together(model, test, conds, a, key_model, data, log="real_distraction")
     for cname, variant, spec in conds:
-        p = path_of(cname, variant, spec)
-        have = min(done(p), a.n)
-        if have:
-            res = evaluate(model, test[:have], variant=variant, intervene=spec, max_new_tokens=a.max_new_tokens,
-                           output=p, tag=data, progress=False, batch_size=a.batch_size)
-            results[cname] = {"n": have, "em": [float(r["em"]) for r in res.records], "summary": res.summary()}
+        res = read_condition(model, test, cname, variant, spec, a, key_model, data)
+        if res is not None:
+            results[cname] = {"n": len(res.records), "em": [float(r["em"]) for r in res.records],
+                              "summary": res.summary()}
     budget = attention_budget(model, test, results, conds, a, key_model, data) if "unmodified" in results else None
     text = report(results, a, data, budget)
-    atomic_write(a.out / f"report-{a.kind}{a.n_docs}.md", text)
+    atomic_write(a.out / output_name(a, "report", "md"), text)
     print(text)
     return 0
 
@@ -214,6 +232,46 @@ def budget_lines(budget: dict, title: str, column: str) -> list[str]:
         (mf, sf), (mr, sr) = gain(fixed), gain(rest)
         lines += ["", f"Gold-mass gain on the {len(fixed)} examples it fixes: {mf:+.3f} ± {sf:.3f}; on the "
                   f"other {len(rest)}: {mr:+.3f} ± {sr:.3f}."]
+    return lines + gain_tercile_lines(rows)
+
+
+def gain_tercile_lines(rows: list[dict]) -> list[str]:
+    """Attention gained vs accuracy gained, per example: the examples split into thirds by their gold-mass
+    gain (smallest first), each third's mean gain and paired Δ accuracy ± SE (fixed / broken counts)."""
+    if len(rows) < 6:
+        return []
+    order = sorted(rows, key=lambda r: r["after"]["gold"] - r["before"]["gold"])
+    cuts = [0, len(order) // 3, 2 * len(order) // 3, len(order)]
+    lines = ["", "Per example, by gold-mass gain (thirds of the examples, smallest gain first):", "",
+             "| third | n | gold-mass gain | accuracy unmodified → after | Δ accuracy (paired) | fixed / broken |",
+             "|---|---|---|---|---|---|"]
+    for i, name in enumerate(("lowest", "middle", "highest")):
+        part = order[cuts[i]:cuts[i + 1]]
+        g, _ = mean_se([r["after"]["gold"] - r["before"]["gold"] for r in part])
+        p = paired_difference([r["em_after"] for r in part], [r["em_before"] for r in part])
+        acc = lambda key: sum(r[key] for r in part) / len(part)  # noqa: E731
+        lines.append(f"| {name} | {len(part)} | {g:+.3f} | {acc('em_before'):.3f} → {acc('em_after'):.3f} | "
+                     f"{100 * p.mean:+.1f} ± {100 * p.se:.1f} pts | {p.wins} / {p.losses} |")
+    return lines
+
+
+def share_lines(budgets: dict[str, dict], bins=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0001)) -> list[str]:
+    """How accuracy depends on where the heads look, pooled over conditions: every (example, state) of
+    every budget — unmodified and under each intervention — binned by the heads' **gold share** of the
+    context mass, gold / (gold + distractors), with the accuracy of the answer given in that state.
+    States are not independent (each example appears once per state): the SE is descriptive."""
+    pts = [(r[state]["gold"] / max(r[state]["gold"] + r[state]["distractors"], 1e-9), r[f"em_{state}"])
+           for b in budgets.values() if b for r in b.get("rows", []) for state in ("before", "after")]
+    if not pts:
+        return []
+    lines = ["", f"Accuracy by the steered heads' gold share of the context mass, gold / (gold + distractors), pooled "
+             f"over {', '.join(f'`{c}`' for c, b in budgets.items() if b)} (each example unmodified and under the "
+             "intervention):", "", "| gold share | states | accuracy ± SE |", "|---|---|---|"]
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        em = [e for sh, e in pts if lo <= sh < hi]
+        if em:
+            m, se = mean_se(em)
+            lines.append(f"| {lo:.1f}–{min(hi, 1.0):.1f} | {len(em)} | {m:.3f} ± {se:.3f} |")
     return lines
 
 

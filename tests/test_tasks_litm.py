@@ -332,3 +332,90 @@ def test_real_directions_are_stored_under_their_content(tmp_path):
               mod.direction_folder(a, "attention", 0, heads, {**key, "model": {"weights": "x"}})[0],
               mod.direction_folder(a, "attention", 0, heads, {**key, "train": {"file": "t", "sha256": "9"}})[0]]
     assert len({base, *others}) == 7
+
+
+def test_real_directions_selected_file_is_checked_first(tmp_path, capsys):
+    """--selected must hold k and α for every objective × seed asked for; else exit 2 before any loading."""
+    mod = _experiment("real_directions")
+    sel = tmp_path / "selection.json"
+    sel.write_text(json.dumps({"attention_s0": {"k": 10, "alpha": 0.25}}))
+    argv = ["--sets", str(tmp_path / "no-sets"), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "r")]
+    assert mod.main(argv + ["--selected", str(sel), "--objectives", "likelihood"]) == 2
+    err = capsys.readouterr().err
+    assert "likelihood_s0" in err and "attention_s0" in err and err.count("\n") == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    assert mod.main(argv + ["--selected", str(tmp_path / "bad.json")]) == 2
+    assert "cannot read it as JSON" in capsys.readouterr().err
+    assert mod.main(argv + ["--selected", str(sel), "--objectives", "attention"]) == 2  # passes the check: sets missing
+    assert "python experiments/real_documents.py" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
+
+
+def test_real_report_names_carry_a_non_default_dtype():
+    import argparse
+
+    rd = _experiment("real_distraction")
+    a = argparse.Namespace(kind="random", n_docs=10, dtype="bfloat16")
+    assert rd.output_name(a, "report", "md") == "report-random10.md"  # the tracked bfloat16 name, unchanged
+    assert rd.output_name(argparse.Namespace(kind="hard", n_docs=20, dtype="float32"), "selection", "json") == \
+        "selection-hard20-float32.json"
+
+
+def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llama, monkeypatch):
+    """Conditions advance chunk by chunk together: stopped mid-run, no condition is more than one chunk
+    ahead of another; rerun, every condition reaches n from its own records (nothing regenerated)."""
+    import argparse
+
+    from focuslens.specs import SplitSoftmax
+    from focuslens.testing import capital_example
+
+    rd = _experiment("real_distraction")
+    test = [capital_example(i) for i in range(6)]
+    conds = [("unmodified", "original", None), ("ss", "original", SplitSoftmax([(0, 0), (1, 1)], 0.2)),
+             ("gold", "gold_only", None)]
+    a = argparse.Namespace(out=tmp_path, n=6, chunk=2, batch_size=2, max_new_tokens=2)
+    data = {"file": "toy", "sha256": "0"}
+    real, calls = rd.evaluate, []
+
+    class Stop(Exception):
+        pass
+
+    stopped = []
+
+    def stop_on_fifth(*args, **kw):
+        calls.append(len(args[1]))
+        if len(calls) == 5 and not stopped:
+            stopped.append(True)
+            raise Stop
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rd, "evaluate", stop_on_fifth)
+    with pytest.raises(Stop):
+        rd.advance_together(tiny_llama, test, conds, a, {"m": 1}, data, log="t")
+    done = [rd.records_done(rd.record_path(a, {"m": 1}, data, c, v, s)) for c, v, s in conds]
+    assert done == [4, 2, 2] and calls == [2, 2, 2, 4, 4]
+    calls.clear()
+    rd.advance_together(tiny_llama, test, conds, a, {"m": 1}, data, log="t")
+    assert [rd.records_done(rd.record_path(a, {"m": 1}, data, c, v, s)) for c, v, s in conds] == [6, 6, 6]
+    assert calls == [4, 4, 6, 6, 6]  # the stopped chunk is finished, then the last one; nothing redone
+    res = rd.read_condition(tiny_llama, test, "ss", "original", conds[1][2], a, {"m": 1}, data)
+    assert len(res.records) == 6
+
+
+def test_gain_thirds_and_gold_share_tables_against_hand_values():
+    rd = _experiment("real_distraction")
+    mk = lambda g0, g1, d0, d1, e0, e1: {"before": {"gold": g0, "sink": 0.1, "distractors": d0},  # noqa: E731
+                                         "after": {"gold": g1, "sink": 0.1, "distractors": d1},
+                                         "em_before": e0, "em_after": e1}
+    rows = [mk(0.1, 0.1, 0.5, 0.5, 0.0, 0.0), mk(0.1, 0.0, 0.5, 0.5, 1.0, 0.0),   # gains 0, -0.1
+            mk(0.1, 0.3, 0.5, 0.3, 0.0, 0.0), mk(0.1, 0.3, 0.5, 0.3, 1.0, 1.0),   # gains 0.2, 0.2
+            mk(0.1, 0.6, 0.5, 0.1, 0.0, 1.0), mk(0.1, 0.7, 0.5, 0.1, 0.0, 1.0)]   # gains 0.5, 0.6
+    lines = rd.gain_tercile_lines(rows)
+    assert "| lowest | 2 | -0.050 | 0.500 → 0.000 | -50.0 ± 50.0 pts | 0 / 1 |" in lines
+    assert "| middle | 2 | +0.200 | 0.500 → 0.500 | +0.0 ± 0.0 pts | 0 / 0 |" in lines
+    assert "| highest | 2 | +0.550 | 0.000 → 1.000 | +100.0 ± 0.0 pts | 2 / 0 |" in lines
+    assert rd.gain_tercile_lines(rows[:5]) == []  # too few examples to split
+    share = rd.share_lines({"x": {"rows": rows}, "empty": {}})
+    # 12 states: shares 1/6 (x5 before, + 1/6 after for rows 0), 0/0.5=0 (row 1 after), 0.5 (rows 2-3 after), 6/7, 7/8
+    assert "| 0.0–0.2 | 8 | 0.250 ± 0.164 |" in share and "| 0.4–0.6 | 2 | 0.500 ± 0.500 |" in share
+    assert "| 0.8–1.0 | 2 | 1.000 ± 0.000 |" in share and "`x`" in "".join(share) and "`empty`" not in "".join(share)

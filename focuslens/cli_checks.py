@@ -61,7 +61,7 @@ def _check_file(path: str, name: str, what: str) -> None:
 def validate(args) -> None:
     """Every argument of the command, before the model is loaded (exit 2 with one line otherwise)."""
     c = args.command
-    if hasattr(args, "threads"):
+    if getattr(args, "threads", None) is not None:
         _need(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     if hasattr(args, "device"):
         _check_device(args.device)

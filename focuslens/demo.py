@@ -63,7 +63,7 @@ class DemoConfig:
     objective: str = "attention"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int = 0
-    threads: int = 1
+    threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
 
     @classmethod
     def full(cls, **kw) -> "DemoConfig":
@@ -119,7 +119,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     from .scoring import DatasetScores, score_dataset
     from .tasks import make_synthetic_qa, render
 
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from .directions import FocusDirections, train_focus_directions  # noqa: E402
 from .sweeps import select_alpha  # noqa: E402
 from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
 from .plotting import CONDITION_COLORS, Baseline, Series, ablation_curve, curves, head_doc_view, head_heatmap, save_figure  # noqa: E402
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, greedy_generate  # noqa: E402
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, generate_responses, greedy_generate  # noqa: E402
 from .lens import FocusLens  # noqa: E402
 from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, Pasta, SplitSoftmax, Steer  # noqa: E402
 from .evaluation import Decoding  # noqa: E402
@@ -90,6 +90,7 @@ __all__ = [
     "tasks",
     "DEFAULT_MAX_NEW_TOKENS",
     "generate_response",
+    "generate_responses",
     "greedy_generate",
     "DEFAULT_MODEL_NAME",
     "HookedModel",

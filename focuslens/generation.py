@@ -11,7 +11,8 @@ wrote its own loop they stopped at different token sets and had budgets of 14 to
   short line; pass more for long-form responses, e.g. the paper's 100);
 * :func:`greedy_generate` / :func:`greedy_generate_batch` decode with the model's KV cache;
   ``stop_at_newline`` ends an *answer* at its first line (what the metrics read), while
-  :func:`generate_response` (rows to score or train on) decodes to the end of the turn.
+  :func:`generate_response` / :func:`generate_responses` (rows to score or train on) decode to the
+  end of the turn.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "greedy_generate_batch",
     "left_pad_offsets",
     "generate_response",
+    "generate_responses",
     "model_device",
 ]
 
@@ -212,3 +214,35 @@ def generate_response(
     ids, _ = greedy_generate(model, torch.as_tensor(tokens).long(), max_new_tokens=max_new_tokens,
                              stop_at_newline=stop_at_newline)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def generate_responses(
+    model: HookedModel,
+    prompts: Sequence[Int[Tensor, "pos"] | Sequence[int]],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop_at_newline: bool = False,
+    batch_size: int = 8,
+) -> list[Int[Tensor, "new"]]:
+    """:func:`generate_response` for many prompts, ``batch_size`` at a time, in the given order.
+
+    Why: contextual scoring (``response="generate"`` / ``"gold_only"``) and focus-direction training
+    data need one greedy response per example before anything else can run, and one prompt at a
+    time is the slowest way to get them on a CPU (a decoding step costs about as much for 8 rows as
+    for 1). Each chunk goes through :func:`greedy_generate_batch` (left padding; every row sees the
+    positions it would see alone), so the responses are the one-by-one ones up to float rounding
+    (the near-tie rule of :func:`greedy_generate_batch`); ``batch_size=1`` is exactly
+    :func:`generate_response` per prompt.
+
+    Returns:
+        one ``[new]`` tensor of token ids per prompt (possibly empty), in the order of ``prompts``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    ps = [torch.as_tensor(p).long().flatten() for p in prompts]
+    out: list[Tensor] = []
+    for a in range(0, len(ps), batch_size):
+        for ids, _ in greedy_generate_batch(model, ps[a:a + batch_size], max_new_tokens=max_new_tokens,
+                                            stop_at_newline=stop_at_newline):
+            out.append(torch.tensor(ids, dtype=torch.long))
+    return out

@@ -143,13 +143,13 @@ class FocusLens:
         (or ``response="gold"``/``"gold_only"``/a text) is appended and the gold document, the
         distractors and the sink are scored, as :func:`~focuslens.scoring.score_dataset` does per example.
         """
-        from .scoring import _respan, _response_for, score_spans
+        from .scoring import _respan, _responses_for, score_spans
 
         if hasattr(tokens, "prompt") and hasattr(tokens, "relevant"):
             ex = tokens
             mode = "generate" if response is None else response
             resp = mode if isinstance(mode, str) and mode not in ("generate", "gold", "gold_only") else \
-                _response_for(self.model, ex, mode, max_new_tokens=max_new_tokens)
+                _responses_for(self.model, [ex], mode, max_new_tokens=max_new_tokens, batch_size=1)[0]
             full = ex.prompt.with_response(self.tokenizer, resp)
             rel, dis = _respan(ex, full)
             named = dict(spans or {})

@@ -56,7 +56,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .attention import LayerAttention, attention_probs, expand_kv, qk_route
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, generate_responses
 from .hooks import attach_hooks
 from .forward import run_until
 from .models import HookedModel, check_context, hook_name, model_info
@@ -389,22 +389,37 @@ def score_many(
 # --------------------------------------------------------------------------------------------------
 
 
-def _response_for(model, ex, mode, *, max_new_tokens: int) -> Tensor | str:
+def _check_room(model, ex, i: int, mode, max_new_tokens: int) -> None:
+    """The context-length check before example ``i`` is used (generation may run up to the budget)."""
+    n_prompt = len(ex.prompt.tokens)
+    if mode in ("generate", "gold_only"):
+        check_context(model, n_prompt + max_new_tokens,
+                      what=f"example {i} (prompt {n_prompt} tokens + max_new_tokens {max_new_tokens})")
+    else:
+        check_context(model, ex.prompt.tokens, what=f"example {i}'s prompt")
+
+
+def _responses_for(model, exs: Sequence[Any], mode, *, max_new_tokens: int, batch_size: int) -> list[Tensor | str]:
+    """Each example's response rows: generated together for ``"generate"`` / ``"gold_only"``."""
     tok = model.tokenizer
     if callable(mode):
-        return mode(ex)
-    if mode == "generate":
-        return generate_response(model, ex.prompt.tokens, max_new_tokens=max_new_tokens)
+        return [mode(ex) for ex in exs]
     if mode == "gold":
-        if not ex.answers:
-            raise ValueError("response='gold' needs examples with at least one gold answer.")
-        return " " + ex.answers[0].strip() if not ex.prompt.chat else ex.answers[0].strip()
-    if mode == "gold_only":
+        out: list[Tensor | str] = []
+        for ex in exs:
+            if not ex.answers:
+                raise ValueError("response='gold' needs examples with at least one gold answer.")
+            out.append(" " + ex.answers[0].strip() if not ex.prompt.chat else ex.answers[0].strip())
+        return out
+    if mode == "generate":
+        prompts = [ex.prompt.tokens for ex in exs]
+    elif mode == "gold_only":
         from .tasks.records import render
 
-        gold = render(ex.example, tok, variant="gold_only", chat=ex.prompt.chat)
-        return generate_response(model, gold.prompt.tokens, max_new_tokens=max_new_tokens)
-    raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {mode!r}.")
+        prompts = [render(ex.example, tok, variant="gold_only", chat=ex.prompt.chat).prompt.tokens for ex in exs]
+    else:
+        raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {mode!r}.")
+    return list(generate_responses(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
 
 
 def _respan(ex: Any, full: LabelledPrompt) -> tuple[Span, list[Span]]:
@@ -431,6 +446,7 @@ def score_dataset(
     sink: SpanLike | int | None = 1,
     method: ScoringMethod = "auto",
     progress: bool = True,
+    batch_size: int = 8,
 ) -> DatasetScores:
     """Contextual scores of every head averaged over labelled examples, ready to rank.
 
@@ -451,6 +467,10 @@ def score_dataset(
         max_new_tokens: generation budget (the library default, :data:`~focuslens.generation.DEFAULT_MAX_NEW_TOKENS`; the paper used 100).
         sink, method: as in :func:`score_spans`.
         progress: a tqdm bar over examples.
+        batch_size: responses generated together (``"generate"`` / ``"gold_only"``), through
+            :func:`~focuslens.generation.generate_responses`: the one-by-one responses up to float
+            near-ties, ≈ 1.5× faster on a CPU (``benchmarks/bench_responses.py``); 1 = one at a
+            time, which bounds the prefill's ``[batch, head, pos, pos]`` pattern on long prompts.
 
     Returns:
         :class:`DatasetScores` with mean/stderr ``[layer, head]`` tensors for ``relevant``, ``sink``,
@@ -465,6 +485,8 @@ def score_dataset(
     mode_name = "callable" if callable(response) else str(response)
     if not callable(response) and response not in ("generate", "gold", "gold_only"):
         raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {response!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     per: dict[str, list[Tensor]] = {}
     texts: list[str] = []
     used: list[int] = []
@@ -475,17 +497,19 @@ def score_dataset(
         from tqdm.auto import tqdm
 
         it = bar = tqdm(examples, desc=f"scoring heads ({mode_name} responses)", unit="ex")
+    pending: dict[int, Tensor | str] = {}  # responses of the current chunk, generated together
     for i, ex in enumerate(it):
         if getattr(ex, "relevant", None) is None:
             skipped.append(f"example {i}: no relevant span (variant {getattr(ex, 'variant', '?')!r})")
             continue
-        n_prompt = len(ex.prompt.tokens)
-        if response in ("generate", "gold_only"):  # generation may run up to the budget: check before it
-            check_context(model, n_prompt + max_new_tokens,
-                          what=f"example {i} (prompt {n_prompt} tokens + max_new_tokens {max_new_tokens})")
-        else:
-            check_context(model, ex.prompt.tokens, what=f"example {i}'s prompt")
-        resp = _response_for(model, ex, response, max_new_tokens=max_new_tokens)
+        if i not in pending:  # the next chunk: check and generate batch_size responses at once
+            chunk = [j for j in range(i, min(i + batch_size, len(examples)))
+                     if getattr(examples[j], "relevant", None) is not None]
+            for j in chunk:
+                _check_room(model, examples[j], j, response, max_new_tokens)
+            pending = dict(zip(chunk, _responses_for(model, [examples[j] for j in chunk], response,
+                                                     max_new_tokens=max_new_tokens, batch_size=batch_size)))
+        resp = pending[i]
         empty = (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0)
         if empty:
             skipped.append(f"example {i}: empty response")

@@ -401,6 +401,13 @@ def test_make_direction_examples_generates_gold_only_response(tiny_llama):
         assert d.relevant.end <= d.prompt.response.start
     with pytest.raises(ValueError, match="responses for"):
         make_direction_examples(tiny_llama, [_example(0)], responses=["a", "b"])
+    # batched gold-only generation gives the one-by-one responses, in order
+    exs = [_example(i) for i in range(5)]
+    one = make_direction_examples(tiny_llama, exs, max_new_tokens=4, batch_size=1)
+    for bs in (2, 8):
+        bat = make_direction_examples(tiny_llama, exs, max_new_tokens=4, batch_size=bs)
+        assert [d.prompt.tokens.tolist() for d in bat] == [d.prompt.tokens.tolist() for d in one]
+        assert [d.relevant for d in bat] == [d.relevant for d in one]
 
 
 # ------------------------------------------------------------------------------ select_alpha

@@ -52,3 +52,44 @@ def test_generate_response_is_greedy_generate_to_the_end_of_turn(tiny_llama):
 def test_public_names():
     assert fl.DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS
     assert fl.generate_response is generate_response
+
+
+def test_generate_responses_are_generate_response_one_by_one(tiny_llama, tiny_gpt2):
+    """Batched responses (left-padded, prompts of different lengths) equal the one-by-one ones, in order."""
+    from focuslens.generation import generate_responses
+    from focuslens.tasks import make_synthetic_qa, render
+
+    for model in (tiny_llama, tiny_gpt2):
+        rs = [render(e, model.tokenizer) for e in make_synthetic_qa(5, n_docs=3, seed=1, doc_sentences=1)]
+        assert len({len(r.tokens) for r in rs}) > 1  # left padding is exercised
+        one = [generate_response(model, r.tokens, max_new_tokens=6).tolist() for r in rs]
+        for bs in (1, 2, 8):
+            got = generate_responses(model, [r.tokens for r in rs], max_new_tokens=6, batch_size=bs)
+            assert [g.tolist() for g in got] == one, (type(model).__name__, bs)
+            assert all(g.dtype == torch.long for g in got)
+    assert generate_responses(tiny_llama, [], batch_size=3) == []
+
+
+def test_generate_responses_rejects_a_bad_batch_size(tiny_llama):
+    import pytest
+
+    from focuslens.generation import generate_responses
+
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_responses(tiny_llama, [torch.tensor([1, 2, 3])], batch_size=0)
+
+
+def test_bench_responses_smoke(tmp_path):
+    """benchmarks/bench_responses.py runs on the tiny model: both prompt kinds, same responses at both sizes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_responses.py"
+    spec = importlib.util.spec_from_file_location("bench_responses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tiny", "--n", "3", "--batch", "2", "--threads", "1", "--output", str(tmp_path / "r.json")])
+    assert [r["n"] for r in out["rows"]] == [3, 3]
+    assert all(r["responses_differing"] == 0 and r["speedup"] > 0 for r in out["rows"])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == out["rows"]

@@ -245,6 +245,26 @@ def test_score_dataset_generate_and_callable(tok, tiny_gpt2):
     assert ds2.n == 2 and ds2.response_mode == "callable"
 
 
+def test_score_dataset_batched_generation_equals_one_by_one(tok, tiny_llama):
+    """Responses generated batch_size at a time give the scores of one at a time; examples without a
+    relevant span are skipped inside a chunk without shifting the others."""
+    from focuslens.tasks import make_synthetic_qa, render
+
+    exs = [render(e, tok) for e in make_synthetic_qa(5, n_docs=3, seed=2, doc_sentences=1)]
+    exs.insert(2, render(make_synthetic_qa(1, n_docs=3, seed=3)[0], tok, variant="negative"))
+    assert len({len(r.tokens) for r in exs}) > 1
+    for mode in ("generate", "gold_only"):
+        one = score_dataset(tiny_llama, exs, response=mode, max_new_tokens=5, progress=False, batch_size=1)
+        for bs in (2, 4):
+            bat = score_dataset(tiny_llama, exs, response=mode, max_new_tokens=5, progress=False, batch_size=bs)
+            assert bat.responses == one.responses and bat.indices == one.indices
+            assert bat.n_skipped == one.n_skipped >= 1 and 2 not in bat.indices
+            for k in one.mean:
+                torch.testing.assert_close(bat.per_example[k], one.per_example[k], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        score_dataset(tiny_llama, exs, progress=False, batch_size=0)
+
+
 def test_score_dataset_zero_usable_raises(tok, tiny_llama):
     with pytest.raises(ValueError, match="0 of 2 examples were usable"):
         score_dataset(tiny_llama, _rendered(tok, 2), response=lambda ex: "", progress=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
-from ..generation import DEFAULT_MAX_NEW_TOKENS, generate_response
+from ..generation import DEFAULT_MAX_NEW_TOKENS, generate_responses
 from ..models import HookedModel
 from ..prompts import LabelledPrompt, Span, as_span
 
@@ -38,6 +38,7 @@ def make_direction_examples(
     responses: Sequence[str | Sequence[int]] | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     chat: bool = True,
+    batch_size: int = 8,
 ) -> list[DirectionExample]:
     """The paper's training data: the gold-only prompt's response appended to the full prompt.
 
@@ -46,21 +47,25 @@ def make_direction_examples(
         responses: per example, text or token ids to append instead of generating (e.g. cached
             gold-only responses, or the gold answer sentence for ``objective="likelihood"``).
         max_new_tokens: greedy generation length when ``responses`` is None.
+        batch_size: gold-only prompts decoded together (:func:`~focuslens.generation.generate_responses`;
+            1 = one at a time, the same responses up to float near-ties).
     """
     from ..tasks import render
 
     if responses is not None and len(responses) != len(examples):
         raise ValueError(f"Got {len(responses)} responses for {len(examples)} examples.")
-    out = []
+    fulls = []
     for i, ex in enumerate(examples):
         full = render(ex, model.tokenizer, variant="original", chat=chat)
         if full.relevant is None:
             raise ValueError(f"Example {i} has no gold document: focus directions need a relevant span.")
-        if responses is not None:
-            resp = responses[i]
-        else:
-            gold = render(ex, model.tokenizer, variant="gold_only", chat=chat)
-            resp = generate_response(model, gold.prompt.tokens, max_new_tokens=max_new_tokens).tolist()
+        fulls.append(full)
+    if responses is None:
+        golds = [render(ex, model.tokenizer, variant="gold_only", chat=chat).prompt.tokens for ex in examples]
+        responses = [r.tolist() for r in generate_responses(model, golds, max_new_tokens=max_new_tokens,
+                                                            batch_size=batch_size)]
+    out = []
+    for full, resp in zip(fulls, responses):
         if (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0):
             continue  # an empty gold-only answer gives no response rows
         out.append(DirectionExample(full.prompt.with_response(model.tokenizer, resp), full.relevant))

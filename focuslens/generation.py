@@ -223,6 +223,7 @@ def generate_responses(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stop_at_newline: bool = False,
     batch_size: int = 8,
+    progress: bool | str = False,
 ) -> list[Int[Tensor, "new"]]:
     """:func:`generate_response` for many prompts, ``batch_size`` at a time, in the given order.
 
@@ -234,15 +235,29 @@ def generate_responses(
     (the near-tie rule of :func:`greedy_generate_batch`); ``batch_size=1`` is exactly
     :func:`generate_response` per prompt.
 
+    Args:
+        progress: a tqdm bar over prompts (a string: its label).
+
     Returns:
         one ``[new]`` tensor of token ids per prompt (possibly empty), in the order of ``prompts``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     ps = [torch.as_tensor(p).long().flatten() for p in prompts]
+    bar = None
+    if progress and ps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ps), desc=progress if isinstance(progress, str) else "responses", unit="ex")
     out: list[Tensor] = []
-    for a in range(0, len(ps), batch_size):
-        for ids, _ in greedy_generate_batch(model, ps[a:a + batch_size], max_new_tokens=max_new_tokens,
-                                            stop_at_newline=stop_at_newline):
-            out.append(torch.tensor(ids, dtype=torch.long))
+    try:
+        for a in range(0, len(ps), batch_size):
+            for ids, _ in greedy_generate_batch(model, ps[a:a + batch_size], max_new_tokens=max_new_tokens,
+                                                stop_at_newline=stop_at_newline):
+                out.append(torch.tensor(ids, dtype=torch.long))
+            if bar is not None:
+                bar.update(len(ps[a:a + batch_size]))
+    finally:
+        if bar is not None:
+            bar.close()
     return out

@@ -67,7 +67,11 @@ def test_generate_responses_are_generate_response_one_by_one(tiny_llama, tiny_gp
             got = generate_responses(model, [r.tokens for r in rs], max_new_tokens=6, batch_size=bs)
             assert [g.tolist() for g in got] == one, (type(model).__name__, bs)
             assert all(g.dtype == torch.long for g in got)
-    assert generate_responses(tiny_llama, [], batch_size=3) == []
+    labelled = generate_responses(tiny_llama, [r.tokens for r in rs[:3]], max_new_tokens=6, batch_size=2,
+                                  progress="responses")  # the tqdm bar changes nothing else
+    assert [g.tolist() for g in labelled] == [generate_response(tiny_llama, r.tokens, max_new_tokens=6).tolist()
+                                              for r in rs[:3]]
+    assert generate_responses(tiny_llama, [], batch_size=3, progress=True) == []
 
 
 def test_generate_responses_rejects_a_bad_batch_size(tiny_llama):

@@ -39,6 +39,7 @@ def make_direction_examples(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     chat: bool = True,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> list[DirectionExample]:
     """The paper's training data: the gold-only prompt's response appended to the full prompt.
 
@@ -49,6 +50,7 @@ def make_direction_examples(
         max_new_tokens: greedy generation length when ``responses`` is None.
         batch_size: gold-only prompts decoded together (:func:`~focuslens.generation.generate_responses`;
             1 = one at a time, the same responses up to float near-ties).
+        progress: a tqdm bar while the gold-only responses are generated.
     """
     from ..tasks import render
 
@@ -63,7 +65,8 @@ def make_direction_examples(
     if responses is None:
         golds = [render(ex, model.tokenizer, variant="gold_only", chat=chat).prompt.tokens for ex in examples]
         responses = [r.tolist() for r in generate_responses(model, golds, max_new_tokens=max_new_tokens,
-                                                            batch_size=batch_size)]
+                                                            batch_size=batch_size,
+                                                            progress=progress and "gold-only responses")]
     out = []
     for full, resp in zip(fulls, responses):
         if (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0):

@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     budgets = {c: budget(model, test, cells, c, a, key_model, te_id) for c in list(cells)
                if c.startswith("directions_") and not c.endswith("_gold_only")}
     oracle = rd.attention_budget(model, test, cells, conds, rd_args, key_model, te_id)  # cached by real_distraction
-    test_budgets = {**({next(c for c, _, _ in conds if c.startswith("split_softmax_top")): oracle} if oracle else {}),
-                    **budgets}
+    oracle_name = next(c for c, _, _ in conds if c.startswith("split_softmax_top"))
+    test_budgets = {**({oracle_name: oracle} if oracle else {}), **budgets}
     budgets.update(val_budgets)
     text = report(cells, selections, budgets, a, te_id) + "\n".join(rd.share_lines(test_budgets)) + "\n"
     atomic_write(a.out / rd.output_name(a, "report", "md"), text)

@@ -259,9 +259,19 @@ def share_lines(budgets: dict[str, dict], bins=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0001)
     """How accuracy depends on where the heads look, pooled over conditions: every (example, state) of
     every budget — unmodified and under each intervention — binned by the heads' **gold share** of the
     context mass, gold / (gold + distractors), with the accuracy of the answer given in that state.
-    States are not independent (each example appears once per state): the SE is descriptive."""
-    pts = [(r[state]["gold"] / max(r[state]["gold"] + r[state]["distractors"], 1e-9), r[f"em_{state}"])
-           for b in budgets.values() if b for r in b.get("rows", []) for state in ("before", "after")]
+    States are not independent (each example appears once per state): the SE is descriptive. The
+    unmodified state of an example is counted once per head set: budgets on the same heads (the oracle
+    and directions on the same top-k) share it."""
+    share = lambda m: m["gold"] / max(m["gold"] + m["distractors"], 1e-9)  # noqa: E731
+    pts, seen = [], set()
+    for b in filter(None, budgets.values()):
+        heads = tuple(map(tuple, b.get("heads") or ()))
+        for r in b.get("rows", []):
+            key = (heads, r.get("id"))
+            states = ("before", "after") if key not in seen else ("after",)
+            if heads and key[1] is not None:
+                seen.add(key)
+            pts += [(share(r[st]), r[f"em_{st}"]) for st in states]
     if not pts:
         return []
     lines = ["", f"Accuracy by the steered heads' gold share of the context mass, gold / (gold + distractors), pooled "

@@ -14,6 +14,29 @@ torch.set_num_threads(int(os.environ.get("FOCUSLENS_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """``load_script("benchmarks/bench_dtype.py")``: a repository script (benchmarks/, experiments/,
+    scripts/) imported as a module by its path from the repository root, so that a test calls its
+    ``main(argv)`` in-process. Registered in ``sys.modules`` under its file name (dataclasses and
+    pickling look the module up there)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relpath: str):
+        path = root / relpath
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tok():
     from focuslens.testing import tiny_tokenizer
 

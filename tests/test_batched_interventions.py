@@ -353,14 +353,8 @@ def test_sliding_window_cached_steps_edit_the_right_keys(tiny_gemma3, examples):
     assert count_hooks(tiny_gemma3) == 0
 
 
-def test_bench_dry_run(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batched_eval.py"
-    spec = importlib.util.spec_from_file_location("bench_batched_eval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_dry_run(tmp_path, load_script):
+    mod = load_script("benchmarks/bench_batched_eval.py")
     out = mod.main(["--dry-run", "--output", str(tmp_path / "bench.json")])
     assert out["n"] >= 4 and out["mismatches"] == 0
     assert out["batch_8"]["seconds_per_example"] > 0 and out["batch_1"]["seconds_per_example"] > 0

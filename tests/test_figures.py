@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,13 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def figures():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location("figures", ROOT / "experiments" / "figures.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["figures"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def figures(load_script):
+    sys.path.insert(0, str(ROOT / "experiments"))  # figures.py imports fig_directions.py beside it
+    return load_script("experiments/figures.py")
 
 
 def _run(figures, cmd, tmp_path, *extra):

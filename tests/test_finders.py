@@ -217,16 +217,11 @@ def test_finder_heatmaps_one_panel_per_finder(tiny_llama, rendered):
     assert len(fig.data[1].x) == 3
 
 
-def test_compare_methods_quick_smoke_run_resumes(tmp_path):
+def test_compare_methods_quick_smoke_run_resumes(tmp_path, load_script):
     """experiments/compare_methods.py --quick: finders, cells, docs table and figure; a rerun computes nothing."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("compare_methods", root / "experiments" / "compare_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("experiments/compare_methods.py")
     argv = ["--quick", "--out", str(tmp_path), "--tasks", "syn10,gold_only"]
     mod.main(argv)
     doc = (tmp_path / "comparison.md").read_text()

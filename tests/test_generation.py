@@ -83,16 +83,11 @@ def test_generate_responses_rejects_a_bad_batch_size(tiny_llama):
         generate_responses(tiny_llama, [torch.tensor([1, 2, 3])], batch_size=0)
 
 
-def test_bench_responses_smoke(tmp_path):
+def test_bench_responses_smoke(tmp_path, load_script):
     """benchmarks/bench_responses.py runs on the tiny model: both prompt kinds, same responses at both sizes."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_responses.py"
-    spec = importlib.util.spec_from_file_location("bench_responses", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/bench_responses.py")
     out = mod.main(["--tiny", "--n", "3", "--batch", "2", "--threads", "1", "--output", str(tmp_path / "r.json")])
     assert [r["n"] for r in out["rows"]] == [3, 3]
     assert all(r["responses_differing"] == 0 and r["speedup"] > 0 for r in out["rows"])

@@ -176,15 +176,9 @@ def test_in_memory_model_keeps_its_dtype_and_refuses_another():
     assert next(m.parameters()).dtype == torch.float32
 
 
-def test_bench_dtype_smoke():
+def test_bench_dtype_smoke(load_script):
     """benchmarks/bench_dtype.py runs on the tiny model and reports both dtypes and the rule's verdict."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dtype.py"
-    spec = importlib.util.spec_from_file_location("bench_dtype", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/bench_dtype.py")
     out = mod.main(["--tiny", "--repeats", "1", "--tokens", "16", "--matmul", "64", "--threads", "1"])
     assert set(out["forward_s"]) == {"torch.float32", "torch.bfloat16"}
     assert out["bfloat16_over_float32"] > 0

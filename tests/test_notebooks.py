@@ -28,15 +28,11 @@ def test_notebook_runs(path, monkeypatch):
     assert not errors
 
 
-def test_committed_notebooks_are_what_the_build_script_writes():
+def test_committed_notebooks_are_what_the_build_script_writes(load_script):
     """The notebooks' code and cell ids equal scripts/build_notebooks.py's (outputs may differ)."""
-    import importlib.util
-
     import nbformat
 
-    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR.parent / "scripts" / "build_notebooks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/build_notebooks.py")
     assert sorted(mod.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
     for name, cells in mod.NOTEBOOKS.items():
         built = mod.build(name, cells)

@@ -266,12 +266,8 @@ def test_real_document_splits_subset_equals_the_full_build(oracle):
         real_document_splits(oracle, splits=("dev",))
 
 
-def test_real_documents_script_writes_reproducible_files_and_a_manifest(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_documents", Path(__file__).parents[1] / "experiments" / "real_documents.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_real_documents_script_writes_reproducible_files_and_a_manifest(tmp_path, load_script):
+    mod = load_script("experiments/real_documents.py")
     args = ["--oracle", str(DATA), "--n-docs", "4", "--kinds", "random", "--fractions", "0.4", "0.3", "0.3"]
     assert mod.main([*args, "--out", str(tmp_path / "a")]) == 0
     assert mod.main([*args, "--out", str(tmp_path / "b")]) == 0
@@ -286,38 +282,24 @@ def test_real_documents_script_writes_reproducible_files_and_a_manifest(tmp_path
     assert mod.main(["--oracle", str(tmp_path / "missing.jsonl.gz"), "--out", str(tmp_path / "c")]) == 2
 
 
-def test_real_distraction_script_needs_the_sets_first(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_distraction", Path(__file__).parents[1] / "experiments" / "real_distraction.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_real_distraction_script_needs_the_sets_first(tmp_path, capsys, load_script):
+    mod = load_script("experiments/real_distraction.py")
     assert mod.main(["--sets", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "python experiments/real_documents.py" in capsys.readouterr().err
 
 
-def _experiment(name: str):
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_real_directions_script_needs_the_sets_first(tmp_path, capsys):
-    mod = _experiment("real_directions")
+def test_real_directions_script_needs_the_sets_first(tmp_path, capsys, load_script):
+    mod = load_script("experiments/real_directions.py")
     assert mod.main(["--sets", str(tmp_path), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "r")]) == 2
     assert "python experiments/real_documents.py" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
 
 
-def test_real_directions_are_stored_under_their_content(tmp_path):
+def test_real_directions_are_stored_under_their_content(tmp_path, load_script):
     """Another seed, training set, n, model or head list never names the same folder (no stale vectors)."""
     import argparse
 
-    mod = _experiment("real_directions")
+    mod = load_script("experiments/real_directions.py")
     a = argparse.Namespace(out=tmp_path)
     key = {"model": {"weights": "w"}, "train": {"file": "t", "sha256": "1"}, "n_train": 200,
            "val": {"file": "v", "sha256": "2"}, "n_train_val": 12}
@@ -334,9 +316,9 @@ def test_real_directions_are_stored_under_their_content(tmp_path):
     assert len({base, *others}) == 7
 
 
-def test_real_directions_selected_file_is_checked_first(tmp_path, capsys):
+def test_real_directions_selected_file_is_checked_first(tmp_path, capsys, load_script):
     """--selected must hold k and α for every objective × seed asked for; else exit 2 before any loading."""
-    mod = _experiment("real_directions")
+    mod = load_script("experiments/real_directions.py")
     sel = tmp_path / "selection.json"
     sel.write_text(json.dumps({"attention_s0": {"k": 10, "alpha": 0.25}}))
     argv = ["--sets", str(tmp_path / "no-sets"), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "r")]
@@ -351,17 +333,17 @@ def test_real_directions_selected_file_is_checked_first(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
 
 
-def test_real_report_names_carry_a_non_default_dtype():
+def test_real_report_names_carry_a_non_default_dtype(load_script):
     import argparse
 
-    rd = _experiment("real_distraction")
+    rd = load_script("experiments/real_distraction.py")
     a = argparse.Namespace(kind="random", n_docs=10, dtype="bfloat16")
     assert rd.output_name(a, "report", "md") == "report-random10.md"  # the tracked bfloat16 name, unchanged
     assert rd.output_name(argparse.Namespace(kind="hard", n_docs=20, dtype="float32"), "selection", "json") == \
         "selection-hard20-float32.json"
 
 
-def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llama, monkeypatch):
+def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llama, monkeypatch, load_script):
     """Conditions advance chunk by chunk together: stopped mid-run, no condition is more than one chunk
     ahead of another; rerun, every condition reaches n from its own records (nothing regenerated)."""
     import argparse
@@ -369,7 +351,7 @@ def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llam
     from focuslens.specs import SplitSoftmax
     from focuslens.testing import capital_example
 
-    rd = _experiment("real_distraction")
+    rd = load_script("experiments/real_distraction.py")
     test = [capital_example(i) for i in range(6)]
     conds = [("unmodified", "original", None), ("ss", "original", SplitSoftmax([(0, 0), (1, 1)], 0.2)),
              ("gold", "gold_only", None)]
@@ -402,8 +384,8 @@ def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llam
     assert len(res.records) == 6
 
 
-def test_gain_thirds_and_gold_share_tables_against_hand_values():
-    rd = _experiment("real_distraction")
+def test_gain_thirds_and_gold_share_tables_against_hand_values(load_script):
+    rd = load_script("experiments/real_distraction.py")
     mk = lambda g0, g1, d0, d1, e0, e1: {"before": {"gold": g0, "sink": 0.1, "distractors": d0},  # noqa: E731
                                          "after": {"gold": g1, "sink": 0.1, "distractors": d1},
                                          "em_before": e0, "em_after": e1}
@@ -419,3 +401,20 @@ def test_gain_thirds_and_gold_share_tables_against_hand_values():
     # 12 states: shares 1/6 (x5 before, + 1/6 after for rows 0), 0/0.5=0 (row 1 after), 0.5 (rows 2-3 after), 6/7, 7/8
     assert "| 0.0–0.2 | 8 | 0.250 ± 0.164 |" in share and "| 0.4–0.6 | 2 | 0.500 ± 0.500 |" in share
     assert "| 0.8–1.0 | 2 | 1.000 ± 0.000 |" in share and "`x`" in "".join(share) and "`empty`" not in "".join(share)
+
+
+def test_gold_share_counts_an_unmodified_state_once_per_head_set(load_script):
+    """Two budgets on the same heads share each example's unmodified state: it is pooled once; a budget
+    on other heads has its own unmodified state."""
+    rd = load_script("experiments/real_distraction.py")
+    row = lambda i, g1, d1, e1: {"id": f"q{i}", "before": {"gold": 0.1, "sink": 0.1, "distractors": 0.9},  # noqa: E731
+                                 "after": {"gold": g1, "sink": 0.1, "distractors": d1}, "em_before": 0.0, "em_after": e1}
+    same = [[0, 0], [1, 1]]
+    budgets = {"oracle": {"heads": same, "rows": [row(0, 0.9, 0.1, 1.0), row(1, 0.9, 0.1, 1.0)]},
+               "directions": {"heads": same, "rows": [row(0, 0.7, 0.3, 0.0), row(1, 0.7, 0.3, 1.0)]},
+               "other heads": {"heads": [[0, 0]], "rows": [row(0, 0.1, 0.1, 0.0), row(1, 0.1, 0.1, 0.0)]}}
+    lines = rd.share_lines(budgets)
+    assert "| 0.0–0.2 | 4 | 0.000 ± 0.000 |" in lines  # unmodified: 2 examples × 2 head sets (not 3 budgets)
+    assert "| 0.4–0.6 | 2 | 0.000 ± 0.000 |" in lines  # other heads, after
+    assert "| 0.6–0.8 | 2 | 0.500 ± 0.500 |" in lines  # directions, after
+    assert "| 0.8–1.0 | 2 | 1.000 ± 0.000 |" in lines  # oracle, after

@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import focuslens as fl  # noqa: E402
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.models import model_info  # noqa: E402
-from focuslens.specs import SplitSoftmax  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.models import model_info  # noqa: E402
+from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import mean_se  # noqa: E402
 
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     for m in mismatches:
         print(f"  mismatch {m}")
     if args.output:
-        from focuslens.io import atomic_write_json
+        from focuslens.core.io import atomic_write_json
 
         atomic_write_json(Path(args.output), result)
     return result

@@ -11,7 +11,7 @@ What is timed:
 * ``train_focus_directions(model, examples, heads=top20, objective="attention")`` end to end, with
   its two phases (``cache_seconds``, ``optimise_seconds``): frozen forward passes that cache the heads'
   post-RoPE queries (response rows) and keys, each stopped right after the last selected layer's key
-  hook (``focuslens.models.run_until``), 8 examples per pass grouped by length; then full-batch AdamW
+  hook (``focuslens.core.models.run_until``), 8 examples per pass grouped by length; then full-batch AdamW
   on the cached tensors (factorised softmax: no exponential of the logit tensor per step) with early
   stopping on held-out mass (40 validation examples, also cached: included in the time).
 * ``--compare``: first the previous path on the same data and heads — one unpadded forward per
@@ -125,7 +125,7 @@ def main() -> None:
     print(json.dumps(res), flush=True)
     if args.small <= 0:
         print(json.dumps(res, indent=1))
-        from focuslens.io import atomic_write_json
+        from focuslens.core.io import atomic_write_json
 
         atomic_write_json(Path(args.out), res, indent=1)
         return
@@ -156,7 +156,7 @@ def main() -> None:
                                   "seconds_to_reach": None if t_reach is None else round(t_reach, 2)},
                       "speedup_to_same_objective": None if t_reach is None else round(t_ref / t_reach, 1)})
     print(json.dumps(res, indent=1))
-    from focuslens.io import atomic_write_json
+    from focuslens.core.io import atomic_write_json
 
     atomic_write_json(Path(args.out), res, indent=1)
 

@@ -5,7 +5,7 @@ times *slower* on CPUs without them, where PyTorch emulates it. The tracked expe
 bfloat16 (measured on an AMX machine); before running an experiment in a given dtype here, this
 prints what each costs on this CPU: a bare matmul and one SmolLM2 forward per dtype, interleaved
 (float32, bfloat16, float32, ...) in one process so that load from other processes hits both alike,
-and the ratio of the medians. ``focuslens.models.cpu_lacks_fast`` is the rule that ``load_model``
+and the ratio of the medians. ``focuslens.core.models.cpu_lacks_fast`` is the rule that ``load_model``
 warns with; the table shows whether it agrees with the clock.
 
     python benchmarks/bench_dtype.py                      # SmolLM2, 512 tokens, 3 repeats, 2 threads
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import focuslens as fl  # noqa: E402
-from focuslens.models import cpu_lacks_fast  # noqa: E402
+from focuslens.core.models import cpu_lacks_fast  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)
 

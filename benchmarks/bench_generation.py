@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import focuslens as fl  # noqa: E402
-from focuslens.interventions import inject_vectors, split_softmax  # noqa: E402
-from focuslens.models import model_info  # noqa: E402
+from focuslens.intervene.eager import inject_vectors, split_softmax  # noqa: E402
+from focuslens.core.models import model_info  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,7 @@ Modes:
                         (``logits_to_keep=1``: the same call the fused scorer makes) — the reference
     fused_forward_full  plain HF forward with logits for every position (what ``model(ids)`` does)
     fused_score         FusedModel.contextual_scores: SDPA + response rows only
-    eager_score         focuslens.scoring.contextual_scores on the TransformerLens bridge (eager
+    eager_score         focuslens.score.contextual.contextual_scores on the TransformerLens bridge (eager
                         attention: an [H, N, N] pattern per layer)
 
 Commands (about 30 min on 1 core of this machine, longer under load)::
@@ -114,7 +114,7 @@ def worker(mode: str, n: int, repeats: int) -> dict:
 
     if mode == "eager_score":
         import focuslens as fl
-        from focuslens.scoring import contextual_scores
+        from focuslens.score.contextual import contextual_scores
 
         model = fl.load_model(verbose=False)
 

@@ -10,7 +10,7 @@ Command (documented in docs/patching.md):
 
 What it does, in one process with one torch thread (side by side, so ratios are comparable):
 
-1. Builds a clean/corrupted pair with :func:`focuslens.patching.make_corrupted_pair` from a synthetic
+1. Builds a clean/corrupted pair with :func:`focuslens.heads.patching.make_corrupted_pair` from a synthetic
    multi-document QA example (``--n-docs`` documents; the gold document's answer value is replaced by
    another of the same token length), and appends the model's own clean answer prefix to both
    prompts so that the next token is the answer. The metric is the logit difference clean answer −
@@ -88,7 +88,7 @@ def compare(exact: torch.Tensor, est: torch.Tensor, m_corrupt: float, slot_name:
 
 def build_pair(model, n_docs: int, seed: int, max_tries: int = 20, gold_position="random"):
     """``(clean_tokens, corrupt_tokens, metric, info)`` at the answer position (model follows the gold doc)."""
-    from focuslens.patching import logit_diff_metric, make_corrupted_pair
+    from focuslens.heads.patching import logit_diff_metric, make_corrupted_pair
     from focuslens.tasks import make_synthetic_qa
 
     tok = model.tokenizer
@@ -137,10 +137,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     import focuslens as fl
-    from focuslens.attribution import attribution_patch_sites
-    from focuslens.io import atomic_write_json
-    from focuslens.patching import patch_heads
-    from focuslens.patching_batched import default_batch_size
+    from focuslens.heads.attribution import attribution_patch_sites
+    from focuslens.core.io import atomic_write_json
+    from focuslens.heads.patching import patch_heads
+    from focuslens.heads.patch_jobs import default_batch_size
 
     model = fl.load_model(verbose=False)
     gold = args.gold_position if args.gold_position == "random" else int(args.gold_position)

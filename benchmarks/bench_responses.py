@@ -2,7 +2,7 @@
 
 Contextual scoring (``score_dataset(response="generate" | "gold_only")``) and focus-direction data
 (``make_direction_examples``) first need the model's greedy response to every example. This times
-:func:`focuslens.generation.generate_responses` at batch 1 and at ``--batch`` on the same prompts,
+:func:`focuslens.core.generation.generate_responses` at batch 1 and at ``--batch`` on the same prompts,
 **interleaved** chunk by chunk in one process (batch 1, batch B, batch 1, ...) so that load from
 other processes hits both alike, for both kinds of prompt: full 10-document prompts (what
 ``response="generate"`` decodes) and gold-only prompts (what focus directions train on). It reports
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import focuslens as fl  # noqa: E402
-from focuslens.generation import generate_responses  # noqa: E402
+from focuslens.core.generation import generate_responses  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['prompts']} | {r['n']} | {r['mean_prompt_tokens']} | {r['s_per_example_batch1']} | "
               f"{r[f's_per_example_batch{a.batch}']} | {r['speedup']}× | {r['responses_differing']} |")
     if a.output is not None:
-        from focuslens.io import atomic_write_json
+        from focuslens.core.io import atomic_write_json
 
         atomic_write_json(a.output, res)
     return res

@@ -20,8 +20,8 @@ The minimum over rounds is reported for times, the maximum for memory.
 
 Routes:
     plain    model(tokens) without hooks (logits computed, as a user's forward pass would).
-    qk       focuslens.scoring.score_spans(..., method="qk")   (response rows from post-RoPE q/k)
-    pattern  focuslens.scoring.score_spans(..., method="pattern") (response rows of hook_pattern)
+    qk       focuslens.score.contextual.score_spans(..., method="qk")   (response rows from post-RoPE q/k)
+    pattern  focuslens.score.contextual.score_spans(..., method="pattern") (response rows of hook_pattern)
     naive    run_with_cache(names_filter=hook_pattern), then reduce the cached patterns.
 The input is random token ids; the response is the last 32 tokens and the relevant span 100 tokens at
 a quarter of the sequence (attention cost does not depend on the ids).
@@ -50,7 +50,7 @@ def _worker(route: str, length: int, repeats: int) -> dict:
 
     torch.set_num_threads(1)
     import focuslens as fl
-    from focuslens.scoring import score_spans
+    from focuslens.score.contextual import score_spans
 
     model = fl.load_model(verbose=False)
     g = torch.Generator().manual_seed(0)
@@ -212,7 +212,7 @@ def main() -> None:
                   f"max diff {max(vals) - min(vals):.2e}")
     if args.out is None:
         return
-    from focuslens.io import atomic_write_json
+    from focuslens.core.io import atomic_write_json
 
     atomic_write_json(args.out, {"raw": raw, "rows": rows, "threads": 1, "response_len": RESPONSE_LEN}, indent=1)
     print(f"wrote {args.out}")

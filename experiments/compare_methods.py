@@ -9,14 +9,14 @@ Command (resumable: every finder result, trained direction and evaluated cell is
 
 What it does, most important first:
 
-1. **Finders** (``focuslens.finders``) on the same ``--n-find`` synthetic QA examples (10 documents,
+1. **Finders** (``focuslens.heads.finders``) on the same ``--n-find`` synthetic QA examples (10 documents,
    seed 401; patching on the first ``--n-patch``): contextual (gold-answer responses), retrieval
    (teacher-forced needle answer), QRHead (plain gold mass of the question rows), z-patching. Pairwise
    Spearman correlations, top-k overlaps, and ``figures/compare_finders.{png,html}``.
 2. **Cells**: rows = (finder, steering method) on that finder's top-k heads (k = 20), plus the
    random-head control (``random_heads(seed=0)``) and the unmodified model; columns = tasks. Methods:
    split softmax (τ = 0.2, oracle span = the gold document), PASTA (coefficient 0.01, oracle span;
-   only when ``focuslens.specs.Pasta`` exists), focus directions (likelihood objective, trained on
+   only when ``focuslens.intervene.specs.Pasta`` exists), focus directions (likelihood objective, trained on
    ``--n-train`` (48) examples of seed 301 on that finder's heads, α = 1: the validation-chosen α of
    ``docs/directions.md``, not re-chosen here) and the magnitude-controlled variant (``alpha="auto"``,
    ``per="input"``, target calibrated on 16 unlabelled validation prompts at α = 1). Focus directions
@@ -59,14 +59,15 @@ import focuslens as fl  # noqa: E402
 from focuslens import specs as _specs  # noqa: E402
 from focuslens.directions import FocusDirections, calibrate_sink_target, make_direction_examples  # noqa: E402
 from focuslens.directions import train_focus_directions  # noqa: E402
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.finders import compare_finders, find_heads, finder_heatmaps  # noqa: E402
-from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import model_identity  # noqa: E402
-from focuslens.plotting import save_figure  # noqa: E402
-from focuslens.ranking import DatasetScores, contextual_heads  # noqa: E402
-from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
-from focuslens.sweeps import examples_identity, random_heads  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.heads.finders import compare_finders, find_heads  # noqa: E402
+from focuslens.plot.figures import finder_heatmaps  # noqa: E402
+from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
+from focuslens.core.models import model_identity  # noqa: E402
+from focuslens.plot.figures import save_figure  # noqa: E402
+from focuslens.score.ranking import DatasetScores, contextual_heads  # noqa: E402
+from focuslens.intervene.specs import SplitSoftmax, Steer  # noqa: E402
+from focuslens.evaluation.sweeps import examples_identity, random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import paired_difference  # noqa: E402
 
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
 
     log("finders compared:\n" + report())
     if not pasta_available():
-        log("focuslens.specs.Pasta is not there yet: PASTA cells are left missing (rerun to add them)")
+        log("focuslens.intervene.specs.Pasta is not there yet: PASTA cells are left missing (rerun to add them)")
     only = None if args.only is None else set(args.only.split(","))
     data = {}
     plan = phases(run, waves(run, model, mid, finders))

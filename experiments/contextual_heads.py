@@ -7,7 +7,7 @@ Command (documented in docs/scoring.md):
 Setting: ``make_synthetic_qa`` (made-up "The capital of E is V." documents, same-relation distractors,
 gold position uniform), 10 documents, the Lost-in-the-Middle prompt in the chat template, the model's
 own greedy response to the full prompt (the paper's default), one forward pass per example scoring
-every head (``focuslens.scoring.score_dataset``). Writes
+every head (``focuslens.score.contextual.score_dataset``). Writes
 
     figures/contextual_heads.html / .png   heatmap of the mean contextual score, top-20 marked
     figures/contextual_heads.json          full ranking + mean/stderr of relevant/sink/distractor masses
@@ -50,13 +50,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import focuslens as fl
-    from focuslens.plotting import head_heatmap, save_figure
-    from focuslens.scoring import score_dataset
+    from focuslens.plot.figures import head_heatmap, save_figure
+    from focuslens.score.contextual import score_dataset
     from focuslens.tasks import make_synthetic_qa, render
     from focuslens.tasks.metrics import best_subspan_em, distractor_copy
 
     if args.replot:
-        from focuslens.scoring import DatasetScores
+        from focuslens.score.contextual import DatasetScores
 
         ds = DatasetScores.load(args.out.with_suffix(".json"))
         print(save_figure(_figure(ds, args, head_heatmap), args.out))

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     import focuslens as fl
-    from focuslens.evaluation import evaluate
+    from focuslens.evaluation.runner import evaluate
     from focuslens.tasks import make_synthetic_qa
 
     run_dir = Path(args.run_dir)

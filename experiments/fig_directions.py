@@ -9,7 +9,7 @@ their protocol:
   are those of ``experiments/generalisation.py`` (docs/directions.md): likelihood objective on the gold
   answer sentence (1 epoch, lr 1e-2, no norm cap); attention objective (the paper's) on the model's
   gold-only answers, norm cap = query norm, early stopping (patience 5).
-* α is chosen on the validation split (:func:`focuslens.sweeps.select_alpha`, positive α only) and
+* α is chosen on the validation split (:func:`focuslens.evaluation.sweeps.select_alpha`, positive α only) and
   marked on the figure; the test split is never used to choose anything.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from focuslens.io import content_hash
-from focuslens.models import model_info
-from focuslens.plotting import Series, curves
-from focuslens.specs import SplitSoftmax, Steer
+from focuslens.core.io import content_hash
+from focuslens.core.models import model_info
+from focuslens.plot.figures import Series, curves
+from focuslens.intervene.specs import SplitSoftmax, Steer
 from focuslens.tasks import make_synthetic_qa, render
 
 from figures import ACC, Ctx, _baseline_objs, _baselines, _pm, _save, _strip, add_panel, advance  # noqa: E402
@@ -73,7 +73,7 @@ def directions_for(ctx: Ctx, objective: str):
 
 
 def _select(ctx: Ctx, d, objective: str, ks: list[int]):
-    from focuslens.sweeps import select_alpha
+    from focuslens.evaluation.sweeps import select_alpha
 
     a = ctx.args
     _, val = _splits(ctx)
@@ -162,7 +162,7 @@ def fig4(ctx: Ctx) -> dict:
 
 def _gold_mass(ctx: Ctx, examples: list, pos: int, predictions: list[str], heads) -> tuple[float, float]:
     """Mean over examples of the top heads' mean attention mass on the gold document (own answers)."""
-    from focuslens.scoring import score_spans
+    from focuslens.score.contextual import score_spans
     from focuslens.tasks.metrics import mean_se
 
     vals = []

@@ -1,4 +1,4 @@
-"""The paper's figures, one named command each, resumable, in one visual style (focuslens.plotting).
+"""The paper's figures, one named command each, resumable, in one visual style (focuslens.plot.figures).
 
     python experiments/figures.py headview            # one prompt, top heads × documents, before/after
     python experiments/figures.py fig3 --n 40         # split softmax: k × τ, top-k vs random heads
@@ -10,7 +10,7 @@
 Protocol shared by every command (SmolLM2-135M-Instruct, synthetic multi-document QA, chat template,
 greedy decoding, best-subspan EM): heads are ranked by the contextual score on ``--n-rank`` *training*
 examples (``--rank-seed``), every figure evaluates on ``--n`` held-out examples (``--seed``), and
-random heads are :func:`focuslens.sweeps.random_heads` (seeds 0, 1, 2).
+random heads are :func:`focuslens.evaluation.sweeps.random_heads` (seeds 0, 1, 2).
 
 Resumable and content-keyed: every condition is one JSONL file under ``experiments/results/figures/<command>/`` (tracked in git) named
 ``{condition}-{hash}.jsonl``; the hash covers the model fingerprint, the intervention's identity, the
@@ -43,12 +43,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import model_identity, model_info  # noqa: E402
-from focuslens.plotting import Baseline, Series, curves, head_doc_view, save_figure  # noqa: E402
-from focuslens.specs import Ablate, SplitSoftmax  # noqa: E402
-from focuslens.sweeps import random_heads  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
+from focuslens.core.models import model_identity, model_info  # noqa: E402
+from focuslens.plot.figures import Baseline, Series, curves, head_doc_view, save_figure  # noqa: E402
+from focuslens.intervene.specs import Ablate, SplitSoftmax  # noqa: E402
+from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 
 # Tracked in git: the records are content-keyed, small (one JSON line per example) and what the figures
@@ -127,7 +127,7 @@ class Ctx:
 
 def _rank(ctx: Ctx) -> list[tuple[int, int]]:
     """Heads ranked by the dataset contextual score on the training examples (cached by content)."""
-    from focuslens.scoring import score_dataset
+    from focuslens.score.contextual import score_dataset
 
     a, model = ctx.args, ctx.model
     key = content_hash({"model": ctx.model_key, "n_docs": a.n_docs, "seed": a.rank_seed,
@@ -294,7 +294,7 @@ def fig3(ctx: Ctx) -> dict:
 
 def ablation(ctx: Ctx) -> dict:
     """Accuracy vs k under zero and mean ablation, top-k contextual vs k random heads, 2 prompt kinds."""
-    from focuslens.patching import head_means
+    from focuslens.heads.patching import head_means
 
     a, model = ctx.args, ctx.model
     info = model_info(model)
@@ -384,7 +384,7 @@ def doc_masses(model, r, response: str, heads) -> torch.Tensor:
     The attention pattern is read at ``hook_pattern`` *after* any intervention attached earlier (hooks
     run in registration order), so under split softmax this is the edited attention.
     """
-    from focuslens.scoring import score_spans
+    from focuslens.score.contextual import score_spans
 
     p = r.prompt.with_response(model.tokenizer, response)
     docs = {f"doc_{i + 1}": r.prompt[f"doc_{i + 1}"] for i in range(r.n_docs)}

@@ -23,7 +23,7 @@ Design (fixed before any test run):
 * Selection on validation (seed-0 directions, n = 40): per objective the (k, α) with the best
   accuracy (ties → smaller α, then smaller k); the magnitude-control target among 0.25/0.5/0.75 at
   the chosen k. Seeds 1 and 2 reuse seed 0's choice. Nothing is chosen on test.
-* Accuracy: greedy decoding, best-subspan EM on the first line (``focuslens.evaluation.evaluate``).
+* Accuracy: greedy decoding, best-subspan EM on the first line (``focuslens.evaluation.runner.evaluate``).
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ NQ_ORACLE = ROOT.parent / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"
 import focuslens as fl  # noqa: E402
 from focuslens.directions import (FocusDirections, cache_qk, make_direction_examples,  # noqa: E402
                                   random_like, train_focus_directions)
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write_json  # noqa: E402
-from focuslens.specs import SplitSoftmax, Steer  # noqa: E402
-from focuslens.sweeps import random_heads  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.io import atomic_write_json  # noqa: E402
+from focuslens.intervene.specs import SplitSoftmax, Steer  # noqa: E402
+from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import paired_difference  # noqa: E402
 
@@ -545,7 +545,7 @@ def _sd(xs):
 def _figures() -> None:
     import plotly.graph_objects as go
 
-    from focuslens.plotting import save_figure
+    from focuslens.plot.figures import save_figure
 
     have = {c: load_results(c) for c, _ in MATRIX_COLS}
     shown = [(k, n) for k, n in MATRIX_ROWS if any(k in have[c] for c, _ in MATRIX_COLS)]  # rows that ran

@@ -15,7 +15,7 @@ What it does, with SmolLM2-135M-Instruct on the NQ real-document sets of ``exper
    under ``experiments/results/real_directions/directions/`` named by the content hash of everything
    that produced it (model identity, the data files' sha256, n, heads, the resolved config), so a
    changed setting trains anew and never reuses another run's vectors.
-2. **Select** k and α on the first ``--n-val`` **validation** questions (``focuslens.sweeps.select_alpha``,
+2. **Select** k and α on the first ``--n-val`` **validation** questions (``focuslens.evaluation.sweeps.select_alpha``,
    greedy EM, ties to the smaller |α| then k; records under ``.../select/``).
 3. **Test** on the first ``--n`` **test** questions (the same list as ``experiments/real_distraction.py``,
    whose unmodified / gold-only / oracle records it shares: one file per condition, content-keyed,
@@ -47,12 +47,12 @@ import torch  # noqa: E402
 import real_distraction as rd  # noqa: E402
 from focuslens.directions import FocusDirections, TrainConfig, make_direction_examples, random_like  # noqa: E402
 from focuslens.directions import train_focus_directions  # noqa: E402
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import load_model, model_identity  # noqa: E402
-from focuslens.ranking import load_heads  # noqa: E402
-from focuslens.specs import Steer  # noqa: E402
-from focuslens.sweeps import examples_identity, select_alpha, selection_record  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
+from focuslens.core.models import load_model, model_identity  # noqa: E402
+from focuslens.score.ranking import load_heads  # noqa: E402
+from focuslens.intervene.specs import Steer  # noqa: E402
+from focuslens.evaluation.sweeps import examples_identity, select_alpha, selection_record  # noqa: E402
 from focuslens.tasks import load_litm, paired_difference  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "real_directions"

@@ -11,7 +11,7 @@ bfloat16 as ``experiments/figures.py``), greedy, ≤ ``--max-new-tokens`` 16, be
 * unmodified; gold only (the gold passage alone: what the model can do without distraction);
 * split softmax on the top-k contextual heads (``figures/contextual_heads.json``, ranked on
   **synthetic** data) at τ — the oracle ceiling: it is given the gold span;
-* the same on k random heads (seeds 0, 1, 2; ``focuslens.sweeps.random_heads``) — the control;
+* the same on k random heads (seeds 0, 1, 2; ``focuslens.evaluation.sweeps.random_heads``) — the control;
 * **where the attention goes** (part 4 of the issue, for the oracle): the top-k heads' mean attention
   mass from the answer tokens (the condition's own answer) on the gold passage, the sink (first token)
   and all distractors, unmodified and under the oracle, per example — how much attention a label-free
@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import load_model, model_identity  # noqa: E402
-from focuslens.ranking import load_heads  # noqa: E402
-from focuslens.specs import SplitSoftmax  # noqa: E402
-from focuslens.sweeps import random_heads  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
+from focuslens.core.models import load_model, model_identity  # noqa: E402
+from focuslens.score.ranking import load_heads  # noqa: E402
+from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
+from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import load_litm, mean_se, paired_difference, render  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "real_distraction"
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _masses(model, r, response: str, heads) -> dict[str, float]:
     """The heads' mean mass from the response rows on the gold passage, the sink and the distractors."""
-    from focuslens.scoring import score_spans
+    from focuslens.score.contextual import score_spans
 
     p = r.prompt.with_response(model.tokenizer, response or " ")
     hs = score_spans(model, p.tokens, response=p.response, spans={"gold": r.relevant}, distractors=r.distractors,

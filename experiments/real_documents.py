@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from focuslens.io import atomic_write_json  # noqa: E402
+from focuslens.core.io import atomic_write_json  # noqa: E402
 from focuslens.tasks import SPLITS, load_litm, real_document_splits, save_litm  # noqa: E402
 
 NQ_ORACLE = ROOT.parent / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"

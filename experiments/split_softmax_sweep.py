@@ -8,7 +8,7 @@ less.
 Protocol (SmolLM2-135M-Instruct, synthetic multi-document QA, 10 documents, chat template, greedy):
   1. rank heads on separate examples (``--rank-seed``, ``--n-rank``) by the paper's contextual
      score (response = the model's own answer to the full prompt), with
-     ``focuslens.scoring.score_dataset``;
+     ``focuslens.score.contextual.score_dataset``;
   2. on ``--n`` held-out examples (``--seed``): the original, gold-only and negative baselines;
      split softmax on the top-k heads for every k in ``--ks`` and τ in ``--taus``; k random heads
      (``--random-k``, seeds ``--random-seeds``) at every τ;
@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import focuslens as fl  # noqa: E402
-from focuslens.evaluation import evaluate  # noqa: E402
-from focuslens.io import atomic_write_json, content_hash  # noqa: E402
-from focuslens.models import model_info  # noqa: E402
-from focuslens.scoring import score_dataset  # noqa: E402
-from focuslens.specs import SplitSoftmax  # noqa: E402
-from focuslens.sweeps import random_heads  # noqa: E402
+from focuslens.evaluation.runner import evaluate  # noqa: E402
+from focuslens.core.io import atomic_write_json, content_hash  # noqa: E402
+from focuslens.core.models import model_info  # noqa: E402
+from focuslens.score.contextual import score_dataset  # noqa: E402
+from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
+from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 
 RUN_DIR = ROOT / "runs" / "split_softmax"
@@ -57,7 +57,7 @@ def rank_heads(model, examples, *, max_new_tokens: int) -> tuple[list[tuple[int,
     """(layer, head, score) sorted by the dataset contextual score (the library's score_dataset)."""
     rendered = [render(ex, model.tokenizer, variant="original", chat=True) for ex in examples]
     ds = score_dataset(model, rendered, response="generate", max_new_tokens=max_new_tokens, progress=False)
-    return [(int(l), int(h), float(s)) for l, h, s in ds.ranking("relevant")], "focuslens.scoring.score_dataset"
+    return [(int(l), int(h), float(s)) for l, h, s in ds.ranking("relevant")], "focuslens.score.contextual.score_dataset"
 
 
 def summarise(res) -> dict:
@@ -68,7 +68,7 @@ def summarise(res) -> dict:
 
 def plot(results: dict, path_base: Path) -> list[str]:
     """The ablation-curve figure: accuracy vs k, one line per τ (top-k), random-k points, baselines."""
-    from focuslens.plotting import ablation_curve, save_figure
+    from focuslens.plot.figures import ablation_curve, save_figure
 
     ks = sorted({int(k) for pts in results["top"].values() for k in pts}
                 | {int(k) for pts in results["random"].values() for k in pts})

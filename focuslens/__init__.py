@@ -1,12 +1,22 @@
 """focuslens: which attention heads decide what a language model reads in a long prompt, and how to steer them.
 
 Implements (and goes beyond) *Focus Directions Make Your Language Models Pay More Attention to
-Relevant Contexts* (Zhu et al., 2025) on TransformerLens hooked models:
+Relevant Contexts* (Zhu et al., 2025) on TransformerLens hooked models; ``docs/method.md`` is the
+method as implemented. The package reads as the method's story, one folder a step:
 
-* contextual scoring of heads (attention mass from response tokens to the relevant span),
-* single-head interventions (split softmax, patching, ablation, query/key vector injection),
-* focus directions (learned per-head query vectors applied with a factor alpha),
-* figures: head-location heatmaps and ablation curves.
+    core/        the model, hooks, forward passes, attention maths, spans, validation, io
+    tasks/       distraction tasks with exact spans (synthetic QA, lost-in-the-middle, real documents)
+    score/       1. contextual scores: attention mass from the response onto the relevant span
+    heads/       2. which heads matter: find_heads, activation/attribution patching, ablation
+    intervene/   3. interventions as specs: SplitSoftmax, Pasta, InjectVectors, Ablate, Compose
+    directions/  4. focus directions: train, save/load, Steer (apply with α)
+    evaluation/  5. evidence: the resumable evaluate runner, margins, α selection, controls
+    plot/        6. figures: head heatmaps, ablation and sweep curves
+    FocusLens    the notebook wrapper over all of it; ``focuslens`` the CLI
+
+The names below are the one-screen API; everything else lives in its subpackage
+(``focuslens.score.score_spans``, ``focuslens.intervene.Pasta``...). Older top-level names still work
+for one release with a ``DeprecationWarning`` that names their new home.
 """
 
 from __future__ import annotations
@@ -16,126 +26,55 @@ import os as _os
 # Never wait on a model hub from inside the library's own defaults.
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .hooks import HookHandle, attach_hooks, count_hooks  # noqa: E402
-from .models import (  # noqa: E402
-    DEFAULT_MODEL_NAME,
-    HookedModel,
-    ModelInfo,
-    check_context,
-    check_heads,
-    hook_name,
-    load_model,
-    model_info,
-)
-from .forward import run_until  # noqa: E402
-from .prompts import LabelledPrompt, Segment, Span, as_span, build_prompt  # noqa: E402
-from .scoring import (  # noqa: E402
-    DatasetScores,
-    HeadScores,
-    contextual_heads,
-    contextual_scores,
-    load_heads,
-    save_heads,
-    score_dataset,
-    score_many,
-    score_spans,
-)
-from .interventions import compose, inject_vectors, pasta, split_softmax  # noqa: E402
-from .patching import PatchMethod, ablate_heads, patch_heads  # noqa: E402
-from .attribution import attribution_patch_heads, attribution_patch_sites  # noqa: E402
-from .directions import FocusDirections, train_focus_directions  # noqa: E402
-from .sweeps import select_alpha  # noqa: E402
-from .evaluation import EvalResult, evaluate, teacher_forced_margins  # noqa: E402
-from .plotting import CONDITION_COLORS, Baseline, Series, ablation_curve, curves, head_doc_view, head_heatmap, save_figure  # noqa: E402
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, generate_responses, greedy_generate  # noqa: E402
-from .lens import FocusLens  # noqa: E402
-from .specs import Ablate, Compose, InjectVectors, InterventionSpec, NoIntervention, Pasta, SplitSoftmax, Steer  # noqa: E402
-from .evaluation import Decoding  # noqa: E402
-from .sweeps import random_heads  # noqa: E402
-from .directions import TrainConfig  # noqa: E402
-from .errors import OutputBusy, UsageError  # noqa: E402
-from .finders import find_heads  # noqa: E402
-from . import attention, directions, errors, finders, generation, io, specs, sweeps, tasks  # noqa: E402
+# the model and the prompt
+from .core.models import HookedModel, load_model, model_info  # noqa: E402
+from .core.prompts import LabelledPrompt, Span, build_prompt  # noqa: E402
+from .core.errors import UsageError  # noqa: E402
 
-__version__ = "0.1.0"
+# 1-2. score heads, find the ones that matter
+from .score.contextual import contextual_scores, score_dataset  # noqa: E402
+from .score.ranking import DatasetScores  # noqa: E402
+from .heads.finders import find_heads  # noqa: E402
+from .heads.patching import patch_heads  # noqa: E402
+from .heads.attribution import attribution_patch_heads  # noqa: E402
+
+# 3. intervene (specs; split_softmax is the eager one-liner kept from the paper's name)
+from .intervene.specs import Ablate, Compose, InterventionSpec  # noqa: E402
+from .intervene.span_specs import Pasta, SplitSoftmax  # noqa: E402
+from .intervene.vector_specs import InjectVectors  # noqa: E402
+from .intervene.eager import split_softmax  # noqa: E402
+
+# 4. focus directions
+from .directions.artefact import FocusDirections, Steer  # noqa: E402
+from .directions.config import TrainConfig  # noqa: E402
+from .directions.train import train_focus_directions  # noqa: E402
+
+# 5-6. evaluate, plot
+from .evaluation.runner import Decoding, EvalResult, evaluate  # noqa: E402
+from .plot.figures import ablation_curve, head_heatmap  # noqa: E402
+
+# the notebook wrapper
+from .lens import FocusLens  # noqa: E402
+
+from .core.version import __version__  # noqa: E402
+from .deprecations import deprecated_attribute  # noqa: E402
 
 __all__ = [
-    "__version__",
-    "FocusLens",
-    "InterventionSpec",
-    "NoIntervention",
-    "SplitSoftmax",
-    "Pasta",
-    "pasta",
-    "UsageError",
-    "OutputBusy",
-    "check_context",
-    "run_until",
-    "errors",
-    "finders",
-    "find_heads",
-    "InjectVectors",
-    "Steer",
-    "Ablate",
-    "Compose",
-    "Decoding",
-    "random_heads",
-    "TrainConfig",
-    "specs",
-    "attention",
-    "directions",
-    "generation",
-    "io",
-    "sweeps",
-    "tasks",
-    "DEFAULT_MAX_NEW_TOKENS",
-    "generate_response",
-    "generate_responses",
-    "greedy_generate",
-    "DEFAULT_MODEL_NAME",
-    "HookedModel",
-    "ModelInfo",
-    "load_model",
-    "model_info",
-    "hook_name",
-    "check_heads",
-    "HookHandle",
-    "attach_hooks",
-    "count_hooks",
-    "LabelledPrompt",
-    "Segment",
-    "Span",
-    "as_span",
-    "build_prompt",
-    "contextual_scores",
-    "score_spans",
-    "score_dataset",
-    "score_many",
-    "patch_heads",
-    "PatchMethod",
-    "attribution_patch_heads",
-    "attribution_patch_sites",
-    "ablate_heads",
-    "evaluate",
-    "EvalResult",
-    "teacher_forced_margins",
-    "contextual_heads",
-    "HeadScores",
-    "DatasetScores",
-    "load_heads",
-    "save_heads",
-    "split_softmax",
-    "inject_vectors",
-    "compose",
-    "FocusDirections",
-    "select_alpha",
-    "train_focus_directions",
-    "head_heatmap",
-    "ablation_curve",
-    "curves",
-    "head_doc_view",
-    "Series",
-    "Baseline",
-    "CONDITION_COLORS",
-    "save_figure",
+    # the model and the prompt
+    "load_model", "HookedModel", "model_info", "build_prompt", "LabelledPrompt", "Span",
+    # 1-2. score, find heads
+    "contextual_scores", "score_dataset", "DatasetScores", "find_heads", "patch_heads", "attribution_patch_heads",
+    # 3. intervene
+    "InterventionSpec", "SplitSoftmax", "Pasta", "InjectVectors", "Ablate", "Compose", "split_softmax",
+    # 4. focus directions
+    "FocusDirections", "Steer", "train_focus_directions", "TrainConfig",
+    # 5-6. evaluate, plot
+    "evaluate", "EvalResult", "Decoding", "head_heatmap", "ablation_curve",
+    # the wrapper, the error users catch
+    "FocusLens", "UsageError",
 ]
+
+
+def __getattr__(name: str):
+    """Older top-level names: still reachable for one release, with a warning naming the new home."""
+    return deprecated_attribute(name)

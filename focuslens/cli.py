@@ -16,10 +16,10 @@ Errors: every argument is validated before the model is loaded; a problem with t
 argument, a file, a format, a device, a model, the data) prints one line saying what is wrong and how
 to fix it and exits 2; anything else is a bug: one line naming the file that holds the traceback, exit
 1 (``--debug`` prints the traceback). Each command holds the output lock of what it writes
-(:func:`focuslens.io.output_lock`): a second process writing the same output is refused.
+(:func:`focuslens.core.io.output_lock`): a second process writing the same output is refused.
 
 Stored evaluations are named by content: ``{name}-{hash}.jsonl``, where the hash covers the
-intervention's identity (:mod:`focuslens.specs`: heads in order and τ, or the directions' checksum and
+intervention's identity (:mod:`focuslens.intervene.specs`: heads in order and τ, or the directions' checksum and
 α), where it came from (the ranking file's checksum and k, the directions' checksum), the data (source
 and its checksum, ``--n``, ``--offset``, ``--seed``, ``--n-docs``), the model argument and dtype, and the
 decoding settings. A rerun of the same command resumes its file; any other configuration writes its
@@ -35,10 +35,10 @@ import sys
 from pathlib import Path
 from pickle import UnpicklingError  # the class only: weights are read by torch.load(weights_only=True)
 
-from .errors import UsageError, is_expected, one_line, write_traceback
-from .cli_checks import _need
+from .core.errors import UsageError, is_expected, one_line, write_traceback
+from .cli_checks import require_arg
 from .cli_checks import validate as _validate
-from .generation import DEFAULT_MAX_NEW_TOKENS
+from .core.generation import DEFAULT_MAX_NEW_TOKENS
 
 __all__ = ["main", "build_parser"]
 
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _model(args):
     import torch
 
-    from .models import load_model
+    from .core.models import load_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -211,14 +211,14 @@ def _examples(args, n: int | None = None, offset: int | None = None, *, what: st
     from .tasks import litm
 
     ex = litm.load_litm(args.data)
-    _need(offset < len(ex), f"{what}: skipping the first {offset} examples leaves none of the {len(ex)} in {args.data}"
+    require_arg(offset < len(ex), f"{what}: skipping the first {offset} examples leaves none of the {len(ex)} in {args.data}"
           " (lower --offset/--n)")
     return ex[offset : offset + n]
 
 
 def _check_prompts(model, examples, args, *, variant: str = "original") -> None:
     """Every prompt plus the generation budget fits the model's context (one message naming both)."""
-    from .models import check_context
+    from .core.models import check_context
     from .tasks import render
 
     for i, e in enumerate(examples):
@@ -232,8 +232,8 @@ _CHECKSUMS: dict[tuple[str, int, int], str] = {}
 
 
 def _file_checksum(path: str | os.PathLike) -> str:
-    """:func:`focuslens.io.file_checksum` of a file (cached per path, size and mtime)."""
-    from .io import file_checksum
+    """:func:`focuslens.core.io.file_checksum` of a file (cached per path, size and mtime)."""
+    from .core.io import file_checksum
 
     p = Path(path).resolve()
     st = p.stat()
@@ -265,7 +265,7 @@ def _out(args) -> Path:
 
 
 def _load_heads(path: str, model, k: int | None = None):
-    from .scoring import load_heads
+    from .score.contextual import load_heads
 
     return load_heads(path, k=k, model=model)
 
@@ -277,7 +277,7 @@ def _load_heads(path: str, model, k: int | None = None):
 
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
-    from .io import output_lock
+    from .core.io import output_lock
 
     kw = dict(model=args.model, seed=args.seed, threads=args.threads, objective=args.objective)
     if args.n_test:
@@ -289,10 +289,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .io import output_lock
-    from .models import model_info
-    from .plotting import head_heatmap, save_figure
-    from .scoring import score_dataset
+    from .core.io import output_lock
+    from .core.models import model_info
+    from .plot.figures import head_heatmap, save_figure
+    from .score.contextual import score_dataset
     from .tasks import render
 
     examples = _examples(args)
@@ -321,8 +321,8 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
     data, model argument, decoding), so two different configurations never share a file; the file is
     written under its output lock (a second process on the same configuration is refused).
     """
-    from .evaluation import evaluate
-    from .io import content_hash, output_lock
+    from .evaluation.runner import evaluate
+    from .core.io import content_hash, output_lock
 
     context = {"data": _data_identity(args), "model": _model_identity(args), "source": source}
     key = content_hash({"intervene": None if spec is None else spec.identity, **context, "variant": variant,
@@ -338,15 +338,15 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
 
 
 def cmd_sweep(args) -> int:
-    from .io import atomic_write_json, output_lock
-    from .plotting import ablation_curve, save_figure
-    from .scoring import load_heads
-    from .specs import SplitSoftmax
-    from .sweeps import random_heads
+    from .core.io import atomic_write_json, output_lock
+    from .plot.figures import ablation_curve, save_figure
+    from .score.contextual import load_heads
+    from .intervene.specs import SplitSoftmax
+    from .evaluation.sweeps import random_heads
     from .tasks import render
 
     n_ranked = len(load_heads(args.heads))
-    _need(max(args.ks) <= n_ranked, f"--ks: k={max(args.ks)} exceeds the {n_ranked} heads in {args.heads}")
+    require_arg(max(args.ks) <= n_ranked, f"--ks: k={max(args.ks)} exceeds the {n_ranked} heads in {args.heads}")
     raw = _examples(args)
     model = _model(args)
     ranking = _load_heads(args.heads, model)
@@ -383,8 +383,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_train(args) -> int:
     from . import directions as fd
-    from .io import output_lock
-    from .scoring import load_heads
+    from .core.io import output_lock
+    from .score.contextual import load_heads
 
     load_heads(args.heads, k=args.k)  # format and k, before the model
     train = _examples(args)
@@ -424,7 +424,7 @@ def cmd_evaluate(args) -> int:
 
         d = FocusDirections.load(args.directions)
     elif args.heads:
-        from .scoring import load_heads
+        from .score.contextual import load_heads
 
         load_heads(args.heads, k=args.k)  # format and k, before the model
     model = _model(args)
@@ -437,15 +437,15 @@ def cmd_evaluate(args) -> int:
         examples = [render(e, model.tokenizer) for e in examples]
     out = _out(args)
     if d is not None:
-        from .io import tensor_checksum
-        from .specs import Steer
+        from .core.io import tensor_checksum
+        from .intervene.specs import Steer
 
         alpha = args.alpha if args.alpha is not None else d.alpha
         alpha = alpha if alpha == "auto" else float(alpha)
         _eval(model, examples, args, out, f"directions_alpha{alpha if alpha == 'auto' else format(alpha, 'g')}",
               spec=Steer(d, alpha=alpha), variant=args.variant, source={"directions": tensor_checksum(d.vectors)})
     elif heads is not None:
-        from .specs import SplitSoftmax
+        from .intervene.specs import SplitSoftmax
 
         _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau:g}",
               spec=SplitSoftmax(heads, args.tau), variant=args.variant,
@@ -456,8 +456,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plotting import head_heatmap, save_figure
-    from .scoring import DatasetScores
+    from .plot.figures import head_heatmap, save_figure
+    from .score.contextual import DatasetScores
 
     ds = DatasetScores.load(args.ranking)
     fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k, title=f"Contextual scores ({ds.model}, n={ds.n})")
@@ -468,7 +468,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .models import model_info
+    from .core.models import model_info
 
     info = model_info(_model(args))
     print(json.dumps({"name": info.name, **info.fingerprint()}, indent=2))

@@ -1,6 +1,6 @@
 """The CLI's argument checks: every argument of a command, before the model is loaded.
 
-A problem found here is a :class:`~focuslens.errors.UsageError` (or ``FileNotFoundError``) whose message
+A problem found here is a :class:`~focuslens.core.errors.UsageError` (or ``FileNotFoundError``) whose message
 names the flag, what is wrong and how to fix it; :func:`focuslens.cli.main` prints it as one line and
 exits 2. The rules that the library also applies (the selection grid) are called, not repeated.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import UsageError
+from .core.errors import UsageError
 
 __all__ = ["validate"]
 
 
-def _need(ok: bool, msg: str) -> None:
+def require_arg(ok: bool, msg: str) -> None:
     if not ok:
         raise UsageError(msg)
 
@@ -23,13 +23,13 @@ def _need(ok: bool, msg: str) -> None:
 def _check_output(path: str, name: str = "--output", *, folder: bool = True) -> None:
     p = Path(path)
     if folder:
-        _need(not (p.exists() and not p.is_dir()),
+        require_arg(not (p.exists() and not p.is_dir()),
               f"{name} {path} exists and is a file; give a folder path (it is created if missing)")
     else:
-        _need(not p.is_dir(), f"{name} {path} is a folder; give a path stem such as figures/heads")
+        require_arg(not p.is_dir(), f"{name} {path} is a folder; give a path stem such as figures/heads")
     for parent in p.absolute().parents:
         if parent.exists():
-            _need(parent.is_dir(), f"{name} {path}: {parent} is a file, not a folder; choose another path")
+            require_arg(parent.is_dir(), f"{name} {path}: {parent} is a file, not a folder; choose another path")
             break
 
 
@@ -41,71 +41,71 @@ def _check_device(device: str) -> None:
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
     if d.type == "cuda":
-        _need(torch.cuda.is_available(),
+        require_arg(torch.cuda.is_available(),
               f"--device {device}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
         n = torch.cuda.device_count()
-        _need(d.index is None or d.index < n, f"--device {device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1})")
+        require_arg(d.index is None or d.index < n, f"--device {device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1})")
     elif d.type == "mps":
-        _need(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here; use --device cpu")
+        require_arg(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here; use --device cpu")
     else:
-        _need(d.type == "cpu", f"--device {device}: focuslens runs on cpu, cuda or mps")
+        require_arg(d.type == "cpu", f"--device {device}: focuslens runs on cpu, cuda or mps")
 
 
 def _check_file(path: str, name: str, what: str) -> None:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{name} {path}: no such file ({what})")
-    _need(p.is_file(), f"{name} {path} is a folder; give {what}")
+    require_arg(p.is_file(), f"{name} {path} is a folder; give {what}")
 
 
 def validate(args) -> None:
     """Every argument of the command, before the model is loaded (exit 2 with one line otherwise)."""
     c = args.command
     if getattr(args, "threads", None) is not None:
-        _need(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+        require_arg(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     if hasattr(args, "device"):
         _check_device(args.device)
     if getattr(args, "model", None) is not None:
         m = Path(args.model).expanduser()
         if m.exists():
-            _need(m.is_dir() and (m / "config.json").is_file(),
+            require_arg(m.is_dir() and (m / "config.json").is_file(),
                   f"--model {args.model} is not a Hugging Face checkpoint folder (no config.json); give the folder "
                   "that holds config.json, the weights and the tokenizer")
     if hasattr(args, "data"):
-        _need(args.n >= 1, f"--n must be positive, got {args.n}")
-        _need(args.n_docs >= 1, f"--n-docs must be >= 1, got {args.n_docs}")
-        _need(args.offset >= 0, f"--offset must be >= 0 (examples to skip), got {args.offset}")
-        _need(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        require_arg(args.n >= 1, f"--n must be positive, got {args.n}")
+        require_arg(args.n_docs >= 1, f"--n-docs must be >= 1, got {args.n_docs}")
+        require_arg(args.offset >= 0, f"--offset must be >= 0 (examples to skip), got {args.offset}")
+        require_arg(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if c in ("demo", "score", "sweep", "train", "evaluate"):
         _check_output(args.output)
     if c == "demo":
-        _need(args.n_test is None or args.n_test >= 1, f"--n-test must be >= 1, got {args.n_test}")
+        require_arg(args.n_test is None or args.n_test >= 1, f"--n-test must be >= 1, got {args.n_test}")
         if args.figures:
             _check_output(args.figures, "--figures")
     if c in ("score", "plot"):
-        _need(args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
+        require_arg(args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
     if c == "plot":
         _check_file(args.ranking, "ranking", "a ranking JSON written by 'focuslens score'")
         _check_output(args.output, folder=False)
     if c == "sweep":
-        _need(bool(args.ks) and min(args.ks) >= 1, f"--ks must be positive integers, got {args.ks}")
-        _need(bool(args.taus), "--taus needs at least one value in (0, 1], e.g. --taus 0.2,0.5")
+        require_arg(bool(args.ks) and min(args.ks) >= 1, f"--ks must be positive integers, got {args.ks}")
+        require_arg(bool(args.taus), "--taus needs at least one value in (0, 1], e.g. --taus 0.2,0.5")
         for t in args.taus:
-            _need(math.isfinite(t) and t > 0,
+            require_arg(math.isfinite(t) and t > 0,
                   f"tau must be > 0 and finite (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
-        _need(bool(args.random_seeds), "--random-seeds needs at least one seed for the random-head control, e.g. 0,1")
+        require_arg(bool(args.random_seeds), "--random-seeds needs at least one seed for the random-head control, e.g. 0,1")
     if c == "train":
         t = Path(args.output)
-        _need(not t.is_dir() or not any(t.iterdir()) or (t / "config.json").is_file(),
+        require_arg(not t.is_dir() or not any(t.iterdir()) or (t / "config.json").is_file(),
               f"--output {args.output} is a folder that is not a focus-directions artefact; saving would replace "
               "it (deleting its files): choose another path")
-        _need(args.k >= 1, f"--k must be >= 1, got {args.k}")
-        _need(args.n_val >= 1, f"--n-val (validation examples) must be >= 1, got {args.n_val}")
+        require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
+        require_arg(args.n_val >= 1, f"--n-val (validation examples) must be >= 1, got {args.n_val}")
         if args.select_alphas is None:
-            _need(args.select_ks is None and not args.select_targets,
+            require_arg(args.select_ks is None and not args.select_targets,
                   "--select-ks and --select-targets need --select-alphas (the alpha grid to choose from)")
         else:  # the library's one rule, with the flags' names in the message
-            from .sweeps import check_selection_grid
+            from .evaluation.sweeps import check_selection_grid
 
             try:
                 check_selection_grid(args.select_alphas, args.select_ks, args.select_targets, n_heads=args.k,
@@ -114,27 +114,27 @@ def validate(args) -> None:
             except ValueError as e:
                 raise UsageError(str(e)) from None
     if c == "evaluate":
-        _need(not (args.directions and args.heads), "give either --directions or --heads/--tau, not both")
-        _need(args.alpha is None or bool(args.directions), "--alpha needs --directions (a focus-directions folder)")
-        _need(args.tau is None or bool(args.heads), "--tau needs --heads (a ranking JSON for split softmax)")
+        require_arg(not (args.directions and args.heads), "give either --directions or --heads/--tau, not both")
+        require_arg(args.alpha is None or bool(args.directions), "--alpha needs --directions (a focus-directions folder)")
+        require_arg(args.tau is None or bool(args.heads), "--tau needs --heads (a ranking JSON for split softmax)")
         if args.heads:
-            _need(args.tau is not None and math.isfinite(args.tau) and args.tau > 0,
+            require_arg(args.tau is not None and math.isfinite(args.tau) and args.tau > 0,
                   f"--tau must be given and > 0 with --heads (got {args.tau})")
-            _need(args.k >= 1, f"--k must be >= 1, got {args.k}")
-            _need(args.variant != "negative",
+            require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
+            require_arg(args.variant != "negative",
                   "--variant negative removes the gold document, so split softmax (--heads) has no span to raise "
                   "attention on; use --variant original or gold_only, or --directions")
         if args.directions:
             d = Path(args.directions)
             if not d.exists():
                 raise FileNotFoundError(f"--directions {args.directions}: no such folder (make one with 'focuslens train')")
-            _need(d.is_dir(), f"--directions {args.directions} is a file; give the folder written by 'focuslens train'")
+            require_arg(d.is_dir(), f"--directions {args.directions} is a file; give the folder written by 'focuslens train'")
         if args.alpha is not None and args.alpha != "auto":
             try:
                 a = float(args.alpha)
             except ValueError:
                 raise UsageError(f"--alpha must be a number or 'auto', got {args.alpha!r}") from None
-            _need(math.isfinite(a), f"--alpha must be finite, got {args.alpha}")
+            require_arg(math.isfinite(a), f"--alpha must be finite, got {args.alpha}")
     if hasattr(args, "data") and args.data != "synthetic":  # files last: values first
         _check_file(args.data, "--data", "'synthetic' or a Lost-in-the-Middle .jsonl(.gz) file")
     if c in ("sweep", "train") or (c == "evaluate" and args.heads):

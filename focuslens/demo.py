@@ -19,7 +19,7 @@ already there with the same configuration; evaluations also resume example by ex
                     validation examples (``select_alpha``) when there are several.
 
 Per-condition evaluation files are named ``runs/{name}-{hash}.jsonl``; the hash covers the
-intervention spec's identity (:mod:`focuslens.specs`: heads and τ, or the directions' checksum and α),
+intervention spec's identity (:mod:`focuslens.intervene.specs`: heads and τ, or the directions' checksum and α),
 the test data and the decoding budget, so a changed ranking, retrained directions or another data
 configuration never resume another condition's records.
 
@@ -40,8 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from .generation import DEFAULT_MAX_NEW_TOKENS
-from .io import atomic_write, atomic_write_json, content_hash
+from .core.generation import DEFAULT_MAX_NEW_TOKENS
+from .core.io import atomic_write, atomic_write_json, content_hash
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -111,12 +111,12 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     ``figures_dir/demo_<name>.{html,png}``.
     """
     from . import directions as fd
-    from .evaluation import evaluate
-    from .models import load_model, model_info
-    from .specs import SplitSoftmax
-    from .sweeps import examples_identity, random_heads
-    from .plotting import ablation_curve, head_heatmap, save_figure
-    from .scoring import DatasetScores, score_dataset
+    from .evaluation.runner import evaluate
+    from .core.models import load_model, model_info
+    from .intervene.specs import SplitSoftmax
+    from .evaluation.sweeps import examples_identity, random_heads
+    from .plot.figures import ablation_curve, head_heatmap, save_figure
+    from .score.contextual import DatasetScores, score_dataset
     from .tasks import make_synthetic_qa, render
 
     if cfg.threads is not None:
@@ -277,8 +277,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
 
 
 def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd, val_ex, out: Path) -> dict:
-    from .specs import Steer
-    from .sweeps import select_alpha
+    from .intervene.specs import Steer
+    from .evaluation.sweeps import select_alpha
     from .tasks import render
 
     res: dict[str, Any] = {"learned": {}, "random": {}}

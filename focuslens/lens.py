@@ -5,8 +5,8 @@ scored, ranked, plotted, intervened on and evaluated dozens of times; each call 
 architecture, the query/key sites, the attention scale and the stop tokens. ``FocusLens`` derives
 them once, remembers the last ranking (so ``lens.heads(20)`` needs no argument), and gives every
 capability one short name — while returning exactly the result types of the functions underneath
-(:class:`~focuslens.scoring.HeadScores`, :class:`~focuslens.scoring.DatasetScores`,
-:class:`~focuslens.hooks.HookHandle`, :class:`~focuslens.evaluation.EvalResult`, ``[layer, head]``
+(:class:`~focuslens.score.contextual.HeadScores`, :class:`~focuslens.score.contextual.DatasetScores`,
+:class:`~focuslens.core.hooks.HookHandle`, :class:`~focuslens.evaluation.runner.EvalResult`, ``[layer, head]``
 tensors), so code moves freely between the two styles.
 
 Example:
@@ -34,9 +34,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .generation import DEFAULT_MAX_NEW_TOKENS, greedy_generate, stop_ids
-from .hooks import HookHandle
-from .models import Head, ModelInfo, check_heads, model_info
+from .core.generation import DEFAULT_MAX_NEW_TOKENS, greedy_generate, stop_ids
+from .core.hooks import HookHandle
+from .core.models import ModelInfo, model_info
+from .core.checks import Head, check_heads
 
 __all__ = ["FocusLens"]
 
@@ -50,8 +51,8 @@ class FocusLens:
 
     Attributes:
         model: the wrapped model (use it directly for anything not wrapped here).
-        info: the architecture (:class:`~focuslens.models.ModelInfo`), read once.
-        scores: the last :class:`~focuslens.scoring.DatasetScores` computed by :meth:`score_dataset`
+        info: the architecture (:class:`~focuslens.core.models.ModelInfo`), read once.
+        scores: the last :class:`~focuslens.score.contextual.DatasetScores` computed by :meth:`score_dataset`
             (or given to :meth:`use_scores`); :meth:`heads` and :meth:`heatmap` default to it.
     """
 
@@ -83,15 +84,15 @@ class FocusLens:
 
     @cached_property
     def attention(self) -> list:
-        """Per layer :class:`~focuslens.attention.LayerAttention` (sites, scale, window, exactness)."""
+        """Per layer :class:`~focuslens.core.attention.LayerAttention` (sites, scale, window, exactness)."""
         self._need_hooks("attention")
-        from .attention import layer_attention
+        from .core.attention import layer_attention
 
         return [layer_attention(self.model, l) for l in range(self.info.n_layers)]
 
     @cached_property
     def stop_ids(self) -> set[int]:
-        """End-of-turn token ids (:func:`focuslens.generation.stop_ids`)."""
+        """End-of-turn token ids (:func:`focuslens.core.generation.stop_ids`)."""
         return stop_ids(self.model.tokenizer)
 
     @property
@@ -136,22 +137,22 @@ class FocusLens:
         sink: Any = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ):
-        """Contextual scores of one sequence: :class:`~focuslens.scoring.HeadScores` (``[layer, head]`` each).
+        """Contextual scores of one sequence: :class:`~focuslens.score.contextual.HeadScores` (``[layer, head]`` each).
 
         ``tokens`` with explicit spans (``response=`` and ``relevant=``/``spans=``), or a rendered
         task example (:class:`~focuslens.tasks.RenderedExample`): then the model's own greedy answer
         (or ``response="gold"``/``"gold_only"``/a text) is appended and the gold document, the
-        distractors and the sink are scored, as :func:`~focuslens.scoring.score_dataset` does per example.
+        distractors and the sink are scored, as :func:`~focuslens.score.contextual.score_dataset` does per example.
         """
-        from .scoring import _respan, _responses_for, score_spans
+        from .score.contextual import respan, responses_for, score_spans
 
         if hasattr(tokens, "prompt") and hasattr(tokens, "relevant"):
             ex = tokens
             mode = "generate" if response is None else response
             resp = mode if isinstance(mode, str) and mode not in ("generate", "gold", "gold_only") else \
-                _responses_for(self.model, [ex], mode, max_new_tokens=max_new_tokens, batch_size=1)[0]
+                responses_for(self.model, [ex], mode, max_new_tokens=max_new_tokens, batch_size=1)[0]
             full = ex.prompt.with_response(self.tokenizer, resp)
-            rel, dis = _respan(ex, full)
+            rel, dis = respan(ex, full)
             named = dict(spans or {})
             if rel is not None:
                 named.setdefault("relevant", rel)
@@ -166,9 +167,9 @@ class FocusLens:
                            sink=sink)
 
     def score_dataset(self, examples: Sequence[Any], **kw: Any):
-        """:func:`~focuslens.scoring.score_dataset`; the result is kept as :attr:`scores` for :meth:`heads`."""
+        """:func:`~focuslens.score.contextual.score_dataset`; the result is kept as :attr:`scores` for :meth:`heads`."""
         self._need_hooks("score_dataset")
-        from .scoring import score_dataset
+        from .score.contextual import score_dataset
 
         self.scores = score_dataset(self.model, examples, **kw)
         return self.scores
@@ -176,7 +177,7 @@ class FocusLens:
     def use_scores(self, scores: Any) -> "FocusLens":
         """Use a ranking computed elsewhere (:class:`DatasetScores`, a saved ranking file's path, a tensor)."""
         if isinstance(scores, (str,)) or hasattr(scores, "__fspath__"):
-            from .scoring import DatasetScores
+            from .score.contextual import DatasetScores
 
             scores = DatasetScores.load(scores)
         self.scores = scores
@@ -194,14 +195,14 @@ class FocusLens:
         return s[name]
 
     def heads(self, k: int = 20, *, scores: Any = None, name: str = "relevant") -> list[Head]:
-        """The top-``k`` contextual heads (:func:`~focuslens.scoring.contextual_heads`) of ``scores`` or the last ranking."""
-        from .scoring import contextual_heads
+        """The top-``k`` contextual heads (:func:`~focuslens.score.contextual.contextual_heads`) of ``scores`` or the last ranking."""
+        from .score.contextual import contextual_heads
 
         return contextual_heads(self._matrix(scores, name), k)
 
     def heatmap(self, scores: Any = None, *, name: str = "relevant", top_k: int = 20, title: str | None = None, **kw: Any):
-        """The head-location figure (:func:`~focuslens.plotting.head_heatmap`) of ``scores`` or the last ranking."""
-        from .plotting import head_heatmap
+        """The head-location figure (:func:`~focuslens.plot.figures.head_heatmap`) of ``scores`` or the last ranking."""
+        from .plot.figures import head_heatmap
 
         n = getattr(self.scores if scores is None else scores, "n", None)
         default = f"Contextual scores ({self.info.name}{f', n={n}' if n else ''})"
@@ -212,32 +213,32 @@ class FocusLens:
     # ---------------------------------------------------------------------------------------------
 
     def split_softmax(self, heads: Iterable[Sequence[int]] | int, span: Any, tau: float) -> HookHandle:
-        """:func:`~focuslens.interventions.split_softmax` on ``heads`` (an int k: the top-k heads)."""
+        """:func:`~focuslens.intervene.eager.split_softmax` on ``heads`` (an int k: the top-k heads)."""
         heads = self._heads(heads)
         if not self.hooked:
             return self._backend("split_softmax")(heads, span, tau)
-        from .interventions import split_softmax
+        from .intervene.eager import split_softmax
 
         return split_softmax(self.model, heads, span, tau)
 
     def pasta(self, heads: Iterable[Sequence[int]] | int, span: Any, coefficient: float = 0.01) -> HookHandle:
-        """:func:`~focuslens.interventions.pasta` (PASTA attention steering) on ``heads`` (an int k: top-k)."""
+        """:func:`~focuslens.intervene.eager.pasta` (PASTA attention steering) on ``heads`` (an int k: top-k)."""
         heads = self._heads(heads)
         if not self.hooked:
             raise TypeError(
                 "pasta needs a hooked model (TransformerBridge/HookedTransformer); this FocusLens wraps a "
                 "backend without hook_pattern. Use FocusLens(fl.load_model(name)) instead."
             )
-        from .interventions import pasta
+        from .intervene.eager import pasta
 
         return pasta(self.model, heads, span, coefficient)
 
     def inject(self, vectors: Mapping[tuple[int, int], Tensor], *, alpha: float = 1.0,
                site: Literal["query", "key"] = "query", pre_rope: bool = False) -> HookHandle:
-        """:func:`~focuslens.interventions.inject_vectors`: add ``alpha·v`` to chosen heads' queries/keys."""
+        """:func:`~focuslens.intervene.eager.inject_vectors`: add ``alpha·v`` to chosen heads' queries/keys."""
         if not self.hooked:
             return self._backend("inject_vectors")(vectors, alpha=alpha)
-        from .interventions import inject_vectors
+        from .intervene.eager import inject_vectors
 
         return inject_vectors(self.model, vectors, alpha=alpha, site=site, pre_rope=pre_rope)
 
@@ -254,14 +255,14 @@ class FocusLens:
 
     def ablate(self, heads: Iterable[Sequence[int]] | int, *, mode: Literal["zero", "mean"] = "zero",
                mean_over: Any = None) -> HookHandle:
-        """:func:`~focuslens.patching.ablate_heads` (zero or mean ablation of ``hook_z``)."""
+        """:func:`~focuslens.heads.patching.ablate_heads` (zero or mean ablation of ``hook_z``)."""
         self._need_hooks("ablate")
-        from .patching import ablate_heads
+        from .heads.patching import ablate_heads
 
         return ablate_heads(self.model, self._heads(heads), mode=mode, mean_over=mean_over)
 
     def attach(self, spec: Any, example: Any = None) -> HookHandle:
-        """Attach an intervention spec (:mod:`focuslens.specs`) for ``example``; returns its handle."""
+        """Attach an intervention spec (:mod:`focuslens.intervene.specs`) for ``example``; returns its handle."""
         self._need_hooks("attach")
         return spec.attach(self.model, example)
 
@@ -271,36 +272,36 @@ class FocusLens:
 
     def patch(self, corrupted_tokens: Tensor, clean: Any, metric: Any, *, site: str = "z",
               per_position: bool = False, **kw: Any) -> Tensor:
-        """:func:`~focuslens.patching.patch_heads`: per-head activation patching, ``[layer, head]``."""
+        """:func:`~focuslens.heads.patching.patch_heads`: per-head activation patching, ``[layer, head]``."""
         self._need_hooks("patch")
-        from .patching import patch_heads
+        from .heads.patching import patch_heads
 
         return patch_heads(self.model, corrupted_tokens, clean, metric, site=site, per_position=per_position, **kw)
 
     def find_heads(self, examples: Sequence[Any], *, finder: str = "contextual", **kw: Any):
-        """:func:`~focuslens.finders.find_heads`: ``DatasetScores`` of one head finder (contextual,
+        """:func:`~focuslens.heads.finders.find_heads`: ``DatasetScores`` of one head finder (contextual,
         retrieval, qrhead, patching) over ``examples``; ``.top_k(k)`` gives the heads."""
         self._need_hooks("find_heads")
-        from .finders import find_heads
+        from .heads.finders import find_heads
 
         return find_heads(self.model, examples, finder=finder, **kw)
 
     def attribute(self, corrupted_tokens: Tensor, clean_tokens: Tensor, metric: Any, *, site: str = "z",
                   per_position: bool = False, **kw: Any) -> Tensor:
-        """:func:`~focuslens.attribution.attribution_patch_heads`: the gradient estimate of :meth:`patch`.
+        """:func:`~focuslens.heads.attribution.attribution_patch_heads`: the gradient estimate of :meth:`patch`.
 
         Same ``[layer, head]`` contract as :meth:`patch` for all heads at ≈ 3 forward-equivalents;
         patch the heads it ranks highest exactly before trusting a number (docs/patching.md).
         """
         self._need_hooks("attribute")
-        from .attribution import attribution_patch_heads
+        from .heads.attribution import attribution_patch_heads
 
         return attribution_patch_heads(self.model, corrupted_tokens, clean_tokens, metric, site=site,
                                        per_position=per_position, **kw)
 
     @torch.no_grad()
     def generate(self, tokens: Any, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop_at_newline: bool = True) -> str:
-        """The greedy answer (:func:`~focuslens.generation.greedy_generate`) to a prompt or rendered example."""
+        """The greedy answer (:func:`~focuslens.core.generation.greedy_generate`) to a prompt or rendered example."""
         toks = tokens.tokens if hasattr(tokens, "tokens") else torch.as_tensor(tokens)
         if not self.hooked:
             out = self._backend("generate")(toks.reshape(1, -1), max_new_tokens=max_new_tokens, do_sample=False)
@@ -312,9 +313,9 @@ class FocusLens:
                                stop_ids=self.stop_ids)[1]
 
     def evaluate(self, examples: Sequence[Any], **kw: Any):
-        """:func:`~focuslens.evaluation.evaluate` (greedy EM, resumable; ``intervene=`` a spec)."""
+        """:func:`~focuslens.evaluation.runner.evaluate` (greedy EM, resumable; ``intervene=`` a spec)."""
         self._need_hooks("evaluate")
-        from .evaluation import evaluate
+        from .evaluation.runner import evaluate
 
         return evaluate(self.model, examples, **kw)
 

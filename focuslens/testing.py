@@ -112,7 +112,7 @@ def tiny_hf_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 2,
 
 def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 2):
     """A tiny random model wrapped as a TransformerLens bridge (what focuslens functions take)."""
-    from .models import load_model
+    from .core.models import load_model
 
     hf = tiny_hf_model(arch, seed=seed, n_layers=n_layers)
     model = load_model(hf, tokenizer=tiny_tokenizer())
@@ -148,7 +148,7 @@ def naive_greedy(model, tokens, n: int) -> list[int]:
 
 def grab_hooks(model, tokens, names) -> dict:
     """The first batch row of each named hook point's activation in one forward pass (no grad)."""
-    from .hooks import attach_hooks
+    from .core.hooks import attach_hooks
 
     store: dict = {}
 
@@ -167,7 +167,7 @@ def grab_hooks(model, tokens, names) -> dict:
 def pattern_mass(model, examples, heads, directions=None, alpha: float = 1.0, column: str = "relevant"):
     """Ground truth read from ``hook_pattern`` in live passes: mean response-row mass on the relevant
     span (or the sink, ``column="sink"``) per head, with ``directions`` applied at ``alpha`` if given."""
-    from .models import hook_name
+    from .core.models import hook_name
 
     layers = sorted({l for l, _ in heads})
     out = torch.zeros(len(heads))

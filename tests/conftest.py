@@ -99,7 +99,7 @@ def smollm():
 def _no_hook_leaks(request):
     """Every test must leave every model it touched without hooks."""
     yield
-    from focuslens.hooks import count_hooks
+    from focuslens.core.hooks import count_hooks
 
     for name in ("tiny_llama", "tiny_llama_mha", "tiny_gpt2", "tiny_qwen2", "tiny_gemma3", "smollm"):
         if name in request.fixturenames:

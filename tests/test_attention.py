@@ -1,4 +1,4 @@
-"""focuslens.attention: the one definition of attention maths, checked against slow references and
+"""focuslens.core.attention: the one definition of attention maths, checked against slow references and
 against ``hook_pattern`` on every route that recomputes attention (scoring, directions, sink probe).
 
 Architectures: tiny Gemma-3 (layer 0 slides over 8 keys, QK-norm, own scale; prompts are longer than
@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import focuslens.attention as fa
+import focuslens.core.attention as fa
 from focuslens.directions import FocusDirections, cache_qk, heldout_attention, make_direction_examples
 from focuslens.directions import attention_mass
 from focuslens.directions import objectives
 from focuslens.directions.magnitude import _sink_curves
-from focuslens.models import hook_name, model_info
-from focuslens.scoring import qk_route_available, score_spans
+from focuslens.core.models import hook_name, model_info
+from focuslens.score.contextual import qk_route_available, score_spans
 from focuslens.testing import capital_example as _example, grab_hooks as _grab, pattern_mass as _pattern_mass
 
 ATOL = 1e-5

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens.attribution import attribution_patch_heads, attribution_patch_sites
-from focuslens.hooks import count_hooks
-from focuslens.models import hook_name, model_info
+from focuslens.heads.attribution import attribution_patch_heads, attribution_patch_sites
+from focuslens.core.hooks import count_hooks
+from focuslens.core.models import hook_name, model_info
 
 CLEAN = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13]])
 CORRUPT = torch.tensor([[0, 5, 17, 33, 8, 200, 121, 44, 7, 60, 250, 13]])

@@ -7,8 +7,8 @@ import torch
 from transformers import AttentionInterface
 
 from focuslens.backends.fused import ATTN_IMPL, FusedModel, is_registered, load_fused
-from focuslens.hooks import attach_hooks
-from focuslens.scoring import HeadScores
+from focuslens.core.hooks import attach_hooks
+from focuslens.score.contextual import HeadScores
 from focuslens.testing import tiny_hf_model
 
 ATOL = 1e-5
@@ -93,7 +93,7 @@ def test_scores_match_transformerlens_bridge(tiny_llama):
 
 
 def test_scores_match_scoring_module_if_present(tiny_llama):
-    scoring = pytest.importorskip("focuslens.scoring", reason="focuslens.scoring (scoring engineer) not landed yet")
+    scoring = pytest.importorskip("focuslens.score.contextual", reason="focuslens.score.contextual (scoring engineer) not landed yet")
     fm = FusedModel(tiny_hf_model("llama"))
     ids = _ids(40, seed=3)
     ref = scoring.contextual_scores(tiny_llama, ids, relevant=(4, 14), response=(30, 40))
@@ -188,14 +188,14 @@ def test_span_unions_and_response_rule():
 def test_smollm_scores_match_hf_eager():
     from transformers import AutoModelForCausalLM
 
-    from focuslens.models import _ensure_default_checkpoint
+    from focuslens.core.models import ensure_default_checkpoint
 
     fm = load_fused()
     assert fm.n_layers == 30 and fm.n_heads == 9 and fm.n_kv_heads == 3
     ids = _ids(96, seed=6, vocab=49152)
     spans = {"relevant": (10, 50), "sink": (0, 1)}
     got = fm.score_spans(ids, response=(80, 96), spans={"relevant": (10, 50)})
-    eager = AutoModelForCausalLM.from_pretrained(_ensure_default_checkpoint(), attn_implementation="eager")
+    eager = AutoModelForCausalLM.from_pretrained(ensure_default_checkpoint(), attn_implementation="eager")
     ref = _eager_reference(eager, ids, (80, 96), spans)
     for k in spans:
         torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=0)
@@ -203,7 +203,7 @@ def test_smollm_scores_match_hf_eager():
 
 @pytest.mark.slow
 def test_smollm_scores_match_scoring_module(smollm):
-    scoring = pytest.importorskip("focuslens.scoring", reason="focuslens.scoring not landed yet")
+    scoring = pytest.importorskip("focuslens.score.contextual", reason="focuslens.score.contextual not landed yet")
     ids = _ids(96, seed=6, vocab=49152)
     ref = scoring.contextual_scores(smollm, ids, relevant=(10, 50), response=(80, 96))
     got = load_fused().contextual_scores(ids, relevant=(10, 50), response=(80, 96))
@@ -423,7 +423,7 @@ def test_validation_errors():
 
 
 def test_split_softmax_matches_interventions_module(tiny_llama):
-    interventions = pytest.importorskip("focuslens.interventions")
+    interventions = pytest.importorskip("focuslens.intervene.eager")
     fm = FusedModel(tiny_hf_model("llama"))
     ids = _ids(28, seed=15)
     heads, span, tau = [(0, 2), (1, 0)], (3, 11), 0.3
@@ -440,7 +440,7 @@ def test_split_softmax_matches_interventions_module(tiny_llama):
 
 
 def test_inject_vectors_matches_interventions_module(tiny_llama):
-    interventions = pytest.importorskip("focuslens.interventions")
+    interventions = pytest.importorskip("focuslens.intervene.eager")
     fm = FusedModel(tiny_hf_model("llama"))
     ids = _ids(20, seed=16)
     g = torch.Generator().manual_seed(3)
@@ -531,7 +531,7 @@ def test_sliding_window_scores_match_hf_eager():
 
 def test_sliding_window_split_softmax_matches_bridge(tiny_gemma3):
     """Split softmax on a sliding-window layer: the fused backend's edit = the bridge's hook_pattern edit."""
-    from focuslens.interventions import split_softmax
+    from focuslens.intervene.eager import split_softmax
 
     fm = FusedModel(tiny_hf_model("gemma3"))
     ids = _ids(30, seed=23)
@@ -548,8 +548,8 @@ def test_sliding_window_split_softmax_matches_bridge(tiny_gemma3):
 
 def test_handles_are_context_managers_and_removable(tiny_llama):
     """split_softmax / inject_vectors return handles (.remove(), with-block), positional or keyword."""
-    from focuslens.hooks import HookHandle
-    from focuslens.interventions import compose
+    from focuslens.core.hooks import HookHandle
+    from focuslens.intervene.eager import compose
 
     fm = FusedModel(tiny_hf_model("llama"))
     ids = _ids(24, seed=24)[None]

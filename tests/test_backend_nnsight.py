@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from focuslens.backends.fused import FusedModel, load_fused
-from focuslens.scoring import HeadScores
+from focuslens.score.contextual import HeadScores
 from focuslens.testing import tiny_hf_model, tiny_tokenizer
 
 nnsight_backend = pytest.importorskip("focuslens.backends.nnsight_backend")

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from focuslens.directions import FocusDirections
-from focuslens.evaluation import evaluate
-from focuslens.generation import greedy_generate_batch, left_pad_offsets
-from focuslens.hooks import attach_hooks, count_hooks
-from focuslens.interventions import split_softmax
-from focuslens.models import forward_with_cache, hook_name, model_info
-from focuslens.specs import Ablate, Compose, InjectVectors, InterventionSpec, Pasta, SplitSoftmax, Steer
+from focuslens.evaluation.runner import evaluate
+from focuslens.core.generation import greedy_generate_batch, left_pad_offsets
+from focuslens.core.hooks import attach_hooks, count_hooks
+from focuslens.intervene.eager import split_softmax
+from focuslens.core.forward import forward_with_cache
+from focuslens.core.models import hook_name, model_info
+from focuslens.intervene.specs import Ablate, Compose, InjectVectors, InterventionSpec, Pasta, SplitSoftmax, Steer
 from focuslens.tasks import make_synthetic_qa, render
 
 N_STEPS = 4
@@ -38,7 +39,7 @@ def _rendered(model, examples):
 
 
 def _dirs(model, heads=((1, 2), (0, 1), (1, 3)), seed=0) -> FocusDirections:
-    from focuslens.attention import query_site
+    from focuslens.core.attention import query_site
 
     info = model_info(model)
     g = torch.Generator().manual_seed(seed)
@@ -230,7 +231,7 @@ def test_untouched_heads_bit_identical_in_a_batch(tiny_llama, examples):
 
 
 def test_hooks_gone_after_an_exception_mid_batch(tiny_llama, examples, monkeypatch):
-    import focuslens.evaluation as ev
+    import focuslens.evaluation.runner as ev
 
     rs = _rendered(tiny_llama, examples)
     spec = SplitSoftmax([(0, 1)], 0.2) + Steer(_dirs(tiny_llama), alpha="auto")
@@ -364,7 +365,7 @@ def test_bench_dry_run(tmp_path, load_script):
 def test_sliding_window_continuation_of_a_repeated_cache(tiny_gemma3, examples):
     """The teacher-forced margins path (prefill, repeat the cache, right-padded continuations) under
     split softmax on a sliding-window layer equals full forward passes."""
-    from focuslens.models import repeat_cache
+    from focuslens.core.forward import repeat_cache
 
     r = _rendered(tiny_gemma3, examples)[0]
     g = torch.Generator().manual_seed(7)

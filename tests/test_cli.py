@@ -168,9 +168,9 @@ def test_evaluate_other_heads_into_the_same_output_recompute(tmp_path, tiny_fold
 def _random_directions(tiny_folder, path, seed):
     import torch
 
-    from focuslens.attention import query_site
+    from focuslens.core.attention import query_site
     from focuslens.directions import FocusDirections
-    from focuslens.models import load_model, model_info
+    from focuslens.core.models import load_model, model_info
 
     model = load_model(str(tiny_folder))
     info = model_info(model)
@@ -231,8 +231,8 @@ def test_sweep_files_are_named_by_content(tmp_path, tiny_folder):
 def test_random_heads_one_convention(tiny_folder):
     import random
 
-    from focuslens.models import load_model
-    from focuslens.sweeps import random_heads
+    from focuslens.core.models import load_model
+    from focuslens.evaluation.sweeps import random_heads
 
     model = load_model(str(tiny_folder))
     allh = [(l, h) for l in range(2) for h in range(4)]

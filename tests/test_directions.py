@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import focuslens.directions as fdm
-import focuslens.sweeps as sweeps
-from focuslens.attention import key_site
+import focuslens.evaluation.sweeps as sweeps
+from focuslens.core.attention import key_site
 from focuslens.directions import objectives
 from focuslens.directions import (
     FocusDirections,
@@ -23,8 +23,8 @@ from focuslens.directions import (
     sink_target_alphas,
     train_focus_directions,
 )
-from focuslens.hooks import attach_hooks
-from focuslens.models import hook_name, model_info
+from focuslens.core.hooks import attach_hooks
+from focuslens.core.models import hook_name, model_info
 from focuslens.testing import capital_example as _example, pattern_mass as _pattern_mass
 
 HEADS = [(1, 2), (0, 1), (1, 3)]  # deliberately not sorted: rank order must be kept
@@ -424,7 +424,7 @@ class _FakeResult:
 def test_select_alpha_rule(tiny_llama, monkeypatch):
     """Best validation accuracy wins; ties → smaller |α|, then fewer heads; negative α never chosen;
     the magnitude control replaces the fixed α only when strictly better."""
-    import focuslens.evaluation as ev
+    import focuslens.evaluation.runner as ev
 
     acc = {"unmodified": 0.2, "k1_a0.5": 0.4, "k1_a1": 0.6, "k1_a-1": 0.9, "k3_a0.5": 0.6, "k3_a1": 0.6,
            "k3_a-1": 0.95, "k3_auto0.25": 0.5, "k3_auto0.5": 0.6}
@@ -453,7 +453,7 @@ def test_select_alpha_rule(tiny_llama, monkeypatch):
 
 
 def test_select_alpha_auto_wins_only_when_strictly_better(tiny_llama, monkeypatch):
-    import focuslens.evaluation as ev
+    import focuslens.evaluation.runner as ev
 
     acc = {"unmodified": 0.1, "k3_a1": 0.5, "k3_auto0.5": 0.7}
     monkeypatch.setattr(ev, "evaluate", lambda model, examples, *, tag=None, **kw: _FakeResult(acc[tag]))
@@ -467,7 +467,7 @@ def test_select_alpha_auto_wins_only_when_strictly_better(tiny_llama, monkeypatc
 
 def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
     """Each grid row is the accuracy of evaluate() under the same apply(); nothing stays attached."""
-    from focuslens.evaluation import evaluate
+    from focuslens.evaluation.runner import evaluate
 
     exs = [_example(i) for i in range(3)]
     d = _dirs(tiny_llama)
@@ -481,7 +481,7 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
     assert len(list(tmp_path.glob("k2_a4-*.jsonl"))) == 1 and len(list(tmp_path.glob("unmodified-*.jsonl"))) == 1
     assert len(list(tmp_path.glob("*.jsonl"))) == 3
     # selection_record is the naming rule select_alpha used: a caller reads a configuration back by it.
-    from focuslens.specs import Steer
+    from focuslens.intervene.specs import Steer
 
     data_id = sweeps.examples_identity(exs)
     named = {sweeps.selection_record(tmp_path, f"k2_a{a:g}", Steer(d, k=2, alpha=a), data_id, max_new_tokens=3)
@@ -493,7 +493,7 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
 def test_select_alpha_other_directions_in_the_same_folder_never_reuse(tiny_llama, tmp_path, monkeypatch):
     """Selecting on other directions (or other data) into the same output_dir recomputes into its own
     files; the same selection again resumes everything."""
-    import focuslens.evaluation as ev
+    import focuslens.evaluation.runner as ev
 
     exs = [_example(i) for i in range(2)]
     kw = dict(alphas=(4.0,), ks=(2,), max_new_tokens=3, progress=False, output_dir=tmp_path)

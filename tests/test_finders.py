@@ -1,17 +1,17 @@
-"""Head finders (focuslens.finders) against slow references on tiny models."""
+"""Head finders (focuslens.heads.finders) against slow references on tiny models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from focuslens.finders import (FINDERS, compare_finders, find_heads, finder_heatmaps, needle_answer_tokens,
+from focuslens.heads.finders import (FINDERS, compare_finders, find_heads, finder_heatmaps, needle_answer_tokens,
                                patching_finder, qrhead_finder, retrieval_finder, retrieval_scores, spearman,
                                top_k_overlap)
-from focuslens.hooks import attach_hooks, count_hooks
-from focuslens.models import hook_name
-from focuslens.prompts import Span
-from focuslens.ranking import DatasetScores, contextual_heads
+from focuslens.core.hooks import attach_hooks, count_hooks
+from focuslens.core.models import hook_name
+from focuslens.core.prompts import Span
+from focuslens.score.ranking import DatasetScores, contextual_heads
 from focuslens.tasks import render
 from focuslens.testing import capital_example
 
@@ -137,7 +137,7 @@ def test_qrhead_matches_a_loop_over_documents(tiny_llama, rendered):
 
 def test_patching_finder_matches_patch_heads(tiny_llama):
     """Normalised z-patching effect equals patch_heads on the same pair (tiny gap allowed on a random model)."""
-    from focuslens.patching import logit_diff_metric, make_corrupted_pair, patch_heads
+    from focuslens.heads.patching import logit_diff_metric, make_corrupted_pair, patch_heads
 
     exs = [capital_example(i, 3) for i in range(2)]
     ds = patching_finder(tiny_llama, exs, min_gap=1e-6, progress=False)

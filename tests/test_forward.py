@@ -1,4 +1,4 @@
-"""focuslens.forward: the partial (early-stopping) forward pass."""
+"""focuslens.core.forward: the partial (early-stopping) forward pass."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import focuslens as fl
 
 
 def _qk_names(model, layer):
-    from focuslens.attention import layer_attention
+    from focuslens.core.attention import layer_attention
 
     la = layer_attention(model, layer)
     return [la.q_hook, la.k_hook]
@@ -19,7 +19,7 @@ def _qk_names(model, layer):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_run_until_equals_full_forward_and_stops(fixture, request, tok):
-    from focuslens.forward import run_until
+    from focuslens.core.forward import run_until
     from focuslens.testing import grab_hooks
 
     model = request.getfixturevalue(fixture)
@@ -48,7 +48,7 @@ def test_run_until_equals_full_forward_and_stops(fixture, request, tok):
 
 
 def test_run_until_right_padded_batch_equals_single(tiny_llama, tok):
-    from focuslens.forward import run_until
+    from focuslens.core.forward import run_until
 
     seqs = [tok(t).input_ids for t in ("The capital of Marn is Pell.", "Quo is a city. The capital of Vey is Zor.")]
     P = max(map(len, seqs))
@@ -67,7 +67,7 @@ def test_run_until_right_padded_batch_equals_single(tiny_llama, tok):
 
 
 def test_run_until_error_paths_leave_no_hooks(tiny_llama, tok):
-    from focuslens.forward import run_until
+    from focuslens.core.forward import run_until
 
     ids = torch.tensor([tok("The capital of Marn is Pell.").input_ids])
     base = tiny_llama(ids)
@@ -87,7 +87,7 @@ def test_run_until_error_paths_leave_no_hooks(tiny_llama, tok):
 
 
 def test_run_until_reports_hooks_that_never_fired(tiny_llama, tok):
-    from focuslens.forward import run_until
+    from focuslens.core.forward import run_until
 
     class Skipping:  # a backend whose forward never reaches one of the hook points
         def __init__(self, model):

@@ -1,4 +1,4 @@
-"""focuslens.generation: one stop rule, one default budget, one decoding loop for every entry point."""
+"""focuslens.core.generation: one stop rule, one default budget, one decoding loop for every entry point."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import torch
 
 import focuslens as fl
-from focuslens.generation import DEFAULT_MAX_NEW_TOKENS, STOP_TOKENS, generate_response, greedy_generate, stop_ids
+from focuslens.core.generation import DEFAULT_MAX_NEW_TOKENS, STOP_TOKENS, generate_response, greedy_generate, stop_ids
 
 
 def test_stop_ids_are_eos_plus_the_known_end_of_turn_tokens(tok):
@@ -22,11 +22,11 @@ def test_every_entry_point_uses_the_one_default_budget():
     from focuslens.cli import build_parser
     from focuslens.demo import DemoConfig
     from focuslens.directions import make_direction_examples
-    from focuslens.evaluation import greedy_generate_batch
-    from focuslens.scoring import score_dataset
-    from focuslens.sweeps import select_alpha
+    from focuslens.evaluation.runner import greedy_generate_batch
+    from focuslens.score.contextual import score_dataset
+    from focuslens.evaluation.sweeps import select_alpha
 
-    from focuslens.evaluation import Decoding
+    from focuslens.evaluation.runner import Decoding
 
     assert Decoding().max_new_tokens == DEFAULT_MAX_NEW_TOKENS  # evaluate()'s decoding settings
     for fn in (score_dataset, make_direction_examples, select_alpha, greedy_generate,
@@ -56,7 +56,7 @@ def test_public_names():
 
 def test_generate_responses_are_generate_response_one_by_one(tiny_llama, tiny_gpt2):
     """Batched responses (left-padded, prompts of different lengths) equal the one-by-one ones, in order."""
-    from focuslens.generation import generate_responses
+    from focuslens.core.generation import generate_responses
     from focuslens.tasks import make_synthetic_qa, render
 
     for model in (tiny_llama, tiny_gpt2):
@@ -77,7 +77,7 @@ def test_generate_responses_are_generate_response_one_by_one(tiny_llama, tiny_gp
 def test_generate_responses_rejects_a_bad_batch_size(tiny_llama):
     import pytest
 
-    from focuslens.generation import generate_responses
+    from focuslens.core.generation import generate_responses
 
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         generate_responses(tiny_llama, [torch.tensor([1, 2, 3])], batch_size=0)

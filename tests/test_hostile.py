@@ -31,10 +31,11 @@ import pytest
 import torch
 
 import focuslens.cli as cli
-from focuslens.errors import OutputBusy, UsageError
-from focuslens.hooks import count_hooks
-from focuslens.io import lock_path, output_lock
-from focuslens.models import check_context, check_heads, model_info
+from focuslens.core.errors import OutputBusy, UsageError
+from focuslens.core.hooks import count_hooks
+from focuslens.core.io import lock_path, output_lock
+from focuslens.core.models import check_context, model_info
+from focuslens.core.checks import check_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def _fd(model, heads=((0, 0), (1, 2)), seed=0):
 
 
 def _ranking(path: Path, model, heads=((1, 2), (0, 0), (0, 1))) -> Path:
-    from focuslens.ranking import RANKING_FORMAT
+    from focuslens.score.ranking import RANKING_FORMAT
 
     info = model_info(model)
     path.write_text(json.dumps({"format": RANKING_FORMAT, "model": info.name, "fingerprint": info.fingerprint(),
@@ -166,7 +167,7 @@ def test_planted_pickles_are_never_executed(tiny_llama, tmp_path):
     the authors' .pth import (read weights_only=True: refused), a ranking and a data file."""
     from focuslens.directions import FocusDirections
     from focuslens.directions.checkpoint import LEGACY_CHECKPOINT
-    from focuslens.ranking import load_heads
+    from focuslens.score.ranking import load_heads
     from focuslens.tasks.litm import load_litm
 
     marker = tmp_path / "PWNED"
@@ -208,7 +209,7 @@ def test_planted_pickle_model_weights_are_never_executed(tiny_folder, tmp_path, 
 
 
 def test_compose_refusal_removes_every_handle(tiny_llama, tiny_gpt2):
-    from focuslens.interventions import compose, inject_vectors
+    from focuslens.intervene.eager import compose, inject_vectors
 
     u = torch.ones(model_info(tiny_llama).d_head)
     h1 = inject_vectors(tiny_llama, {(0, 0): u})
@@ -228,7 +229,7 @@ def test_compose_refusal_removes_every_handle(tiny_llama, tiny_gpt2):
 
 
 def test_ranking_of_another_model_is_refused(tiny_llama, tiny_gpt2, tmp_path):
-    from focuslens.ranking import load_heads
+    from focuslens.score.ranking import load_heads
 
     r = _ranking(tmp_path / "r.json", tiny_gpt2)
     with pytest.raises(UsageError, match=r"ranks the heads of another model .*focuslens score"):
@@ -255,7 +256,7 @@ def test_ranking_of_another_model_is_refused_by_the_cli(tiny_folder, tiny_gpt2, 
     ('"0,0"', "expected [[layer, head], ...]"),
 ])
 def test_malformed_ranking_files_name_the_file(tmp_path, content, needle):
-    from focuslens.ranking import load_heads
+    from focuslens.score.ranking import load_heads
 
     p = tmp_path / "bad.json"
     p.write_text(content)
@@ -280,7 +281,7 @@ def test_plot_of_a_malformed_ranking_is_one_line(tmp_path, capsys, no_model):
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_context_length_is_checked_before_the_model_runs(arch, request):
     """Rotary models ran past n_ctx silently, learned-position ones raised a bare IndexError."""
-    from focuslens.scoring import contextual_scores, score_spans
+    from focuslens.score.contextual import contextual_scores, score_spans
 
     model = request.getfixturevalue(arch)
     n_ctx = model_info(model).n_ctx
@@ -296,7 +297,7 @@ def test_context_length_is_checked_before_the_model_runs(arch, request):
 
 
 def test_score_dataset_checks_prompt_plus_budget(tiny_llama):
-    from focuslens.scoring import score_dataset
+    from focuslens.score.contextual import score_dataset
     from focuslens.tasks import render
     from focuslens.testing import capital_example
 
@@ -313,7 +314,7 @@ def test_cli_checks_the_context_before_generating(tiny_folder, tmp_path, capsys)
 
 
 def test_meta_tokens_are_refused(tiny_llama):
-    from focuslens.scoring import contextual_scores
+    from focuslens.score.contextual import contextual_scores
 
     t = torch.tensor([0, 5, 6, 7, 8, 9])
     with pytest.raises(UsageError, match="'meta' device.*move it to a real device"):
@@ -604,14 +605,14 @@ def test_debug_shows_the_traceback_of_a_usage_error(tmp_path, capsys, no_model):
 
 
 def test_interrupt_messages_say_whether_a_rerun_resumes(tiny_folder, tmp_path, capsys, monkeypatch):
-    import focuslens.evaluation
-    import focuslens.scoring
+    import focuslens.evaluation.runner
+    import focuslens.score.contextual
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(focuslens.scoring, "score_dataset", interrupted)
-    monkeypatch.setattr(focuslens.evaluation, "evaluate", interrupted)
+    monkeypatch.setattr(focuslens.score.contextual, "score_dataset", interrupted)
+    monkeypatch.setattr(focuslens.evaluation.runner, "evaluate", interrupted)
     code, err = _cli(["score", "--model", tiny_folder, "--n", 1, "--n-docs", 2, "--output", tmp_path / "s"], capsys)
     assert code == 130 and err == ["focuslens score: interrupted; score does not resume: a rerun starts over"]
     code, err = _cli(["evaluate", "--model", tiny_folder, "--n", 1, "--n-docs", 2, "--output", tmp_path / "e"], capsys)
@@ -637,7 +638,7 @@ def test_end_to_end_exit_codes_in_a_subprocess(tmp_path, tiny_llama):
 
 
 def test_nan_scores_rank_last():
-    from focuslens.ranking import DatasetScores, contextual_heads
+    from focuslens.score.ranking import DatasetScores, contextual_heads
 
     t = torch.tensor([[0.1, float("nan"), 0.9, 0.5]])
     assert contextual_heads(t, k=4) == [(0, 2), (0, 3), (0, 0), (0, 1)]
@@ -649,7 +650,7 @@ def test_nan_scores_rank_last():
 def test_float_or_malformed_heads_are_refused(tiny_llama, heads):
     with pytest.raises(ValueError, match=r"pairs of ints|\(layer, head\)"):
         check_heads(tiny_llama, heads)
-    from focuslens.interventions import split_softmax
+    from focuslens.intervene.eager import split_softmax
 
     with pytest.raises(ValueError):
         split_softmax(tiny_llama, heads, (1, 3), 0.5)
@@ -664,7 +665,7 @@ def test_heads_out_of_range_and_duplicates(tiny_llama):
 
 
 def test_inject_vectors_float_duplicate_keys_refused(tiny_llama):
-    from focuslens.interventions import inject_vectors
+    from focuslens.intervene.eager import inject_vectors
 
     u = torch.ones(model_info(tiny_llama).d_head)
     # {(0, 0): u, (0.0, 0.0): -u} is ONE key in Python ((0, 0) == (0.0, 0.0), same hash): no function can see
@@ -688,7 +689,7 @@ def test_negative_alpha_max_refused_by_apply(tiny_llama):
 
 
 def test_steer_negative_alpha_max_refused(tiny_llama):
-    from focuslens.specs import Steer
+    from focuslens.intervene.specs import Steer
 
     with pytest.raises(ValueError, match="alpha_max"):
         Steer(_fd(tiny_llama), alpha="auto", alpha_max=-1)
@@ -737,7 +738,7 @@ def test_leftover_of_an_exchange_is_cleaned(tiny_llama, tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    import focuslens.io as fio
+    import focuslens.core.io as fio
     from focuslens.directions import FocusDirections
     mode, path = sys.argv[1], sys.argv[2]
     d = FocusDirections.load(path)
@@ -795,10 +796,10 @@ def test_concurrent_save_is_a_clear_error_and_keeps_the_artefact(tiny_llama, tmp
 def test_output_lock_against_a_real_second_process(tmp_path):
     script = textwrap.dedent("""
         import sys, types
-        pkg = types.ModuleType("focuslens")  # focuslens.io alone, without the package's heavy __init__
+        pkg = types.ModuleType("focuslens")  # focuslens.core.io alone, without the package's heavy __init__
         pkg.__path__ = [sys.argv[2]]
         sys.modules["focuslens"] = pkg
-        from focuslens.io import output_lock
+        from focuslens.core.io import output_lock
         with output_lock(sys.argv[1]):
             print("locked", flush=True)
             sys.stdin.readline()
@@ -858,9 +859,9 @@ def test_second_evaluate_on_the_same_records_is_refused(tiny_folder, tmp_path, c
 
 
 def test_second_sweep_on_the_same_output_is_refused(tiny_folder, tmp_path, capsys, monkeypatch):
-    import focuslens.evaluation
+    import focuslens.evaluation.runner
 
-    monkeypatch.setattr(focuslens.evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated while locked"))
+    monkeypatch.setattr(focuslens.evaluation.runner, "evaluate", lambda *a, **k: pytest.fail("evaluated while locked"))
     (tmp_path / "r.json").write_text("[[0, 0], [1, 1]]")
     (tmp_path / "out").mkdir()
     held = _hold_lock(tmp_path / "out" / "sweep.json", pid="31337")
@@ -872,7 +873,7 @@ def test_second_sweep_on_the_same_output_is_refused(tiny_folder, tmp_path, capsy
 
 
 def test_library_writers_write_atomically():
-    """No plain write in the modules that write results (everything goes through focuslens.io)."""
+    """No plain write in the modules that write results (everything goes through focuslens.core.io)."""
     plain = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]")
     for name in ("cli.py", "ranking.py", "scoring.py", "directions/artefact.py", "tasks/litm.py", "tasks/records.py"):
         src = (ROOT / "focuslens" / name).read_text()
@@ -882,7 +883,7 @@ def test_library_writers_write_atomically():
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
-    from focuslens.io import atomic_write
+    from focuslens.core.io import atomic_write
 
     p = atomic_write(tmp_path / "sweep.json", '{"old": 1}')
 
@@ -901,7 +902,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
 
 
 def test_refused_interventions_leave_no_hooks(tiny_llama, tiny_gpt2):
-    from focuslens.interventions import inject_vectors, split_softmax
+    from focuslens.intervene.eager import inject_vectors, split_softmax
 
     d_head = model_info(tiny_llama).d_head
     bad = [lambda: inject_vectors(tiny_llama, {(0, 0): torch.full((d_head,), float("nan"))}),

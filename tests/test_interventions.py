@@ -10,10 +10,10 @@ from unittest import mock
 import pytest
 import torch
 
-from focuslens.hooks import attach_hooks, count_hooks
-from focuslens.interventions import compose, inject_vectors, split_softmax, split_softmax_pattern
-from focuslens.models import hook_name, model_info
-from focuslens.prompts import Span
+from focuslens.core.hooks import attach_hooks, count_hooks
+from focuslens.intervene.eager import compose, inject_vectors, split_softmax, split_softmax_pattern
+from focuslens.core.models import hook_name, model_info
+from focuslens.core.prompts import Span
 from focuslens.testing import tiny_hf_model
 
 ARCH_MODULE = {
@@ -486,7 +486,7 @@ def test_compose_refusing_its_arguments_leaves_no_hooks(tiny_llama, tiny_llama_m
 def test_compose_of_specs_when_an_argument_fails(tiny_llama):
     """The eager form cannot help when an argument raises (the first handle is already attached when
     the second call fails); the spec form attaches all-or-nothing."""
-    from focuslens.specs import InjectVectors, SplitSoftmax
+    from focuslens.intervene.specs import InjectVectors, SplitSoftmax
 
     d = model_info(tiny_llama).d_head
     with pytest.raises(ValueError, match="finite"):
@@ -499,7 +499,7 @@ def test_compose_of_specs_when_an_argument_fails(tiny_llama):
 
 
 def test_split_and_inject_in_manual_cache_loop(tiny_llama):
-    """The decoding loop of focuslens.evaluation (forward with past_key_values) is edited exactly."""
+    """The decoding loop of focuslens.evaluation.runner (forward with past_key_values) is edited exactly."""
     d = model_info(tiny_llama).d_head
     vecs = {(0, 3): torch.randn(d, generator=torch.Generator().manual_seed(5)) * 3}
     with split_softmax(tiny_llama, [(0, 1), (1, 2)], SPAN, 0.1), inject_vectors(tiny_llama, vecs):
@@ -557,7 +557,7 @@ def test_per_row_masks_equal_row_by_row():
     masks[0, 1:3], masks[1, 4:8], masks[2, 0:1] = True, True, True
     mq = torch.tensor([0, 6, 7])
     qpos = torch.arange(4, 9)
-    from focuslens.interventions import pasta_pattern
+    from focuslens.intervene.eager import pasta_pattern
 
     for fn, s in ((split_softmax_pattern, 0.3), (pasta_pattern, 0.05)):
         got = fn(pat, masks, s, query_positions=qpos, min_query=mq)
@@ -570,7 +570,7 @@ def test_per_row_masks_equal_row_by_row():
 
 def test_pasta_pattern_is_the_log_coefficient_score_shift():
     """PASTA's implementation adds log(coefficient) to the scores outside C; the pattern edit is the same."""
-    from focuslens.interventions import pasta_pattern
+    from focuslens.intervene.eager import pasta_pattern
 
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(4, 6, 10, generator=g, dtype=torch.float64) * 2
@@ -590,7 +590,7 @@ def test_pasta_pattern_is_the_log_coefficient_score_shift():
 
 
 def test_pasta_hook_matches_the_formula_and_is_exact_identity_at_one(tiny_llama):
-    from focuslens.interventions import pasta
+    from focuslens.intervene.eager import pasta
 
     name = hook_name(1, "hook_pattern")
     logits, base = tiny_llama.run_with_cache(TOKENS, names_filter=[name])

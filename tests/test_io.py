@@ -1,4 +1,4 @@
-"""focuslens.io: atomic writes (no half-written file, ever), output locks and content identities.
+"""focuslens.core.io: atomic writes (no half-written file, ever), output locks and content identities.
 
 Kills, planted files and second processes are in tests/test_hostile.py."""
 
@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-import focuslens.io as fio
-from focuslens.errors import OutputBusy
-from focuslens.io import (
+import focuslens.core.io as fio
+from focuslens.core.errors import OutputBusy
+from focuslens.core.io import (
     atomic_dir,
     atomic_write,
     atomic_write_json,
@@ -164,7 +164,7 @@ def test_tensor_checksum_bits_dtype_shape():
 def test_file_checksum_streams_bytes(tmp_path):
     import hashlib
 
-    from focuslens.io import file_checksum
+    from focuslens.core.io import file_checksum
 
     p = tmp_path / "d.bin"
     data = bytes(range(256)) * 5000  # > one 1 MiB block

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import focuslens as fl
-from focuslens.hooks import count_hooks
+from focuslens.core.hooks import count_hooks
 from focuslens.tasks import make_synthetic_qa, render
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import focuslens as fl
-from focuslens.models import HookedModel
+from focuslens.core.models import HookedModel
 
 
 def test_default_model_loads_offline_with_expected_shape(smollm):
@@ -133,7 +133,7 @@ def test_slow_low_precision_dtype_warns_only_without_cpu_support(monkeypatch, ha
 
     from focuslens.directions.objectives import cache_qk
     from focuslens.directions import make_direction_examples
-    from focuslens.models import cpu_lacks_fast, warn_if_slow_dtype
+    from focuslens.core.models import cpu_lacks_fast, warn_if_slow_dtype
     from focuslens.testing import capital_example, tiny_hf_model, tiny_tokenizer
 
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported"):

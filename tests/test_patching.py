@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens.hooks import count_hooks
-from focuslens.models import hook_name, model_info
-from focuslens.patching import (
+from focuslens.core.hooks import count_hooks
+from focuslens.core.models import hook_name, model_info
+from focuslens.heads.patching import (
     ablate_heads,
     cache_sites,
     head_means,

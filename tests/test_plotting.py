@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens.plotting import PNG_HELP, ablation_curve, head_heatmap, save_figure
+from focuslens.plot.figures import PNG_HELP, ablation_curve, head_heatmap, save_figure
 
 
 def _scores():
@@ -103,7 +103,7 @@ def test_notebook_figures_falls_back_without_png_export(monkeypatch):
     import plotly.graph_objects as go
     import plotly.io as pio
 
-    from focuslens.plotting import notebook_figures
+    from focuslens.plot.figures import notebook_figures
 
     before = pio.renderers.default
     try:
@@ -121,7 +121,7 @@ def test_notebook_figures_falls_back_without_png_export(monkeypatch):
 def test_condition_style_one_colour_per_condition():
     from typing import get_args
 
-    from focuslens.plotting import CONDITION_COLORS, CONDITION_LABELS, Condition, condition_style
+    from focuslens.plot.figures import CONDITION_COLORS, CONDITION_LABELS, Condition, condition_style
 
     assert set(get_args(Condition)) == set(CONDITION_COLORS) == set(CONDITION_LABELS)
     assert len(set(CONDITION_COLORS.values())) == len(CONDITION_COLORS)  # no two conditions share a colour
@@ -135,7 +135,7 @@ def test_condition_style_one_colour_per_condition():
 
 
 def test_curves_colours_n_and_se_everywhere():
-    from focuslens.plotting import CONDITION_COLORS, Baseline, Series, curves
+    from focuslens.plot.figures import CONDITION_COLORS, Baseline, Series, curves
 
     fig = curves([1, 5, 20], [Series("top-k, τ=0.2", "split_softmax", [0.2, 0.5, 0.9], [0.06, 0.08, 0.05], 40),
                               Series("random, τ=0.2", "random_heads", [0.2, 0.25, 0.3], None, [40, 40, 38], variant=1)],
@@ -163,7 +163,7 @@ def test_curves_colours_n_and_se_everywhere():
 
 
 def test_ablation_curve_conditions_colour_series():
-    from focuslens.plotting import CONDITION_COLORS
+    from focuslens.plot.figures import CONDITION_COLORS
 
     fig = ablation_curve([1, 2], {"top": ([0.1, 0.2], None), "other": ([0.3, 0.3], None)},
                          baselines={"gold": 0.7}, conditions={"top": "split_softmax", "gold": "gold_only"})
@@ -174,7 +174,7 @@ def test_ablation_curve_conditions_colour_series():
 
 
 def test_head_doc_view_hover_gold_and_shared_scale():
-    from focuslens.plotting import head_doc_view
+    from focuslens.plot.figures import head_doc_view
 
     before = torch.tensor([[0.1, 0.3, 0.05], [0.2, 0.1, 0.0]])
     after = torch.tensor([[0.0, 0.9, 0.0], [0.05, 0.6, 0.05]])

@@ -1,6 +1,6 @@
 import pytest
 
-from focuslens.prompts import Segment, Span, as_span, build_prompt
+from focuslens.core.prompts import Segment, Span, as_span, build_prompt
 
 
 def _parts(n=3):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import focuslens as fl
-from focuslens.hooks import count_hooks
-from focuslens.prompts import Span, build_prompt
-from focuslens.scoring import (
+from focuslens.core.hooks import count_hooks
+from focuslens.core.prompts import Span, build_prompt
+from focuslens.score.contextual import (
     DatasetScores,
     HeadScores,
     contextual_heads,
@@ -159,7 +159,7 @@ def test_bad_inputs(tiny_llama):
 
 
 def test_hooks_removed_after_exception_inside_forward(tiny_llama, monkeypatch):
-    import focuslens.scoring as sc
+    import focuslens.score.contextual as sc
 
     def boom(*a, **k):
         raise RuntimeError("boom in hook")
@@ -271,7 +271,7 @@ def test_score_dataset_zero_usable_raises(tok, tiny_llama):
 
 
 def test_generate_strips_stop_tokens(tok, tiny_llama):
-    from focuslens.scoring import generate_response
+    from focuslens.score.contextual import generate_response
 
     ex = _rendered(tok, 1)[0]
     r = generate_response(tiny_llama, ex.prompt.tokens, max_new_tokens=5)
@@ -311,7 +311,7 @@ def test_contextual_heads_validates_k():
 def test_smollm_exact_against_hf_eager(smollm):
     from transformers import AutoModelForCausalLM
 
-    from focuslens.models import default_model_dir
+    from focuslens.core.models import default_model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32,
                                               attn_implementation="eager").eval()
@@ -389,7 +389,7 @@ def test_qk_route_exact_on_sliding_window_and_qk_norm(tiny_gemma3):
 
 def test_nan_scores_rank_last_consistently():
     """A NaN score never outranks a real one (it used to scramble the order), everywhere a ranking is made."""
-    from focuslens.ranking import _rank
+    from focuslens.score.ranking import _rank
 
     s = torch.tensor([[0.1, float("nan"), 0.9, 0.5]])
     assert contextual_heads(s, k=4) == [(0, 2), (0, 3), (0, 0), (0, 1)]
@@ -422,7 +422,7 @@ def _other_arch():
 
 
 def test_heads_must_be_integers(tiny_llama):
-    from focuslens.models import check_heads
+    from focuslens.core.checks import check_heads
 
     assert check_heads(tiny_llama, [(1, 2), (torch.tensor(0), 3)]) == [(1, 2), (0, 3)]
     for bad in ([(0.0, 1.5)], [(8.7, 0)], [(True, 0)], [(0,)], [5]):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from focuslens.directions import FocusDirections
-from focuslens.hooks import attach_hooks, count_hooks
-from focuslens.interventions import inject_vectors, split_softmax
-from focuslens.models import hook_name, model_info
-from focuslens.patching import ablate_heads
-from focuslens.prompts import Span
-from focuslens.specs import (
+from focuslens.core.hooks import attach_hooks, count_hooks
+from focuslens.intervene.eager import inject_vectors, split_softmax
+from focuslens.core.models import hook_name, model_info
+from focuslens.heads.patching import ablate_heads
+from focuslens.core.prompts import Span
+from focuslens.intervene.specs import (
     Ablate,
     Compose,
     InjectVectors,
@@ -38,7 +38,7 @@ def _vec(model, seed: int, scale: float = 3.0) -> torch.Tensor:
 def _dirs(model, heads=((1, 2), (0, 1), (1, 3)), seed=0) -> FocusDirections:
     info = model_info(model)
     g = torch.Generator().manual_seed(seed)
-    from focuslens.attention import query_site
+    from focuslens.core.attention import query_site
 
     return FocusDirections(heads=list(heads), vectors=torch.randn(len(heads), info.d_head, generator=g) * 3,
                            fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model), alpha=0.5)

@@ -348,7 +348,7 @@ def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llam
     ahead of another; rerun, every condition reaches n from its own records (nothing regenerated)."""
     import argparse
 
-    from focuslens.specs import SplitSoftmax
+    from focuslens.intervene.specs import SplitSoftmax
     from focuslens.testing import capital_example
 
     rd = load_script("experiments/real_distraction.py")

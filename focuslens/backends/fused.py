@@ -47,9 +47,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..hooks import HookHandle
-from ..prompts import SpanLike, normalise_spans
-from ..scoring import HeadScores, _head_scores, _named_spans
+from ..core.hooks import HookHandle
+from ..core.prompts import SpanLike, normalise_spans
+from ..score.contextual import HeadScores, head_scores, named_spans
 from .fused_attention import (
     _OWNERS,
     ATTN_IMPL,
@@ -60,12 +60,11 @@ from .fused_attention import (
     _register,
     _SplitEdit,
     _unregister,
-    is_registered,
 )
 
 SpansLike = SpanLike | Sequence[SpanLike]
 
-__all__ = ["FusedModel", "BackendHandle", "load_fused", "ATTN_IMPL", "is_registered"]
+__all__ = ["FusedModel", "BackendHandle", "load_fused"]
 
 _DEFAULT_ROW_BLOCK = 1024
 _DEFAULT_MLP_CHUNK = 2048
@@ -74,7 +73,7 @@ Head = tuple[int, int]
 
 class BackendHandle(HookHandle):
     """An active fused-backend edit: ``.remove()`` (idempotent) or a ``with`` block, like a
-    :class:`~focuslens.hooks.HookHandle` (it is one, so :func:`focuslens.interventions.compose` takes it).
+    :class:`~focuslens.core.hooks.HookHandle` (it is one, so :func:`focuslens.intervene.eager.compose` takes it).
 
     While it is active the model runs on the focuslens attention function; removing the last active
     edit restores the previous attention implementation.
@@ -267,7 +266,7 @@ class FusedModel:
         return t.to(self.input_device)
 
     def _check_heads(self, heads: Iterable[Sequence[int]]) -> list[Head]:
-        from ..models import validate_heads
+        from ..core.checks import validate_heads
 
         out = validate_heads(heads, n_layers=self.n_layers, n_heads=self.n_heads)
         if not out:
@@ -287,8 +286,8 @@ class FusedModel:
     ) -> HeadScores:
         """Mean attention mass that the response rows put on each named span, per head.
 
-        Same protocol and result as :func:`focuslens.scoring.score_spans` (a
-        :class:`~focuslens.scoring.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
+        Same protocol and result as :func:`focuslens.score.contextual.score_spans` (a
+        :class:`~focuslens.score.contextual.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
         ``distractors_max`` and the ``[layer, head, pos]`` columns, ``method="fused"``):
         ``s[name][l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈span} A^{l,h}_{t,j}``, computed in one forward pass
         that builds only the ``[H, |R|, N]`` rows of each layer (fp32). Active split-softmax edits are
@@ -307,7 +306,7 @@ class FusedModel:
         n = ids.shape[1]
         if not spans and not distractors and sink is None:
             raise ValueError("spans is empty and sink=None: nothing to score; name a span, e.g. {'relevant': (10, 40)}.")
-        rows, named, n_dis = _named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
+        rows, named, n_dis = named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
         if self._recorder is not None:
             raise RuntimeError("score_spans is already running on this model (nested scoring is not supported).")
         cols = torch.zeros(self.n_layers, self.n_heads, n, dtype=torch.float32, device=self.input_device)
@@ -325,7 +324,7 @@ class FusedModel:
                 f"Only layers {sorted(rec.seen)} reported response rows; the model's attention did not go "
                 f"through {ATTN_IMPL!r} in every layer."
             )
-        return _head_scores((cols / len(rows)).cpu(), rows, named, n_dis, method="fused")
+        return head_scores((cols / len(rows)).cpu(), rows, named, n_dis, method="fused")
 
     def contextual_scores(
         self,
@@ -337,7 +336,7 @@ class FusedModel:
         """Contextual score of every head: response rows' mean attention mass on ``relevant``.
 
         Same definition and numbers as the TransformerLens path
-        (``focuslens.scoring.contextual_scores(bridge, tokens, relevant=..., response=...)``), in
+        (``focuslens.score.contextual.contextual_scores(bridge, tokens, relevant=..., response=...)``), in
         ``O(heads · |R| · N)`` extra memory instead of ``O(heads · N²)``.
 
         Returns:
@@ -354,7 +353,7 @@ class FusedModel:
     ) -> BackendHandle:
         """Split softmax on ``heads``: each query row's mass on ``span`` goes from π to π^τ.
 
-        The edit of :func:`focuslens.interventions.split_softmax` (same arguments, positional or
+        The edit of :func:`focuslens.intervene.eager.split_softmax` (same arguments, positional or
         keyword; ``span`` may be a list of spans, their union):
         ``A'_{t,j} = A_{t,j}·π^τ/π`` inside the span, ``A_{t,j}·(1−π^τ)/(1−π)`` outside; rows with no
         mass on the span (e.g. before it) or none outside it are unchanged; ``tau = 1`` is the
@@ -389,7 +388,7 @@ class FusedModel:
 
         ``vectors`` maps ``(layer, head)`` to a ``[d_head]`` vector (a focus direction). Applied at
         prefill and every decoding step; ``alpha = 0`` is the identity. Returns a :class:`BackendHandle`
-        (``.remove()``; context manager), like :func:`focuslens.interventions.inject_vectors`.
+        (``.remove()``; context manager), like :func:`focuslens.intervene.eager.inject_vectors`.
         """
         if not vectors:
             raise ValueError("vectors is empty: map at least one (layer, head) to a [d_head] vector.")
@@ -467,9 +466,9 @@ def load_fused(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path is None:
-        from ..models import _ensure_default_checkpoint
+        from ..core.models import ensure_default_checkpoint
 
-        src = str(_ensure_default_checkpoint())
+        src = str(ensure_default_checkpoint())
     else:
         src = str(Path(name_or_path).expanduser()) if Path(str(name_or_path)).expanduser().exists() else str(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", **from_pretrained_kwargs}

@@ -3,7 +3,7 @@
 Transformers calls :func:`_focuslens_attention` in every layer (while a :class:`~focuslens.backends.fused.FusedModel`
 context is active) with the post-RoPE query, key and value: it injects query vectors, runs the fused
 SDPA output, recomputes split-softmax heads row block by row block, and records the response rows of
-a scoring pass — all with :mod:`focuslens.attention`'s scale, masks and row softmax.
+a scoring pass — all with :mod:`focuslens.core.attention`'s scale, masks and row softmax.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
-from ..prompts import Span
+from ..core.attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
+from ..core.prompts import Span
 
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
@@ -109,12 +109,12 @@ def _split_softmax_rows(
 ) -> Float[Tensor, "b h q k"]:
     """Move each row's mass on the edit's spans from π to π^τ, keeping shares inside and outside.
 
-    Delegates to :func:`focuslens.interventions.split_softmax_pattern` with the same union mask and
-    ``min_query`` guard as :func:`focuslens.interventions.split_softmax` (factors in float64; rows with
+    Delegates to :func:`focuslens.intervene.eager.split_softmax_pattern` with the same union mask and
+    ``min_query`` guard as :func:`focuslens.intervene.eager.split_softmax` (factors in float64; rows with
     no mass on the span, none outside it, or before the span unchanged), so both backends make exactly
     the same edit.
     """
-    from ..interventions import split_softmax_pattern
+    from ..intervene.eager import split_softmax_pattern
 
     inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
     for sp in edit.spans:
@@ -127,7 +127,7 @@ def _visible(
     la: LayerAttention, query_pos: Int[Tensor, " r"], n_keys: int, mask: Tensor | None, row_idx: Tensor,
     device: torch.device,
 ) -> Tensor:
-    """:func:`focuslens.attention.visible_keys` (causal + the layer's window) and transformers' mask.
+    """:func:`focuslens.core.attention.visible_keys` (causal + the layer's window) and transformers' mask.
 
     ``mask`` (bool, True = attend, or additive float with ``finfo.min`` on blocked entries) carries
     padding; rows are selected with ``row_idx`` (indices into the query block)."""
@@ -154,9 +154,9 @@ def _explicit_rows(
 ) -> Float[Tensor, "b h r k"]:
     """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
 
-    The maths is :mod:`focuslens.attention`'s: ``la.scale``, soft-cap, causal + sliding-window
+    The maths is :mod:`focuslens.core.attention`'s: ``la.scale``, soft-cap, causal + sliding-window
     visibility of absolute query positions ``q_offset + row_pos`` (and the given mask's padding), and
-    :func:`~focuslens.attention.row_softmax`. ``row_pos`` holds the rows' indices into the *query*
+    :func:`~focuslens.core.attention.row_softmax`. ``row_pos`` holds the rows' indices into the *query*
     block (``q_offset`` = cached keys before this block). A float ``la`` is a plain causal layer with
     that scale. With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads
     only) the rows are computed inside it with no new large allocation: per-layer temporaries of a few

@@ -13,10 +13,10 @@ How it works
 ------------
 For every layer the trace reads the post-RoPE query and key, the output of the attention module's
 ``apply_rotary_pos_emb`` call (nnsight's ``.source`` view of the forward), keeps the response rows of
-the query, builds those rows of the attention pattern with :mod:`focuslens.attention` (the layer's
+the query, builds those rows of the attention pattern with :mod:`focuslens.core.attention` (the layer's
 scale, soft-cap and causal + sliding-window visibility, read from the HF module before the trace;
 ``row_softmax`` in fp32, ``[H, |R|, N]``), and sums them over each span. The trace body uses torch,
-plain values and two :mod:`focuslens.attention` functions; for NDIF (where focuslens is not installed)
+plain values and two :mod:`focuslens.core.attention` functions; for NDIF (where focuslens is not installed)
 that module is registered with ``nnsight.register`` so that it is shipped by value.
 
 nnsight is an optional dependency, imported lazily: ``pip install nnsight==0.8.1``.
@@ -37,8 +37,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..prompts import SpanLike
-from ..scoring import HeadScores
+from ..core.prompts import SpanLike
+from ..score.contextual import HeadScores
 from .fused import SpansLike
 
 __all__ = ["NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans", "NNSIGHT_PIN"]
@@ -127,27 +127,27 @@ class NNsightScorer:
     ) -> HeadScores:
         """Mean attention mass from the response rows to each named span, per head (fp32, CPU).
 
-        Same protocol and result type as :func:`focuslens.scoring.score_spans`
-        (:class:`~focuslens.scoring.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
+        Same protocol and result type as :func:`focuslens.score.contextual.score_spans`
+        (:class:`~focuslens.score.contextual.HeadScores` with ``sink``, ``distractor_i``, ``distractors_total``,
         ``distractors_max``; ``method="nnsight"``). The rows are recomputed by
-        :mod:`focuslens.attention` (each layer's scale, sliding window and soft-cap read from the HF
-        attention module; :func:`~focuslens.attention.row_softmax`) and reduced inside the trace.
+        :mod:`focuslens.core.attention` (each layer's scale, sliding window and soft-cap read from the HF
+        attention module; :func:`~focuslens.core.attention.row_softmax`) and reduced inside the trace.
 
         Args:
             tokens: token ids ``[pos]`` or ``[1, pos]``.
             response: the scoring rows (half-open span).
             spans: named key spans; a value may be a list of spans (their union). Spans must end at
                 or before ``response.start``.
-            distractors, sink: as in :func:`focuslens.scoring.score_spans`.
-            remote: run on NDIF (needs an API key and network); :mod:`focuslens.attention` is then
+            distractors, sink: as in :func:`focuslens.score.contextual.score_spans`.
+            remote: run on NDIF (needs an API key and network); :mod:`focuslens.core.attention` is then
                 registered with nnsight so that its functions are shipped by value.
             keep_columns: also bring back the ``[layer, head, pos]`` columns (``HeadScores.columns``,
                 needed by ``.mass()``). Default: locally yes; remotely no — only the
                 ``[n_spans, layer, head]`` masses leave the server (the columns are then ``[L, H, 0]``).
             trace_kwargs: passed to ``model.trace`` (e.g. ``backend=...``).
         """
-        from .. import attention as fa
-        from ..scoring import DISTRACTORS_MAX, DISTRACTORS_TOTAL, _named_spans, _union_mask
+        from ..core import attention as fa
+        from ..score.contextual import DISTRACTORS_MAX, DISTRACTORS_TOTAL, named_spans, union_mask
 
         if hasattr(tokens, "tokens") and not isinstance(tokens, Tensor):
             tokens = tokens.tokens
@@ -159,12 +159,12 @@ class NNsightScorer:
         n = ids.shape[1]
         if not spans and not distractors and sink is None:
             raise ValueError("spans is empty and sink=None: nothing to score; name a span, e.g. {'relevant': (10, 40)}.")
-        rows, named, n_dis = _named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
+        rows, named, n_dis = named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
         masks = dict(named)
         if n_dis:
             masks[DISTRACTORS_TOTAL] = [s for i in range(1, n_dis + 1) for s in named[f"distractor_{i}"]]
         names = list(masks)
-        km = torch.stack([_union_mask(masks[k], n) for k in names]).float()  # [S, N] key masks
+        km = torch.stack([union_mask(masks[k], n) for k in names]).float()  # [S, N] key masks
         keep = (not remote) if keep_columns is None else bool(keep_columns)
         r0, r1 = rows.start, rows.end
         group = self.n_heads // self.n_kv_heads
@@ -243,9 +243,9 @@ def load_nnsight(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path is None:
-        from ..models import _ensure_default_checkpoint
+        from ..core.models import ensure_default_checkpoint
 
-        src = str(_ensure_default_checkpoint())
+        src = str(ensure_default_checkpoint())
     else:
         p = Path(str(name_or_path)).expanduser()
         src = str(p) if p.exists() else str(name_or_path)

@@ -32,7 +32,7 @@ likelihood objective did. Offer both, compare against random vectors of matched 
 Applying and magnitude control
 ------------------------------
 ``with directions.apply(model, alpha=0.5):`` injects through
-:func:`focuslens.interventions.inject_vectors`. ``alpha="auto"`` is **this project's own magnitude
+:func:`focuslens.intervene.eager.inject_vectors`. ``alpha="auto"`` is **this project's own magnitude
 control** (the revised paper's algorithm is not public): from one probe pass over the prompt, choose
 α per head so that the last prompt row's attention on the sink (first token) falls by a target
 fraction (:func:`sink_target_alphas`). No labels are needed at inference.
@@ -40,12 +40,13 @@ fraction (:func:`sink_target_alphas`). No labels are needed at inference.
 
 from __future__ import annotations
 
-from ..attention import attention_scale, query_site
+from ..core.attention import attention_scale, query_site
 from .artefact import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, FocusDirections, random_like
 from .data import DirectionExample, make_direction_examples
 from .magnitude import calibrate_sink_target, sink_target_alphas
 from .objectives import QKCache, attention_mass, cache_qk, heldout_attention
-from .train import Method, Objective, TrainConfig, train_focus_directions
+from .config import Method, Objective, TrainConfig
+from .train import train_focus_directions
 
 __all__ = [
     "FocusDirections",
@@ -62,19 +63,9 @@ __all__ = [
     "sink_target_alphas",
     "calibrate_sink_target",
     "random_like",
-    "select_alpha",
-    "AlphaSelection",
     "WEIGHTS_FILE",
     "CONFIG_FILE",
     "FORMAT_VERSION",
     "Objective",
     "Method",
 ]
-
-
-def __getattr__(name: str):  # select_alpha moved to focuslens.sweeps; kept reachable from here
-    if name in ("select_alpha", "AlphaSelection"):
-        from .. import sweeps
-
-        return getattr(sweeps, name)
-    raise AttributeError(name)

@@ -4,11 +4,12 @@ See :mod:`focuslens.directions` for the method. The artefact is a folder with ``
 and ``config.json``; loading checks the format, the payload checksum (vectors, heads, site and
 fingerprint: a flipped byte or hand-swapped heads are refused) and the model fingerprint, and never
 unpickles (other files in the folder, such as a planted ``*.pt``, are never read). Saving replaces
-the folder atomically under an output lock (:func:`focuslens.io.atomic_dir`).
+the folder atomically under an output lock (:func:`focuslens.core.io.atomic_dir`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,12 +22,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attention import query_site
-from ..hooks import HookHandle
-from ..errors import UsageError
-from ..io import atomic_dir, atomic_write, content_hash, recover_dir, tensor_checksum
-from ..models import Head, HookedModel, check_heads, model_info
-from ..prompts import LabelledPrompt
+from ..core.attention import query_site
+from ..core.hooks import HookHandle
+from ..core.errors import UsageError
+from ..core.io import atomic_dir, atomic_write, content_hash, recover_dir, tensor_checksum
+from ..core.models import HookedModel, model_info
+from ..core.checks import Head, check_heads, real
+from ..core.prompts import LabelledPrompt
+from ..intervene.specs import InterventionSpec, check_batch, format_heads, tokens_of
 
 __all__ = ["FocusDirections", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
@@ -42,7 +45,7 @@ def _versions() -> dict[str, str]:
         except Exception:  # pragma: no cover - optional
             out[mod] = "unknown"
     try:
-        from .. import __version__ as flv
+        from ..core.version import __version__ as flv
 
         out["focuslens"] = flv
     except Exception:  # pragma: no cover
@@ -241,34 +244,18 @@ class FocusDirections:
             per: ``"head"`` (one α per head) or ``"input"`` (one α shared by all heads, keeping the
                 learned relative magnitudes; calibrate its target with :func:`calibrate_sink_target`).
         """
-        d = self
-        if isinstance(heads, int):
-            d = d.top(heads)
-        elif heads is not None:
-            d = d.select(heads)
-        d.check_applies_to(model)
-        if alpha is None:
-            alpha = self.alpha
-        if alpha == "auto":
-            if tokens is None:
-                raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
-            if not (isinstance(alpha_max, (int, float)) and math.isfinite(alpha_max) and alpha_max > 0):
-                raise ValueError(f"alpha_max is the top of the alpha grid [0, alpha_max] that alpha='auto' searches; "
-                                 f"it must be finite and > 0, got {alpha_max!r}.")
-            from .magnitude import sink_target_alphas
-
-            alphas = sink_target_alphas(model, d, tokens, target=target, alpha_max=alpha_max, per=per)
-            d, alpha = d.scaled(alphas), 1.0
-        elif isinstance(alpha, str):
-            raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
-        from ..interventions import inject_vectors
-
-        return inject_vectors(model, d.as_dict(), alpha=float(alpha), site="query", pre_rope=False)
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            spec = Steer(self, alpha=alpha, k=heads, target=target, alpha_max=alpha_max, per=per)
+        else:
+            spec = Steer(self, alpha=alpha, heads=heads, target=target, alpha_max=alpha_max, per=per)
+        if spec.alpha == "auto" and tokens is None:
+            raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
+        return spec.attach(model, tokens)
 
     # --- persistence ---------------------------------------------------------------------------
     def payload_checksum(self) -> str:
         """What ``config.json`` stores as ``checksum`` and :meth:`load` verifies: a hash of the vectors'
-        exact bytes (:func:`~focuslens.io.tensor_checksum`) together with the heads in order, the hook
+        exact bytes (:func:`~focuslens.core.io.tensor_checksum`) together with the heads in order, the hook
         site and the fingerprint, so that editing either file after saving is detected."""
         return _payload_checksum(self.heads, tensor_checksum(self.vectors), self.site, self.fingerprint)
 
@@ -292,10 +279,10 @@ class FocusDirections:
         """Write the folder ``path`` (``directions.safetensors`` + ``config.json``) atomically.
 
         Files go to a temporary sibling folder which then replaces ``path`` in one atomic exchange
-        (:func:`focuslens.io.atomic_dir`): a kill at any point leaves the previous or the new artefact
+        (:func:`focuslens.core.io.atomic_dir`): a kill at any point leaves the previous or the new artefact
         loadable at ``path`` (leftovers are recovered or removed by the next load or save). The save
         holds the output lock of ``path``: a second process saving there at the same time gets
-        :class:`~focuslens.errors.OutputBusy`. ``config.json`` carries :meth:`payload_checksum`.
+        :class:`~focuslens.core.errors.OutputBusy`. ``config.json`` carries :meth:`payload_checksum`.
         """
         from safetensors.torch import save_file
 
@@ -326,9 +313,9 @@ class FocusDirections:
         Only ``config.json`` (JSON) and ``directions.safetensors`` are read; nothing is unpickled.
         Every defect of the folder — a missing or truncated file, a config that is not a
         FocusDirections object, a payload whose checksum differs from the one saved (bytes flipped,
-        heads edited) — raises :class:`~focuslens.errors.UsageError` naming the file and the fix.
+        heads edited) — raises :class:`~focuslens.core.errors.UsageError` naming the file and the fix.
         Artefacts saved before checksums existed load with a warning. A folder left half-replaced by
-        a killed save is recovered first (:func:`focuslens.io.recover_dir`).
+        a killed save is recovered first (:func:`focuslens.core.io.recover_dir`).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -458,3 +445,149 @@ def random_like(directions: FocusDirections, *, seed: int = 0) -> FocusDirection
     r = r / r.norm(dim=-1, keepdim=True) * directions.norms()[:, None]
     return directions._replace(vectors=r, objective="random", training={"control_of": directions.objective,
                                                                          "seed": seed})
+
+
+class Steer(InterventionSpec):
+    """Focus directions applied with a factor α (:meth:`FocusDirections.apply <focuslens.directions.FocusDirections.apply>`).
+
+    Args:
+        directions: a :class:`~focuslens.directions.FocusDirections`; the selected heads are copied
+            at construction (``Steer(d, k=5)`` and ``Steer(d.top(5))`` are the same spec).
+        alpha: a number, or ``"auto"`` (the sink-target magnitude control: needs each example's
+            prompt tokens at attach time, so it is attached per example). Default: ``directions.alpha``.
+        heads: a subset of the directions' heads (list of ``(layer, head)``).
+        k: the top-k heads (``directions.top(k)``); not together with ``heads``.
+        target, alpha_max, per: settings of ``alpha="auto"`` (part of the identity only then).
+    """
+
+    kind = "steer"
+    __slots__ = ("directions", "alpha", "target", "alpha_max", "per")
+
+    def __init__(
+        self,
+        directions: Any,
+        *,
+        alpha: float | Literal["auto"] | None = None,
+        heads: Iterable[Sequence[int]] | None = None,
+        k: int | None = None,
+        target: float = 0.5,
+        alpha_max: float = 4.0,
+        per: Literal["head", "input"] = "head",
+    ):
+        what = "Steer"
+        if not isinstance(directions, FocusDirections):
+            raise TypeError(f"{what} takes a FocusDirections, got {type(directions).__name__}.")
+        if heads is not None and k is not None:
+            raise ValueError(f"{what}: give heads= or k=, not both.")
+        d = directions
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(d):
+                raise ValueError(f"{what}: k must be an int in 1..{len(d)}, got {k!r}.")
+            d = d.top(k)
+        elif heads is not None:
+            d = d.select(heads)
+        # Snapshot: the spec must keep describing what it applies even if the artefact is edited later.
+        self.directions = d._replace(vectors=d.vectors.detach().clone(), training=copy.deepcopy(d.training))
+        a = directions.alpha if alpha is None else alpha
+        if isinstance(a, str):
+            if a != "auto":
+                raise ValueError(f"{what}: alpha must be a number or 'auto', got {a!r}.")
+            self.alpha = "auto"
+        else:
+            self.alpha = real(a, name="alpha", what=what)
+        self.target = real(target, name="target", what=what)
+        if self.alpha == "auto" and not 0.0 < self.target < 1.0:
+            raise ValueError(f"{what}: target is a fraction of sink mass in (0, 1); got {target!r}.")
+        self.alpha_max = real(alpha_max, name="alpha_max", what=what)
+        if not (self.alpha_max > 0 and math.isfinite(self.alpha_max)):
+            raise ValueError(
+                f"{what}: alpha_max is the top of the alpha grid [0, alpha_max] that alpha='auto' searches; "
+                f"it must be finite and > 0, got {alpha_max!r}."
+            )
+        if per not in ("head", "input"):
+            raise ValueError(f"{what}: per must be 'head' or 'input', got {per!r}.")
+        self.per = per
+        self._freeze()
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        return tuple(self.directions.heads)
+
+    @property
+    def per_example(self) -> bool:
+        return self.alpha == "auto"
+
+    def _ctor(self):
+        return (self.directions,), {"alpha": self.alpha, "target": self.target, "alpha_max": self.alpha_max,
+                                    "per": self.per}
+
+    def _identity(self) -> dict[str, Any]:
+        d = self.directions
+        out: dict[str, Any] = {"heads": [list(h) for h in d.heads], "vectors": tensor_checksum(d.vectors),
+                               "alpha": self.alpha, "site": d.site, "fingerprint": dict(d.fingerprint)}
+        if self.alpha == "auto":
+            out.update(target=self.target, alpha_max=self.alpha_max, per=self.per)
+        return out
+
+    def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
+        if self.alpha == "auto":
+            tokens = tokens_of(example) if example is not None else None
+            if tokens is None:
+                raise ValueError("Steer(alpha='auto') needs the prompt: attach(model, example) with a "
+                                 "RenderedExample (or its tokens).")
+            return self._attach_rows(model, self._row_vectors(model, [tokens]))
+        d = self.directions
+        d.check_applies_to(model)
+        return self._attach_rows(model, {h: float(self.alpha) * u for h, u in d.as_dict().items()})
+
+    def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Fixed α: attached once. ``alpha="auto"``: each row's α from its own unpadded prompt.
+
+        The probe pass of :func:`~focuslens.directions.magnitude.sink_target_alphas` runs per example
+        on the unpadded tokens (exactly what :meth:`attach` runs), then one injection hook adds row i's
+        scaled vectors to row i (:func:`~focuslens.intervene.eager.inject_vectors` with ``[batch, d_head]``
+        vectors). Pad positions only change pad rows, whose keys every real row masks.
+        """
+        check_batch(examples, offsets, what="Steer")
+        if self.alpha != "auto":
+            return self.attach(model, None)
+        return self._attach_rows(model, self._row_vectors(model, examples))
+
+    def _row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
+        """``{head: [batch, d_head]}``: each row's auto-scaled vectors; the probe runs with ``prior``
+        attached for that row alone (what a :class:`Compose` member attached before this one does)."""
+        from .magnitude import sink_target_alphas
+
+        d = self.directions
+        d.check_applies_to(model)  # the checks of FocusDirections.apply
+        rows = []
+        for e in examples:
+            tokens = tokens_of(e)
+            if tokens is None:
+                raise ValueError("Steer(alpha='auto').attach_batch needs each example's prompt tokens.")
+            handle = prior.attach(model, e) if prior is not None else None
+            try:
+                a = sink_target_alphas(model, d, tokens, target=self.target, alpha_max=self.alpha_max, per=self.per)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            rows.append(d.scaled(a).as_dict())
+        return {h: torch.stack([r[h] for r in rows]) for h in rows[0]}
+
+    @staticmethod
+    def _attach_rows(model: HookedModel, vectors) -> HookHandle:
+        from ..intervene.eager import inject_vectors
+
+        return inject_vectors(model, vectors, alpha=1.0, site="query", pre_rope=False)
+
+    def scaled(self, c: float) -> "Steer":
+        if self.alpha == "auto":
+            raise TypeError("Steer(alpha='auto') picks α per prompt; change target= instead of scaling it.")
+        return Steer(self.directions, alpha=self.alpha * c, target=self.target, alpha_max=self.alpha_max,
+                     per=self.per)
+
+    def __repr__(self) -> str:
+        a = "auto" if self.alpha == "auto" else f"{self.alpha:g}"
+        extra = f", target={self.target:g}" if self.alpha == "auto" else ""
+        return (f"Steer({format_heads(self.heads)}, α={a}{extra}, {self.directions.objective}, "
+                f"vectors={self.identity['vectors'][:8]})")

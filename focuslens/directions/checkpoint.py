@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import atomic_write, atomic_write_json, content_hash, tensor_checksum
-from ..models import model_identity
+from ..core.io import atomic_write, atomic_write_json, content_hash, tensor_checksum
+from ..core.models import model_identity
 from .config import TrainConfig
 from .data import DirectionExample
 

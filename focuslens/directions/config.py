@@ -62,7 +62,7 @@ class TrainConfig:
             ``max_norm="query"``). ``"model"``: the model's own dtype (exact; the default).
             ``"bfloat16"``: under ``torch.autocast`` in bfloat16 when the model is float32 — 2.2–2.6×
             faster on CPUs with AMX and on GPUs, but emulated and several times slower on CPUs without
-            AMX / AVX-512 BF16 (``focuslens.models.cpu_lacks_fast``; a ``RuntimeWarning`` says so); the cached q/k carry bfloat16 rounding (~3
+            AMX / AVX-512 BF16 (``focuslens.core.models.cpu_lacks_fast``; a ``RuntimeWarning`` says so); the cached q/k carry bfloat16 rounding (~3
             significant digits) into training only, the optimiser itself runs in float32, and the
             trained vectors are applied at the model's dtype. Part of the run's identity.
     """

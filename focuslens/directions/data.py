@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
-from ..generation import DEFAULT_MAX_NEW_TOKENS, generate_responses
-from ..models import HookedModel
-from ..prompts import LabelledPrompt, Span, as_span
+from ..core.generation import DEFAULT_MAX_NEW_TOKENS, generate_responses
+from ..core.models import HookedModel
+from ..core.prompts import LabelledPrompt, Span, as_span
 
 __all__ = ["DirectionExample", "make_direction_examples"]
 
@@ -48,7 +48,7 @@ def make_direction_examples(
         responses: per example, text or token ids to append instead of generating (e.g. cached
             gold-only responses, or the gold answer sentence for ``objective="likelihood"``).
         max_new_tokens: greedy generation length when ``responses`` is None.
-        batch_size: gold-only prompts decoded together (:func:`~focuslens.generation.generate_responses`;
+        batch_size: gold-only prompts decoded together (:func:`~focuslens.core.generation.generate_responses`;
             1 = one at a time, the same responses up to float near-ties).
         progress: a tqdm bar while the gold-only responses are generated.
     """

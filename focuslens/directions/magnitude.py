@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attention import attention_probs, require_qk_route
-from ..forward import run_until
-from ..models import HookedModel, model_info
-from ..prompts import LabelledPrompt
-from .artefact import FocusDirections
+from ..core.attention import attention_probs, require_qk_route
+from ..core.forward import run_until
+from ..core.models import HookedModel, model_info
+from ..core.prompts import LabelledPrompt
 
 __all__ = ["sink_target_alphas", "calibrate_sink_target"]
 
 def _sink_curves(
     model: HookedModel,
-    directions: FocusDirections,
+    directions: Any,  # a FocusDirections (not imported: artefact imports this module)
     tokens: Int[Tensor, "pos"] | LabelledPrompt,
     alphas: Float[Tensor, "A"],
     rows: int = 1,
@@ -26,7 +25,7 @@ def _sink_curves(
     """Sink mass of the last ``rows`` prompt rows of each selected head at each α, from one probe pass.
 
     ``s_h(α) = mean_t A_h(α)_{t,0}`` with ``A_h(α)`` the head's pattern when ``α·u_h`` is added to its
-    post-RoPE query, i.e. :func:`~focuslens.attention.attention_probs` with the logit bias
+    post-RoPE query, i.e. :func:`~focuslens.core.attention.attention_probs` with the logit bias
     ``α·scale·u_h·k_j`` (the layer's own scale, sliding window and soft-cap), from the cached queries
     and keys (the pass stops after the last selected layer). Exact for one head in isolation; the
     heads' effects on later layers are not included (that is what makes it one pass). On a
@@ -55,7 +54,7 @@ def _sink_curves(
 
 def sink_target_alphas(
     model: HookedModel,
-    directions: FocusDirections,
+    directions: Any,  # a FocusDirections (not imported: artefact imports this module)
     tokens: Int[Tensor, "pos"] | LabelledPrompt,
     *,
     target: float = 0.5,
@@ -103,7 +102,7 @@ def sink_target_alphas(
 
 def calibrate_sink_target(
     model: HookedModel,
-    directions: FocusDirections,
+    directions: Any,  # a FocusDirections (not imported: artefact imports this module)
     prompts: Sequence[Int[Tensor, "pos"] | LabelledPrompt],
     *,
     alpha: float,

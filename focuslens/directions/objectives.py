@@ -1,6 +1,6 @@
 """Focus-direction objectives: the attention mass on the relevant span, from cached q/k or live.
 
-Every mass here is computed by :mod:`focuslens.attention` (per-layer scale, causal + sliding-window
+Every mass here is computed by :mod:`focuslens.core.attention` (per-layer scale, causal + sliding-window
 masks, soft-capping, row softmax), the same definition scoring and the backends use, so it equals the
 mass read from ``hook_pattern``; the tests check it on GQA, learned-position, and sliding-window +
 QK-norm (Gemma-3) models. Models where recomputing attention from q/k is not exact (learned sinks,
@@ -18,11 +18,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..attention import (LayerAttention, attention_logits, attention_probs, expand_kv, layer_attention,
+from ..core.attention import (LayerAttention, attention_logits, attention_probs, expand_kv, layer_attention,
                          require_qk_route, row_softmax, soft_cap, visible_keys)
-from ..hooks import attach_hooks
-from ..forward import run_until
-from ..models import Head, HookedModel, check_heads, model_info, warn_if_slow_dtype
+from ..core.hooks import attach_hooks
+from ..core.forward import run_until
+from ..core.models import HookedModel, model_info, warn_if_slow_dtype
+from ..core.checks import Head, check_heads
 from .artefact import FocusDirections
 from .config import CachePrecision
 from .data import DirectionExample
@@ -41,10 +42,10 @@ class QKCache:
     sliding window on sliding-window layers); ``visible[i]`` is the same mask as bool. ``keys[i]`` is
     ``[U, N_i, d]`` for the U distinct ``(layer, kv_head)`` pairs; ``kv_index[s]`` says which one head
     s uses (GQA). ``queries[i]`` is ``[S, R_i, d]``. ``head_scale[s]`` is head s's layer scale
-    (:func:`~focuslens.attention.attention_scale`); ``scale`` is that one float when every selected
+    (:func:`~focuslens.core.attention.attention_scale`); ``scale`` is that one float when every selected
     layer shares it (the usual case) and the ``[S]`` tensor otherwise. ``softcap`` is the layers'
     logit soft-cap (None: none). ``layers`` maps each selected layer to its
-    :class:`~focuslens.attention.LayerAttention`.
+    :class:`~focuslens.core.attention.LayerAttention`.
     """
 
     heads: list[Head]
@@ -110,7 +111,7 @@ def cache_qk(
 ) -> QKCache:
     """Frozen forward passes over the examples; keep only what the attention objective needs.
 
-    Each pass stops right after the last selected layer's key hook (:func:`~focuslens.forward.run_until`:
+    Each pass stops right after the last selected layer's key hook (:func:`~focuslens.core.forward.run_until`:
     nothing downstream is computed). Examples are run ``batch_size`` at a time, grouped by length and
     right-padded (padding is masked and, being after every real token, never visible to a real row:
     the cache equals the one-by-one cache up to float rounding of the batched matmuls, ≤ 1e-5 — tested).
@@ -122,7 +123,7 @@ def cache_qk(
 
     Raises:
         ValueError: the model's attention cannot be recomputed exactly from hooked q/k on the selected
-            layers (:func:`focuslens.attention.require_qk_route` gives the reason); ``batch_size`` < 1.
+            layers (:func:`focuslens.core.attention.require_qk_route` gives the reason); ``batch_size`` < 1.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (examples per frozen forward pass), got {batch_size!r}.")
@@ -212,7 +213,7 @@ def attention_mass(
     """Mean over response rows of the attention mass on the ``relevant`` columns, per head.
 
     ``row_softmax(softcap(logits0 + scale·u_q·k_j))`` summed over j ∈ C, averaged over rows (the
-    :mod:`focuslens.attention` definition). With ``u_k`` (the authors' key-side vector) the logits
+    :mod:`focuslens.core.attention` definition). With ``u_k`` (the authors' key-side vector) the logits
     become ``scale·(q_t+u_q)·(k_j+u_k)`` — needs ``queries`` — and the result is the same up to
     rounding: the extra terms are constant in j.
 
@@ -268,7 +269,7 @@ def _pad_batch(cache: QKCache, idx: Sequence[int], column: str, *, factorised: b
     """Pad examples ``idx`` into one :class:`_Batch`.
 
     Padding rows see key 0 (logit 0) and are weighted 0 by the row mask: no row is empty, so
-    :func:`~focuslens.attention.row_softmax` takes its one-pass path on every training step.
+    :func:`~focuslens.core.attention.row_softmax` takes its one-pass path on every training step.
     ``factorised=False`` (or a soft-capped model, where the bias does not factor out) keeps the
     reference path: the full softmax of ``lg + b`` every step."""
     n_max = max(cache.logits0[i].shape[-1] for i in idx)
@@ -304,7 +305,7 @@ def _mass_from_batch(batch: _Batch, u: Tensor, scale: float | Tensor | None = No
     """Per-head mass ``[S]`` of a :func:`_pad_batch` batch under query vectors ``u`` (``[S, d]``).
 
     The batch carries each head's own scale; ``scale`` (accepted for older callers) must agree with it.
-    Both paths compute the :mod:`focuslens.attention` row softmax (equal to ~1e-6, tested).
+    Both paths compute the :mod:`focuslens.core.attention` row softmax (equal to ~1e-6, tested).
     """
     K, head_scale = batch.K, batch.head_scale
     B, N = batch.cmask.shape
@@ -384,7 +385,7 @@ def _live_forward(model, ex: DirectionExample, heads: list[Head], u: Tensor, alp
     """NLL of the response tokens (mean) and the selected heads' mean mass on C, with α·u injected.
 
     The mass is recomputed (with gradients) from the live, steered post-RoPE q and k by
-    :func:`~focuslens.attention.attention_probs`, with each layer's own scale, window and soft-cap;
+    :func:`~focuslens.core.attention.attention_probs`, with each layer's own scale, window and soft-cap;
     ``scale`` is ignored (kept for older callers). ``want_attention`` needs an exact q/k route.
     """
     info = model_info(model)

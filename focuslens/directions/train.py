@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..attention import attention_scale, query_site
-from ..io import content_hash
-from ..models import HookedModel, check_heads, model_info
+from ..core.attention import attention_scale, query_site
+from ..core.io import content_hash
+from ..core.models import HookedModel, model_info
+from ..core.checks import check_heads
 from .artefact import FocusDirections
 from .data import DirectionExample
 from .objectives import (
@@ -34,10 +35,10 @@ from .objectives import (
     cache_qk,
     heldout_attention,
 )
-from .checkpoint import CHECKPOINT_FORMAT_VERSION, _Checkpoint, _identity, _LiveState, _restore
-from .config import Method, Objective, TrainConfig
+from .checkpoint import _Checkpoint, _identity, _LiveState, _restore
+from .config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "Method", "Objective", "TrainConfig", "train_focus_directions"]
+__all__ = ["train_focus_directions"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 from .metrics import normalize_answer
 from .records import Document, TaskExample
 from .synthetic import GoldPosition, _gold_position
@@ -78,7 +78,7 @@ def load_litm(
 
     Raises:
         FileNotFoundError: no such file.
-        focuslens.errors.UsageError: ``"{path}:{line}: ..."`` for a line that is not JSON or not a
+        focuslens.core.errors.UsageError: ``"{path}:{line}: ..."`` for a line that is not JSON or not a
             valid record; a folder; a ``.gz`` that is truncated or not gzip; bytes that are not UTF-8.
     """
     p = Path(path)
@@ -127,7 +127,7 @@ def _read_litm(p: Path, *, limit: int | None, task: str | None) -> list[TaskExam
 
 def save_litm(examples: Iterable[TaskExample], path: str | os.PathLike) -> Path:
     """Write records as LitM JSON lines (gzipped when ``path`` ends in ``.gz``, byte-reproducibly, atomically)."""
-    from ..io import atomic_write
+    from ..core.io import atomic_write
 
     p = Path(path)
     lines = [json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples]

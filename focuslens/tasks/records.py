@@ -7,7 +7,7 @@ of the *relevant* context (the gold document, the gold key-value pair, the needl
 everything else (distractors, the question). This module holds the one record type that every task
 produces (:class:`TaskExample`, close to a *Lost in the Middle* JSONL line) and the one renderer
 (:func:`render`) that turns it into a :class:`RenderedExample` through
-:func:`focuslens.prompts.build_prompt`, so spans are exact *by construction*, never recovered by
+:func:`focuslens.core.prompts.build_prompt`, so spans are exact *by construction*, never recovered by
 fuzzy matching.
 
 A record is plain data (JSON-serialisable, LitM-compatible: ``question``, ``answers``, ``ctxs`` with
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Literal, Sequence
 from jaxtyping import Int
 from torch import Tensor
 
-from ..prompts import LabelledPrompt, Span, build_prompt
+from ..core.prompts import LabelledPrompt, Span, build_prompt
 
 __all__ = [
     "Document",
@@ -392,7 +392,7 @@ class RenderedExample:
     Attributes:
         example: the record as rendered (after the variant and gold position were applied; its
             ``gold_index`` is the gold document's position in the prompt).
-        prompt: the :class:`~focuslens.prompts.LabelledPrompt`; spans ``"instruction"``,
+        prompt: the :class:`~focuslens.core.prompts.LabelledPrompt`; spans ``"instruction"``,
             ``"doc_1"``..``"doc_N"`` (prompt order) and ``"question"``.
         variant: ``"original"``, ``"gold_only"`` or ``"negative"``.
         relevant: span of the gold document / gold key-value pair / needle (``None`` for

@@ -49,7 +49,7 @@ def _no_legacy_hook_leaks(request):
     yield
     if not HAVE_LEGACY:
         return
-    from focuslens.hooks import count_hooks
+    from focuslens.core.hooks import count_hooks
 
     for name in ("legacy_gpt2", "legacy_llama", "legacy_any", "legacy_smollm"):
         if name in request.fixturenames:

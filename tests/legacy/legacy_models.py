@@ -25,7 +25,7 @@ ARCHS = ("gpt2", "llama")
 
 def build_legacy(arch: str, *, seed: int = 0, n_layers: int = 2):
     """A tiny random-init ``HookedTransformer`` of ``arch`` ("gpt2" or "llama"), eval mode, grads off."""
-    from focuslens.models import prepare_tokenizer
+    from focuslens.core.models import prepare_tokenizer
     from focuslens.testing import tiny_tokenizer
 
     tok = prepare_tokenizer(tiny_tokenizer())

@@ -21,9 +21,9 @@ from legacy_models import HAVE_LEGACY, SKIP_REASON, build_legacy
 pytestmark = [pytest.mark.legacy, pytest.mark.skipif(not HAVE_LEGACY, reason=SKIP_REASON)]
 
 import focuslens as fl  # noqa: E402
-from focuslens.hooks import attach_hooks, count_hooks  # noqa: E402
-from focuslens.models import hook_name, is_legacy, model_info  # noqa: E402
-from focuslens.prompts import Span  # noqa: E402
+from focuslens.core.hooks import attach_hooks, count_hooks  # noqa: E402
+from focuslens.core.models import hook_name, is_legacy, model_info  # noqa: E402
+from focuslens.core.prompts import Span  # noqa: E402
 from focuslens.testing import naive_greedy as _naive_greedy
 
 TOKENS = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13, 99, 150, 31, 77]])
@@ -155,7 +155,7 @@ def test_untouched_heads_are_bit_identical(legacy_any, kind):
 
 
 def test_hooks_removed_after_an_exception(legacy_any, monkeypatch):
-    import focuslens.scoring as sc
+    import focuslens.score.contextual as sc
 
     before = legacy_any(TOKENS)
 
@@ -251,7 +251,7 @@ def test_patching_identity_and_hand_written_reference(legacy_any):
 
 
 def test_greedy_generation_with_the_cache_equals_full_forwards(legacy_any):
-    from focuslens.generation import greedy_generate
+    from focuslens.core.generation import greedy_generate
 
     toks = _tokens(20, seed=3)
     ids, text = greedy_generate(legacy_any, toks, max_new_tokens=8, stop_at_newline=False, stop_ids=[])
@@ -263,7 +263,7 @@ def test_greedy_generation_with_the_cache_equals_full_forwards(legacy_any):
 
 
 def test_batched_generation_equals_one_by_one(legacy_any):
-    from focuslens.generation import greedy_generate, greedy_generate_batch
+    from focuslens.core.generation import greedy_generate, greedy_generate_batch
 
     prompts = [_tokens(n, seed=n) for n in (14, 20, 17)]
     one = [greedy_generate(legacy_any, p, max_new_tokens=6, stop_at_newline=False, stop_ids=[])[0] for p in prompts]
@@ -272,7 +272,7 @@ def test_batched_generation_equals_one_by_one(legacy_any):
 
 
 def test_evaluate_and_margins(legacy_any, tmp_path):
-    from focuslens.specs import SplitSoftmax
+    from focuslens.intervene.specs import SplitSoftmax
     from focuslens.tasks import make_synthetic_qa, render
 
     exs = make_synthetic_qa(3, n_docs=3, seed=0, doc_sentences=1)
@@ -313,7 +313,7 @@ def test_focuslens_wrapper(legacy_any):
 def test_smollm_converted_offline_scores_equal_hf_eager(legacy_smollm):
     from transformers import AutoModelForCausalLM
 
-    from focuslens.models import default_model_dir
+    from focuslens.core.models import default_model_dir
 
     m = legacy_smollm
     assert is_legacy(m) and model_info(m).n_kv_heads == 3 and model_info(m).rotary

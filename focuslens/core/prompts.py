@@ -340,7 +340,7 @@ def build_prompt(
     if max_length is not None and len(prompt) > max_length:
         from .errors import UsageError
 
-        # The same rule and wording as focuslens.models.check_context, for a tokenizer-only caller.
+        # The same rule and wording as focuslens.core.models.check_context, for a tokenizer-only caller.
         raise UsageError(
             f"the prompt has {len(prompt)} tokens but the model's context is {max_length} tokens; shorten it "
             "(fewer or shorter documents) or use a model with a longer context."

@@ -1,6 +1,6 @@
 """Teacher-forced margins: log p(gold answer) − max log p(distractor answer), no generation.
 
-The cheap companion of :func:`focuslens.evaluation.evaluate` for sweeps: the log-probability of the
+The cheap companion of :func:`focuslens.evaluation.runner.evaluate` for sweeps: the log-probability of the
 gold answer minus that of the best distractor answer, both as continuations of the prompt, from one
 prefill and one batched forward pass per example. Interventions are the same as for ``evaluate``
 (a spec, a per-example callable, or a context manager).
@@ -23,12 +23,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .evaluation import Intervene, _intervention, _split_intervene
-from .generation import model_device as _device
-from .forward import forward_with_cache, repeat_cache
-from .models import HookedModel
-from .tasks.metrics import clean_distractor_answers
-from .tasks.records import RenderedExample
+from .intervention import Intervene, intervention_entry, split_intervene
+from ..core.generation import model_device as _device
+from ..core.forward import forward_with_cache, repeat_cache
+from ..core.models import HookedModel
+from ..tasks.metrics import clean_distractor_answers
+from ..tasks.records import RenderedExample
 
 __all__ = ["MarginResult", "teacher_forced_margins"]
 
@@ -131,8 +131,8 @@ def teacher_forced_margins(
         batch_size: candidates scored per batched forward pass.
     """
     tok = model.tokenizer
-    intervene, _ = _intervention(intervene, id=None, output=None)
-    per_example, outer = _split_intervene(model, intervene)
+    intervene, _ = intervention_entry(intervene, id=None, output=None)
+    per_example, outer = split_intervene(model, intervene)
     gold_lp, dist_lp, best = [], [], []
     from tqdm.auto import tqdm
 

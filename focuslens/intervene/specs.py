@@ -2,9 +2,9 @@
 
 Why this module exists
 ----------------------
-The eager functions (:func:`~focuslens.interventions.split_softmax`,
-:func:`~focuslens.interventions.inject_vectors`, :meth:`FocusDirections.apply
-<focuslens.directions.FocusDirections.apply>`, :func:`~focuslens.patching.ablate_heads`) attach their
+The eager functions (:func:`~focuslens.intervene.eager.split_softmax`,
+:func:`~focuslens.intervene.eager.inject_vectors`, :meth:`FocusDirections.apply
+<focuslens.directions.FocusDirections.apply>`, :func:`~focuslens.heads.patching.ablate_heads`) attach their
 hooks the moment they are called. That is right in a notebook cell, and wrong everywhere an
 intervention has to be *described* before it is applied:
 
@@ -17,11 +17,11 @@ intervention has to be *described* before it is applied:
 
 A spec is a small immutable value that touches no model. ``spec.attach(model, example)`` attaches it
 (through the eager function, which stays the shortcut) and returns a
-:class:`~focuslens.hooks.HookHandle`; ``spec.identity`` is a JSON-able description of everything
+:class:`~focuslens.core.hooks.HookHandle`; ``spec.identity`` is a JSON-able description of everything
 that changes its effect (kind, heads in order, τ/α/mode/span rule, a checksum of the vectors, the
 directions' model fingerprint, the focuslens version) and ``spec.id`` its
-:func:`~focuslens.io.content_hash`. Two specs have the same ``id`` exactly when they do the same thing,
-so :func:`focuslens.evaluation.evaluate` and the CLI key stored results by it.
+:func:`~focuslens.core.io.content_hash`. Two specs have the same ``id`` exactly when they do the same thing,
+so :func:`focuslens.evaluation.runner.evaluate` and the CLI key stored results by it.
 
 Arithmetic (new objects; the operands are unchanged):
 
@@ -31,7 +31,7 @@ Arithmetic (new objects; the operands are unchanged):
   ``a``. For two injections this is also the arithmetic sum of their query offsets.
 
 Example:
-    >>> from focuslens.specs import SplitSoftmax, Steer
+    >>> from focuslens.intervene.specs import SplitSoftmax, Steer
     >>> spec = SplitSoftmax(top20, tau=0.2)              # span taken from each example: r.relevant
     >>> with spec.attach(model, rendered):
     ...     out = model.generate(rendered.tokens[None], max_new_tokens=10, verbose=False)
@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -50,66 +49,41 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .hooks import HookHandle, attach_hooks
-from .io import content_hash, tensor_checksum
-from .models import HookedModel
+from ..core.hooks import HookHandle, attach_hooks
+from ..core.io import content_hash, tensor_checksum
+from ..core.checks import Head, frozen_vectors, head_list, real
+from ..core.models import HookedModel
 
 __all__ = [
     "InterventionSpec",
     "NoIntervention",
-    "SplitSoftmax",
-    "Pasta",
-    "InjectVectors",
-    "Steer",
     "Ablate",
     "Compose",
     "as_spec",
+    "check_batch",
+    "format_heads",
+    "tokens_of",
+    "SpanRule",
 ]
 
-Head = tuple[int, int]
 SpanRule = str  # an attribute of the example ("relevant", "distractors", ...) or a prompt span name
 
 
 def _version() -> str:
     try:
-        from . import __version__
+        from ..core.version import __version__
 
         return str(__version__)
     except Exception:  # pragma: no cover - only while focuslens/__init__ is half imported
         return "unknown"
 
 
-def _heads(heads: Iterable[Sequence[int]], *, what: str) -> tuple[Head, ...]:
-    try:
-        out = tuple((int(l), int(h)) for l, h in heads)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: heads must be (layer, head) pairs of ints, got {heads!r}.") from None
-    if not out:
-        raise ValueError(f"{what} needs at least one (layer, head); got an empty list.")
-    if len(set(out)) != len(out):
-        dup = sorted({h for h in out if out.count(h) > 1})
-        raise ValueError(f"{what}: heads {dup} are listed twice.")
-    return out
-
-
-def _real(x: Any, *, name: str, what: str) -> float:
-    if isinstance(x, bool):
-        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.")
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{what}: {name} must be finite, got {x!r}.")
-    return f
-
-
-def _fmt_heads(heads: Sequence[Head], n: int = 3) -> str:
+def format_heads(heads: Sequence[Head], n: int = 3) -> str:
     shown = ", ".join(f"L{l}H{h}" for l, h in heads[:n])
     return f"{len(heads)} heads [{shown}{', …' if len(heads) > n else ''}]"
 
 
-def _check_batch(examples: Sequence[Any], offsets: Sequence[int], *, what: str) -> None:
+def check_batch(examples: Sequence[Any], offsets: Sequence[int], *, what: str) -> None:
     if len(examples) == 0 or len(examples) != len(offsets):
         raise ValueError(
             f"{what}.attach_batch needs one offset (left-pad tokens) per example; got {len(examples)} examples "
@@ -120,7 +94,7 @@ def _check_batch(examples: Sequence[Any], offsets: Sequence[int], *, what: str) 
             raise ValueError(f"{what}.attach_batch: offsets[{i}] must be an int >= 0, got {o!r}.")
 
 
-def _tokens_of(example: Any):
+def tokens_of(example: Any):
     """The prompt tokens of a RenderedExample, a LabelledPrompt or a 1-D tensor."""
     if isinstance(example, torch.Tensor):
         return example
@@ -164,7 +138,7 @@ class InterventionSpec:
 
     @property
     def id(self) -> str:
-        """:func:`focuslens.io.content_hash` of :attr:`identity`: equal iff the specs do the same."""
+        """:func:`focuslens.core.io.content_hash` of :attr:`identity`: equal iff the specs do the same."""
         return content_hash(self.identity)
 
     @property
@@ -181,19 +155,19 @@ class InterventionSpec:
         """True when :meth:`attach_batch` can serve a left-padded batch of different examples.
 
         Every built-in spec can. A subclass that needs the example but has no batched attach says
-        False, and :func:`~focuslens.evaluation.evaluate` then runs it one example at a time.
+        False, and :func:`~focuslens.evaluation.runner.evaluate` then runs it one example at a time.
         """
         return not self.per_example or type(self).attach_batch is not InterventionSpec.attach_batch
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Attach for one left-padded batch: row i is ``examples[i]`` after ``offsets[i]`` pad tokens.
 
-        The batch of :func:`~focuslens.generation.greedy_generate_batch` (``offsets`` from
-        :func:`~focuslens.generation.left_pad_offsets`). Row i gets what ``attach(model, examples[i])``
+        The batch of :func:`~focuslens.core.generation.greedy_generate_batch` (``offsets`` from
+        :func:`~focuslens.core.generation.left_pad_offsets`). Row i gets what ``attach(model, examples[i])``
         gives it alone, up to float rounding; pad positions cannot change real rows (their keys are
         masked). Specs that do not need the example attach once, as :meth:`attach` does.
         """
-        _check_batch(examples, offsets, what=type(self).__name__)
+        check_batch(examples, offsets, what=type(self).__name__)
         if not self.per_example:
             return self.attach(model, None)
         raise TypeError(
@@ -239,12 +213,12 @@ class InterventionSpec:
     def __mul__(self, c: Any) -> "InterventionSpec":
         if isinstance(c, InterventionSpec):
             return NotImplemented
-        return self.scaled(_real(c, name="scale", what=type(self).__name__))
+        return self.scaled(real(c, name="scale", what=type(self).__name__))
 
     __rmul__ = __mul__
 
     def __truediv__(self, c: Any) -> "InterventionSpec":
-        return self.scaled(1.0 / _real(c, name="divisor", what=type(self).__name__))
+        return self.scaled(1.0 / real(c, name="divisor", what=type(self).__name__))
 
     def __neg__(self) -> "InterventionSpec":
         return self.scaled(-1.0)
@@ -285,39 +259,14 @@ class NoIntervention(InterventionSpec):
         return "NoIntervention()"
 
 
-def _frozen_vectors(vectors: Mapping[Any, Any], *, what: str) -> Mapping[Head, Tensor]:
-    if not isinstance(vectors, Mapping) or len(vectors) == 0:
-        raise ValueError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
-    out: dict[Head, Tensor] = {}
-    shape = None
-    for key, u in vectors.items():
-        try:
-            layer, head = (int(x) for x in key)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: keys must be (layer, head) pairs of ints, got {key!r}.") from None
-        if (layer, head) in out:
-            raise ValueError(f"{what}: head {(layer, head)} is listed twice.")
-        # A private copy: changing the caller's tensor later must not change this spec's effect or id.
-        t = torch.as_tensor(u).detach().to("cpu").clone()
-        if t.dim() != 1:
-            raise ValueError(f"{what}: the vector for {(layer, head)} has shape {tuple(t.shape)}; expected [d_head].")
-        if shape is not None and t.shape != shape:
-            raise ValueError(f"{what}: vectors have different lengths ({tuple(shape)} and {tuple(t.shape)}).")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{what}: the vector for {(layer, head)} contains NaN or inf.")
-        shape = t.shape
-        out[(layer, head)] = t
-    return MappingProxyType(out)
-
-
 class Ablate(InterventionSpec):
-    """Knock out heads (:func:`~focuslens.patching.ablate_heads`): output ``hook_z`` set to 0 or a mean.
+    """Knock out heads (:func:`~focuslens.heads.patching.ablate_heads`): output ``hook_z`` set to 0 or a mean.
 
     Args:
         heads: ``(layer, head)`` query heads, in order.
         mode: ``"zero"`` or ``"mean"``.
         means: ``{(layer, head): Tensor[d_head]}`` (``mode="mean"``; e.g. from
-            :func:`focuslens.patching.head_means`), copied; their checksum is part of the identity.
+            :func:`focuslens.heads.patching.head_means`), copied; their checksum is part of the identity.
     """
 
     kind = "ablate"
@@ -331,15 +280,15 @@ class Ablate(InterventionSpec):
         means: Mapping[tuple[int, int], Float[Tensor, "d_head"]] | None = None,
     ):
         what = "Ablate"
-        self.heads = _heads(heads, what=what)
+        self.heads = head_list(heads, what=what)
         if mode not in ("zero", "mean"):
             raise ValueError(f"{what}: mode must be 'zero' or 'mean', got {mode!r}.")
         self.mode = mode
         if mode == "mean":
             if means is None:
                 raise ValueError(f"{what}(mode='mean') needs means={{(layer, head): Tensor[d_head]}} "
-                                 "(focuslens.patching.head_means).")
-            m = _frozen_vectors(means, what=f"{what} means")
+                                 "(focuslens.heads.patching.head_means).")
+            m = frozen_vectors(means, what=f"{what} means")
             missing = [h for h in self.heads if h not in m]
             if missing:
                 raise ValueError(f"{what}: means has no entry for heads {missing}.")
@@ -360,13 +309,13 @@ class Ablate(InterventionSpec):
         return out
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        from .patching import ablate_heads
+        from ..heads.patching import ablate_heads
 
         means = None if self.means is None else dict(self.means)
         return ablate_heads(model, self.heads, mode=self.mode, means=means)
 
     def __repr__(self) -> str:
-        return f"Ablate({_fmt_heads(self.heads)}, {self.mode})"
+        return f"Ablate({format_heads(self.heads)}, {self.mode})"
 
 
 class Compose(InterventionSpec):
@@ -391,7 +340,7 @@ class Compose(InterventionSpec):
                 members.append(s)
             else:
                 raise TypeError(f"Compose takes intervention specs, got {type(s).__name__} "
-                                "(wrap hooks or handles in a spec, or use focuslens.interventions.compose).")
+                                "(wrap hooks or handles in a spec, or use focuslens.intervene.eager.compose).")
         self.members = tuple(members)
         self._freeze()
 
@@ -415,7 +364,7 @@ class Compose(InterventionSpec):
 
     def _all_or_nothing(self, attachers: Iterable[Callable[[], HookHandle]]) -> HookHandle:
         """Attach every member in order; if one raises, remove those already attached, then re-raise."""
-        from .interventions import ComposedHandle, _remove_all
+        from .eager import ComposedHandle, _remove_all
 
         handles: list[HookHandle] = []
         try:
@@ -435,7 +384,7 @@ class Compose(InterventionSpec):
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Every member's :meth:`attach_batch`, all-or-nothing like :meth:`attach`."""
-        _check_batch(examples, offsets, what="Compose")
+        check_batch(examples, offsets, what="Compose")
         # alpha="auto" probes first, each row alone with the members before it attached (as attach does).
         probed = {k: m._row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
                   for k, m in enumerate(self.members) if isinstance(m, Steer) and m.alpha == "auto"}
@@ -465,9 +414,6 @@ def as_spec(x: Any) -> InterventionSpec | None:
         return None
     if isinstance(x, InterventionSpec):
         return x
-    raise TypeError(f"expected an intervention spec (focuslens.specs) or None, got {type(x).__name__}.")
+    raise TypeError(f"expected an intervention spec (focuslens.intervene.specs) or None, got {type(x).__name__}.")
 
 
-# The span edits (SplitSoftmax, Pasta) live in their own module; imported last (they subclass the base).
-from .span_specs import Pasta, SplitSoftmax  # noqa: E402
-from .vector_specs import InjectVectors, Steer  # noqa: E402

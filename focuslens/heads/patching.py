@@ -40,10 +40,10 @@ Which one should you use?
 * ``per_position=True`` to find *which positions* carry it (``[layer, pos, head]``); it costs
   ``p`` times more patched runs.
 * ``method="batched"`` (default) runs many patched runs per forward pass and shares the layers
-  below the patched one and the unchanged position prefix (:mod:`focuslens.patching_batched`); it
+  below the patched one and the unchanged position prefix (:mod:`focuslens.heads.patch_jobs`); it
   is exact, ``method="loop"`` (one
   forward per run) is kept as the reference. To screen every head and site cheaply first, use
-  attribution patching (:mod:`focuslens.attribution`: 3 forward-equivalents, a first-order
+  attribution patching (:mod:`focuslens.heads.attribution`: 3 forward-equivalents, a first-order
   estimate), then confirm the top heads here. Guide and measurements: ``docs/patching.md``.
 * Mean ablation is gentler than zero ablation (the head keeps its average contribution); zero
   ablation can push the residual stream off-distribution.
@@ -59,8 +59,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import HookHandle, attach_hooks
-from .models import HookedModel, check_heads, hook_name, model_info
+from ..core.hooks import HookHandle, attach_hooks
+from ..core.models import HookedModel, hook_name, model_info
+from ..core.checks import check_heads
 
 __all__ = [
     "PatchSite",
@@ -172,11 +173,11 @@ def patch_heads(
         positions: with ``per_position``, restrict to these positions (others are NaN).
         method: ``"batched"`` (default): many patched runs per forward pass, one batch row each;
             the layers below the patched one and the positions before the first clean/corrupted
-            difference run once (:mod:`focuslens.patching_batched`); equal to ``"loop"`` (one
+            difference run once (:mod:`focuslens.heads.patch_jobs`); equal to ``"loop"`` (one
             forward pass per run, the reference) up to float32 rounding (~1e-7 on tiny models,
             2e-5 on a SmolLM2 logit difference of ~9.5).
         batch_size: patched runs per forward pass with ``method="batched"`` (default:
-            :func:`~focuslens.patching_batched.default_batch_size`, ~1 GiB of logits and
+            :func:`~focuslens.heads.patch_jobs.default_batch_size`, ~1 GiB of logits and
             activations). Lower it if memory is short.
         progress: a tqdm bar over patched runs.
 
@@ -233,7 +234,7 @@ def patch_heads(
         result = torch.full((info.n_layers, slots), float("nan"))
     jobs = [(l, p, h) for l in layer_list for p in pos_list for h in range(slots)]
     if method == "batched":
-        from .patching_batched import default_batch_size, run_patch_jobs
+        from .patch_jobs import default_batch_size, run_patch_jobs
 
         bs = batch_size or default_batch_size(model, n_pos, n_prompts=corrupted.shape[0])
         values = run_patch_jobs(
@@ -349,7 +350,7 @@ def make_corrupted_pair(
         ValueError: the gold document does not contain the answer text verbatim, or no candidate
             gives an equal-length prompt (pass ``candidates=`` with more values).
     """
-    from .tasks.records import RenderedExample, render
+    from ..tasks.records import RenderedExample, render
 
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     record = example.example if isinstance(example, RenderedExample) else example
@@ -368,7 +369,7 @@ def make_corrupted_pair(
         # the distractors' values first, then made-up names (seeded): enough to find an equal length
         import random
 
-        from .tasks.synthetic import made_up_name
+        from ..tasks.synthetic import made_up_name
 
         rng = random.Random(len(answer))
         candidates = list(record.distractor_answers) + [made_up_name(rng, "city") for _ in range(200)]

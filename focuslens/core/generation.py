@@ -121,7 +121,7 @@ def left_pad_offsets(prompts: Sequence[Tensor]) -> list[int]:
 
     Row i holds ``prompts[i]`` at padded positions ``offsets[i] .. width-1`` (``width`` = the longest
     prompt), so a span ``[s, e)`` of prompt i sits at ``[s + offsets[i], e + offsets[i])`` in the
-    batch: what :meth:`InterventionSpec.attach_batch <focuslens.specs.InterventionSpec.attach_batch>` takes.
+    batch: what :meth:`InterventionSpec.attach_batch <focuslens.intervene.specs.InterventionSpec.attach_batch>` takes.
     """
     width = max(int(p.numel()) for p in prompts) if len(prompts) else 0
     return [width - int(p.numel()) for p in prompts]
@@ -207,7 +207,7 @@ def generate_response(
 ) -> Int[Tensor, "new"]:
     """The model's greedy continuation of ``tokens`` up to the end of its turn, as token ids.
 
-    The response rows that :func:`focuslens.scoring.score_dataset` scores and that focus directions
+    The response rows that :func:`focuslens.score.contextual.score_dataset` scores and that focus directions
     train on. Same decoding loop and stop tokens as the evaluator; by default it does not stop at a
     newline (a response is the whole turn). May be empty (the model ended its turn at once).
     """

@@ -111,7 +111,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """Hold the write lock of ``path`` (a file or a folder) for the ``with`` block, or refuse at once.
 
     A second process that asks for the same output while the first holds it gets
-    :class:`~focuslens.errors.OutputBusy` ("another focuslens process is writing X (pid N); wait for it
+    :class:`~focuslens.core.errors.OutputBusy` ("another focuslens process is writing X (pid N); wait for it
     or choose another output") instead of interleaving records or replacing a folder halfway. The
     lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (non-blocking), so the kernel drops it
     when the holder exits or is killed: a stale lock file never blocks anyone (a clean exit removes
@@ -288,7 +288,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     and a previous artefact at ``path`` is left intact.
 
     With ``replace=True`` the write holds :func:`output_lock` of ``path`` throughout: a second writer
-    gets :class:`~focuslens.errors.OutputBusy` instead of a half-swapped folder; leftovers of
+    gets :class:`~focuslens.core.errors.OutputBusy` instead of a half-swapped folder; leftovers of
     interrupted writers are recovered or removed first.
     """
     target = Path(path)

@@ -2,7 +2,7 @@
 
 Why this module exists
 ----------------------
-:func:`focuslens.patching.patch_heads` asks one question per (layer, head[, position]): "what does the
+:func:`focuslens.heads.patching.patch_heads` asks one question per (layer, head[, position]): "what does the
 metric become if this one activation is copied from the clean run?". Asked one forward pass at a
 time, a 30-layer model with 9 heads and a few hundred tokens needs hundreds of full passes. Three
 facts make most of that work redundant, and all three are exploited here without changing any number
@@ -31,7 +31,7 @@ facts make most of that work redundant, and all three are exploited here without
    Sliding-window caches (Gemma-3) hold only the last keys; the pattern site's key axis is aligned
    to them.
 
-The metric keeps the contract of :func:`~focuslens.patching.patch_heads`: it is called once per
+The metric keeps the contract of :func:`~focuslens.heads.patching.patch_heads`: it is called once per
 patched run, on that run's own logits ``[b, pos, d_vocab]`` (``b`` = prompts in the corrupted batch),
 and returns a scalar. So any metric that works one-by-one gives the same numbers batched.
 
@@ -48,8 +48,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import attach_hooks
-from .models import HookedModel, hook_name, model_info
+from ..core.hooks import attach_hooks
+from ..core.models import HookedModel, hook_name, model_info
 
 __all__ = ["default_batch_size", "run_patch_jobs"]
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .generation import DEFAULT_MAX_NEW_TOKENS
-from .directions.artefact import FocusDirections
-from .io import content_hash, tensor_checksum
-from .models import HookedModel, model_info
+from ..core.generation import DEFAULT_MAX_NEW_TOKENS
+from ..directions.artefact import FocusDirections
+from ..core.io import content_hash, tensor_checksum
+from ..core.models import HookedModel, model_info
 
 __all__ = ["select_alpha", "selection_record", "check_selection_grid", "AlphaSelection", "random_heads", "examples_identity"]
 
@@ -202,7 +202,7 @@ def select_alpha(
     Why: the useful α depends on the objective and the vectors' norms (on SmolLM2, attention-objective
     vectors work at α = 0.5 and break at α = 1, likelihood vectors the other way round), so it must be
     chosen on held-out data — never on the test split. Every ``(k, α)`` in the grid is evaluated with
-    greedy decoding and best-subspan EM (:func:`focuslens.evaluation.evaluate`); the best accuracy wins,
+    greedy decoding and best-subspan EM (:func:`focuslens.evaluation.runner.evaluate`); the best accuracy wins,
     ties going to the smaller |α| and then the smaller k. Then, at the chosen k, each magnitude-control
     ``target`` (``alpha="auto"``, :func:`sink_target_alphas`) is evaluated; the best target is reported
     (it replaces the fixed α only if it is strictly better).
@@ -218,14 +218,14 @@ def select_alpha(
             checksum and heads, α or the magnitude-control target), the examples and the decoding
             budget: selecting on other directions or other data into the same folder never reuses
             another configuration's records.
-        batch_size: examples decoded together by :func:`~focuslens.evaluation.evaluate`, also for
+        batch_size: examples decoded together by :func:`~focuslens.evaluation.runner.evaluate`, also for
             the ``alpha="auto"`` targets (each row gets its own α, ``Steer.attach_batch``).
 
     Returns:
         An :class:`AlphaSelection` (``.k``, ``.alpha``, ``.target``, ``.table()``).
     """
-    from .evaluation import evaluate
-    from .specs import Steer
+    from .runner import evaluate
+    from ..intervene.specs import Steer
 
     if not examples:
         raise ValueError("select_alpha needs validation examples.")

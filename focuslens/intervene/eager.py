@@ -10,11 +10,11 @@ identity, heads not listed are untouched), must act during ``model.generate`` wi
 well as in a single forward pass, and must leave the model clean when they are removed, even when an
 exception interrupts them.
 
-Every function here returns a :class:`focuslens.hooks.HookHandle` (``.remove()``; usable as a
+Every function here returns a :class:`focuslens.core.hooks.HookHandle` (``.remove()``; usable as a
 context manager). Handles compose: nest ``with`` blocks, or bundle several with :func:`compose`.
 These are the *eager* shortcuts (hooks attach when called); to describe an intervention before it is
 applied (per example in an evaluation, with a content identity for stored results, all-or-nothing
-composition) use the specs of :mod:`focuslens.specs`, which attach through these functions.
+composition) use the specs of :mod:`focuslens.intervene.specs`, which attach through these functions.
 
 Which one should you use?
 -------------------------
@@ -23,7 +23,7 @@ Which one should you use?
   the gold document helps, and to rank how much each set of heads can help.
 * :func:`pasta`: PASTA (Zhang et al. 2024), the published span-steering baseline: attention outside
   the span is multiplied by a coefficient (0.01) and each row renormalised. Same span machinery as
-  split softmax (:mod:`focuslens.pattern_edits`), a different map of π (odds × 1/coefficient).
+  split softmax (:mod:`focuslens.intervene.edits`), a different map of π (odds × 1/coefficient).
 * :func:`inject_vectors`: the *deployable* intervention. It needs no span at inference time: it adds
   ``alpha * u`` to the post-RoPE query of chosen heads, which acts as a key-dependent logit bias
   ``alpha * u·k_j / sqrt(d)``. This is what :class:`focuslens.directions.FocusDirections` applies.
@@ -45,21 +45,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .hooks import HookHandle, attach_hooks
-from .models import HookedModel, _is_index, check_heads, hook_name, model_info
-from .pattern_edits import _check_strength, _span_edit_hooks, pasta_pattern, split_softmax_pattern
-from .prompts import SpanLike
+from ..core.hooks import HookHandle, attach_hooks
+from ..core.models import HookedModel, hook_name, model_info
+from ..core.checks import is_index as _is_index, check_heads
+from .edits import _check_strength, _span_edit_hooks, pasta_pattern, split_softmax_pattern
+from ..core.prompts import SpanLike
 
-__all__ = [
-    "split_softmax",
-    "split_softmax_pattern",
-    "pasta",
-    "pasta_pattern",
-    "inject_vectors",
-    "compose",
-    "ComposedHandle",
-    "InjectSite",
-]
+__all__ = ["split_softmax", "pasta", "inject_vectors", "compose", "ComposedHandle", "InjectSite"]
 
 InjectSite = Literal["query", "key"]
 
@@ -133,7 +125,7 @@ def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
     alpha=nan))`` the first handle is attached before the second call raises and ``compose`` never
     runs. Describe the interventions as specs instead, which attach all-or-nothing:
     ``(SplitSoftmax(heads, tau) + InjectVectors(vecs)).attach(model, example)``
-    (:mod:`focuslens.specs`).
+    (:mod:`focuslens.intervene.specs`).
 
     Example:
         >>> with compose(split_softmax(model, heads, span, 0.3), inject_vectors(model, vecs)):
@@ -336,7 +328,7 @@ def split_softmax(
     Two modes:
 
     * ``offsets=None`` (default): unpadded sequences; the same span for every batch element.
-    * ``offsets=[o_0, ..., o_{b-1}]``: a **left-padded batch** (:func:`focuslens.generation.greedy_generate_batch`),
+    * ``offsets=[o_0, ..., o_{b-1}]``: a **left-padded batch** (:func:`focuslens.core.generation.greedy_generate_batch`),
       ``o_i`` pad tokens before row i's prompt. ``span`` is then one span (or list of spans) per row,
       in that row's *unpadded* positions; each is shifted by its row's offset. Pad key columns are
       already masked (zero attention), so they count neither in π nor in ρ; pad query rows are never

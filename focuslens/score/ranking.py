@@ -19,10 +19,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import UsageError
-from .io import atomic_write
-from .models import Head, HookedModel, check_heads, model_info
-from .prompts import Span, SpanLike, normalise_spans
+from ..core.errors import UsageError
+from ..core.io import atomic_write
+from ..core.models import HookedModel, model_info
+from ..core.checks import Head, check_heads
+from ..core.prompts import Span, SpanLike, normalise_spans
 
 __all__ = ["HeadScores", "DatasetScores", "contextual_heads", "save_heads", "load_heads", "RANKING_FORMAT",
            "DISTRACTORS_TOTAL", "DISTRACTORS_MAX"]
@@ -87,7 +88,7 @@ class HeadScores:
     def mass(self, span: SpansLike) -> Float[Tensor, "layer head"]:
         """Attention mass on another span (or union of spans) from the same pass, ``[layer, head]``."""
         spans = normalise_spans(span, seq_len=self.seq_len, before=self.response, name="span")
-        return self.columns[..., _union_mask(spans, self.seq_len)].sum(-1)
+        return self.columns[..., union_mask(spans, self.seq_len)].sum(-1)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class DatasetScores:
     def load(cls, path: str | os.PathLike) -> "DatasetScores":
         """Read what :meth:`save` wrote (per-example scores are not saved: ``per_example`` is empty).
 
-        Raises :class:`~focuslens.errors.UsageError` naming the file for anything that is not such a
+        Raises :class:`~focuslens.core.errors.UsageError` naming the file for anything that is not such a
         ranking (not JSON, another format, missing or malformed ``mean``/``stderr``/``n``).
         """
         data = _read_json(path)
@@ -289,7 +290,7 @@ def _read_json(path: str | os.PathLike):
         raise UsageError(f"{p}: not a text file; expected a JSON ranking (focuslens score).") from None
 
 
-def _union_mask(spans: list[Span], seq_len: int) -> Tensor:
+def union_mask(spans: list[Span], seq_len: int) -> Tensor:
     mask = torch.zeros(seq_len, dtype=torch.bool)
     for s in spans:
         mask[s.start:s.end] = True

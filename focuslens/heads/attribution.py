@@ -2,7 +2,7 @@
 
 Why this module exists
 ----------------------
-Exact activation patching (:func:`focuslens.patching.patch_heads`) needs one forward pass per head
+Exact activation patching (:func:`focuslens.heads.patching.patch_heads`) needs one forward pass per head
 (and per position). Attribution patching (Nanda 2023, "Attribution patching: activation patching
 at industrial scale") replaces each of those runs by the first-order Taylor term of the metric
 around the corrupted run:
@@ -26,13 +26,13 @@ localizing LLM behaviour to components"):
   Per key position ``j`` only column ``j`` of the logits moves, by ``Δ_tj``, so every row has the
   closed form ``A'_{ti} = A_{ti}/D_{tj}`` (``i ≠ j``), ``A'_{tj} = A_{tj}e^{Δ_tj}/D_{tj}``,
   ``D_{tj} = 1 + A_{tj}(e^{Δ_tj} − 1)``: all keys of a head in ``O(pos²)``. The recomputation uses
-  :func:`focuslens.attention.attention_probs` (scale, sliding window, soft-capping as the model has
-  them) and needs the exact q/k route of :func:`focuslens.attention.require_qk_route`.
+  :func:`focuslens.core.attention.attention_probs` (scale, sliding window, soft-capping as the model has
+  them) and needs the exact q/k route of :func:`focuslens.core.attention.require_qk_route`.
 * **Cancellation** between a head's direct and indirect effects (AtP*'s **GradDrop**) is *not*
   implemented here: it costs one backward per layer and gives an upper bound for ranking only.
   Use exact patching on the top-ranked heads to confirm (``docs/patching.md``).
 
-The metric contract is :func:`~focuslens.patching.patch_heads`'s: ``logits [b, pos, d_vocab] ->
+The metric contract is :func:`~focuslens.heads.patching.patch_heads`'s: ``logits [b, pos, d_vocab] ->
 scalar`` (here it must be a differentiable torch scalar). The return contract is the same too: a
 ``[layer, head]`` (or ``[layer, pos, head]``) tensor of the *estimated metric of the patched
 corrupted run*, ``m_corrupt + effect``, with KV heads for ``k``/``v`` and NaN for layers not asked
@@ -50,15 +50,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .attention import (
+from ..core.attention import (
     attention_logits,
     attention_probs,
     expand_kv,
     require_qk_route,
     visible_keys,
 )
-from .hooks import attach_hooks
-from .models import HookedModel, hook_name, model_info
+from ..core.hooks import attach_hooks
+from ..core.models import HookedModel, hook_name, model_info
 from .patching import _HOOK, PatchSite, _as_batch
 
 __all__ = ["attribution_patch_heads", "attribution_patch_sites"]
@@ -97,10 +97,10 @@ def attribution_patch_sites(
     Args:
         model: a hooked model.
         corrupted_tokens, clean_tokens: ``[pos]`` or ``[batch, pos]`` ids of equal shape
-            (position-aligned, e.g. from :func:`~focuslens.patching.make_corrupted_pair`).
+            (position-aligned, e.g. from :func:`~focuslens.heads.patching.make_corrupted_pair`).
         metric: ``logits [batch, pos, d_vocab] -> scalar tensor``, differentiable.
         sites: any of ``"z"``, ``"q"``, ``"k"``, ``"v"``, ``"pattern"`` (the sites of
-            :func:`~focuslens.patching.patch_heads`; ``k``/``v`` per KV head under GQA).
+            :func:`~focuslens.heads.patching.patch_heads`; ``k``/``v`` per KV head under GQA).
         per_position: one estimate per position (the query row for ``"q"`` and ``"pattern"``, the key
             position for ``"k"``), ``[layer, pos, head]``; patching one position at a time.
         layers: restrict to these layers (others NaN).
@@ -272,7 +272,7 @@ def attribution_patch_heads(
     layers: Iterable[int] | None = None,
     qk_fix: bool = True,
 ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
-    """Attribution patching of one site: the first-order estimate of :func:`~focuslens.patching.patch_heads`.
+    """Attribution patching of one site: the first-order estimate of :func:`~focuslens.heads.patching.patch_heads`.
 
     Same arguments and return contract as ``patch_heads`` (estimated patched metric, ``[layer, head]``,
     KV heads for ``k``/``v``, ``[layer, pos, head]`` with ``per_position``), at the cost of three

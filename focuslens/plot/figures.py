@@ -23,15 +23,16 @@ import os
 import sys
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .io import atomic_write
+from ..score.ranking import DatasetScores
+from ..core.io import atomic_write
 
-__all__ = ["head_heatmap", "ablation_curve", "curves", "head_doc_view", "Series", "Baseline", "Condition",
+__all__ = ["head_heatmap", "finder_heatmaps", "ablation_curve", "curves", "head_doc_view", "Series", "Baseline", "Condition",
            "CONDITION_COLORS", "CONDITION_LABELS", "condition_style", "save_figure", "notebook_figures",
            "PNG_HELP"]
 
@@ -71,6 +72,8 @@ PNG_HELP = (
 
 
 def _as_matrix(scores) -> Tensor:
+    if isinstance(scores, DatasetScores):
+        scores = scores.mean["relevant"]
     t = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
     if t.dim() != 2:
         raise ValueError(f"head_heatmap needs a [layer, head] matrix, got shape {tuple(t.shape)}.")
@@ -243,7 +246,7 @@ def condition_style(condition: str, variant: int = 0) -> dict[str, str]:
     """
     if condition not in CONDITION_COLORS:
         raise ValueError(f"Unknown condition {condition!r}; use one of {sorted(CONDITION_COLORS)} "
-                         "(focuslens.plotting.CONDITION_COLORS).")
+                         "(focuslens.plot.figures.CONDITION_COLORS).")
     if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
         raise ValueError(f"variant must be a non-negative int, got {variant!r}.")
     return {"color": CONDITION_COLORS[condition], "dash": _DASHES[variant % len(_DASHES)],
@@ -528,3 +531,36 @@ def notebook_figures() -> str:
         pio.renderers.default = "plotly_mimetype"
     return pio.renderers.default
 
+
+def finder_heatmaps(results: Mapping[str, Any], *, top_k: int = 20, title: str = "",
+                    subtitles: Mapping[str, str] | None = None):
+    """The finders' ``[layer, head]`` heatmaps side by side (one plotly figure, one panel each).
+
+    Each panel is :func:`focuslens.plot.figures.head_heatmap`'s heatmap and top-k markers, with its own
+    colour scale (the finders' units differ).
+    """
+    from plotly.subplots import make_subplots
+
+    names = list(results)
+    if not names:
+        raise ValueError("finder_heatmaps needs at least one result.")
+    subs = [(subtitles or {}).get(n, n) for n in names]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=subs, horizontal_spacing=0.3 / len(names))
+    L = H = 0
+    for j, n in enumerate(names, start=1):
+        t = _as_matrix(results[n])
+        L, H = t.shape
+        one = head_heatmap(t, top_k=top_k)
+        heat, marks = one.data
+        right = fig.layout["xaxis" if j == 1 else f"xaxis{j}"].domain[1]
+        heat.colorbar = {"x": right + 0.005, "xanchor": "left", "len": 0.9, "thickness": 10,
+                         "title": {"text": ""}}
+        marks.showlegend = j == 1
+        fig.add_trace(heat, row=1, col=j)
+        fig.add_trace(marks, row=1, col=j)
+        fig.update_xaxes(title_text="Head", range=[-0.5, H - 0.5], dtick=1 if H <= 20 else None, row=1, col=j)
+        fig.update_yaxes(range=[L - 0.5, -0.5], dtick=2 if L > 24 else 1, row=1, col=j,
+                         title_text="Layer" if j == 1 else None)
+    fig.update_layout(title={"text": title}, template="plotly_white", height=max(450, 20 * L + 180),
+                      width=max(600, (26 * H + 170) * len(names)), legend={"orientation": "h", "y": -0.12})
+    return fig

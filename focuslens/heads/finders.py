@@ -6,15 +6,15 @@ The literature names several families of "heads that read the context", each fou
 recipe in its own repository. To compare them (and to steer with each family's heads on equal terms)
 they must be computed on the *same* examples and returned as the *same* result. Every finder here
 takes labelled :class:`~focuslens.tasks.RenderedExample` s (or task records) and returns a
-:class:`~focuslens.ranking.DatasetScores` whose ``mean["relevant"]`` is the finder's ``[layer, head]``
+:class:`~focuslens.score.ranking.DatasetScores` whose ``mean["relevant"]`` is the finder's ``[layer, head]``
 score (higher = more of that family's behaviour) with ``stderr`` and ``per_example``; ``response_mode``
 names the finder. So ``contextual_heads(result, 20)``, ``result.top_k(20)``, ``result.save(path)``,
-``DatasetScores.load`` and :func:`focuslens.plotting.head_heatmap` work unchanged for every finder.
+``DatasetScores.load`` and :func:`focuslens.plot.figures.head_heatmap` work unchanged for every finder.
 
 Finders (``finder=`` of :func:`find_heads`):
 
 * ``"contextual"`` — Zhu et al. 2025, the paper's contextual score: mean over response rows of the
-  attention mass on the gold document. Delegates to :func:`focuslens.scoring.score_dataset`.
+  attention mass on the gold document. Delegates to :func:`focuslens.score.contextual.score_dataset`.
 * ``"retrieval"`` — Wu et al. 2024 ("Retrieval Head Mechanistically Explains Long-Context
   Factuality"): the gold document is the needle; the model is teacher-forced on the answer *as the
   needle spells it* (the needle's own tokens that cover the answer text, so every generated token has
@@ -30,10 +30,10 @@ Finders (``finder=`` of :func:`find_heads`):
   document's tokens, averaged over question tokens), scored on the gold document. ``qr_score="gold"``
   (default) is the plain gold mass; ``"contrast"`` subtracts the mean mass on the other documents
   (QRHead's relative comparison of documents; it ranks heads that *discriminate* the gold document,
-  not heads that attend to documents in general). Computed by :func:`focuslens.scoring.score_spans`
+  not heads that attend to documents in general). Computed by :func:`focuslens.score.contextual.score_spans`
   with the question span as the query rows: the prompt only, one pass, no attention cache.
 * ``"patching"`` — the causal effect of each head's output: patch ``hook_z`` of head ``(l, h)`` from
-  the clean prompt into the corrupted one (:func:`focuslens.patching.make_corrupted_pair`: the gold
+  the clean prompt into the corrupted one (:func:`focuslens.heads.patching.make_corrupted_pair`: the gold
   document's value replaced) and measure the first-answer-token logit difference (clean − corrupted
   answer), normalised ``(m_patched − m_corrupt) / (m_clean − m_corrupt)`` (0 = no effect, 1 = the
   whole clean behaviour restored). ``n_layers · n_heads`` forward passes per example: use a small n.
@@ -45,23 +45,23 @@ Which one should you use?
 ``contextual`` for the paper's heads (what focus directions are trained on); ``retrieval`` for heads
 that copy verbatim from the context; ``qrhead`` for heads whose attention *from the question* finds the
 right document (needs no answer at all); ``patching`` for the causal check. :func:`compare_finders`
-gives Spearman rank correlations and top-k overlaps between any of them, :func:`finder_heatmaps` the
+gives Spearman rank correlations and top-k overlaps between any of them, :func:`focuslens.plot.finder_heatmaps` the
 heatmaps side by side.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import attach_hooks
-from .models import HookedModel, hook_name, model_info
-from .prompts import Span
-from .ranking import DatasetScores, contextual_heads
+from ..core.hooks import attach_hooks
+from ..core.models import HookedModel, hook_name, model_info
+from ..core.prompts import Span
+from ..score.ranking import DatasetScores, contextual_heads
 
 __all__ = [
     "FinderName",
@@ -76,7 +76,6 @@ __all__ = [
     "spearman",
     "top_k_overlap",
     "compare_finders",
-    "finder_heatmaps",
 ]
 
 FinderName = Literal["contextual", "retrieval", "qrhead", "patching"]
@@ -90,7 +89,7 @@ FINDERS: tuple[str, ...] = ("contextual", "retrieval", "qrhead", "patching")
 
 def _rendered(model: HookedModel, examples: Sequence[Any], *, chat: bool = True) -> list[Any]:
     """Task records rendered (original variant); rendered examples passed through."""
-    from .tasks.records import RenderedExample, TaskExample, render
+    from ..tasks.records import RenderedExample, TaskExample, render
 
     out = []
     for i, ex in enumerate(examples):
@@ -141,12 +140,12 @@ def contextual_finder(
     model: HookedModel, examples: Sequence[Any], *, response: Literal["generate", "gold", "gold_only"] = "gold",
     progress: bool = True, **kw: Any,
 ) -> DatasetScores:
-    """The paper's contextual score (:func:`focuslens.scoring.score_dataset`), unchanged.
+    """The paper's contextual score (:func:`focuslens.score.contextual.score_dataset`), unchanged.
 
     ``response="gold"`` (default here): the gold answer appended as text, one pass per example (the
     same teacher forcing as the retrieval finder); ``"generate"`` is the paper's own-answer protocol.
     """
-    from .scoring import score_dataset
+    from ..score.contextual import score_dataset
 
     ds = score_dataset(model, _rendered(model, examples), response=response, progress=progress, **kw)
     ds.response_mode = f"contextual ({ds.response_mode} responses)"
@@ -245,7 +244,7 @@ def retrieval_scores(
 
 
 def _device(model: HookedModel) -> torch.device:
-    from .generation import model_device
+    from ..core.generation import model_device
 
     return model_device(model)
 
@@ -285,7 +284,7 @@ def qrhead_finder(
     ``mean["relevant"]`` is the chosen ``qr_score``; ``mean["gold"]`` (plain gold mass) and
     ``mean["contrast"]`` (gold mass − mean mass per other document) are both kept.
     """
-    from .scoring import score_spans
+    from ..score.contextual import score_spans
 
     if qr_score not in ("gold", "contrast"):
         raise ValueError(f"qr_score must be 'gold' or 'contrast', got {qr_score!r}.")
@@ -324,7 +323,7 @@ def patching_finder(model: HookedModel, examples: Sequence[Any], *, min_gap: flo
     ``mean["raw"]`` the unnormalised patched logit difference.
     """
     from .patching import logit_diff_metric, make_corrupted_pair, patch_heads
-    from .tasks.records import RenderedExample
+    from ..tasks.records import RenderedExample
 
     if not min_gap > 0:
         raise ValueError(f"min_gap must be > 0 (logit-difference units), got {min_gap!r}.")
@@ -367,7 +366,7 @@ def find_heads(model: HookedModel, examples: Sequence[Any], *, finder: FinderNam
                progress: bool = True, **kw: Any) -> DatasetScores:
     """Run one head finder (``"contextual"``, ``"retrieval"``, ``"qrhead"``, ``"patching"``).
 
-    Returns a :class:`~focuslens.ranking.DatasetScores`; ``mean["relevant"]`` is the finder's
+    Returns a :class:`~focuslens.score.ranking.DatasetScores`; ``mean["relevant"]`` is the finder's
     ``[layer, head]`` score. Extra keywords go to the finder (``response=``, ``qr_score=``, ``min_gap=``).
     """
     fns = {"contextual": contextual_finder, "retrieval": retrieval_finder, "qrhead": qrhead_finder,
@@ -428,39 +427,3 @@ def compare_finders(results: Mapping[str, DatasetScores | Tensor], *, k: int = 2
     ov = [[top_k_overlap(results[a], results[b], k) for b in names] for a in names]
     top = {n: [list(h) for h in contextual_heads(_matrix(results[n]), k)] for n in names}
     return {"names": names, "spearman": sp, "overlap": ov, "k": k, "top": top}
-
-
-def finder_heatmaps(results: Mapping[str, DatasetScores | Tensor], *, top_k: int = 20, title: str = "",
-                    subtitles: Mapping[str, str] | None = None):
-    """The finders' ``[layer, head]`` heatmaps side by side (one plotly figure, one panel each).
-
-    Each panel is :func:`focuslens.plotting.head_heatmap`'s heatmap and top-k markers, with its own
-    colour scale (the finders' units differ).
-    """
-    from plotly.subplots import make_subplots
-
-    from .plotting import head_heatmap
-
-    names = list(results)
-    if not names:
-        raise ValueError("finder_heatmaps needs at least one result.")
-    subs = [(subtitles or {}).get(n, n) for n in names]
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=subs, horizontal_spacing=0.3 / len(names))
-    L = H = 0
-    for j, n in enumerate(names, start=1):
-        t = _matrix(results[n])
-        L, H = t.shape
-        one = head_heatmap(t, top_k=top_k)
-        heat, marks = one.data
-        right = fig.layout["xaxis" if j == 1 else f"xaxis{j}"].domain[1]
-        heat.colorbar = {"x": right + 0.005, "xanchor": "left", "len": 0.9, "thickness": 10,
-                         "title": {"text": ""}}
-        marks.showlegend = j == 1
-        fig.add_trace(heat, row=1, col=j)
-        fig.add_trace(marks, row=1, col=j)
-        fig.update_xaxes(title_text="Head", range=[-0.5, H - 0.5], dtick=1 if H <= 20 else None, row=1, col=j)
-        fig.update_yaxes(range=[L - 0.5, -0.5], dtick=2 if L > 24 else 1, row=1, col=j,
-                         title_text="Layer" if j == 1 else None)
-    fig.update_layout(title={"text": title}, template="plotly_white", height=max(450, 20 * L + 180),
-                      width=max(600, (26 * H + 170) * len(names)), legend={"orientation": "h", "y": -0.12})
-    return fig

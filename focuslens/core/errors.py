@@ -24,7 +24,7 @@ class UsageError(ValueError):
 
 
 class OutputBusy(UsageError):
-    """Another focuslens process is writing the same output (see :func:`focuslens.io.output_lock`)."""
+    """Another focuslens process is writing the same output (see :func:`focuslens.core.io.output_lock`)."""
 
 
 def is_expected(e: BaseException) -> bool:

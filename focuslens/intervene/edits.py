@@ -7,8 +7,8 @@ rows around a span C from the row's mass on it, π. They share everything but th
 which key columns are C at the prefill and at every KV-cache step (also on a sliding-window layer,
 whose cache holds only the last keys), which rows may be edited (those that can see C), and, for a
 left-padded batch, each row's own span shifted by its padding (``offsets``). That machinery is
-written once here (:func:`_span_edit_hooks`); :func:`focuslens.interventions.split_softmax` and
-:func:`focuslens.interventions.pasta` are thin front ends.
+written once here (:func:`_span_edit_hooks`); :func:`focuslens.intervene.eager.split_softmax` and
+:func:`focuslens.intervene.eager.pasta` are thin front ends.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .attention import layer_attention
-from .hooks import HookHandle, attach_hooks
-from .models import HookedModel, check_heads, hook_name
-from .prompts import Span, normalise_spans
+from ..core.attention import layer_attention
+from ..core.hooks import HookHandle, attach_hooks
+from ..core.models import HookedModel, hook_name
+from ..core.checks import check_heads
+from ..core.prompts import Span, normalise_spans
 
 __all__ = ["split_softmax_pattern", "pasta_pattern"]
 

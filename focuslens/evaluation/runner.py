@@ -9,7 +9,7 @@ Three things make that practical and honest:
 * **fast greedy decoding** with the model's KV cache, stopping at EOS and at the first newline once
   the answer has started (best-subspan EM only reads the first line), unembedding only the last
   position at prefill;
-* **interventions as specs**: ``intervene`` is a spec of :mod:`focuslens.specs`
+* **interventions as specs**: ``intervene`` is a spec of :mod:`focuslens.intervene.specs`
   (``SplitSoftmax(heads, tau)``, ``Steer(directions, alpha=0.5)``...). A spec that needs the example
   (split softmax takes each example's own gold span, ``alpha="auto"`` its tokens) is attached around
   each batch's generation with ``attach_batch`` (each row its own span / α under left padding); one
@@ -30,7 +30,7 @@ prefill and one batched forward pass per example (no generation).
 Example:
     >>> import focuslens as fl
     >>> from focuslens.tasks import make_synthetic_qa
-    >>> from focuslens.evaluation import evaluate
+    >>> from focuslens.evaluation.runner import evaluate
     >>> model = fl.load_model()
     >>> res = evaluate(model, make_synthetic_qa(100, n_docs=10), output="runs/base10.jsonl")
     >>> print(res.table())
@@ -46,20 +46,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 
-from .generation import (
+from ..core.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     greedy_generate,
     greedy_generate_batch,
     left_pad_offsets,
     stop_ids as _stop_ids,
 )
-from .io import content_hash, output_lock, tensor_checksum
-from .models import HookedModel, check_context, model_info, weights_digest
-from .specs import InterventionSpec, NoIntervention
-from .tasks.metrics import (
+from ..core.io import content_hash, output_lock, tensor_checksum
+from ..core.models import HookedModel, check_context, model_info, weights_digest
+from ..intervene.specs import InterventionSpec
+from .intervention import Intervene, attached_batch, intervention_entry, split_intervene
+from ..tasks.metrics import (
     accuracy_by_position,
     best_subspan_em,
     clean_distractor_answers,
@@ -67,24 +68,11 @@ from .tasks.metrics import (
     mean_se,
     substring_match,
 )
-from .tasks.records import RenderedExample, TaskExample, normalise_variant, render
+from ..tasks.records import RenderedExample, TaskExample, normalise_variant, render
 
-__all__ = [
-    "evaluate",
-    "EvalResult",
-    "greedy_generate",
-    "greedy_generate_batch",
-    "teacher_forced_margins",
-    "MarginResult",
-    "config_hash",
-    "Decoding",
-    "RECORD_FORMAT_VERSION",
-]
+__all__ = ["evaluate", "EvalResult", "config_hash", "Decoding", "RECORD_FORMAT_VERSION"]
 
 RECORD_FORMAT_VERSION = 1
-
-Intervene = InterventionSpec | Callable[[RenderedExample], ContextManager[Any]] | ContextManager[Any] | None
-
 
 @dataclass(frozen=True)
 class Decoding:
@@ -208,7 +196,7 @@ class EvalResult:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-serialisable configuration (:func:`focuslens.io.content_hash`)."""
+    """A short stable hash of a JSON-serialisable configuration (:func:`focuslens.core.io.content_hash`)."""
     return content_hash(config)
 
 
@@ -264,65 +252,9 @@ def _read_records(path: Path, cfg: dict[str, Any], h: str) -> dict[str, dict[str
     return records
 
 
-def _label(intervene: Any) -> str | None:
-    if intervene is None:
-        return None
-    label = getattr(intervene, "label", None)
-    if isinstance(label, str):
-        return label
-    mod = getattr(intervene, "__module__", "") or ""
-    name = getattr(intervene, "__qualname__", None) or type(intervene).__qualname__
-    return f"{mod}.{name}" if mod else name
-
-
-def _is_context_manager(x: Any) -> bool:
-    return hasattr(x, "__enter__") and hasattr(x, "__exit__")
-
-
 # --------------------------------------------------------------------------------------------------
 # The runner
 # --------------------------------------------------------------------------------------------------
-
-
-def _intervention(intervene: Any, *, id: str | None, output: Any) -> tuple[Any, Any]:
-    """Classify ``intervene``: returns ``(normalised intervene, its entry in the configuration)``.
-
-    Specs enter with their content identity; a bare callable or context manager has none, so with an
-    output file it must come with an explicit ``id`` (a name alone is what let one run's records be
-    handed to another).
-    """
-    if isinstance(intervene, NoIntervention) or (
-        isinstance(intervene, InterventionSpec) and intervene.identity.get("kind") == "none"
-    ):
-        intervene = None
-    if intervene is None:
-        if id is not None:
-            raise ValueError("id= names a callable or context-manager intervention; there is none here.")
-        return None, None
-    if isinstance(intervene, InterventionSpec):
-        if id is not None:
-            raise ValueError(
-                f"id= is for callables and context managers; the spec {intervene!r} has its own content "
-                "identity (spec.id), which is what keys the records."
-            )
-        return intervene, intervene.identity
-    if not (_is_context_manager(intervene) or callable(intervene)):
-        raise TypeError(
-            "intervene must be None, an intervention spec (focuslens.specs), a callable RenderedExample -> "
-            f"context manager, or a context manager object; got {type(intervene).__name__}."
-        )
-    if id is not None:
-        if not isinstance(id, str) or not id.strip():
-            raise ValueError(f"id must be a non-empty string, got {id!r}.")
-        return intervene, {"kind": "custom", "id": id}
-    if output is not None:
-        raise ValueError(
-            f"intervene={_label(intervene)!r} is a bare callable/context manager with no content identity, "
-            "so its records could be confused with another intervention's: pass a spec from "
-            "focuslens.specs (SplitSoftmax, Steer, InjectVectors, Ablate, Compose), or an explicit "
-            "id='...' that names exactly what it does."
-        )
-    return intervene, _label(intervene)
 
 
 def evaluate(
@@ -345,7 +277,7 @@ def evaluate(
         model: a hooked model (``fl.load_model()``).
         examples: :class:`TaskExample` records (rendered here with the decoding settings) or already
             :class:`RenderedExample` objects (used as given; they must match ``variant``/``chat``).
-        intervene: ``None``; an intervention spec (:mod:`focuslens.specs`): when it needs the
+        intervene: ``None``; an intervention spec (:mod:`focuslens.intervene.specs`): when it needs the
             example (``spec.per_example``: split softmax, PASTA, ``alpha="auto"``) attached around
             each batch's generation with ``spec.attach_batch(model, batch, offsets=...)`` (each row
             its own span / α, shifted by its left padding; a batch of one uses ``spec.attach``),
@@ -382,7 +314,7 @@ def evaluate(
     hash of the prompt tokens: resuming with different examples under the same keys raises.
 
     Example:
-        >>> from focuslens.specs import SplitSoftmax
+        >>> from focuslens.intervene.specs import SplitSoftmax
         >>> res = evaluate(model, test, intervene=SplitSoftmax(top20, tau=0.2), output="runs/ss.jsonl",
         ...                max_new_tokens=16)
     """
@@ -394,7 +326,7 @@ def evaluate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    intervene, intervene_cfg = _intervention(intervene, id=id, output=output)
+    intervene, intervene_cfg = intervention_entry(intervene, id=id, output=output)
     info = model_info(model)
     cfg: dict[str, Any] = {
         "format": RECORD_FORMAT_VERSION,
@@ -425,7 +357,7 @@ def evaluate(
 
         stops = _stop_ids(model)
         t_start = time.perf_counter()
-        per_example, outer = _split_intervene(model, intervene)
+        per_example, outer = split_intervene(model, intervene)
         # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
         # a bare per-example callable, or a spec without a batched attach, needs each example alone.
         per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
@@ -447,7 +379,7 @@ def evaluate(
                                             stop_at_newline=stop_at_newline, stop_ids=stops)]
             elif per_example is not None:
                 prompts = [r.tokens for _, r, _ in pending]
-                with _attached_batch(model, intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
+                with attached_batch(model, intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
                     outs = greedy_generate_batch(model, prompts, max_new_tokens=max_new_tokens,
                                                  stop_at_newline=stop_at_newline, stop_ids=stops)
             else:
@@ -535,43 +467,3 @@ def evaluate(
             records=records, config=cfg, config_hash=h, path=path, n_resumed=n_resumed,
             wall_seconds=time.perf_counter() - t_start,
         )
-
-
-def _split_intervene(model: HookedModel, intervene: Any) -> tuple[Callable[[Any], ContextManager[Any]] | None,
-                                                                  Callable[[], ContextManager[Any]]]:
-    """``(per-example factory or None, factory of the context around the whole run)``.
-
-    A spec is attached inside a ``try/finally`` (:func:`_attached`), so its hooks are removed also when
-    generation raises; a spec that does not need the example is attached once (and batches).
-    """
-    if intervene is None:
-        return None, contextlib.nullcontext
-    if isinstance(intervene, InterventionSpec):
-        if intervene.per_example:
-            return (lambda r: _attached(model, intervene, r)), contextlib.nullcontext
-        return None, (lambda: _attached(model, intervene, None))
-    if _is_context_manager(intervene):
-        return None, (lambda: intervene)
-    return intervene, contextlib.nullcontext
-
-
-@contextlib.contextmanager
-def _attached(model: HookedModel, spec: InterventionSpec, example: Any):
-    handle = spec.attach(model, example)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _attached_batch(model: HookedModel, spec: InterventionSpec, examples: Sequence[Any], offsets: list[int]):
-    handle = spec.attach_batch(model, examples, offsets=offsets)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
-# Teacher-forced margins live in focuslens.margins (re-exported here for existing imports).
-from .margins import MarginResult, teacher_forced_margins  # noqa: E402

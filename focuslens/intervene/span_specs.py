@@ -1,4 +1,4 @@
-"""Span-edit specs: :class:`SplitSoftmax` and :class:`Pasta`, re-exported by :mod:`focuslens.specs`.
+"""Span-edit specs: :class:`SplitSoftmax` and :class:`Pasta`, re-exported by :mod:`focuslens.intervene.specs`.
 
 Both rewrite the attention pattern of chosen heads around a span that each example names (its gold
 document by default), so they share the span rules and the batched attach: one span per row of a
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from .hooks import HookHandle
-from .models import HookedModel
-from .prompts import Span, normalise_spans
-from .specs import InterventionSpec, SpanRule, _check_batch, _fmt_heads, _heads, _real, _tokens_of
+from ..core.hooks import HookHandle
+from ..core.models import HookedModel
+from ..core.prompts import Span, normalise_spans
+from ..core.checks import head_list, real
+from .specs import InterventionSpec, SpanRule, check_batch, format_heads, tokens_of
 
 __all__ = ["SplitSoftmax", "Pasta"]
 
@@ -24,7 +25,7 @@ class _SpanEdit(InterventionSpec):
     _strength = "tau"
 
     def _init_span(self, heads: Iterable[Sequence[int]], span: Any, what: str) -> None:
-        self.heads = _heads(heads, what=what)
+        self.heads = head_list(heads, what=what)
         if isinstance(span, str):
             if not span:
                 raise ValueError(f"{what}: span rule must be a non-empty name such as 'relevant'.")
@@ -70,15 +71,15 @@ class _SpanEdit(InterventionSpec):
         raise NotImplementedError
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        tokens = _tokens_of(example) if example is not None else None
+        tokens = tokens_of(example) if example is not None else None
         seq_len = int(tokens.shape[-1]) if tokens is not None else None
         fn, strength = self._hook()
         return fn(model, self.heads, self.spans_for(example), strength, seq_len=seq_len)
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Each row's own span (read from its example, shifted by its left padding): one attach per batch."""
-        _check_batch(examples, offsets, what=type(self).__name__)
-        widths = {int(_tokens_of(e).shape[-1]) + o for e, o in zip(examples, offsets) if _tokens_of(e) is not None}
+        check_batch(examples, offsets, what=type(self).__name__)
+        widths = {int(tokens_of(e).shape[-1]) + o for e, o in zip(examples, offsets) if tokens_of(e) is not None}
         if len(widths) > 1:
             raise ValueError(f"{type(self).__name__}.attach_batch: prompt length + offset differs between rows "
                              f"({sorted(widths)}); offsets must left-pad every prompt to the same width.")
@@ -96,12 +97,12 @@ class SplitSoftmax(_SpanEdit):
         span: where the mass goes. A rule read from the example at attach time: ``"relevant"``
             (default: ``example.relevant``, the gold document), ``"distractors"`` (their union),
             any other span attribute of the example, or a prompt span name (``"question"``,
-            ``"doc_3"``). Or explicit spans (a :class:`~focuslens.prompts.Span`, a ``(start, end)``
+            ``"doc_3"``). Or explicit spans (a :class:`~focuslens.core.prompts.Span`, a ``(start, end)``
             pair, or a list of them), the same for every example.
 
     Attached per example (the span is in absolute positions of an unpadded prompt), or per batch
     with :meth:`attach_batch`: one span per row, shifted by the row's left padding
-    (:func:`~focuslens.interventions.split_softmax` with ``offsets``).
+    (:func:`~focuslens.intervene.eager.split_softmax` with ``offsets``).
     """
 
     kind = "split_softmax"
@@ -110,7 +111,7 @@ class SplitSoftmax(_SpanEdit):
     def __init__(self, heads: Iterable[Sequence[int]], tau: float, *, span: SpanRule | Any = "relevant"):
         what = "SplitSoftmax"
         self._init_span(heads, span, what)
-        t = _real(tau, name="tau", what=what)
+        t = real(tau, name="tau", what=what)
         if not t > 0:
             raise ValueError(
                 f"{what}: tau must be > 0, got {tau!r}: the mass on the span becomes π^τ, so τ = 1 is the "
@@ -126,17 +127,17 @@ class SplitSoftmax(_SpanEdit):
         return {"heads": [list(h) for h in self.heads], "tau": self.tau, "span": self._span_identity()}
 
     def _hook(self):
-        from .interventions import split_softmax
+        from .eager import split_softmax
 
         return split_softmax, self.tau
 
     def __repr__(self) -> str:
         span = repr(self.span) if isinstance(self.span, str) else list(self.span)
-        return f"SplitSoftmax({_fmt_heads(self.heads)}, τ={self.tau:g}, span={span})"
+        return f"SplitSoftmax({format_heads(self.heads)}, τ={self.tau:g}, span={span})"
 
 
 class Pasta(_SpanEdit):
-    """PASTA attention steering (Zhang et al. 2024) on ``heads`` (:func:`~focuslens.interventions.pasta`).
+    """PASTA attention steering (Zhang et al. 2024) on ``heads`` (:func:`~focuslens.intervene.eager.pasta`).
 
     On each head, attention outside the span is multiplied by ``coefficient`` and every row
     renormalised (PASTA's ``+log(coefficient)`` on the scores outside the span). Same span rules
@@ -154,7 +155,7 @@ class Pasta(_SpanEdit):
     def __init__(self, heads: Iterable[Sequence[int]], *, coefficient: float = 0.01, span: SpanRule | Any = "relevant"):
         what = "Pasta"
         self._init_span(heads, span, what)
-        c = _real(coefficient, name="coefficient", what=what)
+        c = real(coefficient, name="coefficient", what=what)
         if not c > 0:
             raise ValueError(f"{what}: coefficient must be > 0, got {coefficient!r}: attention outside the span "
                              "is multiplied by it (1 is the identity, PASTA's default is 0.01).")
@@ -169,10 +170,10 @@ class Pasta(_SpanEdit):
                 "span": self._span_identity()}
 
     def _hook(self):
-        from .interventions import pasta
+        from .eager import pasta
 
         return pasta, self.coefficient
 
     def __repr__(self) -> str:
         span = repr(self.span) if isinstance(self.span, str) else list(self.span)
-        return f"Pasta({_fmt_heads(self.heads)}, coefficient={self.coefficient:g}, span={span})"
+        return f"Pasta({format_heads(self.heads)}, coefficient={self.coefficient:g}, span={span})"

@@ -18,7 +18,7 @@ Two exact routes compute the response rows (``method=``):
 
 * ``"qk"``: hook the post-RoPE queries/keys (``hook_rot_q``/``hook_rot_k``, after QK-norm;
   ``hook_q``/``hook_k`` on learned-position models), and recompute the response rows of the pattern
-  with :mod:`focuslens.attention` (the one definition of scale, causal + sliding-window mask,
+  with :mod:`focuslens.core.attention` (the one definition of scale, causal + sliding-window mask,
   soft-capping and row softmax, GQA-expanded, fp32). Refused, with the reason, where that
   recomputation is not exact (attention sinks, ALiBi, non-causal attention, dropout:
   :func:`qk_route_available`).
@@ -55,41 +55,28 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .attention import LayerAttention, attention_probs, expand_kv, qk_route
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_response, generate_responses
-from .hooks import attach_hooks
-from .forward import run_until
-from .models import HookedModel, check_context, hook_name, model_info
-from .prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
+from ..core.attention import LayerAttention, attention_probs, expand_kv, qk_route
+from ..core.generation import DEFAULT_MAX_NEW_TOKENS, generate_responses
+from ..core.hooks import attach_hooks
+from ..core.forward import run_until
+from ..core.models import HookedModel, check_context, hook_name, model_info
+from ..core.prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 from .ranking import (  # the result types, re-exported from here
     DISTRACTORS_MAX,
     DISTRACTORS_TOTAL,
-    RANKING_FORMAT,
     DatasetScores,
     HeadScores,
-    _union_mask,
-    contextual_heads,
-    load_heads,
-    save_heads,
+    union_mask,
 )
 
 __all__ = [
     "ScoringMethod",
     "ResponseMode",
-    "HeadScores",
-    "DatasetScores",
     "contextual_scores",
     "score_spans",
     "score_many",
     "score_dataset",
-    "contextual_heads",
-    "load_heads",
-    "save_heads",
     "qk_route_available",
-    "generate_response",
-    "RANKING_FORMAT",
-    "DISTRACTORS_TOTAL",
-    "DISTRACTORS_MAX",
 ]
 
 ScoringMethod = Literal["auto", "qk", "pattern"]
@@ -126,7 +113,7 @@ def _as_tokens(tokens: Tensor | Sequence[int]) -> Int[Tensor, "1 pos"]:
 def qk_route_available(model: HookedModel) -> tuple[bool, str]:
     """Whether ``method="qk"`` is exact on this model, and if not, why (it then raises; use ``"pattern"``).
 
-    The rule is :func:`focuslens.attention.qk_route`: sliding windows, soft-capping and QK-norm are
+    The rule is :func:`focuslens.core.attention.qk_route`: sliding windows, soft-capping and QK-norm are
     modelled (exact); attention sinks, ALiBi, non-causal attention and active dropout are not.
     """
     plan, why = qk_route(model)
@@ -136,7 +123,7 @@ def qk_route_available(model: HookedModel) -> tuple[bool, str]:
 def _response_rows_qk(
     q: Float[Tensor, "r head d"], k: Float[Tensor, "key kv d"], la: LayerAttention, *, start: int, n_heads: int
 ) -> Float[Tensor, "head key"]:
-    """Σ over response rows of the recomputed pattern (:func:`~focuslens.attention.attention_probs`):
+    """Σ over response rows of the recomputed pattern (:func:`~focuslens.core.attention.attention_probs`):
     ``[head, key]`` in fp32 (scale, sliding window and soft-cap of layer ``la``, GQA-expanded)."""
     k = expand_kv(k, n_heads, head_dim=1)  # [key, head, d]
     rows = torch.arange(start, start + q.shape[0])
@@ -259,12 +246,12 @@ def score_spans(
     toks = _as_tokens(tokens)
     check_context(model, toks, what="the scored sequence (prompt + response)")
     N = toks.shape[1]
-    R, named, n_dis = _named_spans(N, response=response, spans=spans, distractors=distractors, sink=sink)
+    R, named, n_dis = named_spans(N, response=response, spans=spans, distractors=distractors, sink=sink)
     columns, used = _column_sums(model, toks, R, method=method, stop_early=stop_early)
-    return _head_scores(columns, R, named, n_dis, method=used)
+    return head_scores(columns, R, named, n_dis, method=used)
 
 
-def _named_spans(
+def named_spans(
     n: int,
     *,
     response: SpanLike,
@@ -275,7 +262,7 @@ def _named_spans(
     """The response span and every named key span of :func:`score_spans` (shared with the backends).
 
     Returns ``(response, name -> spans, number of distractors)``; names are the user's spans, ``sink``
-    and ``distractor_1``.. (``distractors_total``/``distractors_max`` are added by :func:`_head_scores`).
+    and ``distractor_1``.. (``distractors_total``/``distractors_max`` are added by :func:`head_scores`).
     """
     R = as_span(response, seq_len=n, name="response")
     if R.start == 0:
@@ -297,16 +284,16 @@ def _named_spans(
     return R, named, len(dlist)
 
 
-def _head_scores(
+def head_scores(
     columns: Float[Tensor, "layer head pos"], response: Span, named: dict[str, list[Span]], n_distractors: int,
     *, method: str,
 ) -> HeadScores:
     """Sum ``columns`` over every named span (and the distractor aggregates) into a :class:`HeadScores`."""
     N = columns.shape[-1]
-    scores = {n: columns[..., _union_mask(s, N)].sum(-1) for n, s in named.items()}
+    scores = {n: columns[..., union_mask(s, N)].sum(-1) for n, s in named.items()}
     if n_distractors:
         all_d = [s for i in range(1, n_distractors + 1) for s in named[f"distractor_{i}"]]
-        scores[DISTRACTORS_TOTAL] = columns[..., _union_mask(all_d, N)].sum(-1)
+        scores[DISTRACTORS_TOTAL] = columns[..., union_mask(all_d, N)].sum(-1)
         scores[DISTRACTORS_MAX] = torch.stack([scores[f"distractor_{i}"] for i in range(1, n_distractors + 1)]).amax(0)
     return HeadScores(scores=scores, columns=columns, response=response, method=method, spans=named)
 
@@ -399,7 +386,7 @@ def _check_room(model, ex, i: int, mode, max_new_tokens: int) -> None:
         check_context(model, ex.prompt.tokens, what=f"example {i}'s prompt")
 
 
-def _responses_for(model, exs: Sequence[Any], mode, *, max_new_tokens: int, batch_size: int) -> list[Tensor | str]:
+def responses_for(model, exs: Sequence[Any], mode, *, max_new_tokens: int, batch_size: int) -> list[Tensor | str]:
     """Each example's response rows: generated together for ``"generate"`` / ``"gold_only"``."""
     tok = model.tokenizer
     if callable(mode):
@@ -414,7 +401,7 @@ def _responses_for(model, exs: Sequence[Any], mode, *, max_new_tokens: int, batc
     if mode == "generate":
         prompts = [ex.prompt.tokens for ex in exs]
     elif mode == "gold_only":
-        from .tasks.records import render
+        from ..tasks.records import render
 
         prompts = [render(ex.example, tok, variant="gold_only", chat=ex.prompt.chat).prompt.tokens for ex in exs]
     else:
@@ -422,7 +409,7 @@ def _responses_for(model, exs: Sequence[Any], mode, *, max_new_tokens: int, batc
     return list(generate_responses(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
 
 
-def _respan(ex: Any, full: LabelledPrompt) -> tuple[Span, list[Span]]:
+def respan(ex: Any, full: LabelledPrompt) -> tuple[Span, list[Span]]:
     """The example's relevant/distractor spans in ``full`` (the prompt plus response).
 
     A text response re-tokenises the whole sequence; the prompt's tokens normally stay the same, but
@@ -464,11 +451,11 @@ def score_dataset(
 
             The response is cut before the first end-of-turn token; examples whose response is empty
             are skipped (``n_skipped``).
-        max_new_tokens: generation budget (the library default, :data:`~focuslens.generation.DEFAULT_MAX_NEW_TOKENS`; the paper used 100).
+        max_new_tokens: generation budget (the library default, :data:`~focuslens.core.generation.DEFAULT_MAX_NEW_TOKENS`; the paper used 100).
         sink, method: as in :func:`score_spans`.
         progress: a tqdm bar over examples.
         batch_size: responses generated together (``"generate"`` / ``"gold_only"``), through
-            :func:`~focuslens.generation.generate_responses`: the one-by-one responses up to float
+            :func:`~focuslens.core.generation.generate_responses`: the one-by-one responses up to float
             near-ties, ≈ 1.5× faster on a CPU (``benchmarks/bench_responses.py``); 1 = one at a
             time, which bounds the prefill's ``[batch, head, pos, pos]`` pattern on long prompts.
 
@@ -507,7 +494,7 @@ def score_dataset(
                      if getattr(examples[j], "relevant", None) is not None]
             for j in chunk:
                 _check_room(model, examples[j], j, response, max_new_tokens)
-            pending = dict(zip(chunk, _responses_for(model, [examples[j] for j in chunk], response,
+            pending = dict(zip(chunk, responses_for(model, [examples[j] for j in chunk], response,
                                                      max_new_tokens=max_new_tokens, batch_size=batch_size)))
         resp = pending[i]
         empty = (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0)
@@ -515,7 +502,7 @@ def score_dataset(
             skipped.append(f"example {i}: empty response")
             continue
         full = ex.prompt.with_response(model.tokenizer, resp)
-        relevant, distractors = _respan(ex, full)
+        relevant, distractors = respan(ex, full)
         hs = score_spans(model, full.tokens, response=full.response, spans={"relevant": relevant},
                          distractors=distractors or None, sink=sink, method=method)
         for name in ("relevant", "sink", DISTRACTORS_TOTAL, DISTRACTORS_MAX):

@@ -1,0 +1,157 @@
+"""One validation per concept, shared by every route (eager sugar, specs, the wrapper, the CLI).
+
+Why one module: the same mistake must be refused the same way wherever it is made. Before this
+module, ``SplitSoftmax(heads, tau=True)`` was refused while ``split_softmax(m, heads, span, True)`` ran
+as τ = 1, and float heads were truncated by one route and refused by another. Every public entry
+point that takes heads, a strength (τ, α, a coefficient) or vectors calls the functions here.
+
+* heads: ``(layer, head)`` pairs of integers (Python, numpy or 0-dim integer tensors); bools and
+  floats are refused (never truncated), duplicates are refused, an empty list is refused;
+  :func:`check_heads` adds the model's ranges.
+* strengths: real, finite numbers, never a bool (:func:`real`); :func:`positive` when the
+  neutral value is 1 and the scale is multiplicative (τ, PASTA's coefficient).
+* vectors: a non-empty ``{(layer, head): Tensor[d_head]}`` of finite 1-D tensors of one width
+  (:func:`frozen_vectors`); the width is checked against the model where one is known.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Head", "is_index", "head_list", "validate_heads", "check_heads", "real", "positive",
+           "frozen_vectors", "check_count"]
+
+Head = tuple[int, int]
+
+
+def is_index(x: Any) -> bool:
+    """An integer (Python, numpy, or a 0-dim integer tensor), not a bool or a float."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _pair(h: Any, *, what: str) -> Head:
+    try:
+        pair = tuple(h)
+    except TypeError:
+        raise ValueError(f"{what}: heads must be (layer, head) pairs of ints, got {h!r}.") from None
+    if len(pair) != 2 or not all(is_index(x) for x in pair):
+        raise ValueError(
+            f"{what}: heads must be (layer, head) pairs of ints, got {h!r} (bools and floats are not "
+            "taken as indices: pass ints, e.g. [(17, 3), (8, 0)]).")
+    return int(pair[0]), int(pair[1])
+
+
+def head_list(heads: Iterable[Sequence[int]], *, what: str = "heads") -> tuple[Head, ...]:
+    """``(layer, head)`` pairs of ints, at least one, none twice (no model needed: specs check this
+    at construction and the model's ranges when attached)."""
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise ValueError(f"{what}: heads must be a list of (layer, head) pairs of ints, got {heads!r}.")
+    out = tuple(_pair(h, what=what) for h in heads)
+    if not out:
+        raise ValueError(f"{what} needs at least one (layer, head); got an empty list.")
+    if len(set(out)) != len(out):
+        dup = sorted({h for h in out if out.count(h) > 1})
+        raise ValueError(f"{what}: heads {dup} are listed twice.")
+    return out
+
+
+def validate_heads(heads: Iterable[Sequence[int]], *, n_layers: int, n_heads: int,
+                   what: str = "heads") -> list[Head]:
+    """:func:`head_list` plus the ranges ``0 <= layer < n_layers``, ``0 <= head < n_heads``."""
+    out = list(head_list(heads, what=what))
+    for l, hh in out:
+        if not (0 <= l < n_layers and 0 <= hh < n_heads):
+            raise ValueError(
+                f"Unknown head (layer={l}, head={hh}): this model has layers 0..{n_layers - 1} "
+                f"and query heads 0..{n_heads - 1}."
+            )
+    return out
+
+
+def check_heads(model: Any, heads: Iterable[Sequence[int]], *, what: str = "heads") -> list[Head]:
+    """Validate ``(layer, head)`` pairs against the model; return them as a list of int tuples.
+
+    Raises ``ValueError`` naming the offending head and the valid ranges.
+    """
+    from .models import model_info
+
+    info = model_info(model)
+    return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads, what=what)
+
+
+def real(x: Any, *, name: str, what: str) -> float:
+    """A real, finite number (an int, a float, a numpy or 0-dim tensor scalar), never a bool."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        raise ValueError(f"{what}: {name} must be a real number, got {x!r} (a bool is not taken as 0/1).")
+    if isinstance(x, torch.Tensor) and x.dim() != 0:
+        raise ValueError(f"{what}: {name} must be a real number, got a tensor of shape {tuple(x.shape)}.")
+    if isinstance(x, complex):
+        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.")
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{what}: {name} must be finite, got {x!r}.")
+    return f
+
+
+def positive(x: Any, *, name: str, what: str, why: str = "") -> float:
+    """:func:`real` and > 0 (a multiplicative strength: τ, PASTA's coefficient); ``why`` explains the scale."""
+    f = real(x, name=name, what=what)
+    if f <= 0:
+        raise ValueError(f"{what}: {name} must be > 0 and finite, got {x!r}{': ' + why if why else '.'}")
+    return f
+
+
+def check_count(k: Any, *, name: str = "k", what: str, upper: int | None = None) -> int:
+    """A count ``k >= 1`` (an int, not a bool or a float), at most ``upper`` where given."""
+    if not is_index(k) or int(k) < 1 or (upper is not None and int(k) > upper):
+        rng = f"1..{upper}" if upper is not None else ">= 1"
+        raise ValueError(f"{what}: {name} must be an int in {rng}, got {k!r}.")
+    return int(k)
+
+
+def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None = None) -> Mapping[Head, Tensor]:
+    """A read-only private copy of ``{(layer, head): Tensor[d_head]}``: finite 1-D tensors of one width.
+
+    Why a copy: changing the caller's tensor later must not change a spec's effect or identity.
+    """
+    if not isinstance(vectors, Mapping) or len(vectors) == 0:
+        raise ValueError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
+    out: dict[Head, Tensor] = {}
+    shape = None
+    for key, u in vectors.items():
+        layer, head = _pair(key, what=what)
+        if (layer, head) in out:
+            raise ValueError(f"{what}: head {(layer, head)} is listed twice.")
+        try:
+            if isinstance(u, (bool, str, bytes)):
+                raise TypeError
+            t = torch.as_tensor(u).detach().to("cpu").clone()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{what}: the vector for {(layer, head)} must be a 1-D tensor, got {type(u).__name__}.") from None
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{what}: the vector for {(layer, head)} must be real-valued, got dtype {t.dtype}.")
+        if t.dim() != 1:
+            raise ValueError(f"{what}: the vector for {(layer, head)} has shape {tuple(t.shape)}; expected [d_head].")
+        if shape is not None and t.shape != shape:
+            raise ValueError(f"{what}: vectors have different lengths ({tuple(shape)} and {tuple(t.shape)}).")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what}: the vector for {(layer, head)} contains NaN or inf.")
+        if d_head is not None and t.shape[0] != d_head:
+            raise ValueError(f"{what}: the vector for {(layer, head)} has {t.shape[0]} entries; this model's "
+                             f"heads have d_head = {d_head}.")
+        shape = t.shape
+        out[(layer, head)] = t
+    return MappingProxyType(out)

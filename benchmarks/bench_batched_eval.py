@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import focuslens as fl  # noqa: E402
 from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.models import model_info  # noqa: E402
-from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import mean_se  # noqa: E402
 

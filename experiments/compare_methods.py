@@ -66,7 +66,8 @@ from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # n
 from focuslens.core.models import model_identity  # noqa: E402
 from focuslens.plot.figures import save_figure  # noqa: E402
 from focuslens.score.ranking import DatasetScores, contextual_heads  # noqa: E402
-from focuslens.intervene.specs import SplitSoftmax, Steer  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
+from focuslens.directions.artefact import Steer  # noqa: E402
 from focuslens.evaluation.sweeps import examples_identity, random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import paired_difference  # noqa: E402

@@ -23,7 +23,8 @@ import torch
 from focuslens.core.io import content_hash
 from focuslens.core.models import model_info
 from focuslens.plot.figures import Series, curves
-from focuslens.intervene.specs import SplitSoftmax, Steer
+from focuslens.intervene.span_specs import SplitSoftmax
+from focuslens.directions.artefact import Steer
 from focuslens.tasks import make_synthetic_qa, render
 
 from figures import ACC, Ctx, _baseline_objs, _baselines, _pm, _save, _strip, add_panel, advance  # noqa: E402

@@ -47,7 +47,8 @@ from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import model_identity, model_info  # noqa: E402
 from focuslens.plot.figures import Baseline, Series, curves, head_doc_view, save_figure  # noqa: E402
-from focuslens.intervene.specs import Ablate, SplitSoftmax  # noqa: E402
+from focuslens.intervene.specs import Ablate  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
 from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 

@@ -53,7 +53,8 @@ from focuslens.directions import (FocusDirections, cache_qk, make_direction_exam
                                   random_like, train_focus_directions)
 from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.io import atomic_write_json  # noqa: E402
-from focuslens.intervene.specs import SplitSoftmax, Steer  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
+from focuslens.directions.artefact import Steer  # noqa: E402
 from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import build_from_oracle, load_litm, make_kv_retrieval, make_synthetic_qa, render  # noqa: E402
 from focuslens.tasks.metrics import paired_difference  # noqa: E402

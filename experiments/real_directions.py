@@ -51,7 +51,7 @@ from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import load_model, model_identity  # noqa: E402
 from focuslens.score.ranking import load_heads  # noqa: E402
-from focuslens.intervene.specs import Steer  # noqa: E402
+from focuslens.directions.artefact import Steer  # noqa: E402
 from focuslens.evaluation.sweeps import examples_identity, select_alpha, selection_record  # noqa: E402
 from focuslens.tasks import load_litm, paired_difference  # noqa: E402
 

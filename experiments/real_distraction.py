@@ -41,7 +41,7 @@ from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import load_model, model_identity  # noqa: E402
 from focuslens.score.ranking import load_heads  # noqa: E402
-from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
 from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import load_litm, mean_se, paired_difference, render  # noqa: E402
 

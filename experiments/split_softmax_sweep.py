@@ -45,7 +45,7 @@ from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.core.io import atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import model_info  # noqa: E402
 from focuslens.score.contextual import score_dataset  # noqa: E402
-from focuslens.intervene.specs import SplitSoftmax  # noqa: E402
+from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
 from focuslens.evaluation.sweeps import random_heads  # noqa: E402
 from focuslens.tasks import make_synthetic_qa, render  # noqa: E402
 

@@ -689,7 +689,7 @@ def test_negative_alpha_max_refused_by_apply(tiny_llama):
 
 
 def test_steer_negative_alpha_max_refused(tiny_llama):
-    from focuslens.intervene.specs import Steer
+    from focuslens.directions.artefact import Steer
 
     with pytest.raises(ValueError, match="alpha_max"):
         Steer(_fd(tiny_llama), alpha="auto", alpha_max=-1)

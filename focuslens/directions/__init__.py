@@ -41,7 +41,7 @@ fraction (:func:`sink_target_alphas`). No labels are needed at inference.
 from __future__ import annotations
 
 from ..core.attention import attention_scale, query_site
-from .artefact import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, FocusDirections, random_like
+from .artefact import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, FocusDirections, Steer, random_like
 from .data import DirectionExample, make_direction_examples
 from .magnitude import calibrate_sink_target, sink_target_alphas
 from .objectives import QKCache, attention_mass, cache_qk, heldout_attention
@@ -50,6 +50,7 @@ from .train import train_focus_directions
 
 __all__ = [
     "FocusDirections",
+    "Steer",
     "DirectionExample",
     "QKCache",
     "make_direction_examples",

@@ -31,7 +31,7 @@ from ..core.checks import Head, check_heads, real
 from ..core.prompts import LabelledPrompt
 from ..intervene.specs import InterventionSpec, check_batch, format_heads, tokens_of
 
-__all__ = ["FocusDirections", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
+__all__ = ["FocusDirections", "Steer", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
 WEIGHTS_FILE = "directions.safetensors"
 CONFIG_FILE = "config.json"

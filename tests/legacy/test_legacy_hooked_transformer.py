@@ -272,7 +272,7 @@ def test_batched_generation_equals_one_by_one(legacy_any):
 
 
 def test_evaluate_and_margins(legacy_any, tmp_path):
-    from focuslens.intervene.specs import SplitSoftmax
+    from focuslens.intervene.span_specs import SplitSoftmax
     from focuslens.tasks import make_synthetic_qa, render
 
     exs = make_synthetic_qa(3, n_docs=3, seed=0, doc_sentences=1)

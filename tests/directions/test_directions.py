@@ -481,7 +481,7 @@ def test_select_alpha_rows_match_direct_evaluation(tiny_llama, tmp_path):
     assert len(list(tmp_path.glob("k2_a4-*.jsonl"))) == 1 and len(list(tmp_path.glob("unmodified-*.jsonl"))) == 1
     assert len(list(tmp_path.glob("*.jsonl"))) == 3
     # selection_record is the naming rule select_alpha used: a caller reads a configuration back by it.
-    from focuslens.intervene.specs import Steer
+    from focuslens.directions.artefact import Steer
 
     data_id = sweeps.examples_identity(exs)
     named = {sweeps.selection_record(tmp_path, f"k2_a{a:g}", Steer(d, k=2, alpha=a), data_id, max_new_tokens=3)

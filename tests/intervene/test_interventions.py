@@ -486,7 +486,8 @@ def test_compose_refusing_its_arguments_leaves_no_hooks(tiny_llama, tiny_llama_m
 def test_compose_of_specs_when_an_argument_fails(tiny_llama):
     """The eager form cannot help when an argument raises (the first handle is already attached when
     the second call fails); the spec form attaches all-or-nothing."""
-    from focuslens.intervene.specs import InjectVectors, SplitSoftmax
+    from focuslens.intervene.vector_specs import InjectVectors
+    from focuslens.intervene.span_specs import SplitSoftmax
 
     d = model_info(tiny_llama).d_head
     with pytest.raises(ValueError, match="finite"):

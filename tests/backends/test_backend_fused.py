@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from focuslens.backends.fused import ATTN_IMPL, FusedModel, is_registered, load_fused
+from focuslens.backends.fused import FusedModel, load_fused
+from focuslens.backends.fused_attention import ATTN_IMPL, is_registered
 from focuslens.core.hooks import attach_hooks
 from focuslens.score.contextual import HeadScores
 from focuslens.testing import tiny_hf_model

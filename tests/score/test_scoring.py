@@ -10,18 +10,8 @@ import torch
 import focuslens as fl
 from focuslens.core.hooks import count_hooks
 from focuslens.core.prompts import Span, build_prompt
-from focuslens.score.contextual import (
-    DatasetScores,
-    HeadScores,
-    contextual_heads,
-    contextual_scores,
-    load_heads,
-    qk_route_available,
-    save_heads,
-    score_dataset,
-    score_many,
-    score_spans,
-)
+from focuslens.score.contextual import DatasetScores, HeadScores, contextual_scores, qk_route_available, score_dataset, score_many, score_spans
+from focuslens.score.ranking import contextual_heads, load_heads, save_heads
 from focuslens.testing import tiny_hf_model
 
 ATOL = 1e-5
@@ -271,7 +261,7 @@ def test_score_dataset_zero_usable_raises(tok, tiny_llama):
 
 
 def test_generate_strips_stop_tokens(tok, tiny_llama):
-    from focuslens.score.contextual import generate_response
+    from focuslens.core.generation import generate_response
 
     ex = _rendered(tok, 1)[0]
     r = generate_response(tiny_llama, ex.prompt.tokens, max_new_tokens=5)

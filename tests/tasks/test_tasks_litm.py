@@ -12,7 +12,7 @@ import pytest
 from focuslens.tasks import render
 from focuslens.tasks.litm import TfidfIndex, build_from_oracle, contains_answer, load_litm, save_litm
 
-DATA = Path(__file__).parent / "data" / "nq-open-oracle-30.jsonl.gz"
+DATA = Path(__file__).resolve().parents[1] / "data" / "nq-open-oracle-30.jsonl.gz"
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_real_records_render_with_exact_spans(smollm, oracle):
 
 def test_shared_oracle_file_when_present():
     # CI has ../shared; the package tests do not need it (the slice above is self-contained).
-    full = Path(__file__).resolve().parents[2] / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"
+    full = Path(__file__).resolve().parents[3] / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"
     if not full.exists():
         pytest.skip("../shared/data/litm/nq-open-oracle.jsonl.gz is not here")
     ex = load_litm(full)
@@ -348,7 +348,7 @@ def test_advance_together_keeps_conditions_level_and_resumes(tmp_path, tiny_llam
     ahead of another; rerun, every condition reaches n from its own records (nothing regenerated)."""
     import argparse
 
-    from focuslens.intervene.specs import SplitSoftmax
+    from focuslens.intervene.span_specs import SplitSoftmax
     from focuslens.testing import capital_example
 
     rd = load_script("experiments/real_distraction.py")

@@ -14,16 +14,10 @@ from focuslens.intervene.eager import inject_vectors, split_softmax
 from focuslens.core.models import hook_name, model_info
 from focuslens.heads.patching import ablate_heads
 from focuslens.core.prompts import Span
-from focuslens.intervene.specs import (
-    Ablate,
-    Compose,
-    InjectVectors,
-    InterventionSpec,
-    NoIntervention,
-    SplitSoftmax,
-    Steer,
-    as_spec,
-)
+from focuslens.intervene.specs import Ablate, Compose, InterventionSpec, NoIntervention, as_spec
+from focuslens.directions.artefact import Steer
+from focuslens.intervene.vector_specs import InjectVectors
+from focuslens.intervene.span_specs import SplitSoftmax
 from focuslens.tasks import make_synthetic_qa, render
 
 TOKENS = torch.tensor([[0, 5, 17, 33, 8, 91, 120, 44, 7, 60, 250, 13, 99, 150, 31, 77]])

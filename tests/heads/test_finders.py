@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens.heads.finders import (FINDERS, compare_finders, find_heads, finder_heatmaps, needle_answer_tokens,
-                               patching_finder, qrhead_finder, retrieval_finder, retrieval_scores, spearman,
-                               top_k_overlap)
+from focuslens.heads.finders import FINDERS, compare_finders, find_heads, needle_answer_tokens, patching_finder, qrhead_finder, retrieval_finder, retrieval_scores, spearman, top_k_overlap
+from focuslens.plot.figures import finder_heatmaps
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.core.models import hook_name
 from focuslens.core.prompts import Span

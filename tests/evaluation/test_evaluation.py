@@ -9,13 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from focuslens.evaluation.runner import (
-    EvalResult,
-    evaluate,
-    greedy_generate,
-    greedy_generate_batch,
-    teacher_forced_margins,
-)
+from focuslens.evaluation.runner import EvalResult, evaluate, greedy_generate, greedy_generate_batch
+from focuslens.evaluation.margins import teacher_forced_margins
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.tasks import make_kv_retrieval, make_synthetic_qa, render
 from focuslens.testing import naive_greedy as _naive_greedy
@@ -287,7 +282,7 @@ def test_prerendered_examples_must_match_the_settings(tiny_llama):
 def test_other_tau_into_the_same_file_never_returns_the_first_answers(tiny_llama, tmp_path):
     """The reproduction: τ = 0.01, then τ = 5 into one output file."""
     from focuslens.intervene.eager import split_softmax
-    from focuslens.intervene.specs import SplitSoftmax
+    from focuslens.intervene.span_specs import SplitSoftmax
 
     examples = make_synthetic_qa(3, n_docs=3, seed=11)
     heads = [(0, 0), (0, 1), (1, 2), (1, 3)]
@@ -321,7 +316,7 @@ def test_other_tau_into_the_same_file_never_returns_the_first_answers(tiny_llama
 
 
 def test_bare_callable_or_context_manager_with_output_needs_an_id(tiny_llama, tmp_path):
-    from focuslens.intervene.specs import SplitSoftmax
+    from focuslens.intervene.span_specs import SplitSoftmax
 
     examples = make_synthetic_qa(2, n_docs=2, seed=12)
     handle = attach_hooks(tiny_llama, [("blocks.0.attn.hook_pattern", lambda x, hook: x)], label="probe")
@@ -342,7 +337,9 @@ def test_bare_callable_or_context_manager_with_output_needs_an_id(tiny_llama, tm
 
 def test_spec_hooks_removed_after_an_exception(tiny_llama, tmp_path):
     from focuslens.core.prompts import Span
-    from focuslens.intervene.specs import Compose, InjectVectors, InterventionSpec, SplitSoftmax
+    from focuslens.intervene.specs import Compose, InterventionSpec
+    from focuslens.intervene.vector_specs import InjectVectors
+    from focuslens.intervene.span_specs import SplitSoftmax
 
     examples = make_synthetic_qa(2, n_docs=2, seed=13)
     vec = InjectVectors({(0, 1): torch.ones(tiny_llama.cfg.d_head)}, alpha=0.5)
@@ -384,7 +381,8 @@ def test_spec_hooks_removed_after_an_exception(tiny_llama, tmp_path):
 
 def test_example_independent_spec_is_attached_once_and_batches(tiny_llama):
     from focuslens.intervene.eager import inject_vectors
-    from focuslens.intervene.specs import InjectVectors, NoIntervention
+    from focuslens.intervene.vector_specs import InjectVectors
+    from focuslens.intervene.specs import NoIntervention
 
     examples = make_synthetic_qa(4, n_docs=2, seed=14)
     g = torch.Generator().manual_seed(0)
@@ -417,7 +415,7 @@ def test_decoding_bundle_and_old_keywords_agree(tiny_llama):
 
 def test_margins_accept_specs(tiny_llama):
     from focuslens.intervene.eager import split_softmax
-    from focuslens.intervene.specs import SplitSoftmax
+    from focuslens.intervene.span_specs import SplitSoftmax
 
     rs = [render(e, tiny_llama) for e in make_synthetic_qa(2, n_docs=3, seed=16)]
     heads = [(0, 0), (1, 1)]

@@ -20,7 +20,10 @@ from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.intervene.eager import split_softmax
 from focuslens.core.forward import forward_with_cache
 from focuslens.core.models import hook_name, model_info
-from focuslens.intervene.specs import Ablate, Compose, InjectVectors, InterventionSpec, Pasta, SplitSoftmax, Steer
+from focuslens.intervene.specs import Ablate, Compose, InterventionSpec
+from focuslens.directions.artefact import Steer
+from focuslens.intervene.vector_specs import InjectVectors
+from focuslens.intervene.span_specs import Pasta, SplitSoftmax
 from focuslens.tasks import make_synthetic_qa, render
 
 N_STEPS = 4

@@ -55,10 +55,10 @@ def _heads(model, k: int, rank_n: int, n_docs: int, seed: int) -> tuple[list[tup
     if shipped.exists():
         data = json.loads(shipped.read_text())
         if data.get("model") == info.name and data.get("fingerprint") == info.fingerprint():
-            return fl.load_heads(shipped, k=k, model=model), f"shipped ranking {shipped.relative_to(ROOT)}"
+            return fl.score.load_heads(shipped, k=k, model=model), f"shipped ranking {shipped.relative_to(ROOT)}"
     rank = [render(e, model) for e in make_synthetic_qa(rank_n, n_docs=n_docs, seed=seed + 1000)]
     ds = fl.score_dataset(model, rank, progress=False)
-    return fl.contextual_heads(ds, k), f"contextual_heads from {rank_n} synthetic examples"
+    return fl.score.contextual_heads(ds, k), f"contextual_heads from {rank_n} synthetic examples"
 
 
 def _sync(device: str) -> None:
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=20, help="edited heads (top-k contextual)")
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=fl.DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=fl.core.DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--rank-n", type=int, default=8, help="examples to rank heads on when no shipped ranking fits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

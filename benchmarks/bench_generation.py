@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
                     out = gen()
                     times[name].append(time.perf_counter() - t0)
                 assert out.shape[1] == tokens.shape[1] + args.new_tokens
-    assert fl.count_hooks(model) == 0
+    assert fl.core.count_hooks(model) == 0
     plain = statistics.median(times["plain"])
     print(f"model {info.name or 'tiny'}: prompt {tokens.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.repeats} interleaved repeats, {args.threads} thread(s)")

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     by = {(r["n_docs"], r["variant"]): r for r in rows}
     lines = [
-        f"Model {fl.DEFAULT_MODEL_NAME}; task make_synthetic_qa(relation={args.relation!r}, "
+        f"Model {fl.core.DEFAULT_MODEL_NAME}; task make_synthetic_qa(relation={args.relation!r}, "
         f"distractors={args.distractors!r}, gold position uniform, seed={args.seed}); chat template; "
         f"greedy, max_new_tokens={args.max_new_tokens}, stop at EOS / first newline; "
         f"batch size {args.batch_size}; torch threads={args.threads}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",

@@ -26,7 +26,7 @@ torch.set_num_threads(int(os.environ.get("FOCUSLENS_NB_THREADS", "1")))
 N = int(os.environ.get("FOCUSLENS_NB_N", "{default_n}"))  # examples per condition: raise for tighter error bars
 model = fl.load_model()  # embedded SmolLM2-135M-Instruct, offline
 lens = fl.FocusLens(model)  # the notebook wrapper: every method returns the module functions' types
-fl.plotting.notebook_figures()  # figures interactive, plus a static PNG where kaleido + Chromium work
+fl.plot.figures.notebook_figures()  # figures interactive, plus a static PNG where kaleido + Chromium work
 info = lens.info
 lens"""
 
@@ -78,11 +78,11 @@ NOTEBOOKS = {
              "print('layers of the top-20:', layers)\n"
              "print('mean sink mass', float(ds.mean['sink'].mean()), '| distractors total', float(ds.mean['distractors_total'].mean()))"),
         md("## 1.6 Save the ranking\n\nA JSON file that `focuslens sweep --heads` and `focuslens train --heads` read; "
-           "the authors' `relevant_heads.json` (`[[layer, head], ...]`) loads with `fl.load_heads`."),
+           "the authors' `relevant_heads.json` (`[[layer, head], ...]`) loads with `fl.score.load_heads`."),
         code("import tempfile, pathlib\n"
              "path = pathlib.Path(tempfile.mkdtemp()) / 'contextual_heads.json'\n"
              "ds.save(path)\n"
-             "assert fl.load_heads(path, k=5) == top[:5]\n"
+             "assert fl.score.load_heads(path, k=5) == top[:5]\n"
              "path"),
         md("## Recap\n\n- Contextual scores come from one forward pass per example, reduced inside hooks.\n"
            "- A handful of heads carry most of the attention on the relevant document.\n"
@@ -111,7 +111,7 @@ NOTEBOOKS = {
              "    edited = model(toks)\n"
              "print('tau=1 max |Δlogit|:', float((same - base).abs().max()))\n"
              "print('tau=0.2 max |Δlogit|:', float((edited - base).abs().max()))\n"
-             "assert fl.count_hooks(model) == 0  # nothing left on the model"),
+             "assert fl.core.count_hooks(model) == 0  # nothing left on the model"),
         md("## 2.3 Accuracy vs k, with k random heads as the control\n\n"
            "An intervention to evaluate is a *spec*: a value that describes it (`fl.SplitSoftmax(heads, tau=...)`; "
            "the span is read from each example, `r.relevant`) and that the evaluator attaches per example. Its "
@@ -123,7 +123,7 @@ NOTEBOOKS = {
              "top_res, rnd_res = [], []\n"
              "for k in ks:\n"
              "    top_res.append(acc(fl.SplitSoftmax(ranking[:k], tau=tau)))\n"
-             "    rnd_res.append(acc(fl.SplitSoftmax(fl.random_heads(model, k, seed=0), tau=tau)))\n"
+             "    rnd_res.append(acc(fl.SplitSoftmax(fl.evaluation.random_heads(model, k, seed=0), tau=tau)))\n"
              "for k, a, b in zip(ks, top_res, rnd_res):\n"
              "    print(f'k={k:>3}: top-k {a[\"accuracy\"]:.2f}±{a[\"accuracy_se\"]:.2f}   random {b[\"accuracy\"]:.2f}±{b[\"accuracy_se\"]:.2f}')"),
         code("fl.ablation_curve(ks, {f'top-k, τ={tau}': ([s['accuracy'] for s in top_res], [s['accuracy_se'] for s in top_res]),\n"
@@ -134,7 +134,7 @@ NOTEBOOKS = {
            "Split softmax asks whether *more* attention on the gold document is sufficient to help. Ablation asks "
            "whether the heads are necessary: zero their outputs (`fl.Ablate`) and compare with as many random heads."),
         code("abl_top = [acc(fl.Ablate(ranking[:k])) for k in ks]\n"
-             "abl_rnd = [acc(fl.Ablate(fl.random_heads(model, k, seed=0))) for k in ks]\n"
+             "abl_rnd = [acc(fl.Ablate(fl.evaluation.random_heads(model, k, seed=0))) for k in ks]\n"
              "fl.ablation_curve(ks, {'zero-ablate top-k': ([s['accuracy'] for s in abl_top], [s['accuracy_se'] for s in abl_top]),\n"
              "                       'zero-ablate k random': ([s['accuracy'] for s in abl_rnd], [s['accuracy_se'] for s in abl_rnd])},\n"
              "                  baselines={'original': base_s['accuracy']}, xaxis='k', yaxis='accuracy',\n"
@@ -241,7 +241,7 @@ NOTEBOOKS = {
              "import plotly.io as pio\n"
              "from IPython.display import Markdown, display\n"
              "import focuslens as fl\n"
-             "fl.plotting.notebook_figures()  # interactive, plus a static PNG where kaleido + Chromium work\n"
+             "fl.plot.figures.notebook_figures()  # interactive, plus a static PNG where kaleido + Chromium work\n"
              "FIG = pathlib.Path('..') / 'figures'\n"
              "COMMAND = {'headview': 'headview', 'fig3_split_softmax': 'fig3 --n 40', 'ablation_curves': 'ablation --n 40',\n"
              "           'positions': 'positions --n 20', 'fig4_focus_directions_alpha': 'fig4 --n 40'}\n"

@@ -105,3 +105,11 @@ def _no_hook_leaks(request):
         if name in request.fixturenames:
             model = request.getfixturevalue(name)
             assert count_hooks(model) == 0, f"{request.node.name} left hooks on {name}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``pytest -m "not slow"``): tiny random models only. A test that needs the real
+    SmolLM2 (the ``smollm`` fixture) or executes a notebook is slow, whether or not it says so."""
+    for item in items:
+        if "smollm" in getattr(item, "fixturenames", ()) or item.get_closest_marker("notebook"):
+            item.add_marker(pytest.mark.slow)

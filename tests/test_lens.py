@@ -25,7 +25,7 @@ def test_derived_once_and_repr(tiny_llama):
     assert lens.info == fl.model_info(tiny_llama)
     assert lens.attention is lens.attention and len(lens.attention) == 2
     assert lens.attention[0].q_hook == "blocks.0.attn.hook_rot_q"
-    assert lens.stop_ids == fl.generation.stop_ids(tiny_llama.tokenizer)
+    assert lens.stop_ids == fl.core.generation.stop_ids(tiny_llama.tokenizer)
     assert "2 layers × 4 heads (2 KV)" in repr(lens)
     assert fl.FocusLens(lens).model is tiny_llama
 
@@ -35,7 +35,7 @@ def test_score_equals_score_spans(tiny_llama, rendered):
     r = rendered[0]
     full = r.prompt.with_response(tiny_llama.tokenizer, " The capital is B.")
     got = lens.score(full.tokens, response=full.response, relevant=r.relevant)
-    ref = fl.score_spans(tiny_llama, full.tokens, response=full.response, spans={"relevant": r.relevant})
+    ref = fl.score.score_spans(tiny_llama, full.tokens, response=full.response, spans={"relevant": r.relevant})
     assert type(got) is type(ref)
     for name in ref.names:
         assert torch.equal(got[name], ref[name])
@@ -52,7 +52,7 @@ def test_dataset_ranking_and_heatmap(tiny_llama, rendered):
     ds = lens.score_dataset(rendered, response="gold", progress=False)
     ref = fl.score_dataset(tiny_llama, rendered, response="gold", progress=False)
     assert torch.equal(ds.mean["relevant"], ref.mean["relevant"]) and lens.scores is ds
-    assert lens.heads(3) == ref.top_k(3) == fl.contextual_heads(ref, 3)
+    assert lens.heads(3) == ref.top_k(3) == fl.score.contextual_heads(ref, 3)
     fig = lens.heatmap(top_k=3)
     assert fig.data[0].z is not None and "n=3" in fig.layout.title.text
     assert lens.heads(2, scores=ref.mean["relevant"]) == ref.top_k(2)
@@ -70,17 +70,17 @@ def test_interventions_equal_the_eager_functions_and_leave_no_hooks(tiny_llama, 
         with lens.split_softmax(heads, r.relevant, tau=0.3) as h:
             got = tiny_llama(toks)
         assert not h.active and torch.equal(got, ref) and not torch.equal(got, base)
-        with fl.pasta(tiny_llama, heads, r.relevant, 0.05):
+        with fl.intervene.pasta(tiny_llama, heads, r.relevant, 0.05):
             ref = tiny_llama(toks)
         with lens.pasta(heads, r.relevant, coefficient=0.05):
             got = tiny_llama(toks)
         assert torch.equal(got, ref) and not torch.equal(got, base)
         vecs = {(1, 2): torch.randn(16), (0, 1): torch.randn(16)}
-        with fl.inject_vectors(tiny_llama, vecs, alpha=0.7):
+        with fl.intervene.inject_vectors(tiny_llama, vecs, alpha=0.7):
             ref = tiny_llama(toks)
         with lens.inject(vecs, alpha=0.7):
             assert torch.equal(tiny_llama(toks), ref)
-        with fl.ablate_heads(tiny_llama, heads, mode="zero"):
+        with fl.heads.ablate_heads(tiny_llama, heads, mode="zero"):
             ref = tiny_llama(toks)
         with lens.ablate(heads):
             assert torch.equal(tiny_llama(toks), ref)
@@ -101,7 +101,7 @@ def test_interventions_equal_the_eager_functions_and_leave_no_hooks(tiny_llama, 
 def test_generate_and_evaluate_equal_the_module_functions(tiny_llama, rendered):
     lens = fl.FocusLens(tiny_llama)
     r = rendered[0]
-    assert lens.generate(r, max_new_tokens=4) == fl.greedy_generate(tiny_llama, r.tokens, max_new_tokens=4)[1]
+    assert lens.generate(r, max_new_tokens=4) == fl.core.greedy_generate(tiny_llama, r.tokens, max_new_tokens=4)[1]
     got = lens.evaluate(rendered, max_new_tokens=3, progress=False)
     ref = fl.evaluate(tiny_llama, rendered, max_new_tokens=3, progress=False)
     assert got.predictions == ref.predictions and type(got) is type(ref)
@@ -167,7 +167,7 @@ def test_nnsight_scorer_through_the_lens(tiny_llama, rendered):
     r = rendered[0]
     full = r.prompt.with_response(tiny_llama.tokenizer, " The capital is B.")
     got = lens.score(full.tokens, response=full.response, relevant=r.relevant)
-    ref = fl.score_spans(tiny_llama, full.tokens, response=full.response, spans={"relevant": r.relevant})
+    ref = fl.score.score_spans(tiny_llama, full.tokens, response=full.response, spans={"relevant": r.relevant})
     torch.testing.assert_close(got["relevant"], ref["relevant"], atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="does not implement split_softmax"):
         lens.split_softmax([(0, 1)], r.relevant, tau=0.5)

@@ -27,4 +27,4 @@ def test_readme_python_example_runs(smollm, tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), ns)
     assert len(ns["heads"]) == 20 and ns["res"].summary()["n"] == 2
     assert (tmp_path / "runs" / "ss.jsonl").exists()
-    assert fl.count_hooks(smollm) == 0
+    assert fl.core.count_hooks(smollm) == 0

@@ -506,8 +506,8 @@ def test_score_spans_returns_the_scoring_result_type(tiny_llama):
     kw = dict(response=(40, 48), spans={"relevant": (5, 12), "u": [(1, 3), (20, 24)]},
               distractors=[(12, 20), (24, 33)])
     got = fm.score_spans(ids, **kw)
-    ref = fl.score_spans(tiny_llama, ids, **kw)
-    via = fl.score_spans(fm, ids, **kw)  # the public function dispatches to the backend
+    ref = fl.score.score_spans(tiny_llama, ids, **kw)
+    via = fl.score.score_spans(fm, ids, **kw)  # the public function dispatches to the backend
     assert isinstance(got, HeadScores) and set(got.names) == set(ref.names)
     assert "sink" in got.names and "distractors_max" in got.names
     torch.testing.assert_close(got.columns, ref.columns, atol=ATOL, rtol=0)

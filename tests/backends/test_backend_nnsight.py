@@ -91,7 +91,7 @@ def test_nnsight_same_protocol_as_scoring(tiny_llama):
     ids = _ids(44, seed=4)
     kw = dict(response=(36, 44), spans={"relevant": (5, 12)}, distractors=[(12, 20), (20, 30)])
     got = sc.score_spans(ids, **kw)
-    ref = fl.score_spans(tiny_llama, ids, **kw)
+    ref = fl.score.score_spans(tiny_llama, ids, **kw)
     assert set(got.names) == set(ref.names)
     for name in ref.names:
         torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=0)

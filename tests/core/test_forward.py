@@ -32,9 +32,9 @@ def test_run_until_equals_full_forward_and_stops(fixture, request, tok):
         later.append(hook.name)
         return x
 
-    with fl.attach_hooks(model, [("blocks.1.hook_resid_pre", spy), (_qk_names(model, 1)[0], spy)]):
+    with fl.core.attach_hooks(model, [("blocks.1.hook_resid_pre", spy), (_qk_names(model, 1)[0], spy)]):
         got = run_until(model, ids, names=names)
-        assert fl.count_hooks(model) == 2  # only the spies: run_until left none of its own
+        assert fl.core.count_hooks(model) == 2  # only the spies: run_until left none of its own
     assert later == []
     assert sorted(got) == sorted(names)
     for n in names:
@@ -44,7 +44,7 @@ def test_run_until_equals_full_forward_and_stops(fixture, request, tok):
     seen = []
     out = run_until(model, ids, hooks=[(names[0], lambda x, hook: seen.append(x.shape) or x)])
     assert out == {} and len(seen) == 1 and later == []
-    assert fl.count_hooks(model) == 0
+    assert fl.core.count_hooks(model) == 0
 
 
 def test_run_until_right_padded_batch_equals_single(tiny_llama, tok):
@@ -63,7 +63,7 @@ def test_run_until_right_padded_batch_equals_single(tiny_llama, tok):
         single = run_until(tiny_llama, torch.tensor(s), names=names)  # [pos] is accepted too
         for n in names:
             torch.testing.assert_close(batched[n][b, :len(s)], single[n][0], atol=1e-6, rtol=1e-6)
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0
 
 
 def test_run_until_error_paths_leave_no_hooks(tiny_llama, tok):
@@ -77,12 +77,12 @@ def test_run_until_error_paths_leave_no_hooks(tiny_llama, tok):
 
     with pytest.raises(KeyError, match="inside hook"):
         run_until(tiny_llama, ids, names=_qk_names(tiny_llama, 1), hooks=[(_qk_names(tiny_llama, 0)[0], boom)])
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0
     with pytest.raises(ValueError, match="Unknown hook name.*blocks.7.attn.hook_q"):
         run_until(tiny_llama, ids, names=["blocks.7.attn.hook_q"])
     with pytest.raises(ValueError, match="at least one hook name"):
         run_until(tiny_llama, ids)
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0
     assert torch.equal(tiny_llama(ids), base)  # the model is untouched
 
 
@@ -100,4 +100,4 @@ def test_run_until_reports_hooks_that_never_fired(tiny_llama, tok):
     ids = torch.tensor([tok("The capital of Marn is Pell.").input_ids])
     with pytest.raises(RuntimeError, match=r"ended before hook\(s\).*blocks.1"):
         run_until(Skipping(tiny_llama), ids, names=_qk_names(tiny_llama, 0) + _qk_names(tiny_llama, 1))
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0

@@ -50,8 +50,8 @@ def test_generate_response_is_greedy_generate_to_the_end_of_turn(tiny_llama):
 
 
 def test_public_names():
-    assert fl.DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS
-    assert fl.generate_response is generate_response
+    assert fl.core.DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS
+    assert fl.core.generate_response is generate_response
 
 
 def test_generate_responses_are_generate_response_one_by_one(tiny_llama, tiny_gpt2):

@@ -13,7 +13,7 @@ def test_default_model_loads_offline_with_expected_shape(smollm):
     assert info.n_kv_heads == 3 and info.d_head == 64 and info.rotary and info.group_size == 3
     assert info.name == "SmolLM2-135M-Instruct"
     assert isinstance(smollm, HookedModel)
-    assert fl.models.default_model_dir().joinpath("model.safetensors").exists()
+    assert fl.core.models.default_model_dir().joinpath("model.safetensors").exists()
 
 
 def test_cached_default_loads_fast(smollm):
@@ -71,13 +71,13 @@ def test_bad_inputs(tmp_path, tiny_llama):
 
 
 def test_check_heads(tiny_llama):
-    assert fl.check_heads(tiny_llama, [(0, 1), [1, 3]]) == [(0, 1), (1, 3)]
+    assert fl.core.check_heads(tiny_llama, [(0, 1), [1, 3]]) == [(0, 1), (1, 3)]
     with pytest.raises(ValueError, match="Unknown head"):
-        fl.check_heads(tiny_llama, [(2, 0)])
+        fl.core.check_heads(tiny_llama, [(2, 0)])
     with pytest.raises(ValueError, match="Unknown head"):
-        fl.check_heads(tiny_llama, [(0, 4)])
+        fl.core.check_heads(tiny_llama, [(0, 4)])
     with pytest.raises(ValueError, match="twice"):
-        fl.check_heads(tiny_llama, [(0, 1), (0, 1)])
+        fl.core.check_heads(tiny_llama, [(0, 1), (0, 1)])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "smollm"])
@@ -105,23 +105,23 @@ def test_hook_handle_is_leak_free(tiny_llama, tok):
         calls.append(hook.name)
         return x * 0.5
 
-    with fl.attach_hooks(tiny_llama, [("blocks.0.attn.hook_z", fn)]) as h:
-        assert fl.count_hooks(tiny_llama) == 1 and h.active
+    with fl.core.attach_hooks(tiny_llama, [("blocks.0.attn.hook_z", fn)]) as h:
+        assert fl.core.count_hooks(tiny_llama) == 1 and h.active
         changed = tiny_llama(ids)
     assert not torch.equal(changed, base) and calls
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0
     assert torch.equal(tiny_llama(ids), base)
     with pytest.raises(ValueError, match="no hook point"):
-        fl.attach_hooks(tiny_llama, [("blocks.0.attn.hook_z", fn), ("blocks.9.attn.hook_z", fn)])
-    assert fl.count_hooks(tiny_llama) == 0
+        fl.core.attach_hooks(tiny_llama, [("blocks.0.attn.hook_z", fn), ("blocks.9.attn.hook_z", fn)])
+    assert fl.core.count_hooks(tiny_llama) == 0
 
     def boom(x, hook):
         raise RuntimeError("inside hook")
 
     with pytest.raises(RuntimeError, match="inside hook"):
-        with fl.attach_hooks(tiny_llama, [("blocks.1.attn.hook_pattern", boom)]):
+        with fl.core.attach_hooks(tiny_llama, [("blocks.1.attn.hook_pattern", boom)]):
             tiny_llama(ids)
-    assert fl.count_hooks(tiny_llama) == 0
+    assert fl.core.count_hooks(tiny_llama) == 0
     assert torch.equal(tiny_llama(ids), base)
 
 
@@ -182,4 +182,4 @@ def test_bench_dtype_smoke(load_script):
     out = mod.main(["--tiny", "--repeats", "1", "--tokens", "16", "--matmul", "64", "--threads", "1"])
     assert set(out["forward_s"]) == {"torch.float32", "torch.bfloat16"}
     assert out["bfloat16_over_float32"] > 0
-    assert out["cpu_lacks_fast_bfloat16"] == fl.models.cpu_lacks_fast(torch.bfloat16)
+    assert out["cpu_lacks_fast_bfloat16"] == fl.core.models.cpu_lacks_fast(torch.bfloat16)

@@ -63,7 +63,7 @@ def test_fits_the_interface(legacy_any):
     rotary = legacy_any.cfg.model_name == "legacy-llama"
     assert (info.n_layers, info.n_heads, info.d_head, info.rotary) == (2, 4, 16, rotary)
     assert info.n_kv_heads == (2 if rotary else 4)
-    for la in fl.attention.qk_route(legacy_any)[0]:
+    for la in fl.core.attention.qk_route(legacy_any)[0]:
         assert la.exact and la.scale == 0.25
         assert la.q_hook.endswith("hook_rot_q" if rotary else "hook_q")
 
@@ -97,10 +97,10 @@ def test_split_tau_one_and_inject_alpha_zero_are_exact_identities(legacy_any):
     assert torch.equal(out, base)
     g = torch.Generator().manual_seed(0)
     vecs = {(0, 1): torch.randn(16, generator=g) * 2, (1, 3): torch.randn(16, generator=g) * 2}
-    with fl.inject_vectors(legacy_any, vecs, alpha=0.0):
+    with fl.intervene.inject_vectors(legacy_any, vecs, alpha=0.0):
         out = legacy_any(TOKENS)
     assert torch.equal(out, base)
-    with fl.inject_vectors(legacy_any, vecs, alpha=1.0):
+    with fl.intervene.inject_vectors(legacy_any, vecs, alpha=1.0):
         moved = legacy_any(TOKENS)
     assert (moved - base).abs().max() > 1e-2
 
@@ -142,9 +142,9 @@ def test_untouched_heads_are_bit_identical(legacy_any, kind):
     if kind == "split":
         handle = fl.split_softmax(legacy_any, [(0, 1)], SPAN, 0.3)
     elif kind == "inject":
-        handle = fl.inject_vectors(legacy_any, {(0, 1): torch.ones(16) * 2})
+        handle = fl.intervene.inject_vectors(legacy_any, {(0, 1): torch.ones(16) * 2})
     else:
-        handle = fl.ablate_heads(legacy_any, [(0, 1)])
+        handle = fl.heads.ablate_heads(legacy_any, [(0, 1)])
     with handle:
         _, c = legacy_any.run_with_cache(TOKENS, names_filter=[name])
     z0, z1 = base[name], c[name]
@@ -280,12 +280,12 @@ def test_evaluate_and_margins(legacy_any, tmp_path):
     assert len(res) == 3 and 0.0 <= res.accuracy <= 1.0
     rs = [render(e, legacy_any) for e in exs]
     for r, rec in zip(rs, res.predictions):
-        ids, text = fl.greedy_generate(legacy_any, r.tokens, max_new_tokens=4)
+        ids, text = fl.core.greedy_generate(legacy_any, r.tokens, max_new_tokens=4)
         assert rec == text
     spec = SplitSoftmax([(0, 1), (1, 2)], tau=0.3)
     res2 = fl.evaluate(legacy_any, exs, intervene=spec, max_new_tokens=4, progress=False)
     assert len(res2) == 3
-    mr = fl.teacher_forced_margins(legacy_any, rs)
+    mr = fl.evaluation.teacher_forced_margins(legacy_any, rs)
     assert len(mr) == 3
 
 
@@ -294,14 +294,14 @@ def test_focuslens_wrapper(legacy_any):
     assert lens.hooked and lens.info == model_info(legacy_any)
     toks = _tokens()
     hs = lens.score(toks, response=(36, 48), relevant=(3, 10))
-    ref = fl.score_spans(legacy_any, toks, response=(36, 48), spans={"relevant": (3, 10)})
+    ref = fl.score.score_spans(legacy_any, toks, response=(36, 48), spans={"relevant": (3, 10)})
     assert torch.equal(hs.relevant, ref.relevant)
     base = legacy_any(TOKENS)
     with lens.split_softmax([(0, 1)], SPAN, tau=1.0):
         assert torch.equal(legacy_any(TOKENS), base)
     with lens.ablate([(1, 1)]):
         assert not torch.equal(legacy_any(TOKENS), base)
-    assert lens.generate(_tokens(12), max_new_tokens=3) == fl.greedy_generate(legacy_any, _tokens(12), max_new_tokens=3)[1]
+    assert lens.generate(_tokens(12), max_new_tokens=3) == fl.core.greedy_generate(legacy_any, _tokens(12), max_new_tokens=3)[1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -221,7 +221,10 @@ def get_finder(run: Run, model, mid: str, f: str, *, compute: bool = True) -> Da
     if not compute:
         return None
     t0 = time.time()
-    ds = find_heads(model, data, finder=f, progress=not run.quick, **kw)
+    # The cached v1 records of the contextual finder were scored with the gold answer appended (its
+    # default before focuslens 0.2); "v": 1 in the key stands for that protocol, so it is passed here.
+    call_kw = {**kw, "response": "gold"} if f == "contextual" else kw
+    ds = find_heads(model, data, finder=f, progress=not run.quick, **call_kw)
     ds.save(p)
     log(f"finder {f}: n={ds.n} (skipped {ds.n_skipped}) in {time.time() - t0:.0f} s; top-5 {ds.top_k(5)}")
     return ds

@@ -265,7 +265,7 @@ def _out(args) -> Path:
 
 
 def _load_heads(path: str, model, k: int | None = None):
-    from .score.contextual import load_heads
+    from .score.ranking import load_heads
 
     return load_heads(path, k=k, model=model)
 
@@ -340,8 +340,8 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
 def cmd_sweep(args) -> int:
     from .core.io import atomic_write_json, output_lock
     from .plot.figures import ablation_curve, save_figure
-    from .score.contextual import load_heads
-    from .intervene.specs import SplitSoftmax
+    from .score.ranking import load_heads
+    from .intervene.span_specs import SplitSoftmax
     from .evaluation.sweeps import random_heads
     from .tasks import render
 
@@ -383,8 +383,9 @@ def cmd_sweep(args) -> int:
 
 def cmd_train(args) -> int:
     from . import directions as fd
+    from .evaluation.sweeps import select_alpha
     from .core.io import output_lock
-    from .score.contextual import load_heads
+    from .score.ranking import load_heads
 
     load_heads(args.heads, k=args.k)  # format and k, before the model
     train = _examples(args)
@@ -398,7 +399,7 @@ def cmd_train(args) -> int:
         d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
                                       seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
         if args.select_alphas:
-            sel = fd.select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
+            sel = select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
                                   targets=args.select_targets, max_new_tokens=args.max_new_tokens,
                                   output_dir=Path(args.output + ".select"))
             print(sel.table())
@@ -424,7 +425,7 @@ def cmd_evaluate(args) -> int:
 
         d = FocusDirections.load(args.directions)
     elif args.heads:
-        from .score.contextual import load_heads
+        from .score.ranking import load_heads
 
         load_heads(args.heads, k=args.k)  # format and k, before the model
     model = _model(args)
@@ -438,14 +439,14 @@ def cmd_evaluate(args) -> int:
     out = _out(args)
     if d is not None:
         from .core.io import tensor_checksum
-        from .intervene.specs import Steer
+        from .directions.artefact import Steer
 
         alpha = args.alpha if args.alpha is not None else d.alpha
         alpha = alpha if alpha == "auto" else float(alpha)
         _eval(model, examples, args, out, f"directions_alpha{alpha if alpha == 'auto' else format(alpha, 'g')}",
               spec=Steer(d, alpha=alpha), variant=args.variant, source={"directions": tensor_checksum(d.vectors)})
     elif heads is not None:
-        from .intervene.specs import SplitSoftmax
+        from .intervene.span_specs import SplitSoftmax
 
         _eval(model, examples, args, out, f"split_softmax_k{args.k}_tau{args.tau:g}",
               spec=SplitSoftmax(heads, args.tau), variant=args.variant,
@@ -457,7 +458,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_plot(args) -> int:
     from .plot.figures import head_heatmap, save_figure
-    from .score.contextual import DatasetScores
+    from .score.ranking import DatasetScores
 
     ds = DatasetScores.load(args.ranking)
     fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k, title=f"Contextual scores ({ds.model}, n={ds.n})")

@@ -65,14 +65,36 @@ class DemoConfig:
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
 
+    # The defaults that read a name (``model``, ``n_docs``...) take the field's default above: a default
+    # is evaluated in the class body, where the field names are bound to their defaults.
     @classmethod
-    def full(cls, **kw) -> "DemoConfig":
-        base = dict(
-            n_rank=100, n_train=200, n_val=50, n_test=100, ks=(5, 10, 20, 50), taus=(0.2, 0.5),
-            random_ks=(5, 10, 20, 50), random_seeds=(0, 1, 2), alphas=(-0.5, -0.2, 0.2, 0.5, 1.0),
+    def full(
+        cls,
+        *,
+        model: str | None = model,
+        n_docs: int = n_docs,
+        n_rank: int = 100,
+        n_train: int = 200,
+        n_val: int = 50,
+        n_test: int = 100,
+        ks: tuple[int, ...] = (5, 10, 20, 50),
+        taus: tuple[float, ...] = (0.2, 0.5),
+        random_ks: tuple[int, ...] = (5, 10, 20, 50),
+        random_seeds: tuple[int, ...] = (0, 1, 2),
+        k_directions: int = k_directions,
+        alphas: tuple[float, ...] = (-0.5, -0.2, 0.2, 0.5, 1.0),
+        objective: str = objective,
+        max_new_tokens: int = max_new_tokens,
+        seed: int = seed,
+        threads: int | None = threads,
+    ) -> "DemoConfig":
+        """The larger protocol of ``focuslens demo --full`` (more examples, k, τ, seeds and α); any field
+        may still be set, as in ``DemoConfig(...)``."""
+        return cls(
+            model=model, n_docs=n_docs, n_rank=n_rank, n_train=n_train, n_val=n_val, n_test=n_test, ks=ks,
+            taus=taus, random_ks=random_ks, random_seeds=random_seeds, k_directions=k_directions, alphas=alphas,
+            objective=objective, max_new_tokens=max_new_tokens, seed=seed, threads=threads,
         )
-        base.update(kw)
-        return cls(**base)
 
 
 class _Steps:
@@ -111,27 +133,13 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
     ``figures_dir/demo_<name>.{html,png}``.
     """
     from . import directions as fd
-    from .evaluation.runner import evaluate
     from .core.models import load_model, model_info
-    from .intervene.specs import SplitSoftmax
-    from .evaluation.sweeps import examples_identity, random_heads
-    from .plot.figures import ablation_curve, head_heatmap, save_figure
-    from .score.contextual import DatasetScores, score_dataset
-    from .tasks import make_synthetic_qa, render
+    from .score.contextual import DatasetScores
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    extra = Path(figures_dir) if figures_dir else None
-    if extra is not None:
-        extra.mkdir(parents=True, exist_ok=True)
-
-    def save(fig, name: str) -> None:
-        save_figure(fig, figs / name)
-        if extra is not None:  # e.g. the repo's figures/: prefixed so experiment figures stay apart
-            save_figure(fig, extra / f"demo_{name}")
+    figs = _Figures(out, figures_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, cfg)
@@ -139,65 +147,139 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
 
     model = load_model(cfg.model)
     info = model_info(model)
-    tok = model.tokenizer
-    # Disjoint example sets from one seeded pool: ranking, training, validation and test never overlap.
-    n_total = cfg.n_rank + cfg.n_train + cfg.n_val + cfg.n_test
-    pool = make_synthetic_qa(n_total, n_docs=cfg.n_docs, seed=cfg.seed)
-    rank_ex = pool[: cfg.n_rank]
-    train_ex = pool[cfg.n_rank : cfg.n_rank + cfg.n_train]
-    val_ex = pool[cfg.n_rank + cfg.n_train : cfg.n_rank + cfg.n_train + cfg.n_val]
-    test_ex = pool[cfg.n_rank + cfg.n_train + cfg.n_val :]
-    test_r = [render(e, tok) for e in test_ex]
-    data_id = {"model": cfg.model, "test": examples_identity(test_ex)}
+    data = _DemoData(cfg, model.tokenizer)
+    ev = _Evaluator(cfg, model, data, runs)
 
-    def ev(name: str, *, variant: str = "original", spec=None) -> dict:
-        key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
+    # 1. Baselines ---------------------------------------------------------------------------------
+    base = steps.run("baselines", lambda: {v: ev(f"baseline_{v}", variant=v) for v in ("original", "gold_only", "negative")})
+    # 2. Contextual scores -------------------------------------------------------------------------
+    scores = steps.run("scores", lambda: _scores_step(cfg, model, info.name, data.rank_ex, out, figs))
+    full_rank = DatasetScores.load(out / "contextual_heads.json").top_k(info.n_layers * info.n_heads)
+    # 3. Split softmax -----------------------------------------------------------------------------
+    split = steps.run("split_softmax", lambda: _split_softmax_step(cfg, model, full_rank, ev))
+    figs.save(_split_softmax_figure(cfg, split, base), "split_softmax_curve")
+    # 4. Focus directions --------------------------------------------------------------------------
+    dir_path = out / "focus_directions"
+    trained = steps.run("directions", lambda: _train_step(cfg, model, fd, full_rank, data, out, dir_path))
+    directions = fd.FocusDirections.load(dir_path)
+    # 5. Alpha sweep -------------------------------------------------------------------------------
+    # "alpha_calibrated": the magnitude control is the calibrated per-input one (the step name changed
+    # with it, so a demo folder of an older version recomputes this step instead of reusing its result)
+    alpha_res = steps.run("alpha_calibrated", lambda: _alpha_sweep(cfg, directions, model, ev, fd, data.val_ex, out))
+    figs.save(_alpha_figure(cfg, alpha_res, base), "focus_directions_alpha")
+
+    results = {"config": asdict(cfg), "model": info.name, "baselines": base, "scores": scores,
+               "split_softmax": split, "directions": trained, "alpha": alpha_res,
+               "wall_seconds": round(time.time() - t_start, 1)}
+    report = _report(cfg, results)
+    atomic_write(out / "report.md", report)
+    atomic_write_json(out / "results.json", results)
+    print(report)
+    extra = figs.extra
+    print(f"[demo] wrote {out / 'report.md'} and figures in {figs.dir}" + (f" and {extra}/demo_*" if extra else ""))
+    return results
+
+
+class _Figures:
+    """Where the demo's figures go: ``out/figures``, and ``figures_dir`` (prefixed ``demo_``) when given."""
+
+    def __init__(self, out: Path, figures_dir: str | os.PathLike | None):
+        self.dir = out / "figures"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra = Path(figures_dir) if figures_dir else None
+        if self.extra is not None:
+            self.extra.mkdir(parents=True, exist_ok=True)
+
+    def save(self, fig, name: str) -> None:
+        from .plot.figures import save_figure
+
+        save_figure(fig, self.dir / name)
+        if self.extra is not None:  # e.g. the repo's figures/: prefixed so experiment figures stay apart
+            save_figure(fig, self.extra / f"demo_{name}")
+
+
+class _DemoData:
+    """Disjoint example sets from one seeded pool: ranking, training, validation and test never overlap."""
+
+    def __init__(self, cfg: DemoConfig, tok):
+        from .evaluation.sweeps import examples_identity
+        from .tasks import make_synthetic_qa, render
+
+        n_total = cfg.n_rank + cfg.n_train + cfg.n_val + cfg.n_test
+        pool = make_synthetic_qa(n_total, n_docs=cfg.n_docs, seed=cfg.seed)
+        self.rank_ex = pool[: cfg.n_rank]
+        self.train_ex = pool[cfg.n_rank : cfg.n_rank + cfg.n_train]
+        self.val_ex = pool[cfg.n_rank + cfg.n_train : cfg.n_rank + cfg.n_train + cfg.n_val]
+        self.test_ex = pool[cfg.n_rank + cfg.n_train + cfg.n_val :]
+        self.test_r = [render(e, tok) for e in self.test_ex]
+        self.data_id = {"model": cfg.model, "test": examples_identity(self.test_ex)}
+
+
+class _Evaluator:
+    """``ev(name, variant=..., spec=...)``: one condition on the test examples, resumable from
+    ``runs/{name}-{hash}.jsonl`` (the hash covers the spec's identity, the test data and the budget)."""
+
+    def __init__(self, cfg: DemoConfig, model, data: _DemoData, runs: Path):
+        self.cfg, self.model, self.data, self.runs = cfg, model, data, runs
+
+    def __call__(self, name: str, *, variant: str = "original", spec=None) -> dict:
+        from .evaluation.runner import evaluate
+
+        cfg, data = self.cfg, self.data
+        key = content_hash({"intervene": None if spec is None else spec.identity, "data": data.data_id,
                             "variant": variant, "max_new_tokens": cfg.max_new_tokens})
         res = evaluate(
-            model, test_ex if variant != "original" else test_r, variant=variant, intervene=spec,
-            output=runs / f"{name}-{key[:12]}.jsonl", max_new_tokens=cfg.max_new_tokens, tag=data_id,
+            self.model, data.test_ex if variant != "original" else data.test_r, variant=variant, intervene=spec,
+            output=self.runs / f"{name}-{key[:12]}.jsonl", max_new_tokens=cfg.max_new_tokens, tag=data.data_id,
         )
         s = res.summary()
         return {k: s[k] for k in ("n", "accuracy", "accuracy_se", "distractor_copy", "distractor_copy_se")}
 
-    # 1. Baselines ---------------------------------------------------------------------------------
-    base = steps.run("baselines", lambda: {v: ev(f"baseline_{v}", variant=v) for v in ("original", "gold_only", "negative")})
 
-    # 2. Contextual scores -------------------------------------------------------------------------
-    def do_scores() -> dict:
-        ds = score_dataset(model, [render(e, tok) for e in rank_ex], response="generate",
-                           max_new_tokens=cfg.max_new_tokens)
-        ds.save(out / "contextual_heads.json")
-        fig = head_heatmap(ds.mean["relevant"], top_k=20,
-                           title=f"Contextual scores: attention mass from the answer to the gold document "
-                                 f"({info.name}, {cfg.n_docs} docs, n={ds.n})")
-        save(fig, "contextual_heads")
-        m = ds.mean["relevant"]
-        top = ds.ranking()[:20]
-        return {
-            "n": ds.n, "n_skipped": ds.n_skipped,
-            "top20": [[l, h, round(v, 4)] for l, h, v in top],
-            "mean_head": float(m.mean()), "median_head": float(m.median()),
-            "top20_share_of_total": float(sum(v for _, _, v in top) / m.sum()),
-            "mean_sink": float(ds.mean["sink"].mean()) if "sink" in ds.mean else None,
-        }
+def _scores_step(cfg: DemoConfig, model, model_name: str, rank_ex, out: Path, figs: _Figures) -> dict:
+    """Contextual scores of every head on the ranking examples: saved ranking, heatmap, summary."""
+    from .plot.figures import head_heatmap
+    from .score.contextual import score_dataset
+    from .tasks import render
 
-    scores = steps.run("scores", do_scores)
-    full_rank = DatasetScores.load(out / "contextual_heads.json").top_k(info.n_layers * info.n_heads)
+    ds = score_dataset(model, [render(e, model.tokenizer) for e in rank_ex], response="generate",
+                       max_new_tokens=cfg.max_new_tokens)
+    ds.save(out / "contextual_heads.json")
+    fig = head_heatmap(ds.mean["relevant"], top_k=20,
+                       title=f"Contextual scores: attention mass from the answer to the gold document "
+                             f"({model_name}, {cfg.n_docs} docs, n={ds.n})")
+    figs.save(fig, "contextual_heads")
+    m = ds.mean["relevant"]
+    top = ds.ranking()[:20]
+    return {
+        "n": ds.n, "n_skipped": ds.n_skipped,
+        "top20": [[l, h, round(v, 4)] for l, h, v in top],
+        "mean_head": float(m.mean()), "median_head": float(m.median()),
+        "top20_share_of_total": float(sum(v for _, _, v in top) / m.sum()),
+        "mean_sink": float(ds.mean["sink"].mean()) if "sink" in ds.mean else None,
+    }
 
-    # 3. Split softmax -----------------------------------------------------------------------------
-    def do_split() -> dict:
-        res: dict[str, Any] = {"top": {}, "random": {}}
-        for tau in cfg.taus:
-            for k in cfg.ks:
-                res["top"][f"{k}|{tau}"] = ev(f"ss_top{k}_tau{tau}", spec=SplitSoftmax(full_rank[:k], tau))
-            for s in cfg.random_seeds:
-                for k in cfg.random_ks:
-                    res["random"][f"{k}|{tau}|{s}"] = ev(f"ss_rand{k}_tau{tau}_s{s}",
-                                                         spec=SplitSoftmax(random_heads(model, k, seed=s), tau))
-        return res
 
-    split = steps.run("split_softmax", do_split)
+def _split_softmax_step(cfg: DemoConfig, model, full_rank, ev: _Evaluator) -> dict:
+    """Split softmax on the top-k contextual heads for k × τ, and on k random heads (the control)."""
+    from .evaluation.sweeps import random_heads
+    from .intervene.span_specs import SplitSoftmax
+
+    res: dict[str, Any] = {"top": {}, "random": {}}
+    for tau in cfg.taus:
+        for k in cfg.ks:
+            res["top"][f"{k}|{tau}"] = ev(f"ss_top{k}_tau{tau}", spec=SplitSoftmax(full_rank[:k], tau))
+        for s in cfg.random_seeds:
+            for k in cfg.random_ks:
+                res["random"][f"{k}|{tau}|{s}"] = ev(f"ss_rand{k}_tau{tau}_s{s}",
+                                                     spec=SplitSoftmax(random_heads(model, k, seed=s), tau))
+    return res
+
+
+def _split_softmax_figure(cfg: DemoConfig, split: dict, base: dict):
+    """Accuracy vs k for the top-k and the random heads (mean over seeds), with the baselines."""
+    from .plot.figures import ablation_curve
+
     series = {}
     for tau in cfg.taus:
         ys = [split["top"][f"{k}|{tau}"] for k in cfg.ks]
@@ -211,7 +293,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
             ses = [split["random"][f"{k}|{tau}|{s}"]["accuracy_se"] for s in cfg.random_seeds]
             ys_r.append((sum(vals) / len(vals), math.sqrt(sum(x * x for x in ses)) / len(ses)))
         series[f"k random heads, τ={tau}"] = ([y[0] for y in ys_r], [y[1] for y in ys_r])
-    fig = ablation_curve(
+    return ablation_curve(
         list(cfg.ks), series,
         baselines={"gold only": base["gold_only"]["accuracy"], "original": base["original"]["accuracy"],
                    "negative": base["negative"]["accuracy"]},
@@ -221,32 +303,28 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         conditions={**{name: ("split_softmax" if name.startswith("top-k") else "random_heads") for name in series},
                     "gold only": "gold_only", "original": "unmodified", "negative": "negative"},
     )
-    save(fig, "split_softmax_curve")
 
-    # 4. Focus directions --------------------------------------------------------------------------
-    dir_path = out / "focus_directions"
 
-    def do_train() -> dict:
-        heads = full_rank[: cfg.k_directions]
-        train_d = fd.make_direction_examples(model, train_ex, max_new_tokens=cfg.max_new_tokens)
-        val_d = fd.make_direction_examples(model, val_ex, max_new_tokens=cfg.max_new_tokens)
-        d = fd.train_focus_directions(model, train_d, heads=heads, objective=cfg.objective,
-                                      val_examples=val_d, seed=cfg.seed, patience=5,
-                                      checkpoint_dir=out / "directions_ckpt")
-        d.save(dir_path)
-        return {"heads": [list(h) for h in d.heads], "objective": d.objective,
-                "norms": [round(float(x), 3) for x in d.norms()],
-                "training": json.loads(json.dumps(d.training, default=str))}
+def _train_step(cfg: DemoConfig, model, fd, full_rank, data: _DemoData, out: Path, dir_path: Path) -> dict:
+    """Focus directions on the top heads, trained with early stopping on the validation examples; saved."""
+    heads = full_rank[: cfg.k_directions]
+    train_d = fd.make_direction_examples(model, data.train_ex, max_new_tokens=cfg.max_new_tokens)
+    val_d = fd.make_direction_examples(model, data.val_ex, max_new_tokens=cfg.max_new_tokens)
+    d = fd.train_focus_directions(model, train_d, heads=heads, objective=cfg.objective,
+                                  val_examples=val_d, seed=cfg.seed, patience=5,
+                                  checkpoint_dir=out / "directions_ckpt")
+    d.save(dir_path)
+    return {"heads": [list(h) for h in d.heads], "objective": d.objective,
+            "norms": [round(float(x), 3) for x in d.norms()],
+            "training": json.loads(json.dumps(d.training, default=str))}
 
-    trained = steps.run("directions", do_train)
-    directions = fd.FocusDirections.load(dir_path)
 
-    # 5. Alpha sweep -------------------------------------------------------------------------------
-    # "alpha_calibrated": the magnitude control is the calibrated per-input one (the step name changed
-    # with it, so a demo folder of an older version recomputes this step instead of reusing its result)
-    alpha_res = steps.run("alpha_calibrated", lambda: _alpha_sweep(cfg, directions, model, ev, fd, val_ex, out))
+def _alpha_figure(cfg: DemoConfig, alpha_res: dict, base: dict):
+    """Accuracy vs α: learned and matched-norm random directions, with the magnitude control as a baseline."""
+    from .plot.figures import ablation_curve
+
     xs = list(cfg.alphas)
-    fig = ablation_curve(
+    return ablation_curve(
         xs,
         {
             "learned focus directions": ([alpha_res["learned"][str(a)]["accuracy"] for a in xs],
@@ -263,21 +341,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "demo_output", *, figures
         title=f"Focus directions on the top-{cfg.k_directions} heads ({cfg.objective} objective, n={cfg.n_test} per point; "
               "error bars ± 1 SE)",
     )
-    save(fig, "focus_directions_alpha")
-
-    results = {"config": asdict(cfg), "model": info.name, "baselines": base, "scores": scores,
-               "split_softmax": split, "directions": trained, "alpha": alpha_res,
-               "wall_seconds": round(time.time() - t_start, 1)}
-    report = _report(cfg, results)
-    atomic_write(out / "report.md", report)
-    atomic_write_json(out / "results.json", results)
-    print(report)
-    print(f"[demo] wrote {out / 'report.md'} and figures in {figs}" + (f" and {extra}/demo_*" if extra else ""))
-    return results
-
 
 def _alpha_sweep(cfg: DemoConfig, directions, model, ev, fd, val_ex, out: Path) -> dict:
-    from .intervene.specs import Steer
+    from .directions.artefact import Steer
     from .evaluation.sweeps import select_alpha
     from .tasks import render
 

@@ -5,9 +5,16 @@ scored, ranked, plotted, intervened on and evaluated dozens of times; each call 
 architecture, the query/key sites, the attention scale and the stop tokens. ``FocusLens`` derives
 them once, remembers the last ranking (so ``lens.heads(20)`` needs no argument), and gives every
 capability one short name — while returning exactly the result types of the functions underneath
-(:class:`~focuslens.score.contextual.HeadScores`, :class:`~focuslens.score.contextual.DatasetScores`,
+(:class:`~focuslens.score.ranking.HeadScores`, :class:`~focuslens.score.ranking.DatasetScores`,
 :class:`~focuslens.core.hooks.HookHandle`, :class:`~focuslens.evaluation.runner.EvalResult`, ``[layer, head]``
 tensors), so code moves freely between the two styles.
+
+A thin layer: every method lists the parameters of the function or spec underneath (same names,
+defaults and types; ``help(lens.score_dataset)`` or ``lens.score_dataset?`` shows them all), and the
+interventions build the spec (:class:`~focuslens.intervene.span_specs.SplitSoftmax`,
+:class:`~focuslens.intervene.span_specs.Pasta`, :class:`~focuslens.intervene.vector_specs.InjectVectors`,
+:class:`~focuslens.intervene.specs.Ablate`, :class:`~focuslens.directions.artefact.Steer`) and attach it, so a
+mistake (bool or float heads, a bool or NaN τ/α) is refused exactly as the spec refuses it.
 
 Example:
     >>> import focuslens as fl
@@ -16,7 +23,7 @@ Example:
     >>> lens.heatmap()                               # the head-location figure
     >>> with lens.split_softmax(lens.heads(20), r.relevant, tau=0.2):
     ...     print(lens.generate(r.tokens))
-    >>> lens.evaluate(test, intervene=fl.specs.SplitSoftmax(lens.heads(20), tau=0.2))
+    >>> lens.evaluate(test, intervene=fl.SplitSoftmax(lens.heads(20), tau=0.2))
 
 Backends: a TransformerLens model (bridge or legacy ``HookedTransformer``) supports everything. The
 fused-attention backend (:class:`focuslens.backends.fused.FusedModel`) and the nnsight scorer are
@@ -27,19 +34,61 @@ evaluator need hook points and raise a ``TypeError`` saying so on those backends
 
 from __future__ import annotations
 
+import inspect
+import numbers
+import os
 from functools import cached_property
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .core.checks import Head, check_count, check_heads
 from .core.generation import DEFAULT_MAX_NEW_TOKENS, greedy_generate, stop_ids
 from .core.hooks import HookHandle
 from .core.models import ModelInfo, model_info
-from .core.checks import Head, check_heads
+from .core.prompts import LabelledPrompt, SpanLike
+from .directions.artefact import FocusDirections, Steer
+from .directions.config import TrainConfig
+from .evaluation.runner import Decoding
+from .intervene.span_specs import Pasta, SplitSoftmax
+from .intervene.specs import Ablate, InterventionSpec
+from .intervene.vector_specs import InjectVectors
+from .score.contextual import SpansLike
+from .score.ranking import DatasetScores, HeadScores, contextual_heads
+
+if TYPE_CHECKING:  # annotations only
+    import plotly.graph_objects as go
+
+    from .directions.data import DirectionExample
+    from .directions.train import QKCache
+    from .evaluation.intervention import Intervene
+    from .evaluation.runner import EvalResult
+    from .tasks.records import RenderedExample, TaskExample
 
 __all__ = ["FocusLens"]
+
+Ranking = DatasetScores | HeadScores | Float[Tensor, "layer head"]  # a [layer, head] table source
+
+# find_heads: which finder takes which option (the contextual finder passes the rest to score_dataset)
+_FINDER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "contextual": ("response", "max_new_tokens", "sink", "method", "batch_size"),
+    "retrieval": (), "qrhead": ("qr_score",), "patching": ("min_gap",),
+}
+
+
+def _changed(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords of ``given`` that differ from ``cls``'s field defaults (type included: ``True`` is not ``1.0``)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: v for k, v in given.items() if not (type(v) is type(defaults[k]) and v == defaults[k])}
+
+
+def _is_count(x: Any) -> bool:
+    """A scalar given where heads go: an int k (or a bool/float/0-dim tensor, which check_count refuses)."""
+    return isinstance(x, numbers.Number) or (isinstance(x, Tensor) and x.dim() == 0)
 
 
 class FocusLens:
@@ -47,16 +96,20 @@ class FocusLens:
 
     Args:
         model: a TransformerLens model (``fl.load_model()``), or a backend object with the
-            focuslens protocol (``FusedModel``, ``NNsightScorer``).
+            focuslens protocol (``FusedModel``, ``NNsightScorer``); a ``FocusLens`` is unwrapped.
 
     Attributes:
         model: the wrapped model (use it directly for anything not wrapped here).
         info: the architecture (:class:`~focuslens.core.models.ModelInfo`), read once.
-        scores: the last :class:`~focuslens.score.contextual.DatasetScores` computed by :meth:`score_dataset`
+        scores: the last :class:`~focuslens.score.ranking.DatasetScores` computed by :meth:`score_dataset`
             (or given to :meth:`use_scores`); :meth:`heads` and :meth:`heatmap` default to it.
+
+    Example:
+        >>> lens = fl.FocusLens(fl.load_model())
+        >>> lens                                      # <FocusLens SmolLM2-135M-Instruct: 30 layers × 9 heads ...>
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any) -> None:
         if isinstance(model, FocusLens):
             model = model.model
         self.model = model
@@ -66,7 +119,7 @@ class FocusLens:
                 f"FocusLens needs a TransformerLens hooked model (fl.load_model(...)) or a focuslens backend "
                 f"(focuslens.backends.fused.FusedModel, NNsightScorer); got {type(model).__name__}."
             )
-        self.scores: Any = None
+        self.scores: DatasetScores | HeadScores | Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------
     # What is derived once
@@ -74,6 +127,9 @@ class FocusLens:
 
     @cached_property
     def info(self) -> ModelInfo:
+        """The architecture, read once: :class:`~focuslens.core.models.ModelInfo` (name, n_layers, n_heads,
+        n_kv_heads, d_head, d_model, n_ctx, rotary; ``.fingerprint()`` is what saved artefacts are checked
+        against). A backend's info is read from its attributes."""
         if self.hooked:
             return model_info(self.model)
         m = self.model
@@ -97,6 +153,8 @@ class FocusLens:
 
     @property
     def tokenizer(self) -> Any:
+        """The wrapped model's tokenizer (``model.tokenizer``, a Hugging Face tokenizer): render task
+        examples with it (``render(example, lens.tokenizer)``) and decode token ids."""
         return self.model.tokenizer
 
     def _need_hooks(self, what: str) -> None:
@@ -107,7 +165,7 @@ class FocusLens:
                 "fl.load_model(...) for this."
             )
 
-    def _backend(self, method: str):
+    def _backend(self, method: str) -> Callable[..., Any]:
         fn = getattr(self.model, method, None)
         if not callable(fn):
             raise TypeError(
@@ -115,12 +173,16 @@ class FocusLens:
                 "use the fused backend (focuslens.backends.fused.load_fused) or a TransformerLens model.")
         return fn
 
-    def _heads(self, heads: Iterable[Sequence[int]] | int) -> list[Head]:
-        if isinstance(heads, int):
-            return self.heads(heads)
-        if self.hooked:
-            return check_heads(self.model, heads)
-        return [tuple(map(int, h)) for h in heads]  # the backend validates
+    def _heads(self, heads: Iterable[Sequence[int]] | int, what: str) -> Iterable[Sequence[int]]:
+        """An int k: the top-k heads of the last ranking (``check_count`` refuses bools and floats);
+        a list is passed on as given (the spec or the function underneath validates it)."""
+        return self._top(heads, None, "relevant", what=what, arg="heads (a count k)") if _is_count(heads) else heads
+
+    def _top(self, k: Any, scores: Ranking | None, name: str, *, what: str, arg: str = "k") -> list[Head]:
+        if scores is None and self.scores is None:
+            check_count(k, name=arg, what=what)  # a bad k is named before the missing ranking
+        table = self._matrix(scores, name)
+        return contextual_heads(table, check_count(k, name=arg, what=what, upper=table.numel()))
 
     # ---------------------------------------------------------------------------------------------
     # Contextual scores, ranking, heatmap
@@ -128,24 +190,39 @@ class FocusLens:
 
     def score(
         self,
-        tokens: Int[Tensor, "pos"] | Any,
+        tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"] | RenderedExample,
         *,
-        response: Any = None,
-        relevant: Any = None,
-        spans: Mapping[str, Any] | None = None,
-        distractors: Sequence[Any] | None = None,
-        sink: Any = 1,
+        response: SpanLike | Literal["generate", "gold", "gold_only"] | str | None = None,
+        relevant: SpansLike | None = None,
+        spans: Mapping[str, SpansLike] | None = None,
+        distractors: Sequence[SpanLike] | None = None,
+        sink: SpanLike | int | None = 1,
+        method: Literal["auto", "qk", "pattern"] = "auto",
+        stop_early: bool = True,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    ):
-        """Contextual scores of one sequence: :class:`~focuslens.score.contextual.HeadScores` (``[layer, head]`` each).
+    ) -> HeadScores:
+        """Contextual scores of one sequence (:func:`~focuslens.score.contextual.score_spans`), ``[layer, head]`` each.
 
-        ``tokens`` with explicit spans (``response=`` and ``relevant=``/``spans=``), or a rendered
-        task example (:class:`~focuslens.tasks.RenderedExample`): then the model's own greedy answer
-        (or ``response="gold"``/``"gold_only"``/a text) is appended and the gold document, the
-        distractors and the sink are scored, as :func:`~focuslens.score.contextual.score_dataset` does per example.
+        Args:
+            tokens: token ids with explicit spans (``response=`` and ``relevant=``/``spans=``); or a
+                rendered task example (:class:`~focuslens.tasks.records.RenderedExample`): then the
+                model's own greedy answer (``response=None``/``"generate"``), ``"gold"``/``"gold_only"``
+                (as :func:`~focuslens.score.contextual.score_dataset`) or a given text is appended, and the
+                gold document, the distractors and the sink are scored.
+            response: the query rows (a span) for ``tokens``; the response mode for an example.
+            relevant: the gold span(s), scored as ``"relevant"`` (same as ``spans={"relevant": ...}``).
+            spans, distractors, sink, method, stop_early: as :func:`~focuslens.score.contextual.score_spans`
+                (backends take ``method``/``stop_early`` as their own route).
+            max_new_tokens: generation budget of a generated response (rendered examples only).
+
+        Example:
+            >>> hs = lens.score(p.tokens, response=p.response, relevant=p["doc_2"])
+            >>> hs.relevant.shape                     # [n_layers, n_heads]
+            >>> hs = lens.score(rendered, response="gold")
         """
         from .score.contextual import respan, responses_for, score_spans
 
+        kw: dict[str, Any] = {"sink": sink, "method": method, "stop_early": stop_early}
         if hasattr(tokens, "prompt") and hasattr(tokens, "relevant"):
             ex = tokens
             mode = "generate" if response is None else response
@@ -157,174 +234,540 @@ class FocusLens:
             if rel is not None:
                 named.setdefault("relevant", rel)
             return score_spans(self.model, full.tokens, response=full.response, spans=named,
-                               distractors=dis or None, sink=sink)
+                               distractors=dis or None, **kw)
         if response is None:
             raise ValueError("score(tokens, ...) needs response=<span of the response rows>; or pass a rendered example.")
         named = dict(spans or {})
         if relevant is not None:
             named["relevant"] = relevant
         return score_spans(self.model, tokens, response=response, spans=named or None, distractors=distractors,
-                           sink=sink)
+                           **kw)
 
-    def score_dataset(self, examples: Sequence[Any], **kw: Any):
-        """:func:`~focuslens.score.contextual.score_dataset`; the result is kept as :attr:`scores` for :meth:`heads`."""
+    def score_dataset(
+        self,
+        examples: Sequence[RenderedExample],
+        *,
+        response: (Literal["generate", "gold", "gold_only"]
+                   | Callable[[Any], str | Tensor | Sequence[int]]) = "generate",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        sink: SpanLike | int | None = 1,
+        method: Literal["auto", "qk", "pattern"] = "auto",
+        progress: bool = True,
+        batch_size: int = 8,
+    ) -> DatasetScores:
+        """Contextual scores of every head averaged over ``examples``, kept as :attr:`scores` for :meth:`heads`.
+
+        :func:`~focuslens.score.contextual.score_dataset` on this model; the arguments are its own.
+
+        Args:
+            examples: rendered examples with a ``relevant`` span (the gold document).
+            response: ``"generate"`` (the model's own greedy answer, the paper's default), ``"gold"``
+                (the gold answer text), ``"gold_only"`` (the answer to the gold-only prompt) or a
+                callable ``f(example) -> str | token ids``.
+            max_new_tokens: generation budget of generated responses.
+            sink, method: as :func:`~focuslens.score.contextual.score_spans`.
+            progress: a tqdm bar over examples.
+            batch_size: responses generated together.
+
+        Example:
+            >>> ds = lens.score_dataset([render(e, lens.tokenizer) for e in examples], response="gold")
+            >>> lens.heads(20) == ds.top_k(20)
+            True
+        """
         self._need_hooks("score_dataset")
         from .score.contextual import score_dataset
 
-        self.scores = score_dataset(self.model, examples, **kw)
+        self.scores = score_dataset(self.model, examples, response=response, max_new_tokens=max_new_tokens,
+                                    sink=sink, method=method, progress=progress, batch_size=batch_size)
         return self.scores
 
-    def use_scores(self, scores: Any) -> "FocusLens":
-        """Use a ranking computed elsewhere (:class:`DatasetScores`, a saved ranking file's path, a tensor)."""
-        if isinstance(scores, (str,)) or hasattr(scores, "__fspath__"):
-            from .score.contextual import DatasetScores
+    def use_scores(
+        self, scores: DatasetScores | HeadScores | Float[Tensor, "layer head"] | str | os.PathLike,
+    ) -> FocusLens:
+        """Use a ranking computed elsewhere: :class:`DatasetScores`, a saved ranking file's path, or a tensor.
 
+        The ranking's ``[layer, head]`` tables must have this model's shape ``(n_layers, n_heads)``;
+        another shape (a ranking of another model) is refused with a ``ValueError`` naming both.
+
+        Example:
+            >>> lens.use_scores("runs/ranking.json").heads(20)   # written by `focuslens score`
+        """
+        source = ""
+        if isinstance(scores, str) or hasattr(scores, "__fspath__"):
+            source = f" (from {os.fspath(scores)})"
             scores = DatasetScores.load(scores)
+        if not isinstance(scores, (DatasetScores, HeadScores, Tensor)):
+            raise TypeError(f"use_scores takes DatasetScores, HeadScores, a [layer, head] tensor or a ranking "
+                            f"file's path; got {type(scores).__name__}.")
+        tables = scores.mean if isinstance(scores, DatasetScores) else \
+            scores.scores if isinstance(scores, HeadScores) else {"scores": scores}
+        for t in tables.values():
+            self._check_shape(t, f"the ranking{source}")
         self.scores = scores
         return self
 
-    def _matrix(self, scores: Any, name: str) -> Float[Tensor, "layer head"]:
+    def _check_shape(self, table: Tensor, what: str) -> Tensor:
+        want = (self.info.n_layers, self.info.n_heads)
+        if tuple(table.shape) != want:
+            raise ValueError(
+                f"{what} has [layer, head] tables of shape {tuple(table.shape)}, but this model "
+                f"({self.info.name}) has shape {want} (n_layers, n_heads): it was computed on another model. "
+                "Score this model (lens.score_dataset(examples)) or load the ranking file written for it.")
+        return table
+
+    def _table(self, scores: Ranking | None, name: str) -> Float[Tensor, "layer head"]:
         s = self.scores if scores is None else scores
         if s is None:
             raise ValueError("No scores yet: call lens.score_dataset(examples) first, or pass scores=.")
         if isinstance(s, Tensor):
             return s
         mean = getattr(s, "mean", None)
-        if isinstance(mean, Mapping):
-            return mean[name]
-        return s[name]
+        return mean[name] if isinstance(mean, Mapping) else s[name]
 
-    def heads(self, k: int = 20, *, scores: Any = None, name: str = "relevant") -> list[Head]:
-        """The top-``k`` contextual heads (:func:`~focuslens.score.contextual.contextual_heads`) of ``scores`` or the last ranking."""
-        from .score.contextual import contextual_heads
+    def _matrix(self, scores: Ranking | None, name: str) -> Float[Tensor, "layer head"]:
+        """The ``[layer, head]`` table that heads are picked from: it must have this model's shape."""
+        return self._check_shape(self._table(scores, name), "scores" if scores is not None else "the ranking")
 
-        return contextual_heads(self._matrix(scores, name), k)
+    def heads(
+        self,
+        k: int = 20,
+        *,
+        scores: DatasetScores | HeadScores | Float[Tensor, "layer head"] | None = None,
+        name: str = "relevant",
+    ) -> list[Head]:
+        """The top-``k`` heads (:func:`~focuslens.score.ranking.contextual_heads`) of ``scores`` or the last ranking.
 
-    def heatmap(self, scores: Any = None, *, name: str = "relevant", top_k: int = 20, title: str | None = None, **kw: Any):
-        """The head-location figure (:func:`~focuslens.plot.figures.head_heatmap`) of ``scores`` or the last ranking."""
+        ``k`` is a count (:func:`~focuslens.core.checks.check_count`: an int in ``1..n_layers·n_heads``;
+        a bool or a float is refused); ``name`` picks the score (``"relevant"``, ``"sink"``...).
+
+        Example:
+            >>> lens.score_dataset(examples); top20 = lens.heads(20)
+            >>> lens.heads(5, scores=other_ranking)
+        """
+        return self._top(k, scores, name, what="FocusLens.heads")
+
+    def heatmap(
+        self,
+        scores: DatasetScores | HeadScores | Float[Tensor, "layer head"] | None = None,
+        *,
+        name: str = "relevant",
+        top_k: int = 20,
+        title: str | None = None,
+        colorbar_title: str = "score",
+        colorscale: str = "Blues",
+        zmin: float | None = None,
+        zmax: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> go.Figure:
+        """The head-location figure (:func:`~focuslens.plot.figures.head_heatmap`) of ``scores`` or the last ranking.
+
+        Args:
+            scores: a ranking or any ``[layer, head]`` tensor (default: :attr:`scores`).
+            name: which score of a ranking to draw.
+            title: default ``"Contextual scores (<model>, n=<examples>)"``.
+            top_k, colorbar_title, colorscale, zmin, zmax, height, width: as ``head_heatmap``.
+
+        Example:
+            >>> lens.heatmap(top_k=20)
+            >>> lens.heatmap(lens.patch(corrupt, clean, metric), title="patching", top_k=10)
+        """
         from .plot.figures import head_heatmap
 
+        table = self._table(scores, name)
         n = getattr(self.scores if scores is None else scores, "n", None)
         default = f"Contextual scores ({self.info.name}{f', n={n}' if n else ''})"
-        return head_heatmap(self._matrix(scores, name), top_k=top_k, title=default if title is None else title, **kw)
+        return head_heatmap(table, top_k=top_k, title=default if title is None else title,
+                            colorbar_title=colorbar_title, colorscale=colorscale, zmin=zmin, zmax=zmax,
+                            height=height, width=width)
 
     # ---------------------------------------------------------------------------------------------
-    # Interventions (each returns a handle: .remove(), or use it in a with block)
+    # Interventions: build the spec (its validation), attach it; a handle: .remove() or a with block
     # ---------------------------------------------------------------------------------------------
 
-    def split_softmax(self, heads: Iterable[Sequence[int]] | int, span: Any, tau: float) -> HookHandle:
-        """:func:`~focuslens.intervene.eager.split_softmax` on ``heads`` (an int k: the top-k heads)."""
-        heads = self._heads(heads)
+    def split_softmax(
+        self, heads: Iterable[Sequence[int]] | int, span: SpanLike | Sequence[SpanLike], tau: float,
+    ) -> HookHandle:
+        """Split softmax on ``heads``: their attention mass on ``span`` becomes π^τ (``docs/method.md`` §3).
+
+        Builds :class:`~focuslens.intervene.span_specs.SplitSoftmax` ``(heads, tau, span=span)`` (which
+        refuses bool/float heads and a bool, NaN or non-positive τ) and attaches it.
+
+        Args:
+            heads: ``(layer, head)`` pairs, or an int k: the top-k heads of the last ranking.
+            span: the relevant context: a Span, ``(start, end)`` or a list of them (their union).
+            tau: > 0; 1 is the identity, < 1 moves attention onto the span.
+
+        Example:
+            >>> with lens.split_softmax(lens.heads(20), r.relevant, tau=0.2):
+            ...     print(lens.generate(r))
+        """
+        spec = SplitSoftmax(self._heads(heads, "SplitSoftmax"), tau, span=span)
         if not self.hooked:
-            return self._backend("split_softmax")(heads, span, tau)
-        from .intervene.eager import split_softmax
+            return self._backend("split_softmax")(list(spec.heads), span, spec.tau)
+        return spec.attach(self.model)
 
-        return split_softmax(self.model, heads, span, tau)
+    def pasta(
+        self, heads: Iterable[Sequence[int]] | int, span: SpanLike | Sequence[SpanLike], coefficient: float = 0.01,
+    ) -> HookHandle:
+        """PASTA attention steering on ``heads``: attention outside ``span`` × ``coefficient``, renormalised.
 
-    def pasta(self, heads: Iterable[Sequence[int]] | int, span: Any, coefficient: float = 0.01) -> HookHandle:
-        """:func:`~focuslens.intervene.eager.pasta` (PASTA attention steering) on ``heads`` (an int k: top-k)."""
-        heads = self._heads(heads)
+        Builds :class:`~focuslens.intervene.span_specs.Pasta` ``(heads, coefficient=, span=)`` and attaches it.
+
+        Args:
+            heads: ``(layer, head)`` pairs, or an int k: the top-k heads of the last ranking.
+            span: the span to emphasise (a Span, ``(start, end)`` or a list of them).
+            coefficient: > 0; PASTA's default 0.01, 1 the identity.
+
+        Example:
+            >>> with lens.pasta(lens.heads(20), r.relevant, coefficient=0.01):
+            ...     print(lens.generate(r))
+        """
+        spec = Pasta(self._heads(heads, "Pasta"), coefficient=coefficient, span=span)
         if not self.hooked:
             raise TypeError(
                 "pasta needs a hooked model (TransformerBridge/HookedTransformer); this FocusLens wraps a "
                 "backend without hook_pattern. Use FocusLens(fl.load_model(name)) instead."
             )
-        from .intervene.eager import pasta
+        return spec.attach(self.model)
 
-        return pasta(self.model, heads, span, coefficient)
-
-    def inject(self, vectors: Mapping[tuple[int, int], Tensor], *, alpha: float = 1.0,
+    def inject(self, vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"]], *, alpha: float = 1.0,
                site: Literal["query", "key"] = "query", pre_rope: bool = False) -> HookHandle:
-        """:func:`~focuslens.intervene.eager.inject_vectors`: add ``alpha·v`` to chosen heads' queries/keys."""
-        if not self.hooked:
-            return self._backend("inject_vectors")(vectors, alpha=alpha)
-        from .intervene.eager import inject_vectors
+        """Add ``alpha · v`` to chosen heads' queries (or keys) at every position.
 
-        return inject_vectors(self.model, vectors, alpha=alpha, site=site, pre_rope=pre_rope)
+        Builds :class:`~focuslens.intervene.vector_specs.InjectVectors` ``(vectors, alpha=, site=, pre_rope=)``
+        and attaches it. The backends inject post-RoPE queries only.
 
-    def steer(self, directions: Any, *, alpha: float | str | None = None, heads: Any = None,
-              tokens: Any = None, **kw: Any) -> HookHandle:
-        """Apply focus directions (:meth:`FocusDirections.apply`); on a backend, inject them."""
+        Example:
+            >>> with lens.inject({(17, 3): torch.randn(64) * 0.1}, alpha=0.3):
+            ...     print(lens.generate(r))
+        """
+        spec = InjectVectors(vectors, alpha=alpha, site=site, pre_rope=pre_rope)
         if not self.hooked:
-            d = directions.top(heads) if isinstance(heads, int) else directions
-            a = d.alpha if alpha is None else alpha
-            if isinstance(a, str):
+            if site != "query" or pre_rope:
+                raise TypeError(f"{type(self.model).__name__} injects post-RoPE query vectors only (site='query', "
+                                "pre_rope=False); use a TransformerLens model for key or pre-RoPE vectors.")
+            return self._backend("inject_vectors")(dict(spec.vectors), alpha=spec.alpha)
+        return spec.attach(self.model)
+
+    def steer(
+        self,
+        directions: FocusDirections,
+        *,
+        alpha: float | Literal["auto"] | None = None,
+        heads: Iterable[Sequence[int]] | int | None = None,
+        tokens: Int[Tensor, "pos"] | LabelledPrompt | None = None,
+        target: float = 0.5,
+        alpha_max: float = 4.0,
+        per: Literal["head", "input"] = "head",
+    ) -> HookHandle:
+        """Apply focus directions with a factor α (as :meth:`FocusDirections.apply <focuslens.directions.FocusDirections.apply>`).
+
+        Builds :class:`~focuslens.directions.artefact.Steer` and attaches it; on a backend, injects the
+        scaled vectors (fixed α only).
+
+        Args:
+            alpha: a number (default ``directions.alpha``) or ``"auto"`` (the sink-target magnitude
+                control; needs ``tokens``).
+            heads: a subset of the directions' heads, or an int k: the directions' top-k (``Steer(k=)``).
+            tokens: the prompt, for ``alpha="auto"`` only.
+            target, alpha_max, per: settings of ``alpha="auto"``, as :class:`Steer`.
+
+        Example:
+            >>> d = fl.FocusDirections.load("runs/fd")
+            >>> with lens.steer(d, alpha=0.5, heads=10):
+            ...     print(lens.generate(r))
+        """
+        k, subset = (heads, None) if _is_count(heads) else (None, heads)
+        spec = Steer(directions, alpha=alpha, heads=subset, k=k, target=target, alpha_max=alpha_max, per=per)
+        if not self.hooked:
+            if spec.alpha == "auto":
                 raise TypeError("alpha='auto' needs a TransformerLens hooked model (the sink probe uses hooks).")
-            return self._backend("inject_vectors")(d.as_dict(), alpha=float(a))
-        return directions.apply(self.model, alpha=alpha, heads=heads, tokens=tokens, **kw)
+            return self._backend("inject_vectors")(spec.directions.as_dict(), alpha=float(spec.alpha))
+        if spec.alpha == "auto" and tokens is None:
+            raise ValueError("alpha='auto' needs the prompt: "
+                             "lens.steer(directions, alpha='auto', tokens=prompt.tokens).")
+        return spec.attach(self.model, tokens)
 
-    def ablate(self, heads: Iterable[Sequence[int]] | int, *, mode: Literal["zero", "mean"] = "zero",
-               mean_over: Any = None) -> HookHandle:
-        """:func:`~focuslens.heads.patching.ablate_heads` (zero or mean ablation of ``hook_z``)."""
+    def ablate(
+        self,
+        heads: Iterable[Sequence[int]] | int,
+        *,
+        mode: Literal["zero", "mean"] = "zero",
+        mean_over: Int[Tensor, "batch pos"] | Sequence[Tensor] | None = None,
+        means: dict[tuple[int, int], Tensor] | None = None,
+    ) -> HookHandle:
+        """Knock out ``heads``: their output ``hook_z`` becomes 0 (``mode="zero"``) or its mean (``"mean"``).
+
+        Builds :class:`~focuslens.intervene.specs.Ablate` and attaches it (as
+        :func:`~focuslens.heads.patching.ablate_heads`); with ``mode="mean"`` give ``means``
+        (:func:`~focuslens.heads.patching.head_means`) or ``mean_over`` reference tokens to compute them.
+
+        Example:
+            >>> with lens.ablate(lens.heads(20), mode="mean", mean_over=[r.tokens for r in ref]):
+            ...     res = lens.evaluate(test, progress=False)
+        """
         self._need_hooks("ablate")
-        from .heads.patching import ablate_heads
+        heads = self._heads(heads, "Ablate")
+        if mode == "zero" and mean_over is not None:
+            raise ValueError("Ablate: mean_over/means are only used with mode='mean'.")
+        if mode == "mean" and means is None:
+            if mean_over is None:
+                raise ValueError("Ablate(mode='mean') needs mean_over=<reference tokens> (or means=head_means(...)).")
+            from .heads.patching import head_means
 
-        return ablate_heads(self.model, self._heads(heads), mode=mode, mean_over=mean_over)
+            heads = check_heads(self.model, heads, what="Ablate")
+            means = head_means(self.model, heads, mean_over)
+        return Ablate(heads, mode=mode, means=means).attach(self.model)
 
-    def attach(self, spec: Any, example: Any = None) -> HookHandle:
-        """Attach an intervention spec (:mod:`focuslens.intervene.specs`) for ``example``; returns its handle."""
+    def attach(self, spec: InterventionSpec,
+               example: RenderedExample | LabelledPrompt | Int[Tensor, "pos"] | None = None) -> HookHandle:
+        """Attach an intervention spec (:mod:`focuslens.intervene.specs`) for ``example``; returns its handle.
+
+        ``example`` gives the spec what it reads per example (a span rule such as ``"relevant"``, the
+        prompt for ``alpha="auto"``).
+
+        Example:
+            >>> with lens.attach(fl.SplitSoftmax(lens.heads(20), tau=0.2), r):
+            ...     print(lens.generate(r))
+        """
         self._need_hooks("attach")
+        if not isinstance(spec, InterventionSpec):
+            raise TypeError(f"attach takes an intervention spec (focuslens.intervene), got {type(spec).__name__}.")
         return spec.attach(self.model, example)
 
     # ---------------------------------------------------------------------------------------------
-    # Patching, generation, evaluation, training
+    # Patching, head finders, generation, evaluation, training
     # ---------------------------------------------------------------------------------------------
 
-    def patch(self, corrupted_tokens: Tensor, clean: Any, metric: Any, *, site: str = "z",
-              per_position: bool = False, **kw: Any) -> Tensor:
-        """:func:`~focuslens.heads.patching.patch_heads`: per-head activation patching, ``[layer, head]``."""
+    def patch(
+        self,
+        corrupted_tokens: Int[Tensor, "batch pos"],
+        clean: Int[Tensor, "batch pos"] | dict[str, Tensor],
+        metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float],
+        *,
+        site: Literal["z", "q", "k", "v", "pattern"] = "z",
+        per_position: bool = False,
+        layers: Iterable[int] | None = None,
+        positions: Iterable[int] | None = None,
+        method: Literal["batched", "loop"] = "batched",
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
+        """Per-head activation patching: each head's ``site`` copied from the clean run into the corrupted run.
+
+        :func:`~focuslens.heads.patching.patch_heads` on this model, with its arguments: ``site``
+        ``"z"``/``"q"``/``"k"``/``"v"``/``"pattern"`` (``k``/``v`` are indexed by KV head),
+        ``per_position`` (``[layer, pos, head]``), ``layers``/``positions`` (others NaN), ``method``
+        (``"batched"``, or the reference ``"loop"``), ``batch_size``, ``progress``.
+
+        Returns:
+            The metric of every patched corrupted run, ``[layer, head]`` (or ``[layer, pos, head]``).
+
+        Example:
+            >>> clean, corrupt = make_corrupted_pair(model, example)
+            >>> metric = logit_diff_metric(model, clean.answers[0], corrupt.answers[0])
+            >>> res = lens.patch(corrupt.tokens, clean.tokens, metric, site="z")   # [layer, head]
+        """
         self._need_hooks("patch")
         from .heads.patching import patch_heads
 
-        return patch_heads(self.model, corrupted_tokens, clean, metric, site=site, per_position=per_position, **kw)
+        return patch_heads(self.model, corrupted_tokens, clean, metric, site=site, per_position=per_position,
+                           layers=layers, positions=positions, method=method, batch_size=batch_size,
+                           progress=progress)
 
-    def find_heads(self, examples: Sequence[Any], *, finder: str = "contextual", **kw: Any):
-        """:func:`~focuslens.heads.finders.find_heads`: ``DatasetScores`` of one head finder (contextual,
-        retrieval, qrhead, patching) over ``examples``; ``.top_k(k)`` gives the heads."""
+    def find_heads(
+        self,
+        examples: Sequence[Any],
+        *,
+        finder: Literal["contextual", "retrieval", "qrhead", "patching"] = "contextual",
+        progress: bool = True,
+        response: Literal["generate", "gold", "gold_only"] = "gold",
+        qr_score: Literal["gold", "contrast"] = "gold",
+        min_gap: float = 1.0,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        sink: SpanLike | int | None = 1,
+        method: Literal["auto", "qk", "pattern"] = "auto",
+        batch_size: int = 8,
+    ) -> DatasetScores:
+        """One head finder's ``[layer, head]`` scores over ``examples`` (:func:`~focuslens.heads.finders.find_heads`).
+
+        Each finder's own options, with its defaults: ``"contextual"`` (the paper's score:
+        ``response`` and :func:`~focuslens.score.contextual.score_dataset`'s ``max_new_tokens``, ``sink``,
+        ``method``, ``batch_size``), ``"retrieval"`` (none), ``"qrhead"`` (``qr_score``), ``"patching"``
+        (``min_gap``). An option changed for a finder that does not take it is refused.
+
+        Example:
+            >>> ds = lens.find_heads(examples, finder="qrhead", qr_score="contrast")
+            >>> ds.top_k(20)
+        """
         self._need_hooks("find_heads")
         from .heads.finders import find_heads
 
-        return find_heads(self.model, examples, finder=finder, **kw)
+        given = {"response": response, "qr_score": qr_score, "min_gap": min_gap, "max_new_tokens": max_new_tokens,
+                 "sink": sink, "method": method, "batch_size": batch_size}
+        if finder not in _FINDER_OPTIONS:
+            return find_heads(self.model, examples, finder=finder, progress=progress)  # raises, naming the finders
+        default = {k: p.default for k, p in inspect.signature(FocusLens.find_heads).parameters.items() if k in given}
+        for k, v in given.items():
+            if k not in _FINDER_OPTIONS[finder] and not (type(v) is type(default[k]) and v == default[k]):
+                takes = [f for f, opts in _FINDER_OPTIONS.items() if k in opts]
+                raise ValueError(f"find_heads(finder={finder!r}): {k}= is an option of the {takes[0]!r} finder only.")
+        return find_heads(self.model, examples, finder=finder, progress=progress,
+                          **{k: given[k] for k in _FINDER_OPTIONS[finder]})
 
-    def attribute(self, corrupted_tokens: Tensor, clean_tokens: Tensor, metric: Any, *, site: str = "z",
-                  per_position: bool = False, **kw: Any) -> Tensor:
-        """:func:`~focuslens.heads.attribution.attribution_patch_heads`: the gradient estimate of :meth:`patch`.
+    def attribute(
+        self,
+        corrupted_tokens: Int[Tensor, "batch pos"],
+        clean_tokens: Int[Tensor, "batch pos"],
+        metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float],
+        *,
+        site: Literal["z", "q", "k", "v", "pattern"] = "z",
+        per_position: bool = False,
+        layers: Iterable[int] | None = None,
+        qk_fix: bool = True,
+    ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
+        """Attribution patching: the gradient estimate of :meth:`patch` for all heads at ≈ 3 forward passes.
 
-        Same ``[layer, head]`` contract as :meth:`patch` for all heads at ≈ 3 forward-equivalents;
-        patch the heads it ranks highest exactly before trusting a number (docs/patching.md).
+        :func:`~focuslens.heads.attribution.attribution_patch_heads` on this model: same ``[layer, head]``
+        contract as :meth:`patch` (``site``, ``per_position``, ``layers``); ``qk_fix`` as there. Patch the
+        heads it ranks highest exactly before trusting a number (docs/patching.md).
+
+        Example:
+            >>> est = lens.attribute(corrupt.tokens, clean.tokens, metric, site="z")
+            >>> exact = lens.patch(corrupt.tokens, clean.tokens, metric, layers=[17])
         """
         self._need_hooks("attribute")
         from .heads.attribution import attribution_patch_heads
 
         return attribution_patch_heads(self.model, corrupted_tokens, clean_tokens, metric, site=site,
-                                       per_position=per_position, **kw)
+                                       per_position=per_position, layers=layers, qk_fix=qk_fix)
 
     @torch.no_grad()
-    def generate(self, tokens: Any, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop_at_newline: bool = True) -> str:
-        """The greedy answer (:func:`~focuslens.core.generation.greedy_generate`) to a prompt or rendered example."""
+    def generate(
+        self,
+        tokens: Int[Tensor, "pos"] | Sequence[int] | RenderedExample | LabelledPrompt,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        stop_at_newline: bool = True,
+        stop_ids: Iterable[int] | None = None,
+    ) -> str:
+        """The greedy answer (:func:`~focuslens.core.generation.greedy_generate`) to a prompt or rendered example.
+
+        Stops at an end-of-turn token (``stop_ids``, default :attr:`stop_ids`), after ``max_new_tokens``,
+        or at the first newline once text started (``stop_at_newline``).
+
+        Example:
+            >>> lens.generate(r, max_new_tokens=16)
+            'Paris'
+        """
         toks = tokens.tokens if hasattr(tokens, "tokens") else torch.as_tensor(tokens)
+        stops = self.stop_ids if stop_ids is None else set(stop_ids)
         if not self.hooked:
             out = self._backend("generate")(toks.reshape(1, -1), max_new_tokens=max_new_tokens, do_sample=False)
             new = [t for t in out[0, toks.numel():].tolist()]
-            cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
+            cut = next((i for i, t in enumerate(new) if t in stops), len(new))
             text = self.tokenizer.decode(new[:cut], skip_special_tokens=True)
             return text.lstrip().split("\n")[0] if stop_at_newline else text
         return greedy_generate(self.model, toks, max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
-                               stop_ids=self.stop_ids)[1]
+                               stop_ids=stops)[1]
 
-    def evaluate(self, examples: Sequence[Any], **kw: Any):
-        """:func:`~focuslens.evaluation.runner.evaluate` (greedy EM, resumable; ``intervene=`` a spec)."""
+    def evaluate(
+        self,
+        examples: Sequence[TaskExample | RenderedExample],
+        *,
+        intervene: Intervene = None,
+        output: str | os.PathLike | None = None,
+        id: str | None = None,
+        resume: bool = True,
+        decoding: Decoding | None = None,
+        tag: str | dict[str, Any] | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+        variant: Literal["original", "gold_only", "negative"] | str = "original",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        chat: bool = True,
+        system: str | None = None,
+        gold_position: int | None = None,
+        stop_at_newline: bool = True,
+    ) -> EvalResult:
+        """Greedy answers scored with best-subspan EM (:func:`~focuslens.evaluation.runner.evaluate`; resumable).
+
+        Args:
+            intervene: a spec (``fl.SplitSoftmax(heads, tau=0.2)``, ``fl.Steer(d, alpha=1)``...), or
+                a callable / context manager (then ``id`` names it when ``output`` is given).
+            output, id, resume, tag, batch_size, progress: as ``evaluate``.
+            decoding: a :class:`~focuslens.evaluation.runner.Decoding` bundle; ``variant``,
+                ``max_new_tokens``, ``chat``, ``system``, ``gold_position``, ``stop_at_newline`` are its
+                fields (defaults shown): a value other than the default overrides the bundle's.
+
+        Example:
+            >>> res = lens.evaluate(test, intervene=fl.SplitSoftmax(lens.heads(20), tau=0.2),
+            ...                     output="runs/ss.jsonl", max_new_tokens=16)
+            >>> res.summary()
+        """
         self._need_hooks("evaluate")
         from .evaluation.runner import evaluate
 
-        return evaluate(self.model, examples, **kw)
+        fields = _changed(Decoding, {"variant": variant, "max_new_tokens": max_new_tokens, "chat": chat,
+                                     "system": system, "gold_position": gold_position,
+                                     "stop_at_newline": stop_at_newline})
+        return evaluate(self.model, examples, intervene=intervene, output=output, id=id, resume=resume,
+                        decoding=decoding, tag=tag, batch_size=batch_size, progress=progress, **fields)
 
-    def train_directions(self, examples: Sequence[Any], *, heads: Iterable[Sequence[int]] | int = 20, **kw: Any):
-        """:func:`~focuslens.directions.train_focus_directions` on ``heads`` (an int k: the top-k heads)."""
+    def train_directions(
+        self,
+        examples: Sequence[DirectionExample],
+        *,
+        heads: Iterable[Sequence[int]] | int = 20,
+        config: TrainConfig | None = None,
+        val_examples: Sequence[DirectionExample] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        caches: tuple[QKCache, QKCache | None] | None = None,
+        cache_batch_size: int = 8,
+        objective: Literal["attention", "likelihood", "both"] = "attention",
+        method: Literal["batched", "per_layer"] | None = "batched",
+        alpha: float = 1.0,
+        lr: float | None = None,
+        steps: int | None = 300,
+        epochs: int | None = None,
+        init_std: float = 0.01,
+        max_norm: float | Literal["query"] | None = "query",
+        weight_decay: float | None = None,
+        patience: int | None = None,
+        eval_every: int | None = 10,
+        live_eval_every: int | None = None,
+        attention_weight: float | None = 1.0,
+        seed: int = 0,
+        cache_precision: Literal["model", "bfloat16"] = "model",
+    ) -> FocusDirections:
+        """Learn one query vector per head (:func:`~focuslens.directions.train.train_focus_directions`).
+
+        Args:
+            heads: ``(layer, head)`` pairs in rank order, or an int k: the top-k of the last ranking.
+            config, val_examples, checkpoint_dir, progress, caches, cache_batch_size: as
+                ``train_focus_directions``.
+            objective ... cache_precision: the :class:`~focuslens.directions.config.TrainConfig` fields
+                (defaults shown); a value other than the default overrides ``config``'s.
+
+        Example:
+            >>> d = lens.train_directions(train, heads=20, objective="likelihood", val_examples=val)
+            >>> with lens.steer(d, alpha=0.5):
+            ...     print(lens.generate(r))
+        """
         self._need_hooks("train_directions")
-        from .directions import train_focus_directions
+        from .directions.train import train_focus_directions
 
-        return train_focus_directions(self.model, examples, heads=self._heads(heads), **kw)
+        fields = _changed(TrainConfig, {
+            "objective": objective, "method": method, "alpha": alpha, "lr": lr, "steps": steps, "epochs": epochs,
+            "init_std": init_std, "max_norm": max_norm, "weight_decay": weight_decay, "patience": patience,
+            "eval_every": eval_every, "live_eval_every": live_eval_every, "attention_weight": attention_weight,
+            "seed": seed, "cache_precision": cache_precision})
+        return train_focus_directions(
+            self.model, examples, heads=self._heads(heads, "train_directions"),
+            config=config, val_examples=val_examples, checkpoint_dir=checkpoint_dir, progress=progress,
+            caches=caches, cache_batch_size=cache_batch_size, **fields)
 
     def __repr__(self) -> str:
         i = self.info

@@ -875,7 +875,8 @@ def test_second_sweep_on_the_same_output_is_refused(tiny_folder, tmp_path, capsy
 def test_library_writers_write_atomically():
     """No plain write in the modules that write results (everything goes through focuslens.core.io)."""
     plain = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]")
-    for name in ("cli.py", "ranking.py", "scoring.py", "directions/artefact.py", "tasks/litm.py", "tasks/records.py"):
+    for name in ("cli.py", "score/ranking.py", "score/contextual.py", "directions/artefact.py", "tasks/litm.py",
+                 "tasks/records.py"):
         src = (ROOT / "focuslens" / name).read_text()
         hits = [line for line in src.splitlines() if plain.search(line) and "tmp" not in line]
         assert hits == [], (name, hits)

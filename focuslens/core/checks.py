@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Head", "is_index", "head_list", "validate_heads", "check_heads", "real", "positive",
-           "frozen_vectors", "check_count"]
+           "frozen_vectors", "check_count", "check_scaled"]
 
 Head = tuple[int, int]
 
@@ -89,27 +89,35 @@ def check_heads(model: Any, heads: Iterable[Sequence[int]], *, what: str = "head
     return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads, what=what)
 
 
-def real(x: Any, *, name: str, what: str) -> float:
-    """A real, finite number (an int, a float, a numpy or 0-dim tensor scalar), never a bool."""
+def _number(x: Any, *, name: str, what: str) -> float:
+    """``float(x)`` for a real scalar (finite or not); bools, complex numbers and non-scalars refused."""
     if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
         raise ValueError(f"{what}: {name} must be a real number, got {x!r} (a bool is not taken as 0/1).")
     if isinstance(x, torch.Tensor) and x.dim() != 0:
         raise ValueError(f"{what}: {name} must be a real number, got a tensor of shape {tuple(x.shape)}.")
-    if isinstance(x, complex):
+    if isinstance(x, (complex, str, bytes)) or (isinstance(x, torch.Tensor) and x.is_complex()):
         raise ValueError(f"{what}: {name} must be a real number, got {x!r}.")
     try:
-        f = float(x)
+        return float(x)
     except (TypeError, ValueError):
         raise ValueError(f"{what}: {name} must be a real number, got {x!r}.") from None
+
+
+def real(x: Any, *, name: str, what: str) -> float:
+    """A real, finite number (an int, a float, a numpy or 0-dim tensor scalar), never a bool or a string."""
+    f = _number(x, name=name, what=what)
     if not math.isfinite(f):
         raise ValueError(f"{what}: {name} must be finite, got {x!r}.")
     return f
 
 
 def positive(x: Any, *, name: str, what: str, why: str = "") -> float:
-    """:func:`real` and > 0 (a multiplicative strength: τ, PASTA's coefficient); ``why`` explains the scale."""
-    f = real(x, name=name, what=what)
-    if f <= 0:
+    """:func:`real` and > 0 (a multiplicative strength: τ, PASTA's coefficient); ``why`` explains the scale.
+
+    Zero, negative and non-finite values get one message, ``"{name} must be > 0 and finite"``.
+    """
+    f = _number(x, name=name, what=what)
+    if not (math.isfinite(f) and f > 0):
         raise ValueError(f"{what}: {name} must be > 0 and finite, got {x!r}{': ' + why if why else '.'}")
     return f
 
@@ -122,10 +130,13 @@ def check_count(k: Any, *, name: str = "k", what: str, upper: int | None = None)
     return int(k)
 
 
-def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None = None) -> Mapping[Head, Tensor]:
+def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None = None,
+                   rows: bool = False) -> Mapping[Head, Tensor]:
     """A read-only private copy of ``{(layer, head): Tensor[d_head]}``: finite 1-D tensors of one width.
 
-    Why a copy: changing the caller's tensor later must not change a spec's effect or identity.
+    ``rows=True`` also takes ``Tensor[batch, d_head]`` for every head (one vector per batch row, the same
+    ``batch`` for all). Why a copy: changing the caller's tensor later must not change a spec's effect
+    or identity.
     """
     if not isinstance(vectors, Mapping) or len(vectors) == 0:
         raise ValueError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
@@ -135,23 +146,42 @@ def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None 
         layer, head = _pair(key, what=what)
         if (layer, head) in out:
             raise ValueError(f"{what}: head {(layer, head)} is listed twice.")
-        try:
-            if isinstance(u, (bool, str, bytes)):
-                raise TypeError
-            t = torch.as_tensor(u).detach().to("cpu").clone()
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{what}: the vector for {(layer, head)} must be a 1-D tensor, got {type(u).__name__}.") from None
-        if t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"{what}: the vector for {(layer, head)} must be real-valued, got dtype {t.dtype}.")
-        if t.dim() != 1:
-            raise ValueError(f"{what}: the vector for {(layer, head)} has shape {tuple(t.shape)}; expected [d_head].")
+        t = _vector(u, (layer, head), what=what, rows=rows)
         if shape is not None and t.shape != shape:
-            raise ValueError(f"{what}: vectors have different lengths ({tuple(shape)} and {tuple(t.shape)}).")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{what}: the vector for {(layer, head)} contains NaN or inf.")
-        if d_head is not None and t.shape[0] != d_head:
-            raise ValueError(f"{what}: the vector for {(layer, head)} has {t.shape[0]} entries; this model's "
+            raise ValueError(f"{what}: vectors have different shapes ({tuple(shape)} and {tuple(t.shape)}): give "
+                             "every head [d_head]" + (", or every head [batch, d_head]." if rows else "."))
+        if d_head is not None and t.shape[-1] != d_head:
+            raise ValueError(f"{what}: the vector for {(layer, head)} has {t.shape[-1]} entries; this model's "
                              f"heads have d_head = {d_head}.")
         shape = t.shape
         out[(layer, head)] = t
     return MappingProxyType(out)
+
+
+def _vector(u: Any, head: Head, *, what: str, rows: bool) -> Tensor:
+    try:
+        if isinstance(u, (bool, str, bytes)):
+            raise TypeError
+        t = torch.as_tensor(u).detach().to("cpu").clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what}: the vector for {head} must be a 1-D tensor, got {type(u).__name__}.") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{what}: the vector for {head} must be real-valued, got dtype {t.dtype}.")
+    if not (t.dim() == 1 or (rows and t.dim() == 2 and t.shape[0] >= 1)) or t.shape[-1] == 0:
+        want = "[d_head] (or [batch, d_head], one per batch row)" if rows else "[d_head]"
+        raise ValueError(f"{what}: the vector for {head} has shape {tuple(t.shape)}; expected {want}.")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what}: the vector for {head} contains NaN or inf.")
+    return t
+
+
+def check_scaled(vectors: Mapping[Head, Tensor], alpha: float, *, dtype: torch.dtype, what: str) -> None:
+    """``alpha * u`` must be finite in ``dtype`` (the model's): a finite α times finite entries can still
+    overflow (1e38 × 10 is inf in float32), and an inf query turns every logit into NaN without an error."""
+    for head, u in vectors.items():
+        scaled = (alpha * u.to(torch.float64)).to(dtype)
+        if not torch.isfinite(scaled).all():
+            big = float(u.abs().max())
+            raise ValueError(
+                f"{what}: alpha * vector for {head} is not finite in {str(dtype).replace('torch.', '')} "
+                f"(alpha = {alpha:g}, largest |entry| = {big:g}): use a smaller alpha or rescale the vector.")

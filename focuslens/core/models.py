@@ -417,16 +417,7 @@ def load_model(
         return name_or_path
     if backend not in ("bridge", "legacy"):
         raise ValueError(f"backend must be 'bridge' or 'legacy', got {backend!r}.")
-    if isinstance(name_or_path, torch.nn.Module):
-        have = next((p.dtype for p in name_or_path.parameters() if p.is_floating_point()), None)
-        if dtype is not None and have is not None and dtype != have:
-            raise ValueError(
-                f"The in-memory model's parameters are {str(have).replace('torch.', '')} but dtype="
-                f"{str(dtype).replace('torch.', '')} was asked; focuslens does not cast a model you own. "
-                f"Cast it first (model.to({dtype})) or leave dtype out to keep its own."
-            )
-        dtype = have if dtype is None else dtype
-    dtype = torch.float32 if dtype is None else dtype
+    dtype = _load_dtype(name_or_path, dtype)
     warn_if_slow_dtype(dtype, device)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
         path = ensure_default_checkpoint(verbose=verbose)
@@ -437,14 +428,7 @@ def load_model(
         model.cfg.model_name = DEFAULT_MODEL_NAME
         return model
     if backend == "legacy":
-        p = Path(str(name_or_path)).expanduser() if isinstance(name_or_path, (str, os.PathLike)) else None
-        if p is None or not (p / "config.json").exists():
-            raise ValueError(
-                "backend='legacy' loads the default model or a local Hugging Face checkpoint folder; for "
-                "anything else build the HookedTransformer yourself (HookedTransformer.from_pretrained) "
-                "and pass it to focuslens."
-            )
-        return _boot_legacy(str(p), device=device, dtype=dtype)
+        return _load_legacy_folder(name_or_path, device=device, dtype=dtype)
     if isinstance(name_or_path, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(
@@ -456,7 +440,37 @@ def load_model(
         raise TypeError(
             f"load_model takes None, a folder, a hub name or an HF model; got {type(name_or_path).__name__}."
         )
-    src = str(name_or_path)
+    return _load_folder_or_hub(str(name_or_path), device=device, dtype=dtype)
+
+
+def _load_dtype(name_or_path: Any, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to load in: the asked one, else an in-memory model's own (a different one is refused), else float32."""
+    if isinstance(name_or_path, torch.nn.Module):
+        have = next((p.dtype for p in name_or_path.parameters() if p.is_floating_point()), None)
+        if dtype is not None and have is not None and dtype != have:
+            raise ValueError(
+                f"The in-memory model's parameters are {str(have).replace('torch.', '')} but dtype="
+                f"{str(dtype).replace('torch.', '')} was asked; focuslens does not cast a model you own. "
+                f"Cast it first (model.to({dtype})) or leave dtype out to keep its own."
+            )
+        dtype = have if dtype is None else dtype
+    return torch.float32 if dtype is None else dtype
+
+
+def _load_legacy_folder(name_or_path: Any, *, device: str, dtype: torch.dtype) -> HookedModel:
+    """``backend="legacy"`` for anything but the default model: a local checkpoint folder only."""
+    p = Path(str(name_or_path)).expanduser() if isinstance(name_or_path, (str, os.PathLike)) else None
+    if p is None or not (p / "config.json").exists():
+        raise ValueError(
+            "backend='legacy' loads the default model or a local Hugging Face checkpoint folder; for "
+            "anything else build the HookedTransformer yourself (HookedTransformer.from_pretrained) "
+            "and pass it to focuslens."
+        )
+    return _boot_legacy(str(p), device=device, dtype=dtype)
+
+
+def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedModel:
+    """A local checkpoint folder, or a hub name (refused at once when offline without a cached copy)."""
     p = Path(src).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
@@ -478,7 +492,6 @@ def load_model(
                 f"{src}) and pass the folder, or call load_model() for the embedded default."
             )
     return _boot(src, device=device, dtype=dtype)
-
 
 def check_context(model: HookedModel, n_tokens: "int | torch.Tensor", *, what: str = "the input") -> None:
     """Refuse a sequence longer than the model's context (``cfg.n_ctx``), naming both lengths.

@@ -1,6 +1,6 @@
 """Focus directions: learned per-head query vectors that move attention onto the relevant context.
 
-What this is (METHOD.md §4)
+What this is (docs/method.md §4)
 ---------------------------
 For each selected head (l, h) one vector ``u ∈ R^d_head`` is added, scaled by α, to the **post-RoPE**
 query of every position (prompt and generated tokens):  ``q̃_t = RoPE_t(q_t) + α·u``. The head's
@@ -20,7 +20,7 @@ appended (:func:`make_direction_examples`); ``R`` = response rows, ``C`` = the r
   (:func:`cache_qk`) and the optimisation runs on those tensors: all heads jointly as one batched
   problem (``method="batched"``, full-batch Adam, seconds) or the authors' loop (``method="per_layer"``:
   per layer, batch 1, AdamW lr 1e-3, init N(0, 0.01²), 10 epochs), kept as a reference.
-* ``objective="likelihood"`` (this project's documented alternative, METHOD.md §6): the selected
+* ``objective="likelihood"`` (this project's documented alternative, docs/method.md §4): the selected
   heads' vectors are trained jointly *through the live frozen model* (hooks add α·u at the query site,
   gradients reach u only) on the log-likelihood of the response given the full prompt.
   ``objective="both"`` adds ``attention_weight ×`` the (live) attention objective.

@@ -498,7 +498,10 @@ class Steer(InterventionSpec):
         self.target = real(target, name="target", what=what)
         if self.alpha == "auto" and not 0.0 < self.target < 1.0:
             raise ValueError(f"{what}: target is a fraction of sink mass in (0, 1); got {target!r}.")
-        self.alpha_max = real(alpha_max, name="alpha_max", what=what)
+        try:
+            self.alpha_max = real(alpha_max, name="alpha_max", what=what)
+        except ValueError:  # a bool, NaN or inf: the message below says what alpha_max is for
+            self.alpha_max = float("nan")
         if not (self.alpha_max > 0 and math.isfinite(self.alpha_max)):
             raise ValueError(
                 f"{what}: alpha_max is the top of the alpha grid [0, alpha_max] that alpha='auto' searches; "
@@ -515,6 +518,10 @@ class Steer(InterventionSpec):
 
     @property
     def per_example(self) -> bool:
+        return self.alpha == "auto"
+
+    @property
+    def probes_rows(self) -> bool:
         return self.alpha == "auto"
 
     def _ctor(self):
@@ -535,10 +542,10 @@ class Steer(InterventionSpec):
             if tokens is None:
                 raise ValueError("Steer(alpha='auto') needs the prompt: attach(model, example) with a "
                                  "RenderedExample (or its tokens).")
-            return self._attach_rows(model, self._row_vectors(model, [tokens]))
+            return self.attach_rows(model, self.row_vectors(model, [tokens]))
         d = self.directions
         d.check_applies_to(model)
-        return self._attach_rows(model, {h: float(self.alpha) * u for h, u in d.as_dict().items()})
+        return self.attach_rows(model, {h: float(self.alpha) * u for h, u in d.as_dict().items()})
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Fixed α: attached once. ``alpha="auto"``: each row's α from its own unpadded prompt.
@@ -551,9 +558,9 @@ class Steer(InterventionSpec):
         check_batch(examples, offsets, what="Steer")
         if self.alpha != "auto":
             return self.attach(model, None)
-        return self._attach_rows(model, self._row_vectors(model, examples))
+        return self.attach_rows(model, self.row_vectors(model, examples))
 
-    def _row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
+    def row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
         """``{head: [batch, d_head]}``: each row's auto-scaled vectors; the probe runs with ``prior``
         attached for that row alone (what a :class:`Compose` member attached before this one does)."""
         from .magnitude import sink_target_alphas
@@ -575,7 +582,7 @@ class Steer(InterventionSpec):
         return {h: torch.stack([r[h] for r in rows]) for h in rows[0]}
 
     @staticmethod
-    def _attach_rows(model: HookedModel, vectors) -> HookHandle:
+    def attach_rows(model: HookedModel, vectors) -> HookHandle:
         from ..intervene.eager import inject_vectors
 
         return inject_vectors(model, vectors, alpha=1.0, site="query", pre_rope=False)

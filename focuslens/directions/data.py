@@ -1,4 +1,4 @@
-"""Training data for focus directions: the full prompt with the gold-only response appended (METHOD.md §4)."""
+"""Training data for focus directions: the full prompt with the gold-only response appended (``docs/method.md`` §4)."""
 
 from __future__ import annotations
 

@@ -117,32 +117,14 @@ def train_focus_directions(
     info = model_info(model)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    if caches is None and (cfg.objective == "attention" or cfg.max_norm == "query"):
-        tr = cache_qk(model, examples, heads, progress=progress, batch_size=cache_batch_size,
-                      precision=cfg.cache_precision)
-        va = (cache_qk(model, val_examples, heads, progress=progress, batch_size=cache_batch_size,
-                       precision=cfg.cache_precision)
-              if val_examples else None)
-    elif caches is not None:
-        tr, va = caches
-        if tr.heads != list(heads):
-            raise ValueError("The given caches were built for other heads.")
-    else:
-        tr = va = None
+    tr, va = _qk_caches(model, examples, val_examples, heads, cfg, caches,
+                        progress=progress, cache_batch_size=cache_batch_size)
     t_cache = time.time() - t0
     limit = _resolve_max_norm(cfg.max_norm, tr, len(heads))
     g = torch.Generator().manual_seed(cfg.seed)
     u0 = torch.randn(len(heads), info.d_head, generator=g) * cfg.init_std
     ident = _identity(model, heads, cfg, examples, val_examples, limit)
-    summary: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if v is not None}
-    summary.update({
-        "method": cfg.method if cfg.method is not None else "live",
-        "max_norm": cfg.max_norm,
-        "config": cfg.to_dict(), "identity": content_hash(ident),
-        "n_train": len(examples), "n_val": len(val_examples or []),
-        "response_tokens_mean": sum(len(e.prompt.response) for e in examples) / len(examples),
-        "prompt_tokens_mean": sum(len(e.prompt) for e in examples) / len(examples),
-    })
+    summary = _training_summary(cfg, ident, examples, val_examples)
     if cfg.objective == "attention":
         if cfg.method == "batched":
             u, hist = _train_batched(tr, va, u0, cfg, limit, progress=progress, factorised=_factorised)
@@ -158,14 +140,58 @@ def train_focus_directions(
     summary["cache_seconds"] = round(t_cache, 2)  # the frozen forward passes (0 with caches=)
     summary["history"] = hist
     if va is not None:
-        before = heldout_attention(va, None)
-        after = heldout_attention(va, u, alpha=cfg.alpha)
-        summary["heldout_relevant_attention_before"] = round(float(before.mean()), 5)
-        summary["heldout_relevant_attention_after"] = round(float(after.mean()), 5)
-        summary["heldout_relevant_attention_per_head_after"] = [round(float(x), 4) for x in after]
+        summary.update(_heldout_report(va, u, cfg.alpha))
     return FocusDirections(heads=list(heads), vectors=u.detach().clone(), fingerprint=info.fingerprint(),
                            model_name=info.name, site=query_site(model), alpha=cfg.alpha, objective=cfg.objective,
                            training=summary)
+
+
+def _qk_caches(
+    model: HookedModel, examples: Sequence[DirectionExample], val_examples: Sequence[DirectionExample] | None,
+    heads: list, cfg: TrainConfig, caches: tuple[QKCache, QKCache | None] | None, *, progress: bool,
+    cache_batch_size: int,
+) -> tuple[QKCache | None, QKCache | None]:
+    """``(train, validation)`` q/k caches: the given ones (checked to match the heads), built when the
+    attention objective or ``max_norm="query"`` needs them, else ``(None, None)``."""
+    if caches is None and (cfg.objective == "attention" or cfg.max_norm == "query"):
+        tr = cache_qk(model, examples, heads, progress=progress, batch_size=cache_batch_size,
+                      precision=cfg.cache_precision)
+        va = (cache_qk(model, val_examples, heads, progress=progress, batch_size=cache_batch_size,
+                       precision=cfg.cache_precision)
+              if val_examples else None)
+        return tr, va
+    if caches is not None:
+        tr, va = caches
+        if tr.heads != list(heads):
+            raise ValueError("The given caches were built for other heads.")
+        return tr, va
+    return None, None
+
+
+def _training_summary(cfg: TrainConfig, ident: Any, examples: Sequence[DirectionExample],
+                      val_examples: Sequence[DirectionExample] | None) -> dict[str, Any]:
+    """The start of ``.training``: the config's used fields, the resolved config, the identity, the data sizes."""
+    summary: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if v is not None}
+    summary.update({
+        "method": cfg.method if cfg.method is not None else "live",
+        "max_norm": cfg.max_norm,
+        "config": cfg.to_dict(), "identity": content_hash(ident),
+        "n_train": len(examples), "n_val": len(val_examples or []),
+        "response_tokens_mean": sum(len(e.prompt.response) for e in examples) / len(examples),
+        "prompt_tokens_mean": sum(len(e.prompt) for e in examples) / len(examples),
+    })
+    return summary
+
+
+def _heldout_report(va: QKCache, u: Tensor, alpha: float) -> dict[str, Any]:
+    """Held-out attention mass on the relevant span before and after the learned directions."""
+    before = heldout_attention(va, None)
+    after = heldout_attention(va, u, alpha=alpha)
+    return {
+        "heldout_relevant_attention_before": round(float(before.mean()), 5),
+        "heldout_relevant_attention_after": round(float(after.mean()), 5),
+        "heldout_relevant_attention_per_head_after": [round(float(x), 4) for x in after],
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, ContextManager, Sequence
 
+from ..core.errors import UsageError
+from ..core.hooks import HookHandle
 from ..core.models import HookedModel
 from ..intervene.specs import InterventionSpec, NoIntervention
 from ..tasks.records import RenderedExample
 
-__all__ = ["Intervene", "intervention_entry", "split_intervene", "attached", "attached_batch", "label_of"]
+__all__ = ["Intervene", "intervention_entry", "refuse_handle_in_batches", "split_intervene", "attached",
+           "attached_batch", "label_of"]
 
 Intervene = InterventionSpec | Callable[[RenderedExample], ContextManager[Any]] | ContextManager[Any] | None
 
@@ -35,12 +38,14 @@ def _is_context_manager(x: Any) -> bool:
     return hasattr(x, "__enter__") and hasattr(x, "__exit__")
 
 
-def intervention_entry(intervene: Any, *, id: str | None, output: Any) -> tuple[Any, Any]:
+def intervention_entry(intervene: Any, *, id: str | None, output: Any,
+                       batch_size: int | None = None) -> tuple[Any, Any]:
     """Classify ``intervene``: returns ``(normalised intervene, its entry in the configuration)``.
 
     Specs enter with their content identity; a bare callable or context manager has none, so with an
     output file it must come with an explicit ``id`` (a name alone is what let one run's records be
-    handed to another).
+    handed to another). With ``batch_size > 1`` an already attached handle is refused
+    (:func:`refuse_handle_in_batches`).
     """
     if isinstance(intervene, NoIntervention) or (
         isinstance(intervene, InterventionSpec) and intervene.identity.get("kind") == "none"
@@ -65,6 +70,7 @@ def intervention_entry(intervene: Any, *, id: str | None, output: Any) -> tuple[
     if id is not None:
         if not isinstance(id, str) or not id.strip():
             raise ValueError(f"id must be a non-empty string, got {id!r}.")
+        refuse_handle_in_batches(intervene, batch_size)
         return intervene, {"kind": "custom", "id": id}
     if output is not None:
         raise ValueError(
@@ -73,7 +79,26 @@ def intervention_entry(intervene: Any, *, id: str | None, output: Any) -> tuple[
             "focuslens.intervene.specs (SplitSoftmax, Steer, InjectVectors, Ablate, Compose), or an explicit "
             "id='...' that names exactly what it does."
         )
+    refuse_handle_in_batches(intervene, batch_size)
     return intervene, label_of(intervene)
+
+
+def refuse_handle_in_batches(intervene: Any, batch_size: int | None) -> None:
+    """An attached eager handle cannot serve a left-padded batch: refuse it when ``batch_size > 1``.
+
+    Why: ``split_softmax(model, heads, r.relevant, tau)`` (and every other eager handle) was attached for
+    one unpadded prompt; its span is in that prompt's absolute positions. Under left padding each row
+    is shifted by its own number of pad tokens, so the handle would edit the wrong positions of most
+    rows and silently change their answers. A spec attaches each batch with each row's own span.
+    """
+    if not isinstance(intervene, HookHandle) or batch_size is None or batch_size <= 1:
+        return
+    raise UsageError(
+        f"evaluate(batch_size={batch_size}) was given an already attached handle ({label_of(intervene)!r}): its "
+        "spans are absolute positions of one unpadded prompt, which left padding shifts row by row. Pass the "
+        "spec instead, e.g. intervene=fl.SplitSoftmax(heads, tau=0.2, span=\"relevant\") (each row gets its own "
+        "span), or use batch_size=1."
+    )
 
 
 def split_intervene(model: HookedModel, intervene: Any) -> tuple[Callable[[Any], ContextManager[Any]] | None,

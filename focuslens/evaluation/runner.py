@@ -257,6 +257,16 @@ def _read_records(path: Path, cfg: dict[str, Any], h: str) -> dict[str, dict[str
 # --------------------------------------------------------------------------------------------------
 
 
+class _Keep:
+    """The default of :func:`evaluate`'s decoding keywords: keep the ``decoding`` bundle's value."""
+
+    def __repr__(self) -> str:
+        return "<the decoding bundle's value>"
+
+
+_KEEP: Any = _Keep()
+
+
 def evaluate(
     model: HookedModel,
     examples: Sequence[TaskExample | RenderedExample],
@@ -269,7 +279,12 @@ def evaluate(
     tag: str | dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    **decoding_kw: Any,
+    variant: Literal["original", "gold_only", "negative"] | str = _KEEP,
+    max_new_tokens: int = _KEEP,
+    chat: bool = _KEEP,
+    system: str | None = _KEEP,
+    gold_position: int | None = _KEEP,
+    stop_at_newline: bool = _KEEP,
 ) -> EvalResult:
     """Greedy answers for a list of examples, scored with best-subspan EM and distractor copy.
 
@@ -295,6 +310,8 @@ def evaluate(
             ``ValueError`` naming the differing keys); ``False`` overwrites the file.
         decoding: a :class:`Decoding` bundle (variant, max_new_tokens, chat, system, gold_position,
             stop_at_newline); each of those may also be given as a keyword here, overriding it.
+        variant, max_new_tokens, chat, system, gold_position, stop_at_newline: override that field
+            of ``decoding`` (see :class:`Decoding`); left out, the bundle's value is kept.
         tag: a free label (string or JSON-able dict, e.g. the data's identity) that enters the
             configuration hash.
         batch_size: examples decoded together (left-padded, :func:`greedy_generate_batch`), with
@@ -314,156 +331,204 @@ def evaluate(
     hash of the prompt tokens: resuming with different examples under the same keys raises.
 
     Example:
-        >>> from focuslens.intervene.specs import SplitSoftmax
+        >>> from focuslens.intervene import SplitSoftmax
         >>> res = evaluate(model, test, intervene=SplitSoftmax(top20, tau=0.2), output="runs/ss.jsonl",
         ...                max_new_tokens=16)
     """
-    dec = (decoding if decoding is not None else Decoding()).replace(**decoding_kw)
+    dec = _decoding_with(
+        decoding, variant=variant, max_new_tokens=max_new_tokens, chat=chat, system=system,
+        gold_position=gold_position, stop_at_newline=stop_at_newline,
+    )
     variant = normalise_variant(dec.variant)
-    max_new_tokens, chat, stop_at_newline = dec.max_new_tokens, dec.chat, dec.stop_at_newline
-    gold_position, system = dec.gold_position, dec.system
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if dec.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {dec.max_new_tokens}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    intervene, intervene_cfg = intervention_entry(intervene, id=id, output=output)
+    intervene, intervene_cfg = intervention_entry(intervene, id=id, output=output, batch_size=batch_size)
+    cfg = _run_config(model, dec, variant, intervene_cfg, tag)
+    h = config_hash(cfg)
+    path = Path(output) if output is not None else None
+    # One writer per output file: a second process is refused (io.output_lock), never interleaved.
+    with output_lock(path) if path is not None else contextlib.nullcontext():
+        done = _open_records(path, cfg, h, resume=resume)
+        run = _EvalRun(model, intervene, dec, variant, h, path=path, done=done)
+        # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
+        # a bare per-example callable, or a spec without a batched attach, needs each example alone.
+        per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
+        batch = 1 if run.per_example is not None and not per_batch else batch_size
+        run.run(examples, batch=batch, progress=progress)
+        records = [rec for rec in run.slots if rec is not None]
+        return EvalResult(
+            records=records, config=cfg, config_hash=h, path=path, n_resumed=run.n_resumed,
+            wall_seconds=time.perf_counter() - run.t_start,
+        )
+
+
+def _decoding_with(decoding: Decoding | None, **overrides: Any) -> Decoding:
+    """The ``decoding`` bundle (default :class:`Decoding`) with the keywords given to ``evaluate`` replacing its values."""
+    given = {k: v for k, v in overrides.items() if v is not _KEEP}
+    return (decoding if decoding is not None else Decoding()).replace(**given)
+
+
+def _run_config(model: HookedModel, dec: Decoding, variant: str, intervene_cfg: Any, tag: Any) -> dict[str, Any]:
+    """What the records depend on (its hash keys the records file)."""
     info = model_info(model)
-    cfg: dict[str, Any] = {
+    return {
         "format": RECORD_FORMAT_VERSION,
         "model": info.name,
         "model_fingerprint": info.fingerprint(),
         "model_weights": weights_digest(model),
         "variant": variant,
-        "max_new_tokens": max_new_tokens,
-        "chat": chat,
-        "system": system,
-        "gold_position": gold_position,
-        "stop_at_newline": stop_at_newline,
+        "max_new_tokens": dec.max_new_tokens,
+        "chat": dec.chat,
+        "system": dec.system,
+        "gold_position": dec.gold_position,
+        "stop_at_newline": dec.stop_at_newline,
         "intervene": intervene_cfg,
         "tag": tag,
     }
-    h = config_hash(cfg)
-    path = Path(output) if output is not None else None
-    # One writer per output file: a second process is refused (io.output_lock), never interleaved.
-    with output_lock(path) if path is not None else contextlib.nullcontext():
-        done: dict[str, dict[str, Any]] = {}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if resume and path.exists() and path.stat().st_size > 0:
-                done = _read_records(path, cfg, h)
-            else:
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(json.dumps({"focuslens_eval": RECORD_FORMAT_VERSION, "config_hash": h, "config": cfg}) + "\n")
 
-        stops = _stop_ids(model)
-        t_start = time.perf_counter()
-        per_example, outer = split_intervene(model, intervene)
-        # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
-        # a bare per-example callable, or a spec without a batched attach, needs each example alone.
-        per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
-        batch = 1 if per_example is not None and not per_batch else batch_size
-        slots: list[dict[str, Any] | None] = [None] * len(examples)
-        n_resumed = 0
 
+def _open_records(path: Path | None, cfg: dict[str, Any], h: str, *, resume: bool) -> dict[str, dict[str, Any]]:
+    """The records to resume from ``path`` (same configuration), else a fresh file holding only the header."""
+    if path is None:
+        return {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if resume and path.exists() and path.stat().st_size > 0:
+        return _read_records(path, cfg, h)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"focuslens_eval": RECORD_FORMAT_VERSION, "config_hash": h, "config": cfg}) + "\n")
+    return {}
+
+
+class _EvalRun:
+    """One :func:`evaluate` call: renders and resumes the examples, decodes the rest in batches under
+    the intervention, and appends each record to the file as it finishes."""
+
+    def __init__(self, model: HookedModel, intervene: Any, dec: Decoding, variant: str, h: str, *,
+                 path: Path | None, done: dict[str, dict[str, Any]]):
+        self.model, self.intervene, self.dec, self.variant, self.h = model, intervene, dec, variant, h
+        self.path, self.done = path, done
+        self.stops = _stop_ids(model)
+        self.t_start = time.perf_counter()
+        self.per_example, self.outer = split_intervene(model, intervene)
+        self.slots: list[dict[str, Any] | None] = []
+        self.n_resumed = 0
+
+    def run(self, examples: Sequence[TaskExample | RenderedExample], *, batch: int, progress: bool) -> None:
+        """Every example's record into ``self.slots``; the bar and the file are closed also after an exception."""
+        self.slots = [None] * len(examples)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(examples), disable=not progress, desc=f"evaluate ({variant})", leave=False)
-        fh = open(path, "a", encoding="utf-8") if path is not None else None
-
-        def run(pending: list[tuple[int, RenderedExample, str]]) -> None:
-            t0, c0 = time.perf_counter(), time.process_time()
-            if per_example is not None and len(pending) == 1:
-                (_, r, _), = pending
-                with per_example(r):
-                    outs = [greedy_generate(model, r.tokens, max_new_tokens=max_new_tokens,
-                                            stop_at_newline=stop_at_newline, stop_ids=stops)]
-            elif per_example is not None:
-                prompts = [r.tokens for _, r, _ in pending]
-                with attached_batch(model, intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
-                    outs = greedy_generate_batch(model, prompts, max_new_tokens=max_new_tokens,
-                                                 stop_at_newline=stop_at_newline, stop_ids=stops)
-            else:
-                outs = greedy_generate_batch(model, [r.tokens for _, r, _ in pending],
-                                             max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
-                                             stop_ids=stops)
-            # Time is shared equally by the examples of a batch.
-            secs = (time.perf_counter() - t0) / len(pending)
-            cpu = (time.process_time() - c0) / len(pending)
-            for (i, r, ph), (ids, text) in zip(pending, outs):
-                answers = list(r.answers)
-                dist = clean_distractor_answers(r.distractor_answers, answers)
-                rec = {
-                    "key": f"{i}:{r.id}",
-                    "config_hash": h,
-                    "index": i,
-                    "id": r.id,
-                    "task": r.example.task,
-                    "variant": r.variant,
-                    "n_docs": r.n_docs,
-                    "gold_position": r.gold_position,
-                    "prediction": text,
-                    "answers": answers,
-                    "em": best_subspan_em(text, answers),
-                    "substring": substring_match(text, answers),
-                    "distractor_copy": distractor_copy(text, dist, answers),
-                    "n_prompt_tokens": len(r),
-                    "n_new_tokens": len(ids),
-                    "seconds": round(secs, 4),
-                    "cpu_seconds": round(cpu, 4),
-                    "batch_size": len(pending),
-                    "prompt_hash": ph,
-                }
-                if fh is not None:
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                slots[i] = rec
-                bar.update(1)
-
+        self.bar = tqdm(total=len(examples), disable=not progress, desc=f"evaluate ({self.variant})", leave=False)
+        self.fh = open(self.path, "a", encoding="utf-8") if self.path is not None else None
         try:
-            with outer():
+            with self.outer():
                 pending: list[tuple[int, RenderedExample, str]] = []
                 for i, ex in enumerate(examples):
-                    if isinstance(ex, RenderedExample):
-                        r = ex
-                        if r.variant != variant or r.prompt.chat != chat:
-                            raise ValueError(
-                                f"examples[{i}] was rendered with variant={r.variant!r}, chat={r.prompt.chat}, "
-                                f"but evaluate was called with variant={variant!r}, chat={chat}: pass the "
-                                "same settings (they are part of the records' configuration)."
-                            )
-                    elif isinstance(ex, TaskExample):
-                        r = render(ex, model, variant=variant, chat=chat, gold_position=gold_position,
-                                   system=system, index=i)
-                    else:
-                        raise TypeError(f"examples[{i}] is a {type(ex).__name__}, not a TaskExample or RenderedExample.")
-                    key = f"{i}:{r.id}"
-                    ph = _prompt_hash(r)
-                    if key in done:
-                        rec = done[key]
-                        if rec.get("prompt_hash") != ph:
-                            raise ValueError(
-                                f"{path}: the record for example {key} was made from a different prompt "
-                                "(the examples changed). Use another output file, or resume=False."
-                            )
-                        slots[i] = rec
-                        n_resumed += 1
-                        bar.update(1)
+                    item = self._resume_or_queue(i, ex)
+                    if item is None:
                         continue
-                    n_prompt = len(r.prompt.tokens)
-                    check_context(model, n_prompt + max_new_tokens,
-                                  what=f"example {i} ({n_prompt} prompt tokens + max_new_tokens {max_new_tokens})")
-                    pending.append((i, r, ph))
+                    pending.append(item)
                     if len(pending) >= batch:
-                        run(pending)
+                        self._decode(pending)
                         pending = []
                 if pending:
-                    run(pending)
+                    self._decode(pending)
         finally:
-            bar.close()
-            if fh is not None:
-                fh.close()
-        records = [rec for rec in slots if rec is not None]
-        return EvalResult(
-            records=records, config=cfg, config_hash=h, path=path, n_resumed=n_resumed,
-            wall_seconds=time.perf_counter() - t_start,
-        )
+            self.bar.close()
+            if self.fh is not None:
+                self.fh.close()
+
+    def _resume_or_queue(self, i: int, ex: TaskExample | RenderedExample) -> tuple[int, RenderedExample, str] | None:
+        """Example ``i`` rendered; its resumed record stored (``None`` back), else ``(i, rendered, prompt hash)`` to decode."""
+        r = _rendered(self.model, ex, i, self.dec, self.variant)
+        key = f"{i}:{r.id}"
+        ph = _prompt_hash(r)
+        if key in self.done:
+            rec = self.done[key]
+            if rec.get("prompt_hash") != ph:
+                raise ValueError(
+                    f"{self.path}: the record for example {key} was made from a different prompt "
+                    "(the examples changed). Use another output file, or resume=False."
+                )
+            self.slots[i] = rec
+            self.n_resumed += 1
+            self.bar.update(1)
+            return None
+        n_prompt = len(r.prompt.tokens)
+        max_new_tokens = self.dec.max_new_tokens
+        check_context(self.model, n_prompt + max_new_tokens,
+                      what=f"example {i} ({n_prompt} prompt tokens + max_new_tokens {max_new_tokens})")
+        return i, r, ph
+
+    def _decode(self, pending: list[tuple[int, RenderedExample, str]]) -> None:
+        """Greedy answers for a batch (under the per-example intervention, if any); their records stored."""
+        model, per_example = self.model, self.per_example
+        kw = dict(max_new_tokens=self.dec.max_new_tokens, stop_at_newline=self.dec.stop_at_newline,
+                  stop_ids=self.stops)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if per_example is not None and len(pending) == 1:
+            (_, r, _), = pending
+            with per_example(r):
+                outs = [greedy_generate(model, r.tokens, **kw)]
+        elif per_example is not None:
+            prompts = [r.tokens for _, r, _ in pending]
+            with attached_batch(model, self.intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
+                outs = greedy_generate_batch(model, prompts, **kw)
+        else:
+            outs = greedy_generate_batch(model, [r.tokens for _, r, _ in pending], **kw)
+        # Time is shared equally by the examples of a batch.
+        secs = (time.perf_counter() - t0) / len(pending)
+        cpu = (time.process_time() - c0) / len(pending)
+        for (i, r, ph), (ids, text) in zip(pending, outs):
+            rec = _record(i, r, ph, ids, text, h=self.h, secs=secs, cpu=cpu, batch_size=len(pending))
+            if self.fh is not None:
+                self.fh.write(json.dumps(rec) + "\n")
+                self.fh.flush()
+            self.slots[i] = rec
+            self.bar.update(1)
+
+
+def _rendered(model: HookedModel, ex: Any, i: int, dec: Decoding, variant: str) -> RenderedExample:
+    """``examples[i]`` rendered with the decoding settings (a rendered one is checked to match them)."""
+    if isinstance(ex, RenderedExample):
+        if ex.variant != variant or ex.prompt.chat != dec.chat:
+            raise ValueError(
+                f"examples[{i}] was rendered with variant={ex.variant!r}, chat={ex.prompt.chat}, "
+                f"but evaluate was called with variant={variant!r}, chat={dec.chat}: pass the "
+                "same settings (they are part of the records' configuration)."
+            )
+        return ex
+    if isinstance(ex, TaskExample):
+        return render(ex, model, variant=variant, chat=dec.chat, gold_position=dec.gold_position,
+                      system=dec.system, index=i)
+    raise TypeError(f"examples[{i}] is a {type(ex).__name__}, not a TaskExample or RenderedExample.")
+
+
+def _record(i: int, r: RenderedExample, ph: str, ids: Any, text: str, *, h: str, secs: float, cpu: float,
+            batch_size: int) -> dict[str, Any]:
+    """One example's record (the JSONL line): the prediction scored, with its sizes and timing."""
+    answers = list(r.answers)
+    dist = clean_distractor_answers(r.distractor_answers, answers)
+    return {
+        "key": f"{i}:{r.id}",
+        "config_hash": h,
+        "index": i,
+        "id": r.id,
+        "task": r.example.task,
+        "variant": r.variant,
+        "n_docs": r.n_docs,
+        "gold_position": r.gold_position,
+        "prediction": text,
+        "answers": answers,
+        "em": best_subspan_em(text, answers),
+        "substring": substring_match(text, answers),
+        "distractor_copy": distractor_copy(text, dist, answers),
+        "n_prompt_tokens": len(r),
+        "n_new_tokens": len(ids),
+        "seconds": round(secs, 4),
+        "cpu_seconds": round(cpu, 4),
+        "batch_size": batch_size,
+        "prompt_hash": ph,
+    }

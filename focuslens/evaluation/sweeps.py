@@ -225,7 +225,7 @@ def select_alpha(
         An :class:`AlphaSelection` (``.k``, ``.alpha``, ``.target``, ``.table()``).
     """
     from .runner import evaluate
-    from ..intervene.specs import Steer
+    from ..directions.artefact import Steer
 
     if not examples:
         raise ValueError("select_alpha needs validation examples.")

@@ -59,7 +59,7 @@ from ..core.attention import (
 )
 from ..core.hooks import attach_hooks
 from ..core.models import HookedModel, hook_name, model_info
-from .patching import _HOOK, PatchSite, _as_batch
+from .patching import _HOOK, PatchSite, _as_batch, _checked_layers
 
 __all__ = ["attribution_patch_heads", "attribution_patch_sites"]
 
@@ -116,6 +116,42 @@ def attribution_patch_sites(
             or ``qk_fix`` on a model whose attention cannot be recomputed exactly.
     """
     info = model_info(model)
+    sites, corrupted, clean, layer_list = _checked_inputs(info, sites, corrupted_tokens, clean_tokens, layers)
+    fixed = [s for s in sites if qk_fix and s in ("q", "k")]
+    plans = (
+        require_qk_route(model, layer_list, what="attribution with qk_fix=True", hint="Pass qk_fix=False for plain AtP.")
+        if fixed
+        else {}
+    )
+    grad_names, value_names = _hooked_names(layer_list, sites, fixed, plans)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n in value_names)
+    clean_acts = {n: cache[n].detach().clone() for n in value_names}
+    del cache
+    corrupt_acts, grad, m_corrupt = _corrupted_backward(model, corrupted, metric, grad_names, value_names)
+
+    n_pos = corrupted.shape[1]
+    out: dict[str, Tensor] = {}
+    for s in sites:
+        slots = info.n_kv_heads if s in ("k", "v") else info.n_heads
+        res = torch.full((info.n_layers, n_pos, slots) if per_position else (info.n_layers, slots), float("nan"))
+        for l in layer_list:
+            if s in fixed:
+                eff = _qk_fixed_effect(
+                    model, s, plans[l], clean_acts, corrupt_acts, grad[hook_name(l, "hook_pattern")], per_position
+                )
+                res[l] = eff.cpu() + m_corrupt
+                continue
+            eff = _linear_effect(s, hook_name(l, _HOOK[s]), clean_acts, corrupt_acts, grad)
+            res[l] = eff.cpu() + m_corrupt if per_position else eff.sum(0).cpu() + m_corrupt
+        out[s] = res
+    return out
+
+
+def _checked_inputs(
+    info, sites: Sequence[PatchSite], corrupted_tokens: Tensor, clean_tokens: Tensor, layers: Iterable[int] | None
+) -> tuple[list[PatchSite], Tensor, Tensor, list[int]]:
+    """The sites (deduplicated), both token batches and the layers, validated as ``attribution_patch_sites`` states."""
     sites = list(dict.fromkeys(sites))
     bad = [s for s in sites if s not in _HOOK]
     if bad or not sites:
@@ -127,17 +163,11 @@ def attribution_patch_sites(
             f"Clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} token tensors must have the same "
             "shape: attribution compares activations position by position (make_corrupted_pair builds such pairs)."
         )
-    layer_list = list(range(info.n_layers)) if layers is None else sorted({int(l) for l in layers})
-    for l in layer_list:
-        if not 0 <= l < info.n_layers:
-            raise ValueError(f"Unknown layer {l}: this model has layers 0..{info.n_layers - 1}.")
-    fixed = [s for s in sites if qk_fix and s in ("q", "k")]
-    plans = (
-        require_qk_route(model, layer_list, what="attribution with qk_fix=True", hint="Pass qk_fix=False for plain AtP.")
-        if fixed
-        else {}
-    )
-    # hook name -> whether we need its gradient (a zero "delta" leaf is added there) / its values
+    return sites, corrupted, clean, _checked_layers(info, layers)
+
+
+def _hooked_names(layer_list: list[int], sites: list[PatchSite], fixed: list[PatchSite], plans) -> tuple[set[str], set[str]]:
+    """Hook names whose gradient we need (a zero "delta" leaf is added there) and whose values we need."""
     grad_names: set[str] = set()
     value_names: set[str] = set()
     for l in layer_list:
@@ -148,11 +178,15 @@ def attribution_patch_sites(
             else:
                 grad_names.add(hook_name(l, _HOOK[s]))
                 value_names.add(hook_name(l, _HOOK[s]))
+    return grad_names, value_names
+
+
+def _corrupted_backward(
+    model: HookedModel, corrupted: Tensor, metric: Callable, grad_names: set[str], value_names: set[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """One corrupted forward (activations kept) and one backward of the metric to the hooked activations:
+    ``(corrupted activations, gradients, metric of the corrupted run)``."""
     names = sorted(grad_names | value_names)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=lambda n: n in value_names)
-    clean_acts = {n: cache[n].detach().clone() for n in value_names}
-    del cache
     corrupt_acts: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}
 
@@ -184,30 +218,17 @@ def attribution_patch_sites(
     grad = {n: (g if g is not None else torch.zeros_like(deltas[n])).detach() for n, g in zip(order, grads)}
     del logits, m
     deltas.clear()
+    return corrupt_acts, grad, m_corrupt
 
-    n_pos = corrupted.shape[1]
-    out: dict[str, Tensor] = {}
-    for s in sites:
-        slots = info.n_kv_heads if s in ("k", "v") else info.n_heads
-        res = torch.full((info.n_layers, n_pos, slots) if per_position else (info.n_layers, slots), float("nan"))
-        for l in layer_list:
-            if s in fixed:
-                eff = _qk_fixed_effect(
-                    model, s, plans[l], clean_acts, corrupt_acts, grad[hook_name(l, "hook_pattern")], per_position
-                )
-                res[l] = eff.cpu() + m_corrupt
-                continue
-            else:
-                name = hook_name(l, _HOOK[s])
-                prod = (clean_acts[name].float() - corrupt_acts[name].float()) * grad[name].float()
-                if s == "pattern":  # [b, head, q_pos, k_pos] -> [q_pos, head]
-                    eff = prod.sum((0, 3)).transpose(0, 1)
-                else:  # [b, pos, slot, d] -> [pos, slot]
-                    eff = prod.sum((0, 3))
-            res[l] = eff.cpu() + m_corrupt if per_position else eff.sum(0).cpu() + m_corrupt
-        out[s] = res
-    return out
 
+def _linear_effect(
+    site: str, name: str, clean_acts: dict[str, Tensor], corrupt_acts: dict[str, Tensor], grad: dict[str, Tensor]
+) -> Tensor:
+    """Plain AtP at one hook: ``(a_clean − a_corrupt)·∂m/∂a`` summed to ``[pos, slot]`` (query rows for the pattern)."""
+    prod = (clean_acts[name].float() - corrupt_acts[name].float()) * grad[name].float()
+    if site == "pattern":  # [b, head, q_pos, k_pos] -> [q_pos, head]
+        return prod.sum((0, 3)).transpose(0, 1)
+    return prod.sum((0, 3))  # [b, pos, slot, d] -> [pos, slot]
 
 def _qk_fixed_effect(
     model: HookedModel,

@@ -137,13 +137,16 @@ def _dataset(model: HookedModel, per: Mapping[str, list[Tensor]], *, n_skipped: 
 
 
 def contextual_finder(
-    model: HookedModel, examples: Sequence[Any], *, response: Literal["generate", "gold", "gold_only"] = "gold",
+    model: HookedModel, examples: Sequence[Any], *, response: Literal["generate", "gold", "gold_only"] = "generate",
     progress: bool = True, **kw: Any,
 ) -> DatasetScores:
     """The paper's contextual score (:func:`focuslens.score.contextual.score_dataset`), unchanged.
 
-    ``response="gold"`` (default here): the gold answer appended as text, one pass per example (the
-    same teacher forcing as the retrieval finder); ``"generate"`` is the paper's own-answer protocol.
+    One contextual ranking, one default: like ``score_dataset``, ``response="generate"`` (the paper's
+    protocol: the model's own greedy answer is appended and its tokens are the scoring rows).
+    ``response="gold"`` appends the gold answer as text instead (one pass per example, the same
+    teacher forcing as the retrieval finder; what ``find_heads(finder="contextual")`` did by default
+    before 0.2 — pass it explicitly to reproduce those rankings).
     """
     from ..score.contextual import score_dataset
 

@@ -175,45 +175,20 @@ def run_patch_jobs(
     corrupted prefix's KV cache, and the metric gets the corrupted prefix logits concatenated in
     front. Per-position jobs before ``t0`` copy equal values: their metric is the corrupted one.
     """
-    import copy
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of runs per forward pass, got {batch_size}.")
     b, n_pos = corrupted.shape
     share_prefix = b == 1
     layers = sorted({l for l, _, _ in jobs})
-    clean_by_layer: dict[int, Tensor] = {}
-    for l in layers:
-        name = hook_name(l, hook)
-        clean = cache[name]
-        if clean.shape[0] != b:
-            if clean.shape[0] != 1:
-                raise ValueError(f"The clean cache at {name} has {clean.shape[0]} prompts but the corrupted batch has {b}.")
-            clean = clean.expand(b, *clean.shape[1:])
-        clean_by_layer[l] = clean
+    clean_by_layer = _clean_by_layer(cache, hook, layers, b)
     values: list[float] = [float("nan")] * len(jobs)
     resid_names = set(model.hook_dict)
     t0, kv_prefix, prefix_logits = 0, None, None
     with torch.no_grad():
         if share_prefix and _supports_kv(model) and all(f"blocks.{l}.hook_resid_pre" in resid_names for l in layers):
-            names = {hook_name(l, hook) for l in layers}
-            logits_c, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
-            first = {l: _first_difference(site, clean_by_layer[l], corrupt_cache[hook_name(l, hook)]) for l in layers}
-            del corrupt_cache
-            base = float(metric(logits_c))
-            for i, (l, _, _) in enumerate(jobs):
-                if first[l] == n_pos:  # clean == corrupted at this layer: every patch there is the identity
-                    values[i] = base
-            t0 = min([t for t in first.values() if t < n_pos] or [n_pos - 1])
-            if t0 > 0:
-                prefix_logits, kv_prefix = model(corrupted[:, :t0], return_type="logits_and_cache")
-                prefix_logits = logits_c[:, :t0]  # the full run's own values (equal up to rounding)
-                if _kv_layers(kv_prefix) is None:
-                    t0, kv_prefix, prefix_logits = 0, None, None
-            del logits_c
-            for i, (_, p, _) in enumerate(jobs):
-                if p is not None and p < t0:
-                    values[i] = base
+            t0, kv_prefix, prefix_logits = _shared_prefix(
+                model, corrupted, metric, site, hook, jobs, layers, clean_by_layer, values
+            )
     todo = [i for i, v in enumerate(values) if math.isnan(v)]  # still to run
     by_layer: dict[int, list[int]] = {}
     for i in todo:
@@ -227,37 +202,95 @@ def run_patch_jobs(
         with torch.no_grad():
             for l in sorted(by_layer):
                 idx = by_layer[l]
-                name = hook_name(l, hook)
-                clean = clean_by_layer[l]
-                resid = f"blocks.{l}.hook_resid_pre"
                 for start in range(0, len(idx), batch_size):
                     chunk = idx[start : start + batch_size]
-                    n = len(chunk)
-                    mask = _job_mask(site, [jobs[i] for i in chunk], clean.shape)
-                    hooks = [(name, _masked_setter(site, clean, mask, n, t0))]
-                    kw = {}
-                    if share_prefix and resid in resid_names:
-                        hooks.insert(0, (resid, _expander(n)))
-                        tokens = corrupted[:, t0:]
-                        if kv_prefix is not None:
-                            kv = copy.deepcopy(kv_prefix)
-                            for li, layer_kv in enumerate(_kv_layers(kv)):
-                                if li >= l:  # layers from l on see n rows; below, the shared batch-1 row
-                                    layer_kv.keys = layer_kv.keys.repeat(n, *([1] * (layer_kv.keys.dim() - 1)))
-                                    layer_kv.values = layer_kv.values.repeat(n, *([1] * (layer_kv.values.dim() - 1)))
-                            kw["past_key_values"] = kv
-                    else:
-                        tokens = corrupted.repeat(n, 1)
-                    with attach_hooks(model, hooks, label=f"batched patch {site} L{l} x{n}"):
-                        logits = model(tokens, **kw)  # [n·b, pos - t0, d_vocab]
-                    if prefix_logits is not None:
-                        logits = torch.cat([prefix_logits.expand(n, -1, -1), logits], dim=1)
+                    logits = _patched_chunk_logits(
+                        model, corrupted, site, hook, l, clean_by_layer[l], [jobs[i] for i in chunk],
+                        t0=t0, kv_prefix=kv_prefix, prefix_logits=prefix_logits,
+                        share_prefix=share_prefix and f"blocks.{l}.hook_resid_pre" in resid_names,
+                    )
                     for j, i in enumerate(chunk):
                         values[i] = float(metric(logits[j * b : (j + 1) * b]))
-                    del logits, kw
+                    del logits
                     if bar is not None:
-                        bar.update(n)
+                        bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
     return values
+
+
+def _clean_by_layer(cache: dict[str, Tensor], hook: str, layers: list[int], b: int) -> dict[int, Tensor]:
+    """Each layer's clean activation, one prompt broadcast to the ``b`` corrupted prompts."""
+    clean_by_layer: dict[int, Tensor] = {}
+    for l in layers:
+        name = hook_name(l, hook)
+        clean = cache[name]
+        if clean.shape[0] != b:
+            if clean.shape[0] != 1:
+                raise ValueError(f"The clean cache at {name} has {clean.shape[0]} prompts but the corrupted batch has {b}.")
+            clean = clean.expand(b, *clean.shape[1:])
+        clean_by_layer[l] = clean
+    return clean_by_layer
+
+
+def _shared_prefix(
+    model: HookedModel, corrupted: Tensor, metric: Callable, site: str, hook: str,
+    jobs: Sequence[tuple[int, int | None, int]], layers: list[int], clean_by_layer: dict[int, Tensor],
+    values: list[float],
+) -> tuple[int, object, Tensor | None]:
+    """One corrupted run: fill ``values`` for the jobs that patch equal values (the corrupted metric)
+    and return ``(t0, KV cache of positions < t0, their logits)`` (``(0, None, None)`` without a usable cache)."""
+    n_pos = corrupted.shape[1]
+    names = {hook_name(l, hook) for l in layers}
+    logits_c, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
+    first = {l: _first_difference(site, clean_by_layer[l], corrupt_cache[hook_name(l, hook)]) for l in layers}
+    del corrupt_cache
+    base = float(metric(logits_c))
+    for i, (l, _, _) in enumerate(jobs):
+        if first[l] == n_pos:  # clean == corrupted at this layer: every patch there is the identity
+            values[i] = base
+    t0 = min([t for t in first.values() if t < n_pos] or [n_pos - 1])
+    kv_prefix, prefix_logits = None, None
+    if t0 > 0:
+        prefix_logits, kv_prefix = model(corrupted[:, :t0], return_type="logits_and_cache")
+        prefix_logits = logits_c[:, :t0]  # the full run's own values (equal up to rounding)
+        if _kv_layers(kv_prefix) is None:
+            t0, kv_prefix, prefix_logits = 0, None, None
+    del logits_c
+    for i, (_, p, _) in enumerate(jobs):
+        if p is not None and p < t0:
+            values[i] = base
+    return t0, kv_prefix, prefix_logits
+
+
+def _patched_chunk_logits(
+    model: HookedModel, corrupted: Tensor, site: str, hook: str, l: int, clean: Tensor,
+    chunk_jobs: list[tuple[int, int | None, int]], *, t0: int, kv_prefix, prefix_logits: Tensor | None,
+    share_prefix: bool,
+) -> Tensor:
+    """Logits ``[n·b, pos, d_vocab]`` of ``n`` patched runs at layer ``l`` in one forward pass (run ``j``
+    in rows ``j·b .. (j+1)·b``); with ``share_prefix`` a batch-1 prefix below layer ``l`` and before ``t0``."""
+    import copy
+
+    n = len(chunk_jobs)
+    mask = _job_mask(site, chunk_jobs, clean.shape)
+    hooks = [(hook_name(l, hook), _masked_setter(site, clean, mask, n, t0))]
+    kw = {}
+    if share_prefix:
+        hooks.insert(0, (f"blocks.{l}.hook_resid_pre", _expander(n)))
+        tokens = corrupted[:, t0:]
+        if kv_prefix is not None:
+            kv = copy.deepcopy(kv_prefix)
+            for li, layer_kv in enumerate(_kv_layers(kv)):
+                if li >= l:  # layers from l on see n rows; below, the shared batch-1 row
+                    layer_kv.keys = layer_kv.keys.repeat(n, *([1] * (layer_kv.keys.dim() - 1)))
+                    layer_kv.values = layer_kv.values.repeat(n, *([1] * (layer_kv.values.dim() - 1)))
+            kw["past_key_values"] = kv
+    else:
+        tokens = corrupted.repeat(n, 1)
+    with attach_hooks(model, hooks, label=f"batched patch {site} L{l} x{n}"):
+        logits = model(tokens, **kw)  # [n·b, pos - t0, d_vocab]
+    if prefix_logits is not None:
+        logits = torch.cat([prefix_logits.expand(n, -1, -1), logits], dim=1)
+    return logits

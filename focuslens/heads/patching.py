@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..core.hooks import HookHandle, attach_hooks
 from ..core.models import HookedModel, hook_name, model_info
-from ..core.checks import check_heads
+from ..core.checks import check_heads, frozen_vectors
 
 __all__ = [
     "PatchSite",
@@ -202,36 +202,11 @@ def patch_heads(
         raise ValueError(f"batch_size must be a positive int (patched runs per forward pass), got {batch_size!r}.")
     info = model_info(model)
     corrupted = _as_batch(corrupted_tokens, "corrupted_tokens")
-    layer_list = list(range(info.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    for l in layer_list:
-        if not 0 <= l < info.n_layers:
-            raise ValueError(f"Unknown layer {l}: this model has layers 0..{info.n_layers - 1}.")
-    if isinstance(clean, dict):
-        cache = clean
-        missing = [hook_name(l, _HOOK[site]) for l in layer_list if hook_name(l, _HOOK[site]) not in cache]
-        if missing:
-            raise ValueError(f"The clean cache lacks {missing[:3]}...: build it with cache_sites(..., [{site!r}]).")
-    else:
-        clean_t = _as_batch(clean, "clean tokens")
-        if clean_t.shape != corrupted.shape:
-            raise ValueError(
-                f"Clean {tuple(clean_t.shape)} and corrupted {tuple(corrupted.shape)} token tensors must have "
-                "the same shape: patching copies activations position by position. Build pairs of equal "
-                "token length (make_corrupted_pair does)."
-            )
-        cache = cache_sites(model, clean_t, [site], layers=layer_list)
+    layer_list = _checked_layers(info, layers)
+    cache = _clean_site_cache(model, clean, corrupted, site, layer_list)
     n_pos = corrupted.shape[1]
     slots = _n_slots(model, site)
-    pos_list: list[int | None]
-    if per_position:
-        pos_list = list(range(n_pos)) if positions is None else sorted(set(int(p) for p in positions))
-        for p in pos_list:
-            if not 0 <= p < n_pos:
-                raise ValueError(f"Position {p} is outside the prompt of {n_pos} tokens.")
-        result = torch.full((info.n_layers, n_pos, slots), float("nan"))
-    else:
-        pos_list = [None]
-        result = torch.full((info.n_layers, slots), float("nan"))
+    pos_list, result = _patch_grid(info.n_layers, n_pos, slots, per_position, positions)
     jobs = [(l, p, h) for l in layer_list for p in pos_list for h in range(slots)]
     if method == "batched":
         from .patch_jobs import default_batch_size, run_patch_jobs
@@ -241,11 +216,66 @@ def patch_heads(
             model, corrupted, cache, metric, site=site, hook=_HOOK[site], jobs=jobs, batch_size=bs, progress=progress
         )
         for (l, p, h), value in zip(jobs, values):
-            if p is None:
-                result[l, h] = value
-            else:
-                result[l, p, h] = value
+            _store(result, l, p, h, value)
         return result
+    _patch_loop(model, corrupted, cache, metric, site, jobs, result, progress)
+    return result
+
+
+def _checked_layers(info, layers: Iterable[int] | None) -> list[int]:
+    """The layers asked for (all by default), sorted and deduplicated; an unknown layer raises."""
+    layer_list = list(range(info.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
+    for l in layer_list:
+        if not 0 <= l < info.n_layers:
+            raise ValueError(f"Unknown layer {l}: this model has layers 0..{info.n_layers - 1}.")
+    return layer_list
+
+
+def _clean_site_cache(
+    model: HookedModel, clean: Tensor | Sequence[int] | dict[str, Tensor], corrupted: Tensor, site: PatchSite,
+    layer_list: list[int],
+) -> dict[str, Tensor]:
+    """The clean activations at ``site``: a given cache (checked to hold the layers) or one run of the clean tokens."""
+    if isinstance(clean, dict):
+        missing = [hook_name(l, _HOOK[site]) for l in layer_list if hook_name(l, _HOOK[site]) not in clean]
+        if missing:
+            raise ValueError(f"The clean cache lacks {missing[:3]}...: build it with cache_sites(..., [{site!r}]).")
+        return clean
+    clean_t = _as_batch(clean, "clean tokens")
+    if clean_t.shape != corrupted.shape:
+        raise ValueError(
+            f"Clean {tuple(clean_t.shape)} and corrupted {tuple(corrupted.shape)} token tensors must have "
+            "the same shape: patching copies activations position by position. Build pairs of equal "
+            "token length (make_corrupted_pair does)."
+        )
+    return cache_sites(model, clean_t, [site], layers=layer_list)
+
+
+def _patch_grid(
+    n_layers: int, n_pos: int, slots: int, per_position: bool, positions: Iterable[int] | None
+) -> tuple[list[int | None], Tensor]:
+    """The positions patched (``[None]``: all at once) and the NaN-filled result they are written into."""
+    if not per_position:
+        return [None], torch.full((n_layers, slots), float("nan"))
+    pos_list: list[int | None] = list(range(n_pos)) if positions is None else sorted(set(int(p) for p in positions))
+    for p in pos_list:
+        if not 0 <= p < n_pos:
+            raise ValueError(f"Position {p} is outside the prompt of {n_pos} tokens.")
+    return pos_list, torch.full((n_layers, n_pos, slots), float("nan"))
+
+
+def _store(result: Tensor, l: int, p: int | None, h: int, value: float) -> None:
+    if p is None:
+        result[l, h] = value
+    else:
+        result[l, p, h] = value
+
+
+def _patch_loop(
+    model: HookedModel, corrupted: Tensor, cache: dict[str, Tensor], metric: Callable, site: PatchSite,
+    jobs: list[tuple[int, int | None, int]], result: Tensor, progress: bool,
+) -> None:
+    """``method="loop"``: one forward pass per patched run (the reference for the batched method)."""
     it: Iterable = jobs
     if progress:
         from tqdm.auto import tqdm
@@ -256,13 +286,7 @@ def patch_heads(
             name = hook_name(l, _HOOK[site])
             with attach_hooks(model, [(name, _setter(site, cache[name], h, p))], label=f"patch {site} L{l}H{h}"):
                 logits = model(corrupted)
-            value = float(metric(logits))
-            if p is None:
-                result[l, h] = value
-            else:
-                result[l, p, h] = value
-    return result
-
+            _store(result, l, p, h, float(metric(logits)))
 
 def patch_head_z(model, corrupted_tokens, clean, metric, **kw):
     """:func:`patch_heads` at ``site="z"``: each query head's output. ``[layer, head]``."""
@@ -447,13 +471,15 @@ def ablate_heads(
         >>> with ablate_heads(model, top20, mode="mean", mean_over=[r.tokens for r in ref]):
         ...     res = evaluate(model, test_examples)
     """
-    head_list = check_heads(model, heads)
-    if not head_list:
-        raise ValueError("ablate_heads needs at least one (layer, head).")
+    # The checks of the Ablate spec (focuslens.core.checks): ints in range, no bools/floats/duplicates,
+    # at least one; given means finite [d_head] vectors.
+    head_list = check_heads(model, heads, what="ablate_heads")
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}.")
     if mode == "mean":
-        if means is None:
+        if means is not None:
+            means = dict(frozen_vectors(means, what="ablate_heads means", d_head=model_info(model).d_head))
+        else:
             if mean_over is None:
                 raise ValueError("mode='mean' needs mean_over=<reference tokens> (or means=head_means(...)).")
             means = head_means(model, head_list, mean_over)

@@ -2,19 +2,24 @@
 
 Why this module exists
 ----------------------
-Contextual scoring (METHOD.md §2) says *which* heads look at the relevant document. Interventions say
+Contextual scoring (``docs/method.md`` §1) says *which* heads look at the relevant document. Interventions say
 whether that attention *matters*: move more of a head's attention onto the relevant span and see
-whether the answer improves (split softmax, METHOD.md §3), or bias a head's queries with a fixed
-vector (focus directions, METHOD.md §4). Both must be exact (the neutral setting is a bit-for-bit
+whether the answer improves (split softmax, ``docs/method.md`` §3), or bias a head's queries with a fixed
+vector (focus directions, ``docs/method.md`` §4). Both must be exact (the neutral setting is a bit-for-bit
 identity, heads not listed are untouched), must act during ``model.generate`` with the KV cache as
 well as in a single forward pass, and must leave the model clean when they are removed, even when an
 exception interrupts them.
 
 Every function here returns a :class:`focuslens.core.hooks.HookHandle` (``.remove()``; usable as a
 context manager). Handles compose: nest ``with`` blocks, or bundle several with :func:`compose`.
-These are the *eager* shortcuts (hooks attach when called); to describe an intervention before it is
-applied (per example in an evaluation, with a content identity for stored results, all-or-nothing
-composition) use the specs of :mod:`focuslens.intervene.specs`, which attach through these functions.
+These are the *eager* shortcuts (hooks attach when called), each one line of sugar over its spec:
+``split_softmax(m, heads, span, tau)`` is ``SplitSoftmax(heads, tau, span=span)`` attached, ``pasta`` is
+:class:`~focuslens.intervene.span_specs.Pasta`, ``inject_vectors`` is
+:class:`~focuslens.intervene.vector_specs.InjectVectors`: the same validation (heads, τ/α/coefficient, vectors)
+and the same hooks. To describe an intervention before it is applied (per example in an evaluation,
+batched under left padding, with a content identity for stored results, all-or-nothing composition)
+use the specs themselves. A handle is attached to one prompt's absolute positions: do not hand it to
+``evaluate(..., batch_size > 1)`` (refused there; pass the spec).
 
 Which one should you use?
 -------------------------
@@ -37,23 +42,20 @@ rotary models; on models with learned absolute positions such as GPT-2 they are 
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.hooks import HookHandle, attach_hooks
-from ..core.models import HookedModel, hook_name, model_info
-from ..core.checks import is_index as _is_index, check_heads
-from .edits import _check_strength, _span_edit_hooks, pasta_pattern, split_softmax_pattern
+from ..core.hooks import HookHandle
+from ..core.models import HookedModel
 from ..core.prompts import SpanLike
+from .handles import ComposedHandle, remove_all
+from .span_specs import Pasta, SplitSoftmax
+from .specs import Compose, InterventionSpec
+from .vector_specs import InjectSite, InjectVectors
 
 __all__ = ["split_softmax", "pasta", "inject_vectors", "compose", "ComposedHandle", "InjectSite"]
-
-InjectSite = Literal["query", "key"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,60 +63,8 @@ InjectSite = Literal["query", "key"]
 # --------------------------------------------------------------------------------------------------
 
 
-class ComposedHandle(HookHandle):
-    """Several handles removed as one (each removes only its own hooks).
-
-    Removal is exception-safe: every member is removed even if one of them raises, and the first
-    error is re-raised afterwards.
-    """
-
-    def __init__(self, handles: Sequence[HookHandle], *, label: str = "composed"):
-        models = {id(h.model) for h in handles}
-        if len(models) > 1:
-            # Refusing must not leak: the handles given are already attached, and the caller gets no
-            # object through which to remove them.
-            _remove_all(handles)
-            raise ValueError(
-                "compose(): all handles must belong to the same model; the handles given were removed."
-            )
-        self.model = handles[0].model if handles else None
-        self.label = label
-        self.members: list[HookHandle] = list(handles)
-        self._handles = []  # the members own the hooks
-
-    @property
-    def active(self) -> bool:
-        return any(h.active for h in self.members)
-
-    @property
-    def n_hooks(self) -> int:
-        return sum(h.n_hooks for h in self.members)
-
-    def remove(self) -> None:
-        first: BaseException | None = None
-        for h in reversed(self.members):
-            try:
-                h.remove()
-            except BaseException as e:  # keep removing the others
-                first = first or e
-        if first is not None:
-            raise first
-
-    def __repr__(self) -> str:
-        return f"<ComposedHandle {self.label}: {len(self.members)} handles, {self.n_hooks} hooks>"
-
-
-def _remove_all(handles: Iterable[object]) -> None:
-    """Remove every :class:`HookHandle` among ``handles`` (others ignored), whatever fails."""
-    for h in reversed(list(handles)):
-        if isinstance(h, HookHandle):
-            try:
-                h.remove()
-            except Exception:  # keep removing; the refusal is the error to report
-                pass
-
-
-def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
+def compose(*handles: HookHandle | InterventionSpec, label: str = "composed", model: HookedModel | None = None,
+            example: Any = None) -> ComposedHandle:
     """Bundle already-attached handles so that one ``remove()`` / ``with`` block removes them all.
 
     Never leaves hooks behind when it refuses: given something that is not a :class:`HookHandle`,
@@ -127,32 +77,39 @@ def compose(*handles: HookHandle, label: str = "composed") -> ComposedHandle:
     ``(SplitSoftmax(heads, tau) + InjectVectors(vecs)).attach(model, example)``
     (:mod:`focuslens.intervene.specs`).
 
+    Specs may be given too (``compose(handle, SplitSoftmax(heads, 0.3, span=span), model=model)``): they
+    are attached here, together, as the spec :class:`~focuslens.intervene.specs.Compose` (``model``: the
+    handles' model when omitted; ``example``: for specs that take their span from it); if one of them
+    is refused, every handle given is removed too.
+
     Example:
         >>> with compose(split_softmax(model, heads, span, 0.3), inject_vectors(model, vecs)):
         ...     out = model.generate(tokens[None], max_new_tokens=5, verbose=False)
     """
     for h in handles:
-        if not isinstance(h, HookHandle):
-            _remove_all(handles)
+        if not isinstance(h, (HookHandle, InterventionSpec)):
+            remove_all(handles)
             raise TypeError(
-                f"compose() takes HookHandle objects, got {type(h).__name__}; the handles given were removed."
+                f"compose() takes HookHandle objects (or intervention specs), got {type(h).__name__}; the handles "
+                "given were removed."
             )
-    return ComposedHandle(handles, label=label)
+    attached = [h for h in handles if isinstance(h, HookHandle)]
+    specs = [h for h in handles if isinstance(h, InterventionSpec)]
+    if specs:
+        target = model if model is not None else (attached[0].model if attached else None)
+        try:
+            if target is None:
+                raise ValueError("compose() of specs needs model= (there is no handle to take it from).")
+            attached.append(Compose(*specs).attach(target, example))
+        except BaseException:
+            remove_all(attached)
+            raise
+    return ComposedHandle(attached, label=label)
 
 
 # --------------------------------------------------------------------------------------------------
 # Query / key vector injection
 # --------------------------------------------------------------------------------------------------
-
-
-def _inject_site(model: HookedModel, site: InjectSite, pre_rope: bool) -> str:
-    rotary = model_info(model).rotary
-    if site not in ("query", "key"):
-        raise ValueError(f"site must be 'query' or 'key', got {site!r}.")
-    letter = "q" if site == "query" else "k"
-    if rotary and not pre_rope:
-        return f"hook_rot_{letter}"
-    return f"hook_{letter}"
 
 
 def inject_vectors(
@@ -168,7 +125,7 @@ def inject_vectors(
     For each ``(layer, head) -> u`` in ``vectors`` the hooked model computes, at every position t of
     the prompt and of every generated token (with or without the KV cache),
 
-        q̃_t = RoPE_t(q_t) + alpha · u        (site="query", the default; METHOD.md §4)
+        q̃_t = RoPE_t(q_t) + alpha · u        (site="query", the default; docs/method.md §3)
 
     so the head's attention logits gain the query-independent, key-dependent bias
     ``alpha · u·k_j / sqrt(d_head)``. This is a *focus direction* when ``u`` is learned.
@@ -184,7 +141,7 @@ def inject_vectors(
             attention a key vector therefore changes the keys seen by *every query head of that
             group* (``group_size`` heads). A key vector alone has (up to rounding) **no effect on
             the attention pattern**: it adds ``alpha·q_t·u`` to every logit of row t, a constant in
-            j that the softmax cancels (METHOD.md §4; together with a query vector the extra term
+            j that the softmax cancels (docs/method.md §3; together with a query vector the extra term
             ``alpha²·u_q·u_k`` is constant too). Offered for completeness and for tests.
         alpha: scale; may be negative (pushes attention away). ``alpha == 0`` attaches hooks that
             return their input unchanged, an exact identity.
@@ -200,97 +157,16 @@ def inject_vectors(
         A :class:`HookHandle`; ``with inject_vectors(...):`` removes the hooks on exit.
 
     Raises:
-        ValueError: unknown head / KV head, a vector that is not ``[d_head]`` or not finite, an
-            empty mapping, or an unknown ``site``.
+        ValueError: unknown head / KV head, float or bool keys, a vector that is not ``[d_head]`` or
+            not finite, an empty mapping, an unknown ``site``, an ``alpha`` that is a bool or not a finite
+            number, or ``alpha * u`` not finite in the model's dtype (the checks of :class:`InjectVectors`).
 
     Example:
         >>> u = {(17, 3): torch.randn(64) * 0.1}
         >>> with inject_vectors(model, u, alpha=0.3):
         ...     out = model.generate(tokens[None], max_new_tokens=10, do_sample=False, verbose=False)
     """
-    info = model_info(model)
-    hook_site = _inject_site(model, site, pre_rope)
-    if not isinstance(vectors, Mapping) or len(vectors) == 0:
-        raise ValueError(
-            "inject_vectors needs a non-empty mapping {(layer, head): Tensor[d_head]}."
-        )
-    try:
-        alpha_f = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}.") from None
-    if not math.isfinite(alpha_f):
-        raise ValueError(f"alpha must be finite, got {alpha!r}.")
-    n_slots = info.n_heads if site == "query" else info.n_kv_heads
-    what = "query head" if site == "query" else "KV head"
-    by_layer: dict[int, dict[int, Tensor]] = defaultdict(dict)
-    rows: tuple[int, ...] | None = None
-    for key, u in vectors.items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(_is_index(x) for x in key)):
-            raise ValueError(
-                f"vectors keys must be (layer, head) pairs of ints, got {key!r} (floats are not truncated)."
-            )
-        layer, head = int(key[0]), int(key[1])
-        if not (0 <= layer < info.n_layers and 0 <= head < n_slots):
-            extra = (
-                f" (site='key' vectors are keyed by KV head; this model has {info.n_kv_heads} KV "
-                f"heads shared by {info.n_heads} query heads)" if site == "key" else ""
-            )
-            raise ValueError(
-                f"Unknown {what} (layer={layer}, head={head}): this model has layers "
-                f"0..{info.n_layers - 1} and {what}s 0..{n_slots - 1}{extra}."
-            )
-        u = torch.as_tensor(u).detach()
-        if u.shape != (info.d_head,) and not (u.dim() == 2 and u.shape[1] == info.d_head and u.shape[0] >= 1):
-            raise ValueError(
-                f"Vector for ({layer}, {head}) has shape {tuple(u.shape)}; expected ({info.d_head},) "
-                f"= [d_head] (or [batch, {info.d_head}], one per batch row)."
-            )
-        if rows is None:
-            rows = tuple(u.shape[:-1])
-        elif tuple(u.shape[:-1]) != rows:
-            raise ValueError(
-                f"Vector for ({layer}, {head}) has shape {tuple(u.shape)}, other vectors have "
-                f"{rows + (info.d_head,)}: give every head [d_head], or every head [batch, d_head]."
-            )
-        if not torch.isfinite(u).all():
-            raise ValueError(f"Vector for ({layer}, {head}) contains NaN or inf.")
-        by_layer[layer][head] = u
-
-    hooks = []
-    for layer in sorted(by_layer):
-        heads = sorted(by_layer[layer])
-        idx = torch.tensor(heads, dtype=torch.long)
-        stack = torch.stack([by_layer[layer][h] for h in heads], dim=-2)  # [n_sel, d] or [batch, n_sel, d]
-        hooks.append((hook_name(layer, hook_site), _make_add_hook(idx, stack, alpha_f)))
-    per_row = f", batch of {rows[0]}" if rows else ""
-    label = f"inject_vectors({site}, alpha={alpha_f:g}, {len(vectors)} heads, {hook_site}{per_row})"
-    handle = attach_hooks(model, hooks, label=label)
-    handle.hook_names = [n for n, _ in hooks]
-    return handle
-
-
-def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
-    cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
-        if alpha == 0.0:
-            return x  # exact identity, no arithmetic at all
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = (idx.to(x.device), (alpha * stack.to(torch.float64)).to(x.device, x.dtype))
-        i, add = cache[key]
-        if add.dim() == 3:  # one vector per batch row: [batch, n_sel, d] -> [batch, 1, n_sel, d]
-            if x.shape[0] != add.shape[0]:
-                raise ValueError(
-                    f"inject_vectors was given vectors for a batch of {add.shape[0]} rows but the forward "
-                    f"pass has {x.shape[0]}: attach it with the prompts of this batch."
-                )
-            add = add[:, None]
-        out = x.clone()
-        out[:, :, i, :] = x[:, :, i, :] + add  # broadcast over batch and positions
-        return out
-
-    return hook
+    return InjectVectors(vectors, alpha=alpha, site=site, pre_rope=pre_rope).attach(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +185,7 @@ def split_softmax(
 ) -> HookHandle:
     """Reweight the attention of chosen heads so that their mass on ``span`` becomes π^τ.
 
-    METHOD.md §3. For each listed ``(layer, head)`` and every query row t that can see the span,
+    ``docs/method.md`` §3. For each listed ``(layer, head)`` and every query row t that can see the span,
     with π_t the row's attention mass on the span C:
 
         A'_{t,j} = A_{t,j} · π_t^τ / π_t             (j ∈ C)
@@ -348,8 +224,8 @@ def split_softmax(
         A :class:`HookHandle` (``.remove()``; context manager).
 
     Raises:
-        ValueError: ``tau <= 0`` or not finite, unknown or duplicate heads, an empty head list, an
-            empty span, a span list that does not match ``offsets``, (at the first forward pass) a
+        ValueError: ``tau <= 0``, not finite or a bool, unknown, duplicate, float or bool heads, an empty
+            head list (the checks of :class:`SplitSoftmax`), an empty span, a span list that does not match ``offsets``, (at the first forward pass) a
             span that reaches past the sequence, or a batch of another size than ``offsets``.
 
     Example:
@@ -358,18 +234,8 @@ def split_softmax(
         ...     out = model.generate(r.prompt.tokens[None], max_new_tokens=20, do_sample=False,
         ...                          verbose=False)
     """
-    tau_f = _check_strength(tau, name="tau", what="split_softmax")
-
-    def edit(p, mask, *, query_positions, min_query):
-        return split_softmax_pattern(p, mask, tau_f, query_positions=query_positions, min_query=min_query)
-
-    heads = check_heads(model, heads)
-    n = len(heads)
-    return _span_edit_hooks(
-        model, heads, span, edit=edit, identity=tau_f == 1.0, offsets=offsets, seq_len=seq_len,
-        label=f"split_softmax(tau={tau_f:g}, {n} heads{', batch of ' + str(len(offsets)) if offsets is not None else ''})",
-        what="split_softmax",
-    )
+    spec = SplitSoftmax(heads, tau, span=span if offsets is None else "relevant")
+    return spec.attach_spans(model, None if offsets is None else span, seq_len=seq_len, offsets=offsets)
 
 
 def pasta(
@@ -398,15 +264,5 @@ def pasta(
         >>> with pasta(model, top20, r.relevant, 0.01):
         ...     ids, text = greedy_generate(model, r.tokens)
     """
-    c = _check_strength(coefficient, name="coefficient", what="pasta")
-
-    def edit(p, mask, *, query_positions, min_query):
-        return pasta_pattern(p, mask, c, query_positions=query_positions, min_query=min_query)
-
-    heads = check_heads(model, heads)
-    n = len(heads)
-    return _span_edit_hooks(
-        model, heads, span, edit=edit, identity=c == 1.0, offsets=offsets, seq_len=seq_len,
-        label=f"pasta(coefficient={c:g}, {n} heads{', batch of ' + str(len(offsets)) if offsets is not None else ''})",
-        what="pasta",
-    )
+    spec = Pasta(heads, coefficient=coefficient, span=span if offsets is None else "relevant")
+    return spec.attach_spans(model, None if offsets is None else span, seq_len=seq_len, offsets=offsets)

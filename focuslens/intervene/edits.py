@@ -2,18 +2,18 @@
 
 Why this module exists
 ----------------------
-Split softmax (METHOD.md §3) and PASTA (Zhang et al. 2024) both rewrite chosen heads' post-softmax
+Split softmax (``docs/method.md`` §3) and PASTA (Zhang et al. 2024) both rewrite chosen heads' post-softmax
 rows around a span C from the row's mass on it, π. They share everything but the two per-row factors:
 which key columns are C at the prefill and at every KV-cache step (also on a sliding-window layer,
 whose cache holds only the last keys), which rows may be edited (those that can see C), and, for a
 left-padded batch, each row's own span shifted by its padding (``offsets``). That machinery is
-written once here (:func:`_span_edit_hooks`); :func:`focuslens.intervene.eager.split_softmax` and
-:func:`focuslens.intervene.eager.pasta` are thin front ends.
+written once here (:func:`attach_span_edit`); the specs :class:`~focuslens.intervene.span_specs.SplitSoftmax`
+and :class:`~focuslens.intervene.span_specs.Pasta` attach through it, and the eager
+:func:`~focuslens.intervene.eager.split_softmax` / :func:`~focuslens.intervene.eager.pasta` are sugar over them.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,7 +27,7 @@ from ..core.models import HookedModel, hook_name
 from ..core.checks import check_heads
 from ..core.prompts import Span, normalise_spans
 
-__all__ = ["split_softmax_pattern", "pasta_pattern"]
+__all__ = ["split_softmax_pattern", "pasta_pattern", "attach_span_edit"]
 
 
 def _group_by_layer(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
@@ -96,7 +96,7 @@ def split_softmax_pattern(
     query_positions: Int[Tensor, "q"] | Int[Tensor, "batch q"] | None = None,
     min_query: int | Int[Tensor, "batch"] = 0,
 ) -> Float[Tensor, "... q k"]:
-    """Apply METHOD.md §3 to attention rows: move the mass on ``key_mask`` from π to π^τ.
+    """Apply split softmax (``docs/method.md`` §3) to attention rows: move the mass on ``key_mask`` from π to π^τ.
 
     For each row with π = Σ_{j∈C} A_j and ρ = Σ_{j∉C} A_j (ρ = 1 − π up to rounding), s = π + ρ:
 
@@ -199,24 +199,6 @@ class _Clock:
         self.total = None
 
 
-def _check_strength(x: float, *, name: str, what: str) -> float:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {x!r}.") from None
-    if not (math.isfinite(f) and f > 0):
-        if name == "tau":
-            raise ValueError(
-                f"tau must be > 0 and finite, got {x!r}: the mass on the span becomes π^τ, so τ = 1 is "
-                "the identity, 0 < τ < 1 raises attention on the span and τ > 1 lowers it."
-            )
-        raise ValueError(
-            f"{what}: {name} must be > 0 and finite, got {x!r}: attention outside the span is multiplied "
-            "by it before renormalising, so 1 is the identity and PASTA's default is 0.01."
-        )
-    return f
-
-
 def _row_spans(span: Any, offsets: Sequence[int], *, seq_len: int | None, name: str) -> list[list[Span]]:
     if not isinstance(span, (list, tuple)) or len(span) != len(offsets):
         raise ValueError(
@@ -232,7 +214,38 @@ def _row_spans(span: Any, offsets: Sequence[int], *, seq_len: int | None, name: 
     return out
 
 
-def _span_edit_hooks(
+class _SpanLayout:
+    """Where the span is, in absolute (padded) key positions: one set for every row, or one per row.
+
+    ``offsets=None``: ``spans`` (a list of :class:`Span`, their union) for every batch row. Else a
+    left-padded batch: ``rows[b]`` is row b's spans in its unpadded positions, and ``starts``/``ends``
+    ``[b, n]`` the same shifted by the row's padding (``(0, 0)`` is no span), ``row_min`` ``[b]`` the first
+    padded position of each row's span.
+    """
+
+    def __init__(self, span: Any, *, offsets: Sequence[int] | None, seq_len: int | None, what: str):
+        self.offsets = None if offsets is None else list(offsets)
+        self.rows: list[list[Span]] | None = None
+        if self.offsets is None:
+            self.spans: Any = normalise_spans(span, seq_len=seq_len, name=f"{what} span")
+            self.min_start = min(s.start for s in self.spans)
+            self.max_end = max(s.end for s in self.spans)
+            return
+        if not self.offsets:
+            raise ValueError(f"{what}: offsets is empty; a batch has at least one row.")
+        rows = _row_spans(span, self.offsets, seq_len=seq_len, name=f"{what} span")
+        n_s = max(len(r) for r in rows)
+        self.starts = torch.zeros(len(rows), n_s, dtype=torch.long)  # padded positions; (0, 0) is no span
+        self.ends = torch.zeros(len(rows), n_s, dtype=torch.long)
+        for b, (r, off) in enumerate(zip(rows, self.offsets)):
+            for j, s in enumerate(r):
+                self.starts[b, j], self.ends[b, j] = s.start + off, s.end + off
+        self.row_min = torch.tensor([min(s.start for s in r) + off for r, off in zip(rows, self.offsets)])
+        self.max_end = int(self.ends.max())
+        self.rows = self.spans = rows
+
+
+def attach_span_edit(
     model: HookedModel,
     heads: Iterable[Sequence[int]],
     span: Any,
@@ -246,93 +259,78 @@ def _span_edit_hooks(
 ) -> HookHandle:
     """Attach ``edit(pattern_of_heads, key_mask, query_positions=, min_query=)`` on ``hook_pattern``.
 
-    The one piece of span machinery behind :func:`split_softmax` and :func:`pasta`: which key columns
-    are the span at the prefill (``[b, H, P, P]``) and at every cached step (``[b, H, 1, P+i]``, or
-    the last ``window`` keys on a sliding-window layer), which rows may be edited, and, for a
+    The one piece of span machinery behind :class:`~focuslens.intervene.span_specs.SplitSoftmax` and
+    :class:`~focuslens.intervene.span_specs.Pasta` (and so the eager ``split_softmax`` / ``pasta``): which
+    key columns are the span at the prefill (``[b, H, P, P]``) and at every cached step (``[b, H, 1, P+i]``,
+    or the last ``window`` keys on a sliding-window layer), which rows may be edited, and, for a
     left-padded batch (``offsets``), each row's own span shifted by its padding. Other heads are
-    copied bit for bit.
+    copied bit for bit. ``heads`` are checked against the model (:func:`~focuslens.core.checks.check_heads`).
     """
-    head_list = check_heads(model, heads)
-    if not head_list:
-        raise ValueError(f"{what} needs at least one (layer, head); got an empty list.")
-    by_layer = _group_by_layer(head_list)
+    by_layer = _group_by_layer(check_heads(model, heads, what=what))
     sliding = any(layer_attention(model, l).sliding_window is not None for l in by_layer)
     clock = _Clock() if sliding else None
-    if offsets is None:
-        spans = normalise_spans(span, seq_len=seq_len, name=f"{what} span")
-        min_start = min(s.start for s in spans)
-        max_end = max(s.end for s in spans)
-        rows = None
-    else:
-        offsets = list(offsets)
-        if not offsets:
-            raise ValueError(f"{what}: offsets is empty; a batch has at least one row.")
-        rows = _row_spans(span, offsets, seq_len=seq_len, name=f"{what} span")
-        n_s = max(len(r) for r in rows)
-        starts = torch.zeros(len(rows), n_s, dtype=torch.long)  # padded positions; (0, 0) is no span
-        ends = torch.zeros(len(rows), n_s, dtype=torch.long)
-        for b, (r, off) in enumerate(zip(rows, offsets)):
-            for j, s in enumerate(r):
-                starts[b, j], ends[b, j] = s.start + off, s.end + off
-        row_min = torch.tensor([min(s.start for s in r) + off for r, off in zip(rows, offsets)])
-        max_end = int(ends.max())
-        spans = rows
-
-    def make_hook(layer: int, heads_here: list[int]):
-        idx_cpu = torch.tensor(heads_here, dtype=torch.long)
-        state: dict[str, Any] = {}
-
-        def mask_for(total: int, device) -> Tensor:
-            buf = state.get("mask")
-            if buf is None or buf.shape[0] < total or buf.device != torch.device(device):
-                buf = torch.zeros(max(2 * total, max_end), dtype=torch.bool, device=device)
-                for s in spans:
-                    buf[s.start:s.end] = True
-                state["mask"] = buf
-            return buf
-
-        def hook(pattern: Float[Tensor, "batch head q k"], hook=None):
-            # pattern: [batch, head, q_pos, k_pos]; key column c is at absolute position total - k_len + c
-            # (total = k_len except on a sliding-window layer's cached steps); query row r at total - q_len + r.
-            q_len, k_len = pattern.shape[-2], pattern.shape[-1]
-            total = k_len
-            if clock is not None and clock.total is not None and clock.total >= k_len:
-                total = clock.total
-            if max_end > total:
-                raise ValueError(
-                    f"{what} span(s) {spans} reach past the sequence of {total} positions at layer "
-                    f"{layer}: spans are absolute token positions in the prompt."
-                )
-            if rows is not None and pattern.shape[0] != len(rows):
-                raise ValueError(
-                    f"{what} was attached for a batch of {len(rows)} rows (offsets={offsets}) but the "
-                    f"forward pass has {pattern.shape[0]}: attach it with the prompts of this batch."
-                )
-            if identity:
-                return pattern
-            if state.get("device") != pattern.device:
-                state["idx"] = idx_cpu.to(pattern.device)
-                state["device"] = pattern.device
-                if rows is not None:
-                    state["rows"] = (starts.to(pattern.device), ends.to(pattern.device), row_min.to(pattern.device))
-            idx = state["idx"]
-            first_key = total - k_len
-            first = total - q_len
-            if rows is None:
-                mask = mask_for(total, pattern.device)[first_key:total]
-                qpos = None if first >= min_start else torch.arange(first, total, device=pattern.device)
-                mq: int | Tensor = min_start
-            else:
-                st, en, mq = state["rows"]
-                pos = torch.arange(first_key, total, device=pattern.device)
-                mask = ((pos >= st[..., None]) & (pos < en[..., None])).any(1)  # [b, k]
-                qpos = torch.arange(first, total, device=pattern.device)
-            new = edit(pattern.index_select(1, idx), mask, query_positions=qpos, min_query=mq)
-            return pattern.index_copy(1, idx, new)  # a new tensor; other heads copied bit for bit
-
-        return hook
-
-    hooks = [(hook_name(l, "hook_pattern"), make_hook(l, hs)) for l, hs in by_layer.items()]
+    lay = _SpanLayout(span, offsets=offsets, seq_len=seq_len, what=what)
+    hooks = [(hook_name(l, "hook_pattern"), _pattern_hook(l, hs, lay, edit=edit, identity=identity, clock=clock,
+                                                          what=what))
+             for l, hs in by_layer.items()]
     handle = attach_hooks(model, hooks, label=label, pre_forward=[clock] if clock is not None else [])
     handle.hook_names = [n for n, _ in hooks]
     return handle
+
+
+def _pattern_hook(layer: int, heads_here: list[int], lay: _SpanLayout, *, edit: Callable[..., Tensor],
+                  identity: bool, clock: "_Clock | None", what: str):
+    """The ``hook_pattern`` hook of one layer: ``edit`` on ``heads_here``, the other heads passed through."""
+    idx_cpu = torch.tensor(heads_here, dtype=torch.long)
+    state: dict[str, Any] = {}
+    rows, spans, max_end = lay.rows, lay.spans, lay.max_end
+
+    def mask_for(total: int, device) -> Tensor:
+        buf = state.get("mask")
+        if buf is None or buf.shape[0] < total or buf.device != torch.device(device):
+            buf = torch.zeros(max(2 * total, max_end), dtype=torch.bool, device=device)
+            for s in spans:
+                buf[s.start:s.end] = True
+            state["mask"] = buf
+        return buf
+
+    def hook(pattern: Float[Tensor, "batch head q k"], hook=None):
+        # pattern: [batch, head, q_pos, k_pos]; key column c is at absolute position total - k_len + c
+        # (total = k_len except on a sliding-window layer's cached steps); query row r at total - q_len + r.
+        q_len, k_len = pattern.shape[-2], pattern.shape[-1]
+        total = k_len
+        if clock is not None and clock.total is not None and clock.total >= k_len:
+            total = clock.total
+        if max_end > total:
+            raise ValueError(
+                f"{what} span(s) {spans} reach past the sequence of {total} positions at layer "
+                f"{layer}: spans are absolute token positions in the prompt."
+            )
+        if rows is not None and pattern.shape[0] != len(rows):
+            raise ValueError(
+                f"{what} was attached for a batch of {len(rows)} rows (offsets={lay.offsets}) but the "
+                f"forward pass has {pattern.shape[0]}: attach it with the prompts of this batch."
+            )
+        if identity:
+            return pattern
+        if state.get("device") != pattern.device:
+            state["idx"] = idx_cpu.to(pattern.device)
+            state["device"] = pattern.device
+            if rows is not None:
+                state["rows"] = (lay.starts.to(pattern.device), lay.ends.to(pattern.device),
+                                 lay.row_min.to(pattern.device))
+        first_key = total - k_len
+        first = total - q_len
+        if rows is None:
+            mask = mask_for(total, pattern.device)[first_key:total]
+            qpos = None if first >= lay.min_start else torch.arange(first, total, device=pattern.device)
+            mq: int | Tensor = lay.min_start
+        else:
+            st, en, mq = state["rows"]
+            pos = torch.arange(first_key, total, device=pattern.device)
+            mask = ((pos >= st[..., None]) & (pos < en[..., None])).any(1)  # [b, k]
+            qpos = torch.arange(first, total, device=pattern.device)
+        new = edit(pattern.index_select(1, state["idx"]), mask, query_positions=qpos, min_query=mq)
+        return pattern.index_copy(1, state["idx"], new)  # a new tensor; other heads copied bit for bit
+
+    return hook

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..core.hooks import HookHandle
 from ..core.models import HookedModel
 from ..core.prompts import Span, normalise_spans
-from ..core.checks import head_list, real
+from ..core.checks import head_list, positive
+from .edits import attach_span_edit, pasta_pattern, split_softmax_pattern
 from .specs import InterventionSpec, SpanRule, check_batch, format_heads, tokens_of
 
 __all__ = ["SplitSoftmax", "Pasta"]
@@ -22,7 +23,7 @@ class _SpanEdit(InterventionSpec):
     """Shared by :class:`SplitSoftmax` and :class:`Pasta`: heads, a span rule, per-row batching."""
 
     __slots__ = ("heads", "span")
-    _strength = "tau"
+    _eager_name = "span edit"
 
     def _init_span(self, heads: Iterable[Sequence[int]], span: Any, what: str) -> None:
         self.heads = head_list(heads, what=what)
@@ -67,14 +68,14 @@ class _SpanEdit(InterventionSpec):
             )
         return normalise_spans(val, name=f"{what} span {self.span!r}")
 
-    def _hook(self):  # pragma: no cover - abstract
+    def _edit(self):  # pragma: no cover - abstract
+        """``(edit(pattern, key_mask, query_positions=, min_query=), is_identity, label)``."""
         raise NotImplementedError
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         tokens = tokens_of(example) if example is not None else None
         seq_len = int(tokens.shape[-1]) if tokens is not None else None
-        fn, strength = self._hook()
-        return fn(model, self.heads, self.spans_for(example), strength, seq_len=seq_len)
+        return self.attach_spans(model, self.spans_for(example), seq_len=seq_len)
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Each row's own span (read from its example, shifted by its left padding): one attach per batch."""
@@ -83,13 +84,30 @@ class _SpanEdit(InterventionSpec):
         if len(widths) > 1:
             raise ValueError(f"{type(self).__name__}.attach_batch: prompt length + offset differs between rows "
                              f"({sorted(widths)}); offsets must left-pad every prompt to the same width.")
-        fn, strength = self._hook()
-        return fn(model, self.heads, [self.spans_for(e) for e in examples], strength,
-                  seq_len=widths.pop() if widths else None, offsets=list(offsets))
+        return self.attach_spans(model, [self.spans_for(e) for e in examples],
+                                 seq_len=widths.pop() if widths else None, offsets=list(offsets))
+
+    def attach_spans(self, model: HookedModel, spans: Any = None, *, seq_len: int | None = None,
+                     offsets: Sequence[int] | None = None) -> HookHandle:
+        """Attach with explicit spans instead of the spec's rule (what :meth:`attach` and :meth:`attach_batch`
+        and the eager functions end in).
+
+        ``spans``: absolute positions of an unpadded prompt (a :class:`Span`, a ``(start, end)`` pair, a
+        list of them); ``None``: the spec's own explicit spans. With ``offsets`` (a left-padded batch,
+        ``offsets[i]`` pad tokens before row i) one span (or list of spans) per row, each shifted by its
+        row's padding. ``seq_len``: the (padded) prompt length, to check the spans now.
+        """
+        if spans is None:
+            spans = self.spans_for(None)
+        edit, identity, label = self._edit()
+        batch = f", batch of {len(offsets)}" if offsets is not None else ""
+        return attach_span_edit(model, self.heads, spans, edit=edit, identity=identity, offsets=offsets,
+                                seq_len=seq_len, label=f"{label}, {len(self.heads)} heads{batch})",
+                                what=self._eager_name)
 
 
 class SplitSoftmax(_SpanEdit):
-    """Split softmax (METHOD.md §3) on ``heads``: the attention mass on the span becomes π^τ.
+    """Split softmax (``docs/method.md`` §3) on ``heads``: the attention mass on the span becomes π^τ.
 
     Args:
         heads: ``(layer, head)`` query heads, in order (the order is part of the identity).
@@ -107,17 +125,14 @@ class SplitSoftmax(_SpanEdit):
 
     kind = "split_softmax"
     __slots__ = ("tau",)
+    _eager_name = "split_softmax"
 
     def __init__(self, heads: Iterable[Sequence[int]], tau: float, *, span: SpanRule | Any = "relevant"):
         what = "SplitSoftmax"
         self._init_span(heads, span, what)
-        t = real(tau, name="tau", what=what)
-        if not t > 0:
-            raise ValueError(
-                f"{what}: tau must be > 0, got {tau!r}: the mass on the span becomes π^τ, so τ = 1 is the "
-                "identity, 0 < τ < 1 raises attention on the span and τ > 1 lowers it."
-            )
-        self.tau = t
+        self.tau = positive(tau, name="tau", what=what, why=(
+            "the mass on the span becomes π^τ, so τ = 1 is the identity, 0 < τ < 1 raises attention on the "
+            "span and τ > 1 lowers it."))
         self._freeze()
 
     def _ctor(self):
@@ -126,10 +141,13 @@ class SplitSoftmax(_SpanEdit):
     def _identity(self) -> dict[str, Any]:
         return {"heads": [list(h) for h in self.heads], "tau": self.tau, "span": self._span_identity()}
 
-    def _hook(self):
-        from .eager import split_softmax
+    def _edit(self):
+        tau = self.tau
 
-        return split_softmax, self.tau
+        def edit(p, mask, *, query_positions, min_query):
+            return split_softmax_pattern(p, mask, tau, query_positions=query_positions, min_query=min_query)
+
+        return edit, tau == 1.0, f"split_softmax(tau={tau:g}"
 
     def __repr__(self) -> str:
         span = repr(self.span) if isinstance(self.span, str) else list(self.span)
@@ -151,15 +169,14 @@ class Pasta(_SpanEdit):
 
     kind = "pasta"
     __slots__ = ("coefficient",)
+    _eager_name = "pasta"
 
     def __init__(self, heads: Iterable[Sequence[int]], *, coefficient: float = 0.01, span: SpanRule | Any = "relevant"):
         what = "Pasta"
         self._init_span(heads, span, what)
-        c = real(coefficient, name="coefficient", what=what)
-        if not c > 0:
-            raise ValueError(f"{what}: coefficient must be > 0, got {coefficient!r}: attention outside the span "
-                             "is multiplied by it (1 is the identity, PASTA's default is 0.01).")
-        self.coefficient = c
+        self.coefficient = positive(coefficient, name="coefficient", what=what, why=(
+            "attention outside the span is multiplied by it before renormalising (1 is the identity, PASTA's "
+            "default is 0.01)."))
         self._freeze()
 
     def _ctor(self):
@@ -169,10 +186,13 @@ class Pasta(_SpanEdit):
         return {"heads": [list(h) for h in self.heads], "coefficient": self.coefficient,
                 "span": self._span_identity()}
 
-    def _hook(self):
-        from .eager import pasta
+    def _edit(self):
+        c = self.coefficient
 
-        return pasta, self.coefficient
+        def edit(p, mask, *, query_positions, min_query):
+            return pasta_pattern(p, mask, c, query_positions=query_positions, min_query=min_query)
+
+        return edit, c == 1.0, f"pasta(coefficient={c:g}"
 
     def __repr__(self) -> str:
         span = repr(self.span) if isinstance(self.span, str) else list(self.span)

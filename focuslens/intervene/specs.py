@@ -16,7 +16,7 @@ intervention has to be *described* before it is applied:
   τ or other directions under the same name was silently handed the first run's answers.
 
 A spec is a small immutable value that touches no model. ``spec.attach(model, example)`` attaches it
-(through the eager function, which stays the shortcut) and returns a
+(the eager functions are one-line sugar over it: the same validation) and returns a
 :class:`~focuslens.core.hooks.HookHandle`; ``spec.identity`` is a JSON-able description of everything
 that changes its effect (kind, heads in order, τ/α/mode/span rule, a checksum of the vectors, the
 directions' model fingerprint, the focuslens version) and ``spec.id`` its
@@ -31,7 +31,7 @@ Arithmetic (new objects; the operands are unchanged):
   ``a``. For two injections this is also the arithmetic sum of their query offsets.
 
 Example:
-    >>> from focuslens.intervene.specs import SplitSoftmax, Steer
+    >>> from focuslens import SplitSoftmax, Steer
     >>> spec = SplitSoftmax(top20, tau=0.2)              # span taken from each example: r.relevant
     >>> with spec.attach(model, rendered):
     ...     out = model.generate(rendered.tokens[None], max_new_tokens=10, verbose=False)
@@ -53,6 +53,7 @@ from ..core.hooks import HookHandle, attach_hooks
 from ..core.io import content_hash, tensor_checksum
 from ..core.checks import Head, frozen_vectors, head_list, real
 from ..core.models import HookedModel
+from .handles import ComposedHandle, remove_all
 
 __all__ = [
     "InterventionSpec",
@@ -158,6 +159,12 @@ class InterventionSpec:
         False, and :func:`~focuslens.evaluation.runner.evaluate` then runs it one example at a time.
         """
         return not self.per_example or type(self).attach_batch is not InterventionSpec.attach_batch
+
+    @property
+    def probes_rows(self) -> bool:
+        """Whether a batched attach first probes each row with the specs composed before it attached
+        (``Steer(alpha="auto")``: then :meth:`row_vectors` and :meth:`attach_rows` exist)."""
+        return False
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Attach for one left-padded batch: row i is ``examples[i]`` after ``offsets[i]`` pad tokens.
@@ -364,14 +371,12 @@ class Compose(InterventionSpec):
 
     def _all_or_nothing(self, attachers: Iterable[Callable[[], HookHandle]]) -> HookHandle:
         """Attach every member in order; if one raises, remove those already attached, then re-raise."""
-        from .eager import ComposedHandle, _remove_all
-
         handles: list[HookHandle] = []
         try:
             for attach in attachers:
                 handles.append(attach())
         except BaseException:
-            _remove_all(handles)
+            remove_all(handles)
             raise
         return ComposedHandle(handles, label=repr(self))
 
@@ -386,10 +391,10 @@ class Compose(InterventionSpec):
         """Every member's :meth:`attach_batch`, all-or-nothing like :meth:`attach`."""
         check_batch(examples, offsets, what="Compose")
         # alpha="auto" probes first, each row alone with the members before it attached (as attach does).
-        probed = {k: m._row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
-                  for k, m in enumerate(self.members) if isinstance(m, Steer) and m.alpha == "auto"}
+        probed = {k: m.row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
+                  for k, m in enumerate(self.members) if m.probes_rows}
         return self._all_or_nothing(
-            (lambda k=k, m=m: Steer._attach_rows(model, probed[k]) if k in probed
+            (lambda k=k, m=m: m.attach_rows(model, probed[k]) if k in probed
              else m.attach_batch(model, examples, offsets=offsets))
             for k, m in enumerate(self.members)
         )

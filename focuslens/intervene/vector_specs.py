@@ -1,25 +1,30 @@
-"""The query-vector spec :class:`InjectVectors` (focus directions have their own, :class:`focuslens.directions.steer.Steer`).
+"""The query-vector spec :class:`InjectVectors` (focus directions have their own, :class:`focuslens.directions.artefact.Steer`).
 
 Both add a vector to chosen heads' queries at every position; they share the frozen-vector snapshot
 (so a spec keeps describing what it applies if the tensors are edited later), the α scaling of the
 spec arithmetic, and the batched attach (one α per row for the magnitude control ``alpha="auto"``).
+The hooks are built here (:func:`attach_injection`); the eager
+:func:`~focuslens.intervene.eager.inject_vectors` is sugar over :class:`InjectVectors`.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Literal, Mapping
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.hooks import HookHandle
+from ..core.hooks import HookHandle, attach_hooks
 from ..core.io import tensor_checksum
-from ..core.models import HookedModel
-from ..core.checks import Head, frozen_vectors, real
+from ..core.models import HookedModel, hook_name, model_info
+from ..core.checks import Head, check_scaled, frozen_vectors, real
 from .specs import InterventionSpec, format_heads
 
-__all__ = ["InjectVectors"]
+__all__ = ["InjectVectors", "InjectSite", "attach_injection"]
+
+InjectSite = Literal["query", "key"]
 
 
 class InjectVectors(InterventionSpec):
@@ -27,8 +32,10 @@ class InjectVectors(InterventionSpec):
 
     Args:
         vectors: ``{(layer, head): Tensor[d_head]}``; copied (later edits of the caller's tensors do
-            not change the spec). Key order is part of the identity.
-        alpha: scale; ``0`` is an exact identity.
+            not change the spec). Key order is part of the identity. Or ``Tensor[batch, d_head]`` for
+            every head: row i of the forward pass gets row i (a batch of another size raises).
+        alpha: scale (real, finite, not a bool); ``0`` is an exact identity. ``alpha * u`` must also
+            be finite in the model's dtype (checked when attached).
         site: ``"query"`` or ``"key"`` (keys are KV heads).
         pre_rope: add before the rotary embedding (a different method; see ``inject_vectors``).
     """
@@ -38,14 +45,14 @@ class InjectVectors(InterventionSpec):
 
     def __init__(
         self,
-        vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"]],
+        vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"] | Float[Tensor, "batch d_head"]],
         *,
         alpha: float = 1.0,
-        site: Literal["query", "key"] = "query",
+        site: InjectSite = "query",
         pre_rope: bool = False,
     ):
         what = "InjectVectors"
-        self.vectors = frozen_vectors(vectors, what=what)
+        self.vectors = frozen_vectors(vectors, what=what, rows=True)
         self.alpha = real(alpha, name="alpha", what=what)
         if site not in ("query", "key"):
             raise ValueError(f"{what}: site must be 'query' or 'key', got {site!r}.")
@@ -66,9 +73,7 @@ class InjectVectors(InterventionSpec):
                 "alpha": self.alpha, "site": self.site, "pre_rope": self.pre_rope}
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        from .eager import inject_vectors
-
-        return inject_vectors(model, dict(self.vectors), alpha=self.alpha, site=self.site, pre_rope=self.pre_rope)
+        return attach_injection(model, self.vectors, alpha=self.alpha, site=self.site, pre_rope=self.pre_rope)
 
     def scaled(self, c: float) -> "InjectVectors":
         return InjectVectors(self.vectors, alpha=self.alpha * c, site=self.site, pre_rope=self.pre_rope)
@@ -77,3 +82,97 @@ class InjectVectors(InterventionSpec):
         extra = ", pre_rope" if self.pre_rope else ""
         return (f"InjectVectors({format_heads(self.heads)}, α={self.alpha:g}, {self.site}{extra}, "
                 f"vectors={self.identity['vectors'][:8]})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def inject_site(model: HookedModel, site: InjectSite, pre_rope: bool) -> str:
+    """The hook point name of ``site`` (``hook_rot_q`` / ``hook_rot_k`` post-RoPE on rotary models)."""
+    if site not in ("query", "key"):
+        raise ValueError(f"site must be 'query' or 'key', got {site!r}.")
+    letter = "q" if site == "query" else "k"
+    if model_info(model).rotary and not pre_rope:
+        return f"hook_rot_{letter}"
+    return f"hook_{letter}"
+
+
+def _check_for_model(model: HookedModel, vectors: Mapping[Head, Tensor], *, alpha: float, site: InjectSite) -> None:
+    """Heads (query or KV) in range, ``[d_head]`` (or ``[batch, d_head]``) vectors, α·u finite in the model's dtype."""
+    info = model_info(model)
+    n_slots = info.n_heads if site == "query" else info.n_kv_heads
+    what = "query head" if site == "query" else "KV head"
+    for (layer, head), u in vectors.items():
+        if not (0 <= layer < info.n_layers and 0 <= head < n_slots):
+            extra = (
+                f" (site='key' vectors are keyed by KV head; this model has {info.n_kv_heads} KV "
+                f"heads shared by {info.n_heads} query heads)" if site == "key" else ""
+            )
+            raise ValueError(
+                f"Unknown {what} (layer={layer}, head={head}): this model has layers "
+                f"0..{info.n_layers - 1} and {what}s 0..{n_slots - 1}{extra}."
+            )
+        if u.shape[-1] != info.d_head:
+            raise ValueError(
+                f"Vector for ({layer}, {head}) has shape {tuple(u.shape)}; expected ({info.d_head},) "
+                f"= [d_head] (or [batch, {info.d_head}], one per batch row)."
+            )
+    check_scaled(vectors, alpha, dtype=_model_dtype(model), what="inject_vectors")
+
+
+def _model_dtype(model: HookedModel) -> torch.dtype:
+    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def attach_injection(model: HookedModel, vectors: Mapping[Head, Tensor], *, alpha: float, site: InjectSite,
+                     pre_rope: bool) -> HookHandle:
+    """Attach the hooks of :class:`InjectVectors` (validated ``vectors``, a finite ``alpha``): one per layer."""
+    hook_site = inject_site(model, site, pre_rope)
+    _check_for_model(model, vectors, alpha=alpha, site=site)
+    by_layer: dict[int, dict[int, Tensor]] = defaultdict(dict)
+    for (layer, head), u in vectors.items():
+        by_layer[layer][head] = u
+    hooks = []
+    for layer in sorted(by_layer):
+        heads = sorted(by_layer[layer])
+        idx = torch.tensor(heads, dtype=torch.long)
+        stack = torch.stack([by_layer[layer][h] for h in heads], dim=-2)  # [n_sel, d] or [batch, n_sel, d]
+        hooks.append((hook_name(layer, hook_site), _make_add_hook(idx, stack, alpha)))
+    first = next(iter(vectors.values()))
+    per_row = f", batch of {first.shape[0]}" if first.dim() == 2 else ""
+    label = f"inject_vectors({site}, alpha={alpha:g}, {len(vectors)} heads, {hook_site}{per_row})"
+    handle = attach_hooks(model, hooks, label=label)
+    handle.hook_names = [n for n, _ in hooks]
+    return handle
+
+
+def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
+    cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
+        if alpha == 0.0:
+            return x  # exact identity, no arithmetic at all
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (idx.to(x.device), (alpha * stack.to(torch.float64)).to(x.device, x.dtype))
+        i, add = cache[key]
+        if add.dim() == 3:  # one vector per batch row: [batch, n_sel, d] -> [batch, 1, n_sel, d]
+            if x.shape[0] != add.shape[0]:
+                raise ValueError(
+                    f"inject_vectors was given vectors for a batch of {add.shape[0]} rows but the forward "
+                    f"pass has {x.shape[0]}: attach it with the prompts of this batch."
+                )
+            add = add[:, None]
+        out = x.clone()
+        out[:, :, i, :] = x[:, :, i, :] + add  # broadcast over batch and positions
+        return out
+
+    return hook

@@ -2,7 +2,7 @@
 
 Why this module exists
 ----------------------
-The contextual score of head ``(l, h)`` on one example (Zhu et al. 2025, §2 of ``METHOD.md``) is
+The contextual score of head ``(l, h)`` on one example (Zhu et al. 2025; ``docs/method.md`` §1) is
 
     s[l, h] = (1/|R|) Σ_{t∈R} Σ_{j∈C} A[l, h, t, j]
 

@@ -238,15 +238,7 @@ def make_synthetic_qa(
         raise ValueError(f"n_docs must be >= 1, got {n_docs}.")
     if doc_sentences < 0:
         raise ValueError(f"doc_sentences must be >= 0, got {doc_sentences}.")
-    if relation == "mixed":
-        relations = list(RELATIONS)
-    elif isinstance(relation, str):
-        relations = [relation]
-    else:
-        relations = list(relation)
-    bad = [r for r in relations if r not in RELATIONS]
-    if bad or not relations:
-        raise ValueError(f"Unknown relation(s) {bad or relation!r}; use {list(RELATIONS)} or 'mixed'.")
+    relations = _relation_names(relation)
     mix = {distractors: 1.0} if isinstance(distractors, str) else dict(distractors)
     counts = _mix_counts(mix, n_docs - 1)
     if counts.get("same_entity", 0) > len(RELATIONS) - 1:
@@ -259,79 +251,103 @@ def make_synthetic_qa(
         distractors=distractors if isinstance(distractors, str) else dict(mix),
         doc_sentences=doc_sentences, seed=seed,
     )
-    out = []
-    for i in range(n_examples):
-        q_rng = random.Random(f"synthetic_qa:{seed}:{i}:question")
-        d_rng = random.Random(f"synthetic_qa:{seed}:{i}:distractors")
-        p_rng = random.Random(f"synthetic_qa:{seed}:{i}:order:{n_docs}")
-        rel = RELATIONS[q_rng.choice(relations)]
-        entity = made_up_name(q_rng, "entity")
-        value = rel.value(q_rng)
-        used_names = {_norm(entity)}
-        used_values = {_norm(value)}
-
-        def fresh(gen, used: set[str]) -> str:
-            for _ in range(1000):
-                x = gen()
-                k = _norm(x)
-                if k not in used and all(k not in u and u not in k for u in used):
-                    used.add(k)
-                    return x
-            raise RuntimeError("could not draw a fresh made-up name")  # pragma: no cover
-
-        def doc(ent: str, r: Relation, val: str, kind: str, rng: random.Random) -> Document:
-            sentences = _filler(rng, ent, doc_sentences)
-            sentences.insert(rng.randint(0, len(sentences)), r.statement.format(entity=ent, value=val))
-            return Document(
-                title=ent, text=" ".join(sentences), isgold=kind == "gold", hasanswer=kind == "gold",
-                answers=[val], kind=kind, extra={"relation": r.name},
-            )
-
-        gold = doc(entity, rel, value, "gold", d_rng)
-        others_rel = [r for r in RELATIONS.values() if r.name != rel.name]
-        same_entity_rels = d_rng.sample(others_rel, k=len(others_rel))
-        docs: list[Document] = []
-        # Draw kinds in a fixed interleaved order so that n_docs=20 extends n_docs=10's distractors.
-        plan = [k for k in DISTRACTOR_KINDS for _ in range(counts.get(k, 0))]
-        se = 0
-        for kind in plan:
-            if kind == "same_relation":
-                ent = fresh(lambda: made_up_name(d_rng, "entity"), used_names)
-                docs.append(doc(ent, rel, fresh(lambda: rel.value(d_rng), used_values), kind, d_rng))
-            elif kind == "same_entity":
-                r = same_entity_rels[se]
-                se += 1
-                docs.append(doc(entity, r, fresh(lambda: r.value(d_rng), used_values), kind, d_rng))
-            else:
-                ent = fresh(lambda: made_up_name(d_rng, "entity"), used_names)
-                r = d_rng.choice(others_rel)
-                docs.append(doc(ent, r, fresh(lambda: r.value(d_rng), used_values), kind, d_rng))
-        p_rng.shuffle(docs)
-        pos = _gold_position(gold_position, i, n_docs, p_rng)
-        docs.insert(pos, gold)
-        out.append(
-            TaskExample(
-                question=rel.question.format(entity=entity),
-                answers=[value],
-                ctxs=docs,
-                gold_index=pos,
-                distractor_answers=[d.answers[0] for d in docs if not d.isgold],
-                task="synthetic_qa",
-                meta={
-                    **settings, "index": i, "relation_name": rel.name, "entity": entity,
-                    "answer_prefix": rel.statement.format(entity=entity, value="\0").split("\0")[0],
-                },
-                id=f"synthetic_qa-s{seed}-{i}",
-                template="qa",
-            )
-        )
-    return out
+    return [
+        _synthetic_example(i, relations=relations, counts=counts, gold_position=gold_position, settings=settings)
+        for i in range(n_examples)
+    ]
 
 
-# --------------------------------------------------------------------------------------------------
-# Key-value retrieval (Lost in the Middle)
-# --------------------------------------------------------------------------------------------------
+def _relation_names(relation: str | Sequence[str]) -> list[str]:
+    """The relation names to draw from (``"mixed"``: all of them); an unknown name raises."""
+    if relation == "mixed":
+        relations = list(RELATIONS)
+    elif isinstance(relation, str):
+        relations = [relation]
+    else:
+        relations = list(relation)
+    bad = [r for r in relations if r not in RELATIONS]
+    if bad or not relations:
+        raise ValueError(f"Unknown relation(s) {bad or relation!r}; use {list(RELATIONS)} or 'mixed'.")
+    return relations
 
+
+def _fresh(gen, used: set[str]) -> str:
+    """A value of ``gen()`` that neither equals nor contains (nor is contained in) one already ``used``."""
+    for _ in range(1000):
+        x = gen()
+        k = _norm(x)
+        if k not in used and all(k not in u and u not in k for u in used):
+            used.add(k)
+            return x
+    raise RuntimeError("could not draw a fresh made-up name")  # pragma: no cover
+
+
+def _synthetic_doc(ent: str, r: Relation, val: str, kind: str, rng: random.Random, doc_sentences: int) -> Document:
+    sentences = _filler(rng, ent, doc_sentences)
+    sentences.insert(rng.randint(0, len(sentences)), r.statement.format(entity=ent, value=val))
+    return Document(
+        title=ent, text=" ".join(sentences), isgold=kind == "gold", hasanswer=kind == "gold",
+        answers=[val], kind=kind, extra={"relation": r.name},
+    )
+
+
+def _synthetic_example(
+    i: int, *, relations: list[str], counts: dict[str, int], gold_position: GoldPosition, settings: dict
+) -> TaskExample:
+    """Example ``i`` of :func:`make_synthetic_qa`: a pure function of ``(seed, i)`` and the settings."""
+    seed, n_docs, doc_sentences = settings["seed"], settings["n_docs"], settings["doc_sentences"]
+    q_rng = random.Random(f"synthetic_qa:{seed}:{i}:question")
+    d_rng = random.Random(f"synthetic_qa:{seed}:{i}:distractors")
+    p_rng = random.Random(f"synthetic_qa:{seed}:{i}:order:{n_docs}")
+    rel = RELATIONS[q_rng.choice(relations)]
+    entity = made_up_name(q_rng, "entity")
+    value = rel.value(q_rng)
+    gold = _synthetic_doc(entity, rel, value, "gold", d_rng, doc_sentences)
+    docs = _distractor_docs(rel, entity, value, counts, d_rng, doc_sentences)
+    p_rng.shuffle(docs)
+    pos = _gold_position(gold_position, i, n_docs, p_rng)
+    docs.insert(pos, gold)
+    return TaskExample(
+        question=rel.question.format(entity=entity),
+        answers=[value],
+        ctxs=docs,
+        gold_index=pos,
+        distractor_answers=[d.answers[0] for d in docs if not d.isgold],
+        task="synthetic_qa",
+        meta={
+            **settings, "index": i, "relation_name": rel.name, "entity": entity,
+            "answer_prefix": rel.statement.format(entity=entity, value="\0").split("\0")[0],
+        },
+        id=f"synthetic_qa-s{seed}-{i}",
+        template="qa",
+    )
+
+
+def _distractor_docs(
+    rel: Relation, entity: str, value: str, counts: dict[str, int], d_rng: random.Random, doc_sentences: int
+) -> list[Document]:
+    """The distractor documents of one example, drawn after its gold document from the same ``d_rng``."""
+    used_names = {_norm(entity)}
+    used_values = {_norm(value)}
+    others_rel = [r for r in RELATIONS.values() if r.name != rel.name]
+    same_entity_rels = d_rng.sample(others_rel, k=len(others_rel))
+    docs: list[Document] = []
+    # Draw kinds in a fixed interleaved order so that n_docs=20 extends n_docs=10's distractors.
+    plan = [k for k in DISTRACTOR_KINDS for _ in range(counts.get(k, 0))]
+    se = 0
+    for kind in plan:
+        if kind == "same_relation":
+            ent = _fresh(lambda: made_up_name(d_rng, "entity"), used_names)
+            docs.append(_synthetic_doc(ent, rel, _fresh(lambda: rel.value(d_rng), used_values), kind, d_rng, doc_sentences))
+        elif kind == "same_entity":
+            r = same_entity_rels[se]
+            se += 1
+            docs.append(_synthetic_doc(entity, r, _fresh(lambda: r.value(d_rng), used_values), kind, d_rng, doc_sentences))
+        else:
+            ent = _fresh(lambda: made_up_name(d_rng, "entity"), used_names)
+            r = d_rng.choice(others_rel)
+            docs.append(_synthetic_doc(ent, r, _fresh(lambda: r.value(d_rng), used_values), kind, d_rng, doc_sentences))
+    return docs
 
 def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))

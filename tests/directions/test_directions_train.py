@@ -17,6 +17,7 @@ from focuslens.directions import (
     train_focus_directions,
 )
 from focuslens.directions import train as train_mod
+from focuslens.directions.checkpoint import CHECKPOINT_FORMAT_VERSION
 from focuslens.testing import capital_example as _example
 
 HEADS = [(1, 2), (0, 1)]
@@ -313,7 +314,7 @@ def test_checkpoint_is_json_and_safetensors_only(tiny_llama, dx, tmp_path):
     meta = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     assert meta["identity"] == d.training["identity"] and meta["epoch"] == 1
     assert meta["identity_parts"]["config"]["lr"] == 0.05 and "epochs" not in meta["identity_parts"]["config"]
-    assert meta["identity_parts"]["format_version"] == train_mod.CHECKPOINT_FORMAT_VERSION
+    assert meta["identity_parts"]["format_version"] == CHECKPOINT_FORMAT_VERSION
     from safetensors.torch import load_file
 
     t = load_file(str(tmp_path / "ck" / meta["tensors"]))

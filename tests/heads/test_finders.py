@@ -238,3 +238,18 @@ def test_compare_methods_quick_smoke_run_resumes(tmp_path, load_script):
     mod.main(argv[:3] + ["--report"])
     doc2 = (tmp_path / "comparison.md").read_text()
     assert doc2.startswith("# prose before") and doc2.rstrip().endswith("prose after") and doc2.count(mod.MARK_START) == 1
+
+
+def test_one_contextual_ranking_one_default(tiny_llama, rendered):
+    """find_heads(finder="contextual") and score_dataset share the paper's default (the model's own
+    answer); the gold-answer ranking that was find_heads' default before 0.2 is asked for by name."""
+    import focuslens as fl
+
+    default = find_heads(tiny_llama, rendered, finder="contextual", progress=False)
+    ref = fl.score_dataset(tiny_llama, rendered, progress=False)
+    assert "generate" in default.response_mode
+    assert torch.equal(default.mean["relevant"], ref.mean["relevant"])
+    gold = find_heads(tiny_llama, rendered, finder="contextual", response="gold", progress=False)
+    ref_gold = fl.score_dataset(tiny_llama, rendered, response="gold", progress=False)
+    assert torch.equal(gold.mean["relevant"], ref_gold.mean["relevant"])
+    assert not torch.equal(gold.mean["relevant"], default.mean["relevant"])

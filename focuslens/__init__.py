@@ -16,7 +16,7 @@ method as implemented. The package reads as the method's story, one folder a ste
 
 The names below are the one-screen API; everything else lives in its subpackage
 (``focuslens.score.score_spans``, ``focuslens.intervene.Pasta``...). Older top-level names still work
-for one release with a ``DeprecationWarning`` that names their new home.
+for one release with a ``DeprecationWarning`` that names their new home (``focuslens.deprecations``).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ exits 2. The rules that the library also applies (the selection grid) are called
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from .core.checks import head_list, positive, real
 from .core.errors import UsageError
 
 __all__ = ["validate"]
@@ -58,6 +58,27 @@ def _check_file(path: str, name: str, what: str) -> None:
     require_arg(p.is_file(), f"{name} {path} is a folder; give {what}")
 
 
+_TAU_WHY = "tau = 1 is the identity, tau < 1 raises attention on the span and tau > 1 lowers it"
+
+
+def _library_check(check, *args, **kw):
+    """A check of :mod:`focuslens.core.checks` (the rule every route applies), its refusal as a UsageError."""
+    try:
+        return check(*args, **kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_heads_file(path: str, *, k: int) -> None:
+    """The heads the command will use (the first ``k`` of the file), before the model: the file's format
+    (:func:`~focuslens.score.ranking.load_heads`: pairs of ints, no bools or floats) and
+    :func:`~focuslens.core.checks.head_list` (none twice); their ranges are checked once the model is loaded."""
+    from .score.ranking import load_heads
+
+    heads = load_heads(path)
+    _library_check(head_list, heads[:k], what=f"--heads {path}")
+
+
 def validate(args) -> None:
     """Every argument of the command, before the model is loaded (exit 2 with one line otherwise)."""
     c = args.command
@@ -91,8 +112,7 @@ def validate(args) -> None:
         require_arg(bool(args.ks) and min(args.ks) >= 1, f"--ks must be positive integers, got {args.ks}")
         require_arg(bool(args.taus), "--taus needs at least one value in (0, 1], e.g. --taus 0.2,0.5")
         for t in args.taus:
-            require_arg(math.isfinite(t) and t > 0,
-                  f"tau must be > 0 and finite (tau = 1 is the identity, tau < 1 raises attention on the span); got {t}")
+            _library_check(positive, t, name="tau", what="--taus", why=_TAU_WHY)
         require_arg(bool(args.random_seeds), "--random-seeds needs at least one seed for the random-head control, e.g. 0,1")
     if c == "train":
         t = Path(args.output)
@@ -101,6 +121,8 @@ def validate(args) -> None:
               "it (deleting its files): choose another path")
         require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
         require_arg(args.n_val >= 1, f"--n-val (validation examples) must be >= 1, got {args.n_val}")
+        for a in args.select_alphas or ():
+            _library_check(real, a, name="alpha", what="--select-alphas")
         if args.select_alphas is None:
             require_arg(args.select_ks is None and not args.select_targets,
                   "--select-ks and --select-targets need --select-alphas (the alpha grid to choose from)")
@@ -118,8 +140,8 @@ def validate(args) -> None:
         require_arg(args.alpha is None or bool(args.directions), "--alpha needs --directions (a focus-directions folder)")
         require_arg(args.tau is None or bool(args.heads), "--tau needs --heads (a ranking JSON for split softmax)")
         if args.heads:
-            require_arg(args.tau is not None and math.isfinite(args.tau) and args.tau > 0,
-                  f"--tau must be given and > 0 with --heads (got {args.tau})")
+            require_arg(args.tau is not None, "--tau must be given and > 0 with --heads (e.g. --tau 0.2)")
+            _library_check(positive, args.tau, name="tau", what="--tau", why=_TAU_WHY)
             require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
             require_arg(args.variant != "negative",
                   "--variant negative removes the gold document, so split softmax (--heads) has no span to raise "
@@ -134,8 +156,9 @@ def validate(args) -> None:
                 a = float(args.alpha)
             except ValueError:
                 raise UsageError(f"--alpha must be a number or 'auto', got {args.alpha!r}") from None
-            require_arg(math.isfinite(a), f"--alpha must be finite, got {args.alpha}")
+            _library_check(real, a, name="alpha", what="--alpha")
     if hasattr(args, "data") and args.data != "synthetic":  # files last: values first
         _check_file(args.data, "--data", "'synthetic' or a Lost-in-the-Middle .jsonl(.gz) file")
     if c in ("sweep", "train") or (c == "evaluate" and args.heads):
         _check_file(args.heads, "--heads", "a ranking JSON from 'focuslens score' or [[layer, head], ...]")
+        _check_heads_file(args.heads, k=max(args.ks) if c == "sweep" else args.k)

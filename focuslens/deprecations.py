@@ -1,8 +1,10 @@
-"""Top-level names that moved in 0.2, reachable from ``focuslens`` for one release with a warning.
+"""Top-level names that moved into the story folders, reachable from ``focuslens`` for one release with a warning.
 
 Why: the top level is now the one-screen API (``focuslens.__all__``, 30 names); everything else lives
 in the subpackage of its step. A notebook written against 0.1 keeps running and is told, once per
-name, where the name lives now and what to write instead. The names will be removed in 0.3.
+name, where the name lives now and what to write instead. The names leave the top level in the next
+minor release. (The package version is unchanged by the move on purpose: it is part of every spec's
+content identity, and the move changes no computation, so stored records stay valid.)
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def deprecated_attribute(name: str) -> Any:
     if name not in MOVED:
         raise AttributeError(f"module 'focuslens' has no attribute {name!r}")
     module, attr, instead = MOVED[name]
-    warnings.warn(f"focuslens.{name} moved in focuslens 0.2 and leaves the top level in 0.3: use {instead}.",
+    warnings.warn(f"focuslens.{name} moved and leaves the top level in the next minor release: use {instead}.",
                   DeprecationWarning, stacklevel=3)
     mod = importlib.import_module(module)
     return mod if attr is None else getattr(mod, attr)

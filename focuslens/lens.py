@@ -51,7 +51,7 @@ from .core.models import ModelInfo, model_info
 from .core.prompts import LabelledPrompt, SpanLike
 from .directions.artefact import FocusDirections, Steer
 from .directions.config import TrainConfig
-from .evaluation.runner import Decoding
+from .evaluation.runner import Decoding, evaluate
 from .intervene.span_specs import Pasta, SplitSoftmax
 from .intervene.specs import Ablate, InterventionSpec
 from .intervene.vector_specs import InjectVectors
@@ -70,6 +70,9 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["FocusLens"]
 
 Ranking = DatasetScores | HeadScores | Float[Tensor, "layer head"]  # a [layer, head] table source
+
+# evaluate's decoding keywords default to "keep the decoding bundle's value" (the runner's own marker)
+_KEEP_DECODING = {n: p.default for n, p in inspect.signature(evaluate).parameters.items()}
 
 # find_heads: which finder takes which option (the contextual finder passes the rest to score_dataset)
 _FINDER_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -431,12 +434,19 @@ class FocusLens:
             )
         return spec.attach(self.model)
 
-    def inject(self, vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"]], *, alpha: float = 1.0,
-               site: Literal["query", "key"] = "query", pre_rope: bool = False) -> HookHandle:
+    def inject(
+        self,
+        vectors: Mapping[tuple[int, int], Float[Tensor, "d_head"] | Float[Tensor, "batch d_head"]],
+        *,
+        alpha: float = 1.0,
+        site: Literal["query", "key"] = "query",
+        pre_rope: bool = False,
+    ) -> HookHandle:
         """Add ``alpha · v`` to chosen heads' queries (or keys) at every position.
 
         Builds :class:`~focuslens.intervene.vector_specs.InjectVectors` ``(vectors, alpha=, site=, pre_rope=)``
-        and attaches it. The backends inject post-RoPE queries only.
+        (a real, finite α; ``site="key"`` vectors are keyed by KV head; ``pre_rope`` adds before the
+        rotary embedding, a different method) and attaches it. The backends inject post-RoPE queries only.
 
         Example:
             >>> with lens.inject({(17, 3): torch.randn(64) * 0.1}, alpha=0.3):
@@ -582,7 +592,7 @@ class FocusLens:
         *,
         finder: Literal["contextual", "retrieval", "qrhead", "patching"] = "contextual",
         progress: bool = True,
-        response: Literal["generate", "gold", "gold_only"] = "gold",
+        response: Literal["generate", "gold", "gold_only"] = "generate",
         qr_score: Literal["gold", "contrast"] = "gold",
         min_gap: float = 1.0,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -684,12 +694,12 @@ class FocusLens:
         tag: str | dict[str, Any] | None = None,
         batch_size: int = 8,
         progress: bool = True,
-        variant: Literal["original", "gold_only", "negative"] | str = "original",
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        chat: bool = True,
-        system: str | None = None,
-        gold_position: int | None = None,
-        stop_at_newline: bool = True,
+        variant: Literal["original", "gold_only", "negative"] | str = _KEEP_DECODING["variant"],
+        max_new_tokens: int = _KEEP_DECODING["max_new_tokens"],
+        chat: bool = _KEEP_DECODING["chat"],
+        system: str | None = _KEEP_DECODING["system"],
+        gold_position: int | None = _KEEP_DECODING["gold_position"],
+        stop_at_newline: bool = _KEEP_DECODING["stop_at_newline"],
     ) -> EvalResult:
         """Greedy answers scored with best-subspan EM (:func:`~focuslens.evaluation.runner.evaluate`; resumable).
 
@@ -697,9 +707,9 @@ class FocusLens:
             intervene: a spec (``fl.SplitSoftmax(heads, tau=0.2)``, ``fl.Steer(d, alpha=1)``...), or
                 a callable / context manager (then ``id`` names it when ``output`` is given).
             output, id, resume, tag, batch_size, progress: as ``evaluate``.
-            decoding: a :class:`~focuslens.evaluation.runner.Decoding` bundle; ``variant``,
-                ``max_new_tokens``, ``chat``, ``system``, ``gold_position``, ``stop_at_newline`` are its
-                fields (defaults shown): a value other than the default overrides the bundle's.
+            decoding: a :class:`~focuslens.evaluation.runner.Decoding` bundle (default ``Decoding()``).
+            variant, max_new_tokens, chat, system, gold_position, stop_at_newline: override that field
+                of ``decoding``; left out, the bundle's value is kept.
 
         Example:
             >>> res = lens.evaluate(test, intervene=fl.SplitSoftmax(lens.heads(20), tau=0.2),
@@ -707,13 +717,10 @@ class FocusLens:
             >>> res.summary()
         """
         self._need_hooks("evaluate")
-        from .evaluation.runner import evaluate
-
-        fields = _changed(Decoding, {"variant": variant, "max_new_tokens": max_new_tokens, "chat": chat,
-                                     "system": system, "gold_position": gold_position,
-                                     "stop_at_newline": stop_at_newline})
         return evaluate(self.model, examples, intervene=intervene, output=output, id=id, resume=resume,
-                        decoding=decoding, tag=tag, batch_size=batch_size, progress=progress, **fields)
+                        decoding=decoding, tag=tag, batch_size=batch_size, progress=progress, variant=variant,
+                        max_new_tokens=max_new_tokens, chat=chat, system=system, gold_position=gold_position,
+                        stop_at_newline=stop_at_newline)
 
     def train_directions(
         self,

@@ -89,11 +89,11 @@ def _params(fn) -> dict[str, inspect.Parameter]:
 
 def _mirrors():
     from focuslens.core.generation import greedy_generate
+    from focuslens.directions.train import train_focus_directions
+    from focuslens.evaluation.runner import evaluate
     from focuslens.heads import finders
     from focuslens.heads.attribution import attribution_patch_heads
     from focuslens.heads.patching import ablate_heads, patch_heads
-    from focuslens.directions.train import train_focus_directions
-    from focuslens.evaluation.runner import evaluate
     from focuslens.plot.figures import head_heatmap
     from focuslens.score.contextual import score_dataset, score_spans
 
@@ -136,10 +136,12 @@ def test_parameters_mirror_the_functions_underneath():
 
 
 @pytest.mark.parametrize("name, cls", [("evaluate", Decoding), ("train_directions", TrainConfig)])
-def test_bundle_fields_are_listed_with_their_defaults(name, cls):
+def test_bundle_fields_are_listed(name, cls):
     mine = _params(getattr(fl.FocusLens, name))
     for f in dataclasses.fields(cls):
-        assert f.name in mine and mine[f.name].default == f.default, f"FocusLens.{name} lacks {cls.__name__}.{f.name}"
+        assert f.name in mine, f"FocusLens.{name} lacks {cls.__name__}.{f.name}"
+        if cls is TrainConfig:  # evaluate's defaults are its own marker "keep the bundle's value" (mirrored above)
+            assert mine[f.name].default == f.default and type(mine[f.name].default) is type(f.default), f.name
 
 
 def test_literal_options_match_the_functions_underneath():
@@ -205,8 +207,8 @@ def test_bad_strengths_are_refused_as_the_specs_refuse_them(lens, rendered, bad,
 
 def test_tau_zero_and_negative_are_refused(lens, rendered):
     for tau in (0, -0.5):
-        assert _message(lambda: lens.split_softmax([(0, 1)], rendered.relevant, tau)) == \
-            _message(lambda: fl.SplitSoftmax([(0, 1)], tau, span=rendered.relevant))
+        assert _message(lambda tau=tau: lens.split_softmax([(0, 1)], rendered.relevant, tau)) == \
+            _message(lambda tau=tau: fl.SplitSoftmax([(0, 1)], tau, span=rendered.relevant))
 
 
 def test_heads_count_is_checked_by_check_count(lens, rendered, tiny_llama):
@@ -302,3 +304,21 @@ def test_backend_refuses_before_it_runs(tiny_llama, rendered):
         _message(lambda: fl.InjectVectors({(0, 1): torch.randn(16)}, alpha=math.nan))
     with pytest.raises(TypeError, match="post-RoPE query vectors only"):
         fused.inject({(0, 1): torch.randn(16)}, site="key")
+
+
+def test_evaluate_keeps_the_decoding_bundle(lens, rendered, tiny_llama):
+    dec = Decoding(max_new_tokens=2, stop_at_newline=False)
+    got = lens.evaluate([rendered], decoding=dec, progress=False)
+    ref = fl.evaluate(tiny_llama, [rendered], decoding=dec, progress=False)
+    assert got.predictions == ref.predictions
+
+
+def test_train_directions_passes_only_the_settings_given(lens, monkeypatch):
+    from focuslens.directions import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_focus_directions", lambda model, examples, **kw: seen.update(kw))
+    cfg = TrainConfig(seed=3, objective="likelihood")
+    lens.train_directions(["x"], heads=[(0, 1)], config=cfg, lr=0.1)
+    overrides = {k: v for k, v in seen.items() if k in TrainConfig.field_names()}
+    assert seen["config"] is cfg and overrides == {"lr": 0.1} and seen["heads"] == [(0, 1)]

@@ -1,7 +1,7 @@
 """Focus directions: learned per-head query vectors that move attention onto the relevant context.
 
 What this is (docs/method.md §4)
----------------------------
+--------------------------------
 For each selected head (l, h) one vector ``u ∈ R^d_head`` is added, scaled by α, to the **post-RoPE**
 query of every position (prompt and generated tokens):  ``q̃_t = RoPE_t(q_t) + α·u``. The head's
 logits gain the query-independent, key-dependent bias ``α·u·k_j·scale``: a learned "look at keys like

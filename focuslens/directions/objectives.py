@@ -130,13 +130,7 @@ def cache_qk(
     if precision not in ("model", "bfloat16"):
         raise ValueError(f"precision must be 'model' or 'bfloat16'; got {precision!r}.")
     heads = check_heads(model, heads)
-    param = next(model.parameters())
-    use_bf16 = precision == "bfloat16" and param.dtype == torch.float32
-    if use_bf16:
-        warn_if_slow_dtype(torch.bfloat16, param.device, what="cache_qk(precision='bfloat16')",
-                           fix="use precision='model' (TrainConfig(cache_precision='model'))")
-    autocast = (torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
-                if use_bf16 else contextlib.nullcontext())
+    autocast = _cache_autocast(model, precision)
     info = model_info(model)
     layers, head_scale, scale, softcap = _layer_plan(model, heads, what="The cached attention objective (cache_qk)")
     kv_pairs = sorted({(l, info.kv_head(h)) for l, h in heads})
@@ -159,21 +153,7 @@ def cache_qk(
         with autocast:
             store = run_until(model, toks, names=names, attention_mask=mask)
         for b, i in enumerate(group):
-            ex = examples[i]
-            r = ex.prompt.response
-            n = r.end
-            q = torch.stack([store[layers[l].q_hook][b, r.start:r.end, h] for l, h in heads]).float()  # [S, R, d]
-            k = torch.stack([store[layers[l].k_hook][b, :n, g] for l, g in kv_pairs]).float()  # [U, N, d]
-            if q.shape[-1] != info.d_head:
-                raise RuntimeError(f"Unexpected query shape {tuple(q.shape)} at {layers[heads[0][0]].q_hook}.")
-            rows = torch.arange(r.start, r.end)
-            vis = torch.stack([visible_keys(rows, n, sliding_window=w) for w in windows])  # [S, R, N]
-            lg = attention_logits(q, k[kv_index], scale=head_scale[:, None, None]).masked_fill(~vis, float("-inf"))
-            rel = torch.zeros(n, dtype=torch.bool)
-            rel[ex.relevant.slice] = True
-            sink = torch.zeros(n, dtype=torch.bool)
-            sink[0] = True
-            slots[i] = (q, k, lg, vis, rel, sink)
+            slots[i] = _cached_example(store, b, examples[i], out, layers, windows, info.d_head)
         del store
         if bar is not None:
             bar.update(len(group))
@@ -187,6 +167,38 @@ def cache_qk(
         out.relevant.append(rel)
         out.sink.append(sink)
     return out
+
+
+def _cache_autocast(model: HookedModel, precision: CachePrecision):
+    """The context of :func:`cache_qk`'s frozen passes: bfloat16 autocast for a float32 model when asked
+    (with a warning where bfloat16 is slow), else nothing."""
+    param = next(model.parameters())
+    use_bf16 = precision == "bfloat16" and param.dtype == torch.float32
+    if use_bf16:
+        warn_if_slow_dtype(torch.bfloat16, param.device, what="cache_qk(precision='bfloat16')",
+                           fix="use precision='model' (TrainConfig(cache_precision='model'))")
+    return (torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
+            if use_bf16 else contextlib.nullcontext())
+
+
+def _cached_example(store: dict[str, Tensor], b: int, ex: DirectionExample, out: QKCache, layers: dict,
+                    windows: list, d_head: int) -> tuple[Tensor, ...]:
+    """Row ``b`` of a frozen pass: ``(q, k, logits0, visible, relevant, sink)`` of one example, as cached."""
+    heads, kv_pairs, head_scale = out.heads, out.kv_pairs, out.head_scale
+    r = ex.prompt.response
+    n = r.end
+    q = torch.stack([store[layers[l].q_hook][b, r.start:r.end, h] for l, h in heads]).float()  # [S, R, d]
+    k = torch.stack([store[layers[l].k_hook][b, :n, g] for l, g in kv_pairs]).float()  # [U, N, d]
+    if q.shape[-1] != d_head:
+        raise RuntimeError(f"Unexpected query shape {tuple(q.shape)} at {layers[heads[0][0]].q_hook}.")
+    rows = torch.arange(r.start, r.end)
+    vis = torch.stack([visible_keys(rows, n, sliding_window=w) for w in windows])  # [S, R, N]
+    lg = attention_logits(q, k[out.kv_index], scale=head_scale[:, None, None]).masked_fill(~vis, float("-inf"))
+    rel = torch.zeros(n, dtype=torch.bool)
+    rel[ex.relevant.slice] = True
+    sink = torch.zeros(n, dtype=torch.bool)
+    sink[0] = True
+    return q, k, lg, vis, rel, sink
 
 
 def _scale_column(scale: float | Tensor, s: int) -> float | Tensor:

@@ -279,12 +279,8 @@ def evaluate(
     tag: str | dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    variant: Literal["original", "gold_only", "negative"] | str = _KEEP,
-    max_new_tokens: int = _KEEP,
-    chat: bool = _KEEP,
-    system: str | None = _KEEP,
-    gold_position: int | None = _KEEP,
-    stop_at_newline: bool = _KEEP,
+    variant: Literal["original", "gold_only", "negative"] | str = _KEEP, max_new_tokens: int = _KEEP,
+    chat: bool = _KEEP, system: str | None = _KEEP, gold_position: int | None = _KEEP, stop_at_newline: bool = _KEEP,
 ) -> EvalResult:
     """Greedy answers for a list of examples, scored with best-subspan EM and distractor copy.
 
@@ -335,15 +331,8 @@ def evaluate(
         >>> res = evaluate(model, test, intervene=SplitSoftmax(top20, tau=0.2), output="runs/ss.jsonl",
         ...                max_new_tokens=16)
     """
-    dec = _decoding_with(
-        decoding, variant=variant, max_new_tokens=max_new_tokens, chat=chat, system=system,
-        gold_position=gold_position, stop_at_newline=stop_at_newline,
-    )
-    variant = normalise_variant(dec.variant)
-    if dec.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {dec.max_new_tokens}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    dec, variant = _settings(decoding, batch_size, variant=variant, max_new_tokens=max_new_tokens, chat=chat,
+                             system=system, gold_position=gold_position, stop_at_newline=stop_at_newline)
     intervene, intervene_cfg = intervention_entry(intervene, id=id, output=output, batch_size=batch_size)
     cfg = _run_config(model, dec, variant, intervene_cfg, tag)
     h = config_hash(cfg)
@@ -352,22 +341,24 @@ def evaluate(
     with output_lock(path) if path is not None else contextlib.nullcontext():
         done = _open_records(path, cfg, h, resume=resume)
         run = _EvalRun(model, intervene, dec, variant, h, path=path, done=done)
-        # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
-        # a bare per-example callable, or a spec without a batched attach, needs each example alone.
-        per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
-        batch = 1 if run.per_example is not None and not per_batch else batch_size
-        run.run(examples, batch=batch, progress=progress)
-        records = [rec for rec in run.slots if rec is not None]
+        run.run(examples, batch_size=batch_size, progress=progress)
         return EvalResult(
-            records=records, config=cfg, config_hash=h, path=path, n_resumed=run.n_resumed,
-            wall_seconds=time.perf_counter() - run.t_start,
+            records=[rec for rec in run.slots if rec is not None], config=cfg, config_hash=h, path=path,
+            n_resumed=run.n_resumed, wall_seconds=time.perf_counter() - run.t_start,
         )
 
 
-def _decoding_with(decoding: Decoding | None, **overrides: Any) -> Decoding:
-    """The ``decoding`` bundle (default :class:`Decoding`) with the keywords given to ``evaluate`` replacing its values."""
+def _settings(decoding: Decoding | None, batch_size: int, **overrides: Any) -> tuple[Decoding, str]:
+    """``(decoding, normalised variant)``: the ``decoding`` bundle (default :class:`Decoding`) with the
+    keywords given to ``evaluate`` replacing its values; the budget and the batch size checked."""
     given = {k: v for k, v in overrides.items() if v is not _KEEP}
-    return (decoding if decoding is not None else Decoding()).replace(**given)
+    dec = (decoding if decoding is not None else Decoding()).replace(**given)
+    variant = normalise_variant(dec.variant)
+    if dec.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {dec.max_new_tokens}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    return dec, variant
 
 
 def _run_config(model: HookedModel, dec: Decoding, variant: str, intervene_cfg: Any, tag: Any) -> dict[str, Any]:
@@ -415,8 +406,13 @@ class _EvalRun:
         self.slots: list[dict[str, Any] | None] = []
         self.n_resumed = 0
 
-    def run(self, examples: Sequence[TaskExample | RenderedExample], *, batch: int, progress: bool) -> None:
+    def run(self, examples: Sequence[TaskExample | RenderedExample], *, batch_size: int, progress: bool) -> None:
         """Every example's record into ``self.slots``; the bar and the file are closed also after an exception."""
+        # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
+        # a bare per-example callable, or a spec without a batched attach, needs each example alone.
+        intervene = self.intervene
+        per_batch = (isinstance(intervene, InterventionSpec) and intervene.per_example and intervene.batchable)
+        batch = 1 if self.per_example is not None and not per_batch else batch_size
         self.slots = [None] * len(examples)
         from tqdm.auto import tqdm
 

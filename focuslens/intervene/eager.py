@@ -50,6 +50,7 @@ from torch import Tensor
 from ..core.hooks import HookHandle
 from ..core.models import HookedModel
 from ..core.prompts import SpanLike
+from .edits import pasta_pattern, split_softmax_pattern  # noqa: F401  (the pattern maths, importable from here too)
 from .handles import ComposedHandle, remove_all
 from .span_specs import Pasta, SplitSoftmax
 from .specs import Compose, InterventionSpec

@@ -116,15 +116,7 @@ def head_heatmap(
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
     top_k = min(top_k, L * H)  # a small matrix with the default top_k=20: mark every cell
-    flat = t.flatten()
-    finite = [(i, float(v)) for i, v in enumerate(flat.tolist()) if v == v]
-    order = sorted(finite, key=lambda x: (-x[1], x[0]))
-    rank = [[None] * H for _ in range(L)]
-    for r, (i, _) in enumerate(order, start=1):
-        rank[i // H][i % H] = r
-    text = [[str(rank[l][h]) if rank[l][h] is not None and rank[l][h] <= top_k else "" for h in range(H)]
-            for l in range(L)]
-    custom = [[rank[l][h] if rank[l][h] is not None else -1 for h in range(H)] for l in range(L)]
+    order, text, custom = _heatmap_ranks(t, top_k)
     z = [[None if v != v else v for v in row] for row in t.tolist()]
     heat = go.Heatmap(
         z=z,
@@ -165,6 +157,21 @@ def head_heatmap(
         legend={"orientation": "h", "y": -0.08},
     )
     return fig
+
+
+def _heatmap_ranks(t: Tensor, top_k: int) -> tuple[list[tuple[int, float]], list[list[str]], list[list[int]]]:
+    """``(finite cells by falling value as (flat index, value), rank labels of the top_k cells, rank per cell
+    (-1 for NaN))`` of a ``[layer, head]`` matrix; ties keep the lower flat index first."""
+    L, H = t.shape
+    finite = [(i, float(v)) for i, v in enumerate(t.flatten().tolist()) if v == v]
+    order = sorted(finite, key=lambda x: (-x[1], x[0]))
+    rank = [[None] * H for _ in range(L)]
+    for r, (i, _) in enumerate(order, start=1):
+        rank[i // H][i % H] = r
+    text = [[str(rank[l][h]) if rank[l][h] is not None and rank[l][h] <= top_k else "" for h in range(H)]
+            for l in range(L)]
+    custom = [[rank[l][h] if rank[l][h] is not None else -1 for h in range(H)] for l in range(L)]
+    return order, text, custom
 
 
 def ablation_curve(
@@ -348,44 +355,10 @@ def curves(
         raise ValueError(f"x_ticks has {len(x_ticks)} labels but x has {len(xs)} values.")
     fig = go.Figure()
     for s in series:
-        if not isinstance(s, Series):
-            raise TypeError(f"curves takes Series objects, got {type(s).__name__}.")
-        st = condition_style(s.condition, s.variant)
-        y = [float(v) for v in s.y]
-        if len(y) != len(xs):
-            raise ValueError(f"series {s.name!r} has {len(y)} values but x has {len(xs)}.")
-        err = None
-        if s.se is not None:
-            e = [float(v) for v in s.se]
-            if len(e) != len(xs):
-                raise ValueError(f"series {s.name!r} has {len(e)} error bars but x has {len(xs)}.")
-            err = {"type": "data", "array": e, "visible": True, "thickness": 1.2}
-        ns = [s.n] * len(xs) if isinstance(s.n, int) or s.n is None else list(s.n)
-        if len(ns) != len(xs):
-            raise ValueError(f"series {s.name!r} has {len(ns)} sample sizes but x has {len(xs)}.")
-        nt = _n_text(s.n)
-        fig.add_trace(go.Scatter(
-            x=xs, y=y, error_y=err, name=f"{s.name} ({nt})" if nt else s.name,
-            mode="markers" if s.markers_only else "lines+markers",
-            line={"color": st["color"], "dash": st["dash"], "width": 2},
-            marker={"color": st["color"], "symbol": st["symbol"], "size": 8},
-            customdata=[[-1 if v is None else v, (err["array"][i] if err else float("nan"))] for i, v in enumerate(ns)],
-            hovertemplate=f"{s.name}<br>x %{{x}}<br>%{{y:.3f}} ± %{{customdata[1]:.3f}} (n=%{{customdata[0]}})<extra></extra>",
-        ))
+        fig.add_trace(_series_trace(s, xs))
     lo, hi = min(xs), max(xs)
     for b in baselines:
-        if not isinstance(b, Baseline):
-            raise TypeError(f"curves takes Baseline objects, got {type(b).__name__}.")
-        color = condition_style(b.condition)["color"]
-        v = float(b.value)
-        label = f"{b.name} {v:.2f}" + (f" ± {b.se:.2f}" if b.se is not None else "") + (f" (n={b.n})" if b.n else "")
-        if b.se is not None and b.se == b.se:
-            fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[v - b.se, v - b.se, v + b.se, v + b.se], fill="toself",
-                                     mode="lines", line={"width": 0}, fillcolor=color, opacity=0.12,
-                                     hoverinfo="skip", showlegend=False, legendgroup=b.name, name=f"{b.name} ± SE"))
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[v, v], mode="lines", name=label, legendgroup=b.name,
-                                 line={"dash": "dash", "width": 1.5, "color": color},
-                                 hovertemplate=f"{label}<extra></extra>"))
+        _add_baseline(fig, b, lo, hi)
     for label, xv in (marks or {}).items():
         fig.add_vline(x=float(xv), line={"dash": "dot", "width": 1.5, "color": "#555"},
                       annotation_text=label, annotation_position="top")
@@ -398,6 +371,54 @@ def curves(
                       template="plotly_white",
                       legend={"font": {"size": 10}}, width=980, height=560)
     return fig
+
+
+def _series_trace(s: Series, xs: list[float]):
+    """One series of :func:`curves`: its condition's style, ± SE error bars, n in the legend and hover."""
+    import plotly.graph_objects as go
+
+    if not isinstance(s, Series):
+        raise TypeError(f"curves takes Series objects, got {type(s).__name__}.")
+    st = condition_style(s.condition, s.variant)
+    y = [float(v) for v in s.y]
+    if len(y) != len(xs):
+        raise ValueError(f"series {s.name!r} has {len(y)} values but x has {len(xs)}.")
+    err = None
+    if s.se is not None:
+        e = [float(v) for v in s.se]
+        if len(e) != len(xs):
+            raise ValueError(f"series {s.name!r} has {len(e)} error bars but x has {len(xs)}.")
+        err = {"type": "data", "array": e, "visible": True, "thickness": 1.2}
+    ns = [s.n] * len(xs) if isinstance(s.n, int) or s.n is None else list(s.n)
+    if len(ns) != len(xs):
+        raise ValueError(f"series {s.name!r} has {len(ns)} sample sizes but x has {len(xs)}.")
+    nt = _n_text(s.n)
+    return go.Scatter(
+        x=xs, y=y, error_y=err, name=f"{s.name} ({nt})" if nt else s.name,
+        mode="markers" if s.markers_only else "lines+markers",
+        line={"color": st["color"], "dash": st["dash"], "width": 2},
+        marker={"color": st["color"], "symbol": st["symbol"], "size": 8},
+        customdata=[[-1 if v is None else v, (err["array"][i] if err else float("nan"))] for i, v in enumerate(ns)],
+        hovertemplate=f"{s.name}<br>x %{{x}}<br>%{{y:.3f}} ± %{{customdata[1]:.3f}} (n=%{{customdata[0]}})<extra></extra>",
+    )
+
+
+def _add_baseline(fig, b: Baseline, lo: float, hi: float) -> None:
+    """A :class:`Baseline` of :func:`curves`: its ± SE band (when it has one), then its dashed line."""
+    import plotly.graph_objects as go
+
+    if not isinstance(b, Baseline):
+        raise TypeError(f"curves takes Baseline objects, got {type(b).__name__}.")
+    color = condition_style(b.condition)["color"]
+    v = float(b.value)
+    label = f"{b.name} {v:.2f}" + (f" ± {b.se:.2f}" if b.se is not None else "") + (f" (n={b.n})" if b.n else "")
+    if b.se is not None and b.se == b.se:
+        fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[v - b.se, v - b.se, v + b.se, v + b.se], fill="toself",
+                                 mode="lines", line={"width": 0}, fillcolor=color, opacity=0.12,
+                                 hoverinfo="skip", showlegend=False, legendgroup=b.name, name=f"{b.name} ± SE"))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[v, v], mode="lines", name=label, legendgroup=b.name,
+                             line={"dash": "dash", "width": 1.5, "color": color},
+                             hovertemplate=f"{label}<extra></extra>"))
 
 
 def head_doc_view(

@@ -490,32 +490,52 @@ def score_dataset(
             skipped.append(f"example {i}: no relevant span (variant {getattr(ex, 'variant', '?')!r})")
             continue
         if i not in pending:  # the next chunk: check and generate batch_size responses at once
-            chunk = [j for j in range(i, min(i + batch_size, len(examples)))
-                     if getattr(examples[j], "relevant", None) is not None]
-            for j in chunk:
-                _check_room(model, examples[j], j, response, max_new_tokens)
-            pending = dict(zip(chunk, responses_for(model, [examples[j] for j in chunk], response,
-                                                     max_new_tokens=max_new_tokens, batch_size=batch_size)))
+            pending = _chunk_responses(model, examples, i, response, max_new_tokens, batch_size)
         resp = pending[i]
-        empty = (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0)
-        if empty:
+        if (isinstance(resp, str) and not resp.strip()) or (not isinstance(resp, str) and len(resp) == 0):
             skipped.append(f"example {i}: empty response")
             continue
-        full = ex.prompt.with_response(model.tokenizer, resp)
-        relevant, distractors = respan(ex, full)
-        hs = score_spans(model, full.tokens, response=full.response, spans={"relevant": relevant},
-                         distractors=distractors or None, sink=sink, method=method)
+        hs, text = _score_with_response(model, ex, resp, sink=sink, method=method)
         for name in ("relevant", "sink", DISTRACTORS_TOTAL, DISTRACTORS_MAX):
             if name in hs:
                 per.setdefault(name, []).append(hs[name])
-        texts.append(model.tokenizer.decode(full.tokens[full.response.slice].tolist()))
+        texts.append(text)
         used.append(i)
         if bar is not None:
             bar.set_postfix(used=len(texts), skipped=len(skipped))
+    return _dataset_scores(model, per, texts, used, skipped, mode_name=mode_name, n_examples=len(examples))
+
+
+def _chunk_responses(
+    model: HookedModel, examples: list[Any], i: int, response: Any, max_new_tokens: int, batch_size: int
+) -> dict[int, Tensor | str]:
+    """Responses of the usable examples among ``examples[i : i + batch_size]``, generated together
+    (each checked to fit the context first), by example index."""
+    chunk = [j for j in range(i, min(i + batch_size, len(examples)))
+             if getattr(examples[j], "relevant", None) is not None]
+    for j in chunk:
+        _check_room(model, examples[j], j, response, max_new_tokens)
+    return dict(zip(chunk, responses_for(model, [examples[j] for j in chunk], response,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size)))
+
+
+def _score_with_response(model: HookedModel, ex: Any, resp: Tensor | str, *, sink: Any, method: Any
+                         ) -> tuple[dict[str, Tensor], str]:
+    """One example's head scores with ``resp`` appended as the response, and the response's text."""
+    full = ex.prompt.with_response(model.tokenizer, resp)
+    relevant, distractors = respan(ex, full)
+    hs = score_spans(model, full.tokens, response=full.response, spans={"relevant": relevant},
+                     distractors=distractors or None, sink=sink, method=method)
+    return hs, model.tokenizer.decode(full.tokens[full.response.slice].tolist())
+
+
+def _dataset_scores(model: HookedModel, per: dict[str, list[Tensor]], texts: list[str], used: list[int],
+                    skipped: list[str], *, mode_name: str, n_examples: int) -> DatasetScores:
+    """Mean and standard error over the usable examples of the scores present in every one of them."""
     n = len(texts)
     if n == 0:
         raise ValueError(
-            f"score_dataset: 0 of {len(examples)} examples were usable, nothing to rank. Reasons: "
+            f"score_dataset: 0 of {n_examples} examples were usable, nothing to rank. Reasons: "
             f"{'; '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}. Check the prompts (does the "
             "model answer at all?), raise max_new_tokens, or pass response='gold'."
         )

@@ -75,12 +75,6 @@ Ranking = DatasetScores | HeadScores | Float[Tensor, "layer head"]  # a [layer, 
 _KEEP_DECODING = {n: p.default for n, p in inspect.signature(evaluate).parameters.items()}
 
 # find_heads: which finder takes which option (the contextual finder passes the rest to score_dataset)
-_FINDER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "contextual": ("response", "max_new_tokens", "sink", "method", "batch_size"),
-    "retrieval": (), "qrhead": ("qr_score",), "patching": ("min_gap",),
-}
-
-
 def _changed(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
     """The keywords of ``given`` that differ from ``cls``'s field defaults (type included: ``True`` is not ``1.0``)."""
     import dataclasses
@@ -614,17 +608,9 @@ class FocusLens:
         self._need_hooks("find_heads")
         from .heads.finders import find_heads
 
-        given = {"response": response, "qr_score": qr_score, "min_gap": min_gap, "max_new_tokens": max_new_tokens,
-                 "sink": sink, "method": method, "batch_size": batch_size}
-        if finder not in _FINDER_OPTIONS:
-            return find_heads(self.model, examples, finder=finder, progress=progress)  # raises, naming the finders
-        default = {k: p.default for k, p in inspect.signature(FocusLens.find_heads).parameters.items() if k in given}
-        for k, v in given.items():
-            if k not in _FINDER_OPTIONS[finder] and not (type(v) is type(default[k]) and v == default[k]):
-                takes = [f for f, opts in _FINDER_OPTIONS.items() if k in opts]
-                raise ValueError(f"find_heads(finder={finder!r}): {k}= is an option of the {takes[0]!r} finder only.")
-        return find_heads(self.model, examples, finder=finder, progress=progress,
-                          **{k: given[k] for k in _FINDER_OPTIONS[finder]})
+        return find_heads(self.model, examples, finder=finder, progress=progress, response=response,
+                          qr_score=qr_score, min_gap=min_gap, max_new_tokens=max_new_tokens, sink=sink,
+                          method=method, batch_size=batch_size)
 
     def attribute(
         self,

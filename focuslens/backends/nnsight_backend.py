@@ -147,36 +147,18 @@ class NNsightScorer:
             trace_kwargs: passed to ``model.trace`` (e.g. ``backend=...``).
         """
         from ..core import attention as fa
-        from ..score.contextual import DISTRACTORS_MAX, DISTRACTORS_TOTAL, named_spans, union_mask
 
-        if hasattr(tokens, "tokens") and not isinstance(tokens, Tensor):
-            tokens = tokens.tokens
-        ids = torch.as_tensor(tokens)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise ValueError(f"Scoring takes one sequence of token ids, [pos] or [1, pos]; got {tuple(ids.shape)}.")
+        ids = _one_sequence(tokens)
         n = ids.shape[1]
         if not spans and not distractors and sink is None:
             raise ValueError("spans is empty and sink=None: nothing to score; name a span, e.g. {'relevant': (10, 40)}.")
-        rows, named, n_dis = named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
-        masks = dict(named)
-        if n_dis:
-            masks[DISTRACTORS_TOTAL] = [s for i in range(1, n_dis + 1) for s in named[f"distractor_{i}"]]
-        names = list(masks)
-        km = torch.stack([union_mask(masks[k], n) for k in names]).float()  # [S, N] key masks
+        rows, named, n_dis, names, km = _key_masks(n, response, spans, distractors, sink)
         keep = (not remote) if keep_columns is None else bool(keep_columns)
         r0, r1 = rows.start, rows.end
         group = self.n_heads // self.n_kv_heads
         site = self.rope_site
         layers = self._layers()
-        plans = [fa.module_attention(layers[l].self_attn, layer=l, head_dim=self.d_head) for l in range(self.n_layers)]
-        bad = next((p for p in plans if not p.exact), None)
-        if bad is not None:
-            raise ValueError(f"The nnsight scorer recomputes attention from q/k, which is not exact here ({bad.why}).")
-        qpos = torch.arange(r0, r1)
-        # plain values for the trace: per-layer scale, soft-cap and [R, N] visibility (causal + window)
-        setup = [(p.scale, p.softcap, fa.visible_keys(qpos, n, sliding_window=p.sliding_window)) for p in plans]
+        setup = self._trace_setup(layers, r0, r1, n)
         attention_logits, row_softmax = fa.attention_logits, fa.row_softmax
         if remote:
             nnsight = _require_nnsight()
@@ -199,13 +181,31 @@ class NNsightScorer:
                     cols.append(pat)
             result = (torch.stack(per_layer, dim=1) / (r1 - r0)).save()  # [S, L, H]
             columns = (torch.stack(cols) / (r1 - r0)).save() if keep else None
+        return self._head_scores(result, columns if keep else None, names, n_dis, rows, named)
+
+    def _trace_setup(self, layers, r0: int, r1: int, n: int) -> list[tuple[Any, Any, Tensor]]:
+        """Plain values for the trace: per-layer scale, soft-cap and ``[R, N]`` visibility (causal +
+        window), read from the HF attention modules; attention that q/k cannot recompute exactly raises."""
+        from ..core import attention as fa
+
+        plans = [fa.module_attention(layers[l].self_attn, layer=l, head_dim=self.d_head) for l in range(self.n_layers)]
+        bad = next((p for p in plans if not p.exact), None)
+        if bad is not None:
+            raise ValueError(f"The nnsight scorer recomputes attention from q/k, which is not exact here ({bad.why}).")
+        qpos = torch.arange(r0, r1)
+        return [(p.scale, p.softcap, fa.visible_keys(qpos, n, sliding_window=p.sliding_window)) for p in plans]
+
+    def _head_scores(self, result: Any, columns: Any, names: list[str], n_dis: int, rows, named) -> HeadScores:
+        """The trace's saved ``[S, L, H]`` masses (and columns, unless ``None``) as :class:`HeadScores`."""
+        from ..score.contextual import DISTRACTORS_MAX
+
         out = _value(result).detach().float().cpu()
         if out.shape != (len(names), self.n_layers, self.n_heads):
             raise RuntimeError(f"nnsight trace returned shape {tuple(out.shape)}; expected {(len(names), self.n_layers, self.n_heads)}.")
         scores = {k: out[i] for i, k in enumerate(names)}
         if n_dis:
             scores[DISTRACTORS_MAX] = torch.stack([scores[f"distractor_{i}"] for i in range(1, n_dis + 1)]).amax(0)
-        colt = _value(columns).detach().float().cpu() if keep else torch.zeros(self.n_layers, self.n_heads, 0)
+        colt = _value(columns).detach().float().cpu() if columns is not None else torch.zeros(self.n_layers, self.n_heads, 0)
         return HeadScores(scores=scores, columns=colt, response=rows, method="nnsight", spans=named)
 
     def contextual_scores(
@@ -220,6 +220,32 @@ class NNsightScorer:
         """Contextual score of every head (``Tensor[n_layers, n_heads]``, fp32, CPU)."""
         return self.score_spans(tokens, response=response, spans={"relevant": relevant}, sink=None, remote=remote,
                                 keep_columns=False, **trace_kwargs)["relevant"]
+
+
+def _one_sequence(tokens: Any) -> Tensor:
+    """Token ids (or an object with ``.tokens``) as ``[1, pos]``; anything but one sequence raises."""
+    if hasattr(tokens, "tokens") and not isinstance(tokens, Tensor):
+        tokens = tokens.tokens
+    ids = torch.as_tensor(tokens)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"Scoring takes one sequence of token ids, [pos] or [1, pos]; got {tuple(ids.shape)}.")
+    return ids
+
+
+def _key_masks(n: int, response: SpanLike, spans: Any, distractors: Any, sink: Any):
+    """``(response rows, named spans, number of distractors, score names, [S, N] float key masks)``; the
+    distractors' union is scored as ``distractors_total``."""
+    from ..score.contextual import DISTRACTORS_TOTAL, named_spans, union_mask
+
+    rows, named, n_dis = named_spans(n, response=response, spans=spans, distractors=distractors, sink=sink)
+    masks = dict(named)
+    if n_dis:
+        masks[DISTRACTORS_TOTAL] = [s for i in range(1, n_dis + 1) for s in named[f"distractor_{i}"]]
+    names = list(masks)
+    km = torch.stack([union_mask(masks[k], n) for k in names]).float()  # [S, N] key masks
+    return rows, named, n_dis, names, km
 
 
 def _value(saved: Any) -> Tensor:

@@ -3,7 +3,7 @@
 Why this module exists
 ----------------------
 Several parts of focuslens recompute a head's attention from cached queries and keys instead of
-storing ``[heads, N, N]`` patterns: the one-pass contextual scores (``scoring``, q/k route), the
+storing ``[heads, N, N]`` patterns: the one-pass contextual scores (``focuslens.score``, q/k route), the
 focus-direction objectives (cached and live), magnitude control's sink probe, and the fused and
 nnsight backends. When each wrote its own softmax they disagreed (three mask constants, three
 attention scales, no sliding window in the directions code: on Gemma-3 the directions objective saw

@@ -11,7 +11,9 @@ point that takes heads, a strength (τ, α, a coefficient) or vectors calls the 
 * strengths: real, finite numbers, never a bool (:func:`real`); :func:`positive` when the
   neutral value is 1 and the scale is multiplicative (τ, PASTA's coefficient).
 * vectors: a non-empty ``{(layer, head): Tensor[d_head]}`` of finite 1-D tensors of one width
-  (:func:`frozen_vectors`); the width is checked against the model where one is known.
+  (:func:`frozen_vectors`; ``rows=True`` also takes ``[batch, d_head]``, one vector per batch row); the
+  width is checked against the model where one is known, and :func:`check_scaled` refuses an
+  ``alpha * u`` that is not finite in the model's dtype (1e38 × 10 overflows float32).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ heatmaps side by side.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -60,10 +61,13 @@ from torch import Tensor
 
 from ..core.hooks import attach_hooks
 from ..core.models import HookedModel, hook_name, model_info
-from ..core.prompts import Span
+from ..core.generation import DEFAULT_MAX_NEW_TOKENS
+from ..core.prompts import Span, SpanLike
+from ..score.contextual import ScoringMethod
 from ..score.ranking import DatasetScores, contextual_heads
 
 __all__ = [
+    "FINDER_OPTIONS",
     "FinderName",
     "FINDERS",
     "find_heads",
@@ -138,7 +142,8 @@ def _dataset(model: HookedModel, per: Mapping[str, list[Tensor]], *, n_skipped: 
 
 def contextual_finder(
     model: HookedModel, examples: Sequence[Any], *, response: Literal["generate", "gold", "gold_only"] = "generate",
-    progress: bool = True, **kw: Any,
+    progress: bool = True, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sink: SpanLike | int | None = 1,
+    method: ScoringMethod = "auto", batch_size: int = 8,
 ) -> DatasetScores:
     """The paper's contextual score (:func:`focuslens.score.contextual.score_dataset`), unchanged.
 
@@ -150,7 +155,8 @@ def contextual_finder(
     """
     from ..score.contextual import score_dataset
 
-    ds = score_dataset(model, _rendered(model, examples), response=response, progress=progress, **kw)
+    ds = score_dataset(model, _rendered(model, examples), response=response, progress=progress,
+                       max_new_tokens=max_new_tokens, sink=sink, method=method, batch_size=batch_size)
     ds.response_mode = f"contextual ({ds.response_mode} responses)"
     return ds
 
@@ -365,18 +371,54 @@ def patching_finder(model: HookedModel, examples: Sequence[Any], *, min_gap: flo
 # --------------------------------------------------------------------------------------------------
 
 
-def find_heads(model: HookedModel, examples: Sequence[Any], *, finder: FinderName = "contextual",
-               progress: bool = True, **kw: Any) -> DatasetScores:
-    """Run one head finder (``"contextual"``, ``"retrieval"``, ``"qrhead"``, ``"patching"``).
+#: the options each finder takes (every other option must stay at its default for that finder)
+FINDER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "contextual": ("response", "max_new_tokens", "sink", "method", "batch_size"),
+    "retrieval": (), "qrhead": ("qr_score",), "patching": ("min_gap",),
+}
+
+
+def find_heads(
+    model: HookedModel,
+    examples: Sequence[Any],
+    *,
+    finder: FinderName = "contextual",
+    progress: bool = True,
+    response: Literal["generate", "gold", "gold_only"] = "generate",
+    qr_score: Literal["gold", "contrast"] = "gold",
+    min_gap: float = 1.0,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    sink: SpanLike | int | None = 1,
+    method: ScoringMethod = "auto",
+    batch_size: int = 8,
+) -> DatasetScores:
+    """Run one head finder: the one entry point for every way of ranking heads.
 
     Returns a :class:`~focuslens.score.ranking.DatasetScores`; ``mean["relevant"]`` is the finder's
-    ``[layer, head]`` score. Extra keywords go to the finder (``response=``, ``qr_score=``, ``min_gap=``).
+    ``[layer, head]`` score. Which one should you use? ``"contextual"`` (default) is the paper's score
+    and the same ranking as :func:`~focuslens.score.contextual.score_dataset` with the same default
+    (the model's own answer, ``response="generate"``; its options ``max_new_tokens``, ``sink``,
+    ``method``, ``batch_size`` are score_dataset's); ``"retrieval"`` (Wu et al. 2024) needs a copyable
+    needle; ``"qrhead"`` scores question tokens (``qr_score``); ``"patching"`` is causal but slow
+    (``min_gap``). An option changed for a finder that does not take it is refused, so a setting is
+    never silently ignored. docs/method.md §1 and docs/comparison.md compare them.
+
+    Example:
+        >>> ds = find_heads(model, examples, finder="qrhead", qr_score="contrast")
+        >>> ds.top_k(20)
     """
+    given = {"response": response, "qr_score": qr_score, "min_gap": min_gap, "max_new_tokens": max_new_tokens,
+             "sink": sink, "method": method, "batch_size": batch_size}
     fns = {"contextual": contextual_finder, "retrieval": retrieval_finder, "qrhead": qrhead_finder,
            "patching": patching_finder}
     if finder not in fns:
         raise ValueError(f"Unknown finder {finder!r}; use one of {list(fns)}.")
-    return fns[finder](model, examples, progress=progress, **kw)
+    defaults = _FIND_HEADS_DEFAULTS
+    for k, v in given.items():
+        if k not in FINDER_OPTIONS[finder] and not (type(v) is type(defaults[k]) and v == defaults[k]):
+            takes = [f for f, opts in FINDER_OPTIONS.items() if k in opts]
+            raise ValueError(f"find_heads(finder={finder!r}): {k}= is an option of the {takes[0]!r} finder only.")
+    return fns[finder](model, examples, progress=progress, **{k: given[k] for k in FINDER_OPTIONS[finder]})
 
 
 def _matrix(x: DatasetScores | Tensor) -> Tensor:
@@ -430,3 +472,6 @@ def compare_finders(results: Mapping[str, DatasetScores | Tensor], *, k: int = 2
     ov = [[top_k_overlap(results[a], results[b], k) for b in names] for a in names]
     top = {n: [list(h) for h in contextual_heads(_matrix(results[n]), k)] for n in names}
     return {"names": names, "spearman": sp, "overlap": ov, "k": k, "top": top}
+
+
+_FIND_HEADS_DEFAULTS = {k: p.default for k, p in inspect.signature(find_heads).parameters.items()}

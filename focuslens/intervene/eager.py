@@ -72,16 +72,17 @@ def compose(*handles: HookHandle | InterventionSpec, label: str = "composed", mo
     or handles of two different models, it **removes every handle it was given** and then raises
     (``TypeError`` / ``ValueError``), because the caller has no composed handle to clean up with.
 
-    It cannot help when an *argument* fails: in ``compose(split_softmax(...), inject_vectors(...,
-    alpha=nan))`` the first handle is attached before the second call raises and ``compose`` never
-    runs. Describe the interventions as specs instead, which attach all-or-nothing:
-    ``(SplitSoftmax(heads, tau) + InjectVectors(vecs)).attach(model, example)``
-    (:mod:`focuslens.intervene.specs`).
-
     Specs may be given too (``compose(handle, SplitSoftmax(heads, 0.3, span=span), model=model)``): they
     are attached here, together, as the spec :class:`~focuslens.intervene.specs.Compose` (``model``: the
     handles' model when omitted; ``example``: for specs that take their span from it); if one of them
-    is refused, every handle given is removed too.
+    is refused when attached (an unknown head, α·u overflowing the model's dtype), every handle given is
+    removed too.
+
+    No function can help when an *argument* fails while Python evaluates it: in
+    ``compose(split_softmax(...), inject_vectors(..., alpha=nan))`` the first handle is attached before
+    the second call raises and ``compose`` never runs. Give specs instead, which attach nothing until
+    composed: ``compose(SplitSoftmax(heads, tau, span=span), InjectVectors(vecs, alpha=a), model=model)``
+    or ``(SplitSoftmax(heads, tau) + InjectVectors(vecs)).attach(model, example)``.
 
     Example:
         >>> with compose(split_softmax(model, heads, span, 0.3), inject_vectors(model, vecs)):

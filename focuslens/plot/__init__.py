@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .figures import (  # noqa: F401
     head_heatmap,
+    finder_heatmaps,
     ablation_curve,
     curves,
     head_doc_view,
@@ -22,6 +23,7 @@ from .figures import (  # noqa: F401
 
 __all__ = [
     "head_heatmap",
+    "finder_heatmaps",
     "ablation_curve",
     "curves",
     "head_doc_view",

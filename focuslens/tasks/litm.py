@@ -242,12 +242,7 @@ def build_from_oracle(
         oracle = load_litm(oracle)
     if distractors not in ("random", "hard"):
         raise ValueError(f"distractors must be 'random' or 'hard', got {distractors!r}.")
-    pool = []
-    for j, ex in enumerate(oracle):
-        g = ex.gold if ex.gold is not None else (ex.ctxs[0] if ex.ctxs else None)
-        if g is None:
-            raise ValueError(f"Oracle record {ex.id or j} has no passage.")
-        pool.append((j, ex, g))
+    pool = _oracle_pool(oracle)
     if n_docs < 1 or n_docs > len(pool):
         raise ValueError(f"n_docs must be in 1..{len(pool)} (the number of oracle passages), got {n_docs}.")
     index = TfidfIndex([f"{g.title} {g.text}" for _, _, g in pool]) if distractors == "hard" else None
@@ -256,22 +251,7 @@ def build_from_oracle(
     out: list[TaskExample] = []
     for i, (j, ex, gold) in enumerate(todo):
         rng = random.Random(f"litm_oracle:{seed}:{j}")
-        nas = [f" {na} " for na in (normalize_answer(a) for a in ex.answers) if na]
-        eligible = [
-            k for k, (_, _, g) in enumerate(pool)
-            if k != j and g.text != gold.text and not any(na in norm_texts[k] for na in nas)
-        ]
-        need = n_docs - 1
-        if len(eligible) < need:
-            raise ValueError(
-                f"Question {ex.id or j}: only {len(eligible)} eligible distractor passages for {need}."
-            )
-        if distractors == "random":
-            chosen = rng.sample(eligible, need)
-        else:
-            s = index.scores(ex.question)[eligible]  # type: ignore[union-attr]
-            order = np.lexsort((np.array(eligible), -s))  # by score desc, then pool index
-            chosen = [eligible[o] for o in order[:need]]
+        chosen = _oracle_distractors(j, ex, gold, pool, norm_texts, n_docs - 1, distractors, index, rng)
         docs = []
         for k in chosen:
             _, other, g = pool[k]
@@ -284,19 +264,55 @@ def build_from_oracle(
         g_doc = Document(title=gold.title, text=gold.text, isgold=True, hasanswer=gold.hasanswer,
                          answers=list(ex.answers), kind="gold", extra=dict(gold.extra))
         docs.insert(pos, g_doc)
-        dist_answers: list[str] = []
-        for d in docs:
-            if not d.isgold:
-                for a in d.answers:
-                    if a not in dist_answers:
-                        dist_answers.append(a)
         out.append(TaskExample(
             question=ex.question, answers=list(ex.answers), ctxs=docs, gold_index=pos,
-            distractor_answers=dist_answers, task=f"litm_oracle_{distractors}",
+            distractor_answers=_distractor_answers(docs), task=f"litm_oracle_{distractors}",
             meta={"source_id": ex.id, "n_docs": n_docs, "seed": seed},
             id=f"{ex.id}|{distractors}{n_docs}-s{seed}",
         ))
     return out
+
+
+def _oracle_pool(oracle: Sequence[TaskExample]) -> list[tuple[int, TaskExample, Document]]:
+    """``(index, record, gold passage)`` of every oracle record (its first passage when none is marked gold)."""
+    pool = []
+    for j, ex in enumerate(oracle):
+        g = ex.gold if ex.gold is not None else (ex.ctxs[0] if ex.ctxs else None)
+        if g is None:
+            raise ValueError(f"Oracle record {ex.id or j} has no passage.")
+        pool.append((j, ex, g))
+    return pool
+
+
+def _oracle_distractors(j: int, ex: TaskExample, gold: Document, pool: list, norm_texts: list[str], need: int,
+                        distractors: str, index: TfidfIndex | None, rng: random.Random) -> list[int]:
+    """Pool indices of question ``j``'s ``need`` distractors: random, or the most similar by TF-IDF ("hard").
+    Eligible: another question's passage, with a different text, containing none of this question's answers."""
+    nas = [f" {na} " for na in (normalize_answer(a) for a in ex.answers) if na]
+    eligible = [
+        k for k, (_, _, g) in enumerate(pool)
+        if k != j and g.text != gold.text and not any(na in norm_texts[k] for na in nas)
+    ]
+    if len(eligible) < need:
+        raise ValueError(
+            f"Question {ex.id or j}: only {len(eligible)} eligible distractor passages for {need}."
+        )
+    if distractors == "random":
+        return rng.sample(eligible, need)
+    s = index.scores(ex.question)[eligible]  # type: ignore[union-attr]
+    order = np.lexsort((np.array(eligible), -s))  # by score desc, then pool index
+    return [eligible[o] for o in order[:need]]
+
+
+def _distractor_answers(docs: list[Document]) -> list[str]:
+    """The distractors' answers, each once, in document order."""
+    dist_answers: list[str] = []
+    for d in docs:
+        if not d.isgold:
+            for a in d.answers:
+                if a not in dist_answers:
+                    dist_answers.append(a)
+    return dist_answers
 
 
 Split = Literal["train", "validation", "test"]

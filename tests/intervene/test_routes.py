@@ -127,7 +127,7 @@ def test_tau_refused_on_every_route(case, route, tiny_llama, tiny_folder, tmp_pa
     else:
         value, cli_match = CLI_TAUS[case]
         heads = _heads_file(tmp_path, [[0, 1], [1, 2]])
-        _cli_refuses(_evaluate_argv(tiny_folder, tmp_path, "--heads", heads, "--k", "2", "--tau", value), cli_match, capsys)
+        _cli_refuses(_evaluate_argv(tiny_folder, tmp_path, "--heads", heads, "--k", "2", f"--tau={value}"), cli_match, capsys)
         _cli_refuses(["sweep", "--model", str(tiny_folder), "--n", "2", "--heads", heads, "--ks", "1",
                       "--taus", value, "--output", str(tmp_path / "sw")],
                      "numbers" if case == "bool_tau" else cli_match, capsys)
@@ -181,12 +181,12 @@ def test_alpha_refused_on_every_route(case, route, tiny_llama, tiny_folder, tmp_
         value, cli_match = CLI_ALPHAS[case]
         dirs = tmp_path / "dirs"
         dirs.mkdir()  # validated before it is read: a refusal here is the --alpha check's
-        _cli_refuses(_evaluate_argv(tiny_folder, tmp_path, "--directions", str(dirs), "--alpha", value),
+        _cli_refuses(_evaluate_argv(tiny_folder, tmp_path, "--directions", str(dirs), f"--alpha={value}"),
                      cli_match, capsys)
         if case != "bool_alpha":  # --select-alphas is parsed as floats: "True" is argparse's refusal
             heads = _heads_file(tmp_path, [[0, 1], [1, 2]])
             _cli_refuses(["train", "--model", str(tiny_folder), "--n", "2", "--heads", heads, "--k", "2",
-                          "--select-alphas", "0.5", value, "--output", str(tmp_path / "fd")], cli_match, capsys)
+                          f"--select-alphas={value}", "--output", str(tmp_path / "fd")], cli_match, capsys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,15 +311,17 @@ def test_eager_equals_spec_bit_for_bit(tiny_any):
     heads = [(0, 1), (1, 0)]
     vecs = {(0, 1): _vec(0, 3.0), (1, 2): _vec(1, 3.0)}
     kv = {(1, 0): _vec(2, 3.0)}
-    pairs = [
-        (split_softmax(m, heads, SPAN, 0.3), SplitSoftmax(heads, 0.3, span=SPAN)),
-        (split_softmax(m, heads, [(1, 3), (6, 9)], 2.0), SplitSoftmax(heads, 2.0, span=[(1, 3), (6, 9)])),
-        (pasta(m, heads, SPAN, 0.05), Pasta(heads, coefficient=0.05, span=SPAN)),
-        (inject_vectors(m, vecs, alpha=0.7), InjectVectors(vecs, alpha=0.7)),
-        (inject_vectors(m, kv, alpha=1.5, site="key"), InjectVectors(kv, alpha=1.5, site="key")),
-        (inject_vectors(m, vecs, alpha=0.7, pre_rope=True), InjectVectors(vecs, alpha=0.7, pre_rope=True)),
+    pairs = [  # (eager call, spec): the eager handle is attached only when called
+        (lambda: split_softmax(m, heads, SPAN, 0.3), SplitSoftmax(heads, 0.3, span=SPAN)),
+        (lambda: split_softmax(m, heads, [(1, 3), (6, 9)], 2.0), SplitSoftmax(heads, 2.0, span=[(1, 3), (6, 9)])),
+        (lambda: pasta(m, heads, SPAN, 0.05), Pasta(heads, coefficient=0.05, span=SPAN)),
+        (lambda: inject_vectors(m, vecs, alpha=0.7), InjectVectors(vecs, alpha=0.7)),
+        (lambda: inject_vectors(m, kv, alpha=1.5, site="key"), InjectVectors(kv, alpha=1.5, site="key")),
+        (lambda: inject_vectors(m, vecs, alpha=0.7, pre_rope=True), InjectVectors(vecs, alpha=0.7, pre_rope=True)),
     ]
-    for handle, spec in pairs:
+    for eager_call, spec in pairs:
+        handle = eager_call()
+        assert count_hooks(m) == handle.n_hooks
         eager = _logits(m, handle)
         via_spec = _logits(m, spec.attach(m))
         assert torch.equal(eager, via_spec), spec

@@ -6,164 +6,17 @@ Imports nothing from the rest of focuslens.
 
 from __future__ import annotations
 
-from .errors import (  # noqa: F401
-    UsageError,
-    OutputBusy,
-    is_expected,
-    one_line,
-    write_traceback,
-)
-from .io import (  # noqa: F401
-    atomic_write,
-    atomic_write_json,
-    atomic_dir,
-    recover_dir,
-    output_lock,
-    content_hash,
-    tensor_checksum,
-    file_checksum,
-)
-from .version import (  # noqa: F401
-    __version__,
-)
-from .checks import (  # noqa: F401
-    Head,
-    is_index,
-    head_list,
-    validate_heads,
-    check_heads,
-    real,
-    positive,
-    frozen_vectors,
-    check_count,
-)
-from .models import (  # noqa: F401
-    HookedModel,
-    is_legacy,
-    prepare_tokenizer,
-    ModelInfo,
-    load_model,
-    model_info,
-    hook_name,
-    default_model_dir,
-    DEFAULT_MODEL_NAME,
-    weights_digest,
-)
-from .hooks import (  # noqa: F401
-    HookHandle,
-    attach_hooks,
-    count_hooks,
-)
-from .forward import (  # noqa: F401
-    forward_with_cache,
-    repeat_cache,
-    run_until,
-)
-from .generation import (  # noqa: F401
-    DEFAULT_MAX_NEW_TOKENS,
-    STOP_TOKENS,
-    stop_ids,
-    greedy_generate,
-    greedy_generate_batch,
-    left_pad_offsets,
-    generate_response,
-    generate_responses,
-    model_device,
-)
-from .attention import (  # noqa: F401
-    LayerAttention,
-    layer_attention,
-    qk_route,
-    require_qk_route,
-    query_site,
-    key_site,
-    attention_scale,
-    visible_keys,
-    attention_logits,
-    row_softmax,
-    attention_probs,
-    expand_kv,
-    soft_cap,
-    module_attention,
-)
-from .prompts import (  # noqa: F401
-    Span,
-    Segment,
-    LabelledPrompt,
-    build_prompt,
-    as_span,
-    normalise_spans,
-    SpanLike,
-)
+from . import errors, io, checks, models, hooks, forward, generation, attention, prompts
+from .errors import *  # noqa: F401,F403
+from .io import *  # noqa: F401,F403
+from .version import __version__  # noqa: F401
+from .checks import *  # noqa: F401,F403
+from .models import *  # noqa: F401,F403
+from .hooks import *  # noqa: F401,F403
+from .forward import *  # noqa: F401,F403
+from .generation import *  # noqa: F401,F403
+from .attention import *  # noqa: F401,F403
+from .prompts import *  # noqa: F401,F403
 
-__all__ = [
-    "UsageError",
-    "OutputBusy",
-    "is_expected",
-    "one_line",
-    "write_traceback",
-    "atomic_write",
-    "atomic_write_json",
-    "atomic_dir",
-    "recover_dir",
-    "output_lock",
-    "content_hash",
-    "tensor_checksum",
-    "file_checksum",
-    "__version__",
-    "Head",
-    "is_index",
-    "head_list",
-    "validate_heads",
-    "check_heads",
-    "real",
-    "positive",
-    "frozen_vectors",
-    "check_count",
-    "HookedModel",
-    "is_legacy",
-    "prepare_tokenizer",
-    "ModelInfo",
-    "load_model",
-    "model_info",
-    "hook_name",
-    "default_model_dir",
-    "DEFAULT_MODEL_NAME",
-    "weights_digest",
-    "HookHandle",
-    "attach_hooks",
-    "count_hooks",
-    "forward_with_cache",
-    "repeat_cache",
-    "run_until",
-    "DEFAULT_MAX_NEW_TOKENS",
-    "STOP_TOKENS",
-    "stop_ids",
-    "greedy_generate",
-    "greedy_generate_batch",
-    "left_pad_offsets",
-    "generate_response",
-    "generate_responses",
-    "model_device",
-    "LayerAttention",
-    "layer_attention",
-    "qk_route",
-    "require_qk_route",
-    "query_site",
-    "key_site",
-    "attention_scale",
-    "visible_keys",
-    "attention_logits",
-    "row_softmax",
-    "attention_probs",
-    "expand_kv",
-    "soft_cap",
-    "module_attention",
-    "Span",
-    "Segment",
-    "LabelledPrompt",
-    "build_prompt",
-    "as_span",
-    "normalise_spans",
-    "SpanLike",
-]
+# each module's own __all__, in the order above
+__all__ = [*errors.__all__, *io.__all__, *checks.__all__, *models.__all__, *hooks.__all__, *forward.__all__, *generation.__all__, *attention.__all__, *prompts.__all__] + ["__version__"]

@@ -36,6 +36,7 @@ __all__ = [
     "default_model_dir",
     "DEFAULT_MODEL_NAME",
     "weights_digest",
+    "check_context",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -9,56 +9,12 @@
 
 from __future__ import annotations
 
-from .edits import (  # noqa: F401
-    split_softmax_pattern,
-    pasta_pattern,
-)
-from .eager import (  # noqa: F401
-    split_softmax,
-    pasta,
-    inject_vectors,
-    compose,
-    ComposedHandle,
-    InjectSite,
-)
-from .specs import (  # noqa: F401
-    InterventionSpec,
-    NoIntervention,
-    Ablate,
-    Compose,
-    as_spec,
-    check_batch,
-    format_heads,
-    tokens_of,
-    SpanRule,
-)
-from .span_specs import (  # noqa: F401
-    SplitSoftmax,
-    Pasta,
-)
-from .vector_specs import (  # noqa: F401
-    InjectVectors,
-)
+from . import edits, eager, specs, span_specs, vector_specs
+from .edits import *  # noqa: F401,F403
+from .eager import *  # noqa: F401,F403
+from .specs import *  # noqa: F401,F403
+from .span_specs import *  # noqa: F401,F403
+from .vector_specs import *  # noqa: F401,F403
 
-__all__ = [
-    "split_softmax_pattern",
-    "pasta_pattern",
-    "split_softmax",
-    "pasta",
-    "inject_vectors",
-    "compose",
-    "ComposedHandle",
-    "InjectSite",
-    "InterventionSpec",
-    "NoIntervention",
-    "Ablate",
-    "Compose",
-    "as_spec",
-    "check_batch",
-    "format_heads",
-    "tokens_of",
-    "SpanRule",
-    "SplitSoftmax",
-    "Pasta",
-    "InjectVectors",
-]
+# each module's own __all__, in the order above
+__all__ = [*edits.__all__, *eager.__all__, *specs.__all__, *span_specs.__all__, *vector_specs.__all__]

@@ -4,36 +4,8 @@ saved as PNG + HTML (+ plotly JSON).
 
 from __future__ import annotations
 
-from .figures import (  # noqa: F401
-    head_heatmap,
-    finder_heatmaps,
-    ablation_curve,
-    curves,
-    head_doc_view,
-    Series,
-    Baseline,
-    Condition,
-    CONDITION_COLORS,
-    CONDITION_LABELS,
-    condition_style,
-    save_figure,
-    notebook_figures,
-    PNG_HELP,
-)
+from . import figures
+from .figures import *  # noqa: F401,F403
 
-__all__ = [
-    "head_heatmap",
-    "finder_heatmaps",
-    "ablation_curve",
-    "curves",
-    "head_doc_view",
-    "Series",
-    "Baseline",
-    "Condition",
-    "CONDITION_COLORS",
-    "CONDITION_LABELS",
-    "condition_style",
-    "save_figure",
-    "notebook_figures",
-    "PNG_HELP",
-]
+# each module's own __all__, in the order above
+__all__ = [*figures.__all__]

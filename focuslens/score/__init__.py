@@ -4,40 +4,9 @@ span; the ranked ``[layer, head]`` tables and their files (see ``docs/method.md`
 
 from __future__ import annotations
 
-from .ranking import (  # noqa: F401
-    HeadScores,
-    DatasetScores,
-    contextual_heads,
-    save_heads,
-    load_heads,
-    RANKING_FORMAT,
-    DISTRACTORS_TOTAL,
-    DISTRACTORS_MAX,
-)
-from .contextual import (  # noqa: F401
-    ScoringMethod,
-    ResponseMode,
-    contextual_scores,
-    score_spans,
-    score_many,
-    score_dataset,
-    qk_route_available,
-)
+from . import ranking, contextual
+from .ranking import *  # noqa: F401,F403
+from .contextual import *  # noqa: F401,F403
 
-__all__ = [
-    "HeadScores",
-    "DatasetScores",
-    "contextual_heads",
-    "save_heads",
-    "load_heads",
-    "RANKING_FORMAT",
-    "DISTRACTORS_TOTAL",
-    "DISTRACTORS_MAX",
-    "ScoringMethod",
-    "ResponseMode",
-    "contextual_scores",
-    "score_spans",
-    "score_many",
-    "score_dataset",
-    "qk_route_available",
-]
+# each module's own __all__, in the order above
+__all__ = [*ranking.__all__, *contextual.__all__]

@@ -240,8 +240,8 @@ def test_heads_refused_on_every_route(case, route, tiny_llama, tiny_folder, tmp_
 def test_ablate_heads_and_ablate_refuse_the_same_means(tiny_llama):
     m = tiny_llama
     for means, match in [({(0, 1): torch.full((D,), math.nan)}, "NaN"), ({(0, 1): torch.zeros(D + 1)}, "d_head = 16|17")]:
-        _refused(m, lambda: ablate_heads(m, [(0, 1)], mode="mean", means=means), match)
-        _refused(m, lambda: Ablate([(0, 1)], mode="mean", means=means).attach(m), match)
+        _refused(m, lambda means=means: ablate_heads(m, [(0, 1)], mode="mean", means=means), match)
+        _refused(m, lambda means=means: Ablate([(0, 1)], mode="mean", means=means).attach(m), match)
 
 
 # --------------------------------------------------------------------------------------------------

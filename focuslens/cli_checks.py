@@ -62,11 +62,14 @@ _TAU_WHY = "tau = 1 is the identity, tau < 1 raises attention on the span and ta
 
 
 def _library_check(check, *args, **kw):
-    """A check of :mod:`focuslens.core.checks` (the rule every route applies), its refusal as a UsageError."""
+    """A check of :mod:`focuslens.core.checks` (the rule every route applies), its refusal as a UsageError
+    that names the flag (``--alpha must be finite, got nan.``)."""
     try:
         return check(*args, **kw)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        msg, prefix = str(e), f"{kw.get('what', '')}: "
+        named = str(kw.get("name", "")).startswith("--")  # the flag is the name: drop the "--flag: " prefix
+        raise UsageError(msg[len(prefix):] if named and msg.startswith(prefix) else msg) from None
 
 
 def _check_heads_file(path: str, *, k: int) -> None:
@@ -122,7 +125,7 @@ def validate(args) -> None:
         require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
         require_arg(args.n_val >= 1, f"--n-val (validation examples) must be >= 1, got {args.n_val}")
         for a in args.select_alphas or ():
-            _library_check(real, a, name="alpha", what="--select-alphas")
+            _library_check(real, a, name="--select-alphas", what="--select-alphas")
         if args.select_alphas is None:
             require_arg(args.select_ks is None and not args.select_targets,
                   "--select-ks and --select-targets need --select-alphas (the alpha grid to choose from)")
@@ -141,7 +144,11 @@ def validate(args) -> None:
         require_arg(args.tau is None or bool(args.heads), "--tau needs --heads (a ranking JSON for split softmax)")
         if args.heads:
             require_arg(args.tau is not None, "--tau must be given and > 0 with --heads (e.g. --tau 0.2)")
-            _library_check(positive, args.tau, name="tau", what="--tau", why=_TAU_WHY)
+            try:  # the library's rule for tau (core.checks.positive), in the words of this flag
+                positive(args.tau, name="tau", what="--tau", why=_TAU_WHY)
+            except ValueError:
+                raise UsageError(f"--tau must be given and > 0: tau must be > 0 and finite, got {args.tau!r} "
+                                 f"({_TAU_WHY})") from None
             require_arg(args.k >= 1, f"--k must be >= 1, got {args.k}")
             require_arg(args.variant != "negative",
                   "--variant negative removes the gold document, so split softmax (--heads) has no span to raise "
@@ -156,7 +163,7 @@ def validate(args) -> None:
                 a = float(args.alpha)
             except ValueError:
                 raise UsageError(f"--alpha must be a number or 'auto', got {args.alpha!r}") from None
-            _library_check(real, a, name="alpha", what="--alpha")
+            _library_check(real, a, name="--alpha", what="--alpha")
     if hasattr(args, "data") and args.data != "synthetic":  # files last: values first
         _check_file(args.data, "--data", "'synthetic' or a Lost-in-the-Middle .jsonl(.gz) file")
     if c in ("sweep", "train") or (c == "evaluate" and args.heads):

@@ -204,7 +204,7 @@ NOTEBOOKS = {
            "(the gold document replaced by a distractor) and restores one head's activation from the **clean** run; "
            "the metric's recovery says how much that head matters."),
         code(SETUP.format(default_n=10)),
-        code("from focuslens import patching\n"
+        code("from focuslens.heads import patching\n"
              "ex = make_synthetic_qa(1, n_docs=3, seed=7)[0]  # short prompt: one forward pass per head and site\n"
              "clean, corrupt = patching.make_corrupted_pair(model, ex)\n"
              "# Append the start of the answer so that the next token is the value itself.\n"

@@ -244,10 +244,9 @@ class FocusDirections:
             per: ``"head"`` (one α per head) or ``"input"`` (one α shared by all heads, keeping the
                 learned relative magnitudes; calibrate its target with :func:`calibrate_sink_target`).
         """
-        if isinstance(heads, int) and not isinstance(heads, bool):
-            spec = Steer(self, alpha=alpha, k=heads, target=target, alpha_max=alpha_max, per=per)
-        else:
-            spec = Steer(self, alpha=alpha, heads=heads, target=target, alpha_max=alpha_max, per=per)
+        top_k = isinstance(heads, int) and not isinstance(heads, bool)
+        spec = Steer(self, alpha=alpha, k=heads if top_k else None, heads=None if top_k else heads,
+                     target=target, alpha_max=alpha_max, per=per)
         if spec.alpha == "auto" and tokens is None:
             raise ValueError("alpha='auto' needs the prompt: apply(model, alpha='auto', tokens=prompt.tokens).")
         return spec.attach(model, tokens)

@@ -16,7 +16,6 @@ from focuslens.directions import (
     make_direction_examples,
     train_focus_directions,
 )
-from focuslens.directions import train as train_mod
 from focuslens.directions.checkpoint import CHECKPOINT_FORMAT_VERSION
 from focuslens.testing import capital_example as _example
 

@@ -118,7 +118,7 @@ def main() -> None:
     if args.smoke:
         args.device, args.lengths, args.eager_max = "cpu", [256], 256
 
-    from focuslens.backends.fused import FusedModel
+    from focuslens.engine import FusedModel
 
     dev = torch.device(args.device)
     t0 = time.perf_counter()

@@ -190,8 +190,12 @@ def _model(args):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # a local folder by its resolved path: the same folder given as ./m or /abs/m is the same model (its
+    # name enters every record's configuration, which a rerun must match to resume)
+    source = str(Path(args.model).resolve()) if args.model is not None and Path(args.model).exists() else args.model
     try:
-        return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        # quiet: the CLI's stderr carries one line when a command fails (load_model's summary line would be a second)
+        return load_model(source, device=args.device, dtype=getattr(torch, args.dtype), verbose=False)
     except (FileNotFoundError, UsageError):
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError) as e:
@@ -303,7 +307,7 @@ def cmd_score(args) -> int:
     with output_lock(out / "contextual_heads.json"):
         ds = score_dataset(model, rendered, response=args.response, max_new_tokens=args.max_new_tokens)
         ds.save(out / "contextual_heads.json")
-        fig = head_heatmap(ds.mean["relevant"], top_k=args.top_k,
+        fig = head_heatmap(ds, top_k=args.top_k, model=model,
                            title=f"Contextual scores ({model_info(model).name}, n={ds.n})")
         save_figure(fig, out / "contextual_heads")
     print(f"scored {ds.n} examples ({ds.n_skipped} skipped); top-{args.top_k} heads:")
@@ -322,15 +326,23 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
     written under its output lock (a second process on the same configuration is refused).
     """
     from .evaluation.runner import evaluate
-    from .core.io import content_hash, output_lock
+    from .core.io import content_hash, output_lock_if_writable
 
     context = {"data": _data_identity(args), "model": _model_identity(args), "source": source}
     key = content_hash({"intervene": None if spec is None else spec.identity, **context, "variant": variant,
                         "max_new_tokens": args.max_new_tokens})
     path = out / f"{name}-{key[:12]}.jsonl"
-    with output_lock(path):
-        res = evaluate(model, examples, variant=variant, intervene=spec, output=path,
-                       max_new_tokens=args.max_new_tokens, tag=context)
+    with output_lock_if_writable(path):  # read-only: finished records are read; evaluate refuses a write
+        try:
+            res = evaluate(model, examples, variant=variant, intervene=spec, output=path,
+                           max_new_tokens=args.max_new_tokens, tag=context)
+        except ValueError as e:  # the library's advice (resume=False) is not a CLI option: give the CLI's
+            msg = str(e)
+            if "resume=False" not in msg:
+                raise
+            cut = msg.find("Use another output file")
+            raise UsageError(f"{msg[:cut] if cut >= 0 else msg} Give another --output folder, or delete {path} "
+                             "to run this evaluation again from the start.") from None
     s = res.summary()
     print(f"  {name:<32} n={s['n']:<4} accuracy {s['accuracy']:.3f} ± {s['accuracy_se']:.3f}   "
           f"distractor copy {s['distractor_copy']:.3f}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core.checks import head_list, positive, real
+from .core.checks import check_regular_file, head_list, positive, real
 from .core.errors import UsageError
 
 __all__ = ["validate"]
@@ -55,7 +55,11 @@ def _check_file(path: str, name: str, what: str) -> None:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{name} {path}: no such file ({what})")
-    require_arg(p.is_file(), f"{name} {path} is a folder; give {what}")
+    require_arg(not p.is_dir(), f"{name} {path} is a folder; give {what}")
+    try:  # a FIFO, a device (/dev/zero), an unreadable file: said as such (the library's rule)
+        check_regular_file(p, what=what)
+    except UsageError as e:
+        raise UsageError(f"{name} {e}") from None
 
 
 _TAU_WHY = "tau = 1 is the identity, tau < 1 raises attention on the span and tau > 1 lowers it"

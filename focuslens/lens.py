@@ -26,7 +26,7 @@ Example:
     >>> lens.evaluate(test, intervene=fl.SplitSoftmax(lens.heads(20), tau=0.2))
 
 Backends: a TransformerLens model (bridge or legacy ``HookedTransformer``) supports everything. The
-fused-attention backend (:class:`focuslens.backends.fused.FusedModel`) and the nnsight scorer are
+fused-attention backend (:class:`focuslens.engine.FusedModel`) and the nnsight scorer are
 built for long contexts and large models; they implement scoring, split softmax and vector injection
 (and generation for the fused backend) with the same result types. Patching, ablation and the
 evaluator need hook points and raise a ``TypeError`` saying so on those backends.
@@ -44,19 +44,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .core.checks import Head, check_count, check_heads
+from .core.checks import Head, check_count, check_heads, validate_heads
 from .core.generation import DEFAULT_MAX_NEW_TOKENS, greedy_generate, stop_ids
 from .core.hooks import HookHandle
 from .core.models import ModelInfo, model_info
 from .core.prompts import LabelledPrompt, SpanLike
 from .directions.artefact import FocusDirections, Steer
 from .directions.config import TrainConfig
+from .engine import EngineChoice
 from .evaluation.runner import Decoding, evaluate
 from .intervene.span_specs import Pasta, SplitSoftmax
 from .intervene.specs import Ablate, InterventionSpec
 from .intervene.vector_specs import InjectVectors
 from .score.contextual import SpansLike
-from .score.ranking import DatasetScores, HeadScores, contextual_heads
+from .score.ranking import DatasetScores, HeadScores, check_model_match, check_scores, contextual_heads
 
 if TYPE_CHECKING:  # annotations only
     import plotly.graph_objects as go
@@ -114,7 +115,7 @@ class FocusLens:
         if not self.hooked and not callable(getattr(model, "score_spans", None)):
             raise TypeError(
                 f"FocusLens needs a TransformerLens hooked model (fl.load_model(...)) or a focuslens backend "
-                f"(focuslens.backends.fused.FusedModel, NNsightScorer); got {type(model).__name__}."
+                f"(focuslens.engine.FusedModel, NNsightScorer); got {type(model).__name__}."
             )
         self.scores: DatasetScores | HeadScores | Tensor | None = None
 
@@ -124,9 +125,15 @@ class FocusLens:
 
     @cached_property
     def info(self) -> ModelInfo:
-        """The architecture, read once: :class:`~focuslens.core.models.ModelInfo` (name, n_layers, n_heads,
-        n_kv_heads, d_head, d_model, n_ctx, rotary; ``.fingerprint()`` is what saved artefacts are checked
-        against). A backend's info is read from its attributes."""
+        """The architecture, read once: :class:`~focuslens.core.models.ModelInfo`.
+
+        Fields ``name``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_head``, ``d_model``, ``n_ctx``,
+        ``rotary``; ``.fingerprint()`` is what saved artefacts (rankings, directions) are checked
+        against. A backend's info is read from its attributes.
+
+        Example:
+            >>> lens.info.n_layers, lens.info.n_heads       # SmolLM2-135M: (30, 9)
+        """
         if self.hooked:
             return model_info(self.model)
         m = self.model
@@ -137,7 +144,15 @@ class FocusLens:
 
     @cached_property
     def attention(self) -> list:
-        """Per layer :class:`~focuslens.core.attention.LayerAttention` (sites, scale, window, exactness)."""
+        """How each layer computes attention: one :class:`~focuslens.core.attention.LayerAttention` per layer.
+
+        Each says which hooks carry the query and key (``q_hook``/``k_hook``), the score ``scale``,
+        ``sliding_window``, ``softcap``, ``qk_norm`` and whether attention can be recomputed exactly
+        from the hooks (``exact``; what direction training needs). Hooked models only.
+
+        Example:
+            >>> lens.attention[0].q_hook, lens.attention[0].scale   # ('blocks.0.attn.hook_rot_q', 0.125)
+        """
         self._need_hooks("attention")
         from .core.attention import layer_attention
 
@@ -145,13 +160,28 @@ class FocusLens:
 
     @cached_property
     def stop_ids(self) -> set[int]:
-        """End-of-turn token ids (:func:`focuslens.core.generation.stop_ids`)."""
+        """The token ids that end a generated answer: EOS and the chat template's end-of-turn tokens.
+
+        :meth:`generate` stops at them by default (read once from the tokenizer with
+        :func:`focuslens.core.generation.stop_ids`).
+
+        Example:
+            >>> sorted(lens.stop_ids)                      # SmolLM2: [0, 2] (<|endoftext|>, <|im_end|>)
+        """
         return stop_ids(self.model.tokenizer)
 
     @property
     def tokenizer(self) -> Any:
-        """The wrapped model's tokenizer (``model.tokenizer``, a Hugging Face tokenizer): render task
-        examples with it (``render(example, lens.tokenizer)``) and decode token ids."""
+        """The wrapped model's Hugging Face tokenizer (``model.tokenizer``).
+
+        Use it to build your own prompts (``fl.build_prompt(lens.tokenizer, parts)``), to render task
+        records (``render(example, lens.tokenizer)``) and to decode token ids.
+
+        Example:
+            >>> p = fl.build_prompt(lens.tokenizer, [("doc", "The sky is blue."), "\nQ: What colour is the sky?"])
+            >>> lens.tokenizer.decode(p.tokens[p["doc"].slice])
+            'The sky is blue.'
+        """
         return self.model.tokenizer
 
     def _need_hooks(self, what: str) -> None:
@@ -212,6 +242,10 @@ class FocusLens:
                 (backends take ``method``/``stop_early`` as their own route).
             max_new_tokens: generation budget of a generated response (rendered examples only).
 
+        Returns:
+            :class:`~focuslens.score.ranking.HeadScores`: ``[layer, head]`` masses per named span
+            (``.relevant``, ``.sink``...) and ``.mass(span)`` for any other span of the same pass.
+
         Example:
             >>> hs = lens.score(p.tokens, response=p.response, relevant=p["doc_2"])
             >>> hs.relevant.shape                     # [n_layers, n_heads]
@@ -266,6 +300,10 @@ class FocusLens:
             progress: a tqdm bar over examples.
             batch_size: responses generated together.
 
+        Returns:
+            :class:`~focuslens.score.ranking.DatasetScores` (mean, SE and per-example tables; ``.top_k``),
+            also kept as :attr:`scores`, so :meth:`heads` and :meth:`heatmap` need no argument.
+
         Example:
             >>> ds = lens.score_dataset([render(e, lens.tokenizer) for e in examples], response="gold")
             >>> lens.heads(20) == ds.top_k(20)
@@ -286,6 +324,13 @@ class FocusLens:
         The ranking's ``[layer, head]`` tables must have this model's shape ``(n_layers, n_heads)``;
         another shape (a ranking of another model) is refused with a ``ValueError`` naming both.
 
+        Args:
+            scores: :class:`DatasetScores`, :class:`HeadScores`, a ``[layer, head]`` tensor or the path of a
+                ranking saved with ``DatasetScores.save`` / written by ``focuslens score``.
+
+        Returns:
+            This lens (so calls chain), with :attr:`scores` set.
+
         Example:
             >>> lens.use_scores("runs/ranking.json").heads(20)   # written by `focuslens score`
         """
@@ -296,21 +341,9 @@ class FocusLens:
         if not isinstance(scores, (DatasetScores, HeadScores, Tensor)):
             raise TypeError(f"use_scores takes DatasetScores, HeadScores, a [layer, head] tensor or a ranking "
                             f"file's path; got {type(scores).__name__}.")
-        tables = scores.mean if isinstance(scores, DatasetScores) else \
-            scores.scores if isinstance(scores, HeadScores) else {"scores": scores}
-        for t in tables.values():
-            self._check_shape(t, f"the ranking{source}")
+        check_scores(scores, self.info, what=f"the ranking{source}")
         self.scores = scores
         return self
-
-    def _check_shape(self, table: Tensor, what: str) -> Tensor:
-        want = (self.info.n_layers, self.info.n_heads)
-        if tuple(table.shape) != want:
-            raise ValueError(
-                f"{what} has [layer, head] tables of shape {tuple(table.shape)}, but this model "
-                f"({self.info.name}) has shape {want} (n_layers, n_heads): it was computed on another model. "
-                "Score this model (lens.score_dataset(examples)) or load the ranking file written for it.")
-        return table
 
     def _table(self, scores: Ranking | None, name: str) -> Float[Tensor, "layer head"]:
         s = self.scores if scores is None else scores
@@ -318,12 +351,21 @@ class FocusLens:
             raise ValueError("No scores yet: call lens.score_dataset(examples) first, or pass scores=.")
         if isinstance(s, Tensor):
             return s
-        mean = getattr(s, "mean", None)
-        return mean[name] if isinstance(mean, Mapping) else s[name]
+        if not isinstance(s, (DatasetScores, HeadScores)):
+            raise TypeError(f"scores must be DatasetScores, HeadScores or a [layer, head] tensor, got "
+                            f"{type(s).__name__}.")
+        names = list(s.mean if isinstance(s, DatasetScores) else s.scores)
+        if name not in names:
+            raise ValueError(f"name={name!r}: these scores have no {name!r} table; they have {names}.")
+        return s.mean[name] if isinstance(s, DatasetScores) else s.scores[name]
 
     def _matrix(self, scores: Ranking | None, name: str) -> Float[Tensor, "layer head"]:
-        """The ``[layer, head]`` table that heads are picked from: it must have this model's shape."""
-        return self._check_shape(self._table(scores, name), "scores" if scores is not None else "the ranking")
+        """The ``[layer, head]`` table that heads are picked from or drawn: it must belong to this model
+        (:func:`~focuslens.score.ranking.check_scores`: its shape, and a ranking's fingerprint)."""
+        table = self._table(scores, name)
+        check_scores(self.scores if scores is None else scores, self.info,
+                     what="scores" if scores is not None else "the ranking")
+        return table
 
     def heads(
         self,
@@ -336,6 +378,14 @@ class FocusLens:
 
         ``k`` is a count (:func:`~focuslens.core.checks.check_count`: an int in ``1..n_layers·n_heads``;
         a bool or a float is refused); ``name`` picks the score (``"relevant"``, ``"sink"``...).
+
+        Args:
+            k: how many heads.
+            scores: a ranking or ``[layer, head]`` tensor; default the last ranking (:attr:`scores`).
+            name: which table of a ranking (``"relevant"``, ``"sink"``...).
+
+        Returns:
+            ``[(layer, head), ...]``, best first (ties by layer, then head).
 
         Example:
             >>> lens.score_dataset(examples); top20 = lens.heads(20)
@@ -365,13 +415,17 @@ class FocusLens:
             title: default ``"Contextual scores (<model>, n=<examples>)"``.
             top_k, colorbar_title, colorscale, zmin, zmax, height, width: as ``head_heatmap``.
 
+        Returns:
+            A plotly ``go.Figure`` (shown when it is a cell's last value; save it with
+            :func:`~focuslens.plot.figures.save_figure`, see docs/figures.md for static export).
+
         Example:
             >>> lens.heatmap(top_k=20)
             >>> lens.heatmap(lens.patch(corrupt, clean, metric), title="patching", top_k=10)
         """
         from .plot.figures import head_heatmap
 
-        table = self._table(scores, name)
+        table = self._matrix(scores, name)
         n = getattr(self.scores if scores is None else scores, "n", None)
         default = f"Contextual scores ({self.info.name}{f', n={n}' if n else ''})"
         return head_heatmap(table, top_k=top_k, title=default if title is None else title,
@@ -395,6 +449,10 @@ class FocusLens:
             span: the relevant context: a Span, ``(start, end)`` or a list of them (their union).
             tau: > 0; 1 is the identity, < 1 moves attention onto the span.
 
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
+
         Example:
             >>> with lens.split_softmax(lens.heads(20), r.relevant, tau=0.2):
             ...     print(lens.generate(r))
@@ -415,6 +473,10 @@ class FocusLens:
             heads: ``(layer, head)`` pairs, or an int k: the top-k heads of the last ranking.
             span: the span to emphasise (a Span, ``(start, end)`` or a list of them).
             coefficient: > 0; PASTA's default 0.01, 1 the identity.
+
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
 
         Example:
             >>> with lens.pasta(lens.heads(20), r.relevant, coefficient=0.01):
@@ -441,6 +503,16 @@ class FocusLens:
         Builds :class:`~focuslens.intervene.vector_specs.InjectVectors` ``(vectors, alpha=, site=, pre_rope=)``
         (a real, finite α; ``site="key"`` vectors are keyed by KV head; ``pre_rope`` adds before the
         rotary embedding, a different method) and attaches it. The backends inject post-RoPE queries only.
+
+        Args:
+            vectors: ``{(layer, head): [d_head]}`` (or ``[batch, d_head]``, one row per prompt).
+            alpha: the factor on every vector.
+            site: ``"query"`` or ``"key"`` (keys: KV-head indices).
+            pre_rope: add before the rotary embedding instead of after it.
+
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
 
         Example:
             >>> with lens.inject({(17, 3): torch.randn(64) * 0.1}, alpha=0.3):
@@ -477,6 +549,10 @@ class FocusLens:
             tokens: the prompt, for ``alpha="auto"`` only.
             target, alpha_max, per: settings of ``alpha="auto"``, as :class:`Steer`.
 
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
+
         Example:
             >>> d = fl.FocusDirections.load("runs/fd")
             >>> with lens.steer(d, alpha=0.5, heads=10):
@@ -487,7 +563,12 @@ class FocusLens:
         if not self.hooked:
             if spec.alpha == "auto":
                 raise TypeError("alpha='auto' needs a TransformerLens hooked model (the sink probe uses hooks).")
-            return self._backend("inject_vectors")(spec.directions.as_dict(), alpha=float(spec.alpha))
+            d = spec.directions  # a backend has no cfg for d.check_model: the same rule on what it says
+            check_model_match(self.info, what="these focus directions", fingerprint=d.fingerprint,
+                              source_model=d.model_name, relation="were learned on",
+                              fix="Train or load the directions made for this model.")
+            validate_heads(d.heads, n_layers=self.info.n_layers, n_heads=self.info.n_heads, what="steer")
+            return self._backend("inject_vectors")(d.as_dict(), alpha=float(spec.alpha))
         if spec.alpha == "auto" and tokens is None:
             raise ValueError("alpha='auto' needs the prompt: "
                              "lens.steer(directions, alpha='auto', tokens=prompt.tokens).")
@@ -506,6 +587,17 @@ class FocusLens:
         Builds :class:`~focuslens.intervene.specs.Ablate` and attaches it (as
         :func:`~focuslens.heads.patching.ablate_heads`); with ``mode="mean"`` give ``means``
         (:func:`~focuslens.heads.patching.head_means`) or ``mean_over`` reference tokens to compute them.
+
+        Args:
+            heads: ``(layer, head)`` pairs, or an int k: the top-k heads of the last ranking.
+            mode: ``"zero"`` or ``"mean"``.
+            mean_over: reference token ids (a ``[batch, pos]`` tensor or a list of ``[pos]``) whose
+                mean head outputs replace the heads' outputs (``mode="mean"``).
+            means: precomputed means ``{(layer, head): [d_head]}`` instead of ``mean_over``.
+
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
 
         Example:
             >>> with lens.ablate(lens.heads(20), mode="mean", mean_over=[r.tokens for r in ref]):
@@ -530,6 +622,15 @@ class FocusLens:
 
         ``example`` gives the spec what it reads per example (a span rule such as ``"relevant"``, the
         prompt for ``alpha="auto"``).
+
+        Args:
+            spec: a :class:`~focuslens.intervene.specs.InterventionSpec` (``fl.SplitSoftmax``, ``fl.Pasta``,
+                ``fl.InjectVectors``, ``fl.Ablate``, ``fl.Steer``, ``fl.Compose``).
+            example: the rendered example, prompt or ``[pos]`` ids the spec reads its spans from.
+
+        Returns:
+            A :class:`~focuslens.core.hooks.HookHandle`: the edit is active until ``.remove()`` or the
+            end of a ``with`` block (which removes it even on an error).
 
         Example:
             >>> with lens.attach(fl.SplitSoftmax(lens.heads(20), tau=0.2), r):
@@ -560,13 +661,30 @@ class FocusLens:
     ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
         """Per-head activation patching: each head's ``site`` copied from the clean run into the corrupted run.
 
-        :func:`~focuslens.heads.patching.patch_heads` on this model, with its arguments: ``site``
-        ``"z"``/``"q"``/``"k"``/``"v"``/``"pattern"`` (``k``/``v`` are indexed by KV head),
-        ``per_position`` (``[layer, pos, head]``), ``layers``/``positions`` (others NaN), ``method``
-        (``"batched"``, or the reference ``"loop"``), ``batch_size``, ``progress``.
+        For every head (and position, with ``per_position``), the corrupted prompt is run with that
+        head's activation at ``site`` replaced by the clean run's, and ``metric`` is read from the
+        logits: a head whose patch restores the clean behaviour carries the information that the
+        corruption removed. Equal to TransformerLens' ``get_act_patch_attn_head_out_all_pos`` for
+        ``site="z"`` (:func:`~focuslens.heads.patching.patch_heads` underneath; docs/patching.md).
+
+        Args:
+            corrupted_tokens: ``[batch, pos]`` ids of the corrupted prompt(s).
+            clean: the clean ``[batch, pos]`` ids (same shape: position-aligned prompts), or a cache
+                from :func:`~focuslens.heads.patching.cache_sites` holding ``site`` (reuse it across metrics).
+            metric: ``logits [batch, pos, d_vocab] -> scalar``, e.g. a logit difference between the
+                clean and the corrupted answer's first token at the last position.
+            site: ``"z"`` (head output), ``"q"``, ``"k"``, ``"v"`` (``k``/``v`` indexed by KV head) or
+                ``"pattern"``.
+            per_position: one value per (layer, position, head) instead of all positions at once.
+            layers, positions: restrict the patched layers / positions (the others are NaN).
+            method: ``"batched"`` (several patched runs per forward pass) or the reference ``"loop"``.
+            batch_size: patched runs per forward pass with ``method="batched"`` (default: sized to
+                about 1 GiB of logits).
+            progress: a tqdm bar over patched runs.
 
         Returns:
-            The metric of every patched corrupted run, ``[layer, head]`` (or ``[layer, pos, head]``).
+            The metric of every patched corrupted run, ``[layer, head]`` (or ``[layer, pos, head]``);
+            compare it with the metric of the clean and the corrupted run.
 
         Example:
             >>> clean, corrupt = make_corrupted_pair(model, example)
@@ -601,6 +719,17 @@ class FocusLens:
         ``method``, ``batch_size``), ``"retrieval"`` (none), ``"qrhead"`` (``qr_score``), ``"patching"``
         (``min_gap``). An option changed for a finder that does not take it is refused.
 
+        Args:
+            examples: rendered task examples (spans known).
+            finder: ``"contextual"``, ``"retrieval"``, ``"qrhead"`` or ``"patching"``.
+            progress: a tqdm bar.
+            response, max_new_tokens, sink, method, batch_size: the contextual finder's options.
+            qr_score: the QRHead finder's score; min_gap: the patching finder's option.
+
+        Returns:
+            :class:`~focuslens.score.ranking.DatasetScores` of that finder (``.top_k(k)``); give it to
+            :meth:`use_scores` to make it the ranking that :meth:`heads` reads.
+
         Example:
             >>> ds = lens.find_heads(examples, finder="qrhead", qr_score="contrast")
             >>> ds.top_k(20)
@@ -629,6 +758,16 @@ class FocusLens:
         contract as :meth:`patch` (``site``, ``per_position``, ``layers``); ``qk_fix`` as there. Patch the
         heads it ranks highest exactly before trusting a number (docs/patching.md).
 
+        Args:
+            corrupted_tokens, clean_tokens: ``[batch, pos]`` ids of the two runs (same shape).
+            metric: ``logits -> scalar`` (e.g. a logit difference), differentiable.
+            site, per_position, layers: as :meth:`patch`.
+            qk_fix: AtP*'s QK fix, the exact softmax for ``"q"``/``"k"`` sites (default); ``False``: plain AtP.
+
+        Returns:
+            The estimated metric change of patching each head, ``[layer, head]`` (or
+            ``[layer, pos, head]``): the same units as :meth:`patch`'s result minus the corrupted metric.
+
         Example:
             >>> est = lens.attribute(corrupt.tokens, clean.tokens, metric, site="z")
             >>> exact = lens.patch(corrupt.tokens, clean.tokens, metric, layers=[17])
@@ -653,10 +792,22 @@ class FocusLens:
         Stops at an end-of-turn token (``stop_ids``, default :attr:`stop_ids`), after ``max_new_tokens``,
         or at the first newline once text started (``stop_at_newline``).
 
+        Args:
+            tokens: ``[pos]`` prompt ids, a rendered example or a :class:`~focuslens.core.prompts.LabelledPrompt`.
+            max_new_tokens: the generation budget.
+            stop_at_newline: cut the answer at its first newline.
+            stop_ids: token ids that end the answer (default :attr:`stop_ids`).
+
+        Returns:
+            The decoded answer text (special tokens dropped). Active interventions apply.
+
         Example:
             >>> lens.generate(r, max_new_tokens=16)
             'Paris'
         """
+        if isinstance(tokens, (str, bytes)):
+            raise TypeError("generate takes token ids or a rendered example, not text: tokenize it first "
+                            "(lens.tokenizer(text).input_ids, or fl.build_prompt for a labelled prompt).")
         toks = tokens.tokens if hasattr(tokens, "tokens") else torch.as_tensor(tokens)
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
         if not self.hooked:
@@ -680,6 +831,7 @@ class FocusLens:
         tag: str | dict[str, Any] | None = None,
         batch_size: int = 8,
         progress: bool = True,
+        engine: EngineChoice = "auto",
         variant: Literal["original", "gold_only", "negative"] | str = _KEEP_DECODING["variant"],
         max_new_tokens: int = _KEEP_DECODING["max_new_tokens"],
         chat: bool = _KEEP_DECODING["chat"],
@@ -690,12 +842,19 @@ class FocusLens:
         """Greedy answers scored with best-subspan EM (:func:`~focuslens.evaluation.runner.evaluate`; resumable).
 
         Args:
+            examples: task records (rendered here with ``decoding``) or rendered examples.
             intervene: a spec (``fl.SplitSoftmax(heads, tau=0.2)``, ``fl.Steer(d, alpha=1)``...), or
                 a callable / context manager (then ``id`` names it when ``output`` is given).
             output, id, resume, tag, batch_size, progress: as ``evaluate``.
+            engine: ``"auto"`` (the fused engine where it expresses ``intervene`` exactly, else the
+                bridge), ``"fused"`` or ``"eager"`` (:func:`~focuslens.evaluation.runner.evaluate`).
             decoding: a :class:`~focuslens.evaluation.runner.Decoding` bundle (default ``Decoding()``).
             variant, max_new_tokens, chat, system, gold_position, stop_at_newline: override that field
                 of ``decoding``; left out, the bundle's value is kept.
+
+        Returns:
+            An :class:`~focuslens.evaluation.runner.EvalResult`: accuracy ± SE, distractor-copy rate,
+            one record per example (``.records``); ``.summary()`` as a dict, ``.table()`` as text.
 
         Example:
             >>> res = lens.evaluate(test, intervene=fl.SplitSoftmax(lens.heads(20), tau=0.2),
@@ -704,7 +863,8 @@ class FocusLens:
         """
         self._need_hooks("evaluate")
         return evaluate(self.model, examples, intervene=intervene, output=output, id=id, resume=resume,
-                        decoding=decoding, tag=tag, batch_size=batch_size, progress=progress, variant=variant,
+                        decoding=decoding, tag=tag, batch_size=batch_size, progress=progress, engine=engine,
+                        variant=variant,
                         max_new_tokens=max_new_tokens, chat=chat, system=system, gold_position=gold_position,
                         stop_at_newline=stop_at_newline)
 
@@ -738,11 +898,19 @@ class FocusLens:
         """Learn one query vector per head (:func:`~focuslens.directions.train.train_focus_directions`).
 
         Args:
+            examples: :class:`~focuslens.directions.data.DirectionExample` s, built from task records
+                by :func:`~focuslens.directions.data.make_direction_examples` (prompt + the response to read).
             heads: ``(layer, head)`` pairs in rank order, or an int k: the top-k of the last ranking.
             config, val_examples, checkpoint_dir, progress, caches, cache_batch_size: as
                 ``train_focus_directions``.
-            objective ... cache_precision: the :class:`~focuslens.directions.config.TrainConfig` fields
-                (defaults shown); a value other than the default overrides ``config``'s.
+            objective, method, alpha, lr, steps, epochs, init_std, max_norm, weight_decay, patience,
+                eval_every, live_eval_every, attention_weight, seed, cache_precision: the
+                :class:`~focuslens.directions.config.TrainConfig` fields (defaults shown); a value other
+                than the default overrides ``config``'s.
+
+        Returns:
+            :class:`~focuslens.directions.artefact.FocusDirections` (heads in rank order, one
+            ``[d_head]`` vector each, training summary in ``.training``); ``.save(path)`` keeps them.
 
         Example:
             >>> d = lens.train_directions(train, heads=20, objective="likelihood", val_examples=val)

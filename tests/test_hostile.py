@@ -829,7 +829,7 @@ def test_save_refuses_to_replace_a_folder_that_is_not_an_artefact(tiny_llama, tm
     keep = tmp_path / "notes" / "a.txt"
     keep.parent.mkdir()
     keep.write_text("keep me")
-    with pytest.raises(UsageError, match="not a FocusDirections folder.*would be deleted"):
+    with pytest.raises(UsageError, match="not a FocusDirections folder.*no file of yours is replaced"):
         _fd(tiny_llama).save(tmp_path / "notes")
     assert keep.read_text() == "keep me"
     with pytest.raises(UsageError, match="is not a folder"):
@@ -918,3 +918,571 @@ def test_refused_interventions_leave_no_hooks(tiny_llama, tiny_gpt2):
         with pytest.raises(ValueError):
             f()
         assert count_hooks(tiny_llama) == 0 and count_hooks(tiny_gpt2) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Nothing silent, nothing lost (issue #34): writes never destroy what focuslens did not create,
+#     records carry their integrity, a read-only file system can still read finished records
+# --------------------------------------------------------------------------------------------------
+
+
+def _records_run(model, out, n=2, **kw):
+    from focuslens.evaluation.runner import evaluate
+    from focuslens.tasks import make_synthetic_qa
+
+    return evaluate(model, make_synthetic_qa(n, n_docs=2, seed=4), output=out, progress=False, max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("text", ["line one\nline two", "line one\nline two\n", '{"a": 1}\n{"b": 2}\n', "x"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_output_that_is_not_a_records_file_is_never_modified(tiny_llama, tmp_path, text, resume):
+    """A user's notes (with or without a trailing newline) given as output= used to be cut to line one."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text)
+    with pytest.raises(UsageError, match=r"notes\.txt is not a focuslens records file.*choose another output path"):
+        _records_run(tiny_llama, notes, resume=resume)
+    assert notes.read_text() == text
+    assert not lock_path(notes).exists()
+
+
+def test_records_output_through_a_symlink_is_refused(tiny_llama, tmp_path):
+    user = tmp_path / "user.txt"
+    user.write_text("precious\nmore\nend")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(user)
+    for resume in (True, False):
+        with pytest.raises(UsageError, match=r"out\.jsonl is a symbolic link .*give the real path"):
+            _records_run(tiny_llama, link, resume=resume)
+    assert user.read_text() == "precious\nmore\nend" and link.is_symlink()
+    # a link to a finished records file is refused as well (the file it points to is never appended to)
+    real = tmp_path / "real.jsonl"
+    _records_run(tiny_llama, real)
+    (tmp_path / "via.jsonl").symlink_to(real)
+    with pytest.raises(UsageError, match="symbolic link"):
+        _records_run(tiny_llama, tmp_path / "via.jsonl")
+
+
+def test_save_keeps_the_other_files_of_an_artefact_folder(tiny_llama, tmp_path):
+    from focuslens.directions import FocusDirections
+
+    pytest.importorskip("safetensors")
+    fd = tmp_path / "fd"
+    _fd(tiny_llama, seed=0).save(fd)
+    (fd / "NOTES.md").write_text("my notes")
+    (fd / "plots").mkdir()
+    (fd / "plots" / "a.png").write_bytes(b"\x89PNG")
+    (fd / "NOTES.md").chmod(0o600)
+    new = _fd(tiny_llama, seed=1)
+    new.save(fd)
+    assert (fd / "NOTES.md").read_text() == "my notes" and (fd / "plots" / "a.png").read_bytes() == b"\x89PNG"
+    assert (fd / "NOTES.md").stat().st_mode & 0o777 == 0o600  # the user's file keeps its mode
+    assert torch.equal(FocusDirections.load(fd).vectors, new.vectors)
+    assert _artefact_state(tmp_path) == ["fd"]  # no leftovers beside it
+    # a folder whose config.json is not a FocusDirections config (a model folder) is refused, untouched
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(UsageError, match="config.json is not a FocusDirections config"):
+        new.save(model_dir)
+    assert json.loads((model_dir / "config.json").read_text()) == {"architectures": ["LlamaForCausalLM"]}
+    # a symbolic link as the artefact folder is refused (the swap would move the link)
+    (tmp_path / "link").symlink_to(fd, target_is_directory=True)
+    with pytest.raises(UsageError, match="symbolic link"):
+        new.save(tmp_path / "link")
+
+
+def _edit_line(path: Path, lineno: int, edit) -> None:
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = edit(lines[lineno - 1], lines[0])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _set(field, value):
+    def edit(line, header):
+        rec = json.loads(line)
+        rec[field] = value(rec[field]) if callable(value) else value
+        return json.dumps(rec)
+    return edit
+
+
+@pytest.mark.parametrize("lineno,edit,needle", [
+    (2, _set("em", lambda em: not em), "content does not match its line_hash"),
+    (3, _set("prediction", "Paris"), "content does not match its line_hash"),
+    (2, lambda line, header: "null", "the line is null, not a record"),
+    (3, lambda line, header: "[1, 2]", r"the line is \[1, 2\], not a record"),
+    (2, _set("key", None), "'key' is null, not a string"),
+    (2, _set("n_new_tokens", "3"), "'n_new_tokens' is \"3\", not an integer"),
+    (2, lambda line, header: json.dumps({k: v for k, v in json.loads(line).items() if k != "key"}), "has no 'key'"),
+    (2, lambda line, header: json.dumps({k: v for k, v in json.loads(line).items() if k != "line_hash"}), "no 'line_hash'"),
+    (2, lambda line, header: line[:30], "not valid JSON.*truncated or damaged"),
+    (3, lambda line, header: line + "\n" + line, r"second record for example .* \(the first is on line 3\)"),
+    (3, lambda line, header: header, "a second header line"),
+])
+def test_edited_or_malformed_records_are_refused(tiny_llama, tmp_path, lineno, edit, needle):
+    """Each of these used to be resumed and counted, or died with TypeError / AttributeError / KeyError."""
+    out = tmp_path / "r.jsonl"
+    _records_run(tiny_llama, out)
+    _edit_line(out, lineno, edit)
+    before = out.read_bytes()
+    shown_line = lineno + 1 if "second record" in needle else lineno
+    with pytest.raises(UsageError, match=rf"r\.jsonl:{shown_line}: .*{needle}.*delete that line \(or the whole file\)"
+                                         r".*Use another output file, or resume=False"):
+        _records_run(tiny_llama, out)
+    assert out.read_bytes() == before  # refused before anything was written
+    res = _records_run(tiny_llama, out, resume=False)  # the fix the message names works
+    assert res.n_resumed == 0 and len(res) == 2
+
+
+def test_weights_digest_covers_every_weight(tiny_llama, tmp_path):
+    """A change in a weight entry that the old strided sample skipped gives another digest, so no resume."""
+    from focuslens.core.models import model_identity, weights_digest
+    from focuslens.testing import tiny_model
+
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    assert weights_digest(a) == weights_digest(b)
+    _, big = max(b.named_parameters(), key=lambda kv: kv[1].numel())
+    assert big.numel() > 4096 * 2  # entry 1 was not in the old sample (stride numel // 4096)
+    out = tmp_path / "r.jsonl"
+    _records_run(a, out)
+    with torch.no_grad():
+        big.view(-1)[1] += 1.0
+    assert weights_digest(b) != weights_digest(a)
+    assert model_identity(b)["weights"] != model_identity(a)["weights"]
+    with pytest.raises(ValueError, match="model_weights"):
+        _records_run(b, out)
+    # the cache sees in-place changes made with torch ops (version counter) ...
+    d0 = weights_digest(b)
+    with torch.no_grad():
+        big.view(-1)[3] -= 1.0
+    d1 = weights_digest(b)
+    assert d1 != d0
+    # ... and a write through .data at a probed entry (entry 0 always is); refresh=True recomputes anyway
+    big.data.view(-1)[0] += 1.0
+    d2 = weights_digest(b)
+    assert d2 != d1
+    big.data.view(-1)[5] += 1.0  # not probed, and .data bumps no counter: the cache cannot see it
+    assert weights_digest(b, refresh=True) != d2
+    # buffers count too
+    bufs = [t for _, t in b.named_buffers() if t.numel() and t.is_floating_point()]
+    if bufs:
+        d3 = weights_digest(b)
+        with torch.no_grad():
+            bufs[0].view(-1)[0] += 1.0
+        assert weights_digest(b) != d3
+
+
+def _read_only_fs(monkeypatch, folder: Path) -> None:
+    """Creating any file in ``folder`` fails as on a read-only mount (EROFS); reading works."""
+    import errno
+
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if Path(os.fsdecode(path)).absolute().parent == folder and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_finished_records_are_read_on_a_read_only_file_system(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    first = _records_run(tiny_llama, out, n=2)
+    before = out.read_bytes()
+    _read_only_fs(monkeypatch, tmp_path)
+    res = _records_run(tiny_llama, out, n=2)  # nothing left to compute: no lock, no write
+    assert res.n_resumed == 2 and res.predictions == first.predictions
+    assert out.read_bytes() == before and not lock_path(out).exists()
+    with pytest.raises(UsageError, match=r"cannot add records at .*r\.jsonl: its folder is not writable .*"
+                                         r"Read-only file system.*2 finished records were read"):
+        _records_run(tiny_llama, out, n=3)  # one example is missing: writing it is refused, clearly
+    assert out.read_bytes() == before
+    with pytest.raises(UsageError, match="cannot write a new records file"):
+        _records_run(tiny_llama, out, n=2, resume=False)
+    assert out.read_bytes() == before
+    # a busy output is still refused (another process holds the lock)
+    monkeypatch.undo()
+    held = _hold_lock(out)
+    try:
+        with pytest.raises(OutputBusy, match="pid 4242"):
+            _records_run(tiny_llama, out, n=2)
+    finally:
+        held.close()
+
+
+def test_training_checkpoint_keeps_other_files(tiny_llama, tmp_path):
+    """A checkpoint save removes only the tensors files it wrote, never a user's file of a similar name."""
+    from focuslens.directions.checkpoint import _Checkpoint
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "NOTES.md").write_text("notes")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(folder / "checkpoint-e0007.safetensors"))  # the user's, no focuslens header
+    ck = _Checkpoint(folder, {"run": 1})
+    u = torch.nn.Parameter(torch.zeros(2, 4))
+    opt = torch.optim.Adam([u])
+    for epoch in (1, 2):
+        ck.save(u=u, best_u=u, opt=opt, epoch=epoch, best_val=1.0, bad=0, hist=[])
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.md", "checkpoint-e0002.safetensors",
+                                                       "checkpoint-e0007.safetensors", "checkpoint.json"]
+    assert ck.load((2, 4))["epoch"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue #34, parts 3-5: every table knows its model, no silent overflow, every error clear
+# --------------------------------------------------------------------------------------------------
+
+
+def _scores_file(path: Path, model, *, shape=(30, 9), fp_shape=None, name="SmolLM2-135M-Instruct", **fp_extra) -> Path:
+    """A ranking JSON as ``DatasetScores.save`` writes it, with tables of ``shape`` and a fingerprint that is
+    ``model``'s with ``n_layers x n_heads = fp_shape`` (default: ``shape``) and ``fp_extra``."""
+    from focuslens.score.ranking import RANKING_FORMAT
+
+    L, H = fp_shape or shape
+    fp = {**model_info(model).fingerprint(), "n_layers": L, "n_heads": H, **fp_extra}
+    table = torch.arange(shape[0] * shape[1], dtype=torch.float32).reshape(shape).tolist()
+    path.write_text(json.dumps({"format": RANKING_FORMAT, "model": name, "fingerprint": fp, "n": 4,
+                                "ranking": [], "mean": {"relevant": table}, "stderr": {"relevant": table}}))
+    return path
+
+
+def test_scores_of_another_model_are_refused_on_every_route(tiny_llama, tmp_path):
+    """A 30 x 9 ranking used with a 2 x 4 model: refused by use_scores, heads, heatmap, the figures given a
+    model, DatasetScores.load(model=) and load_heads(model=), each naming both shapes and both models."""
+    import focuslens as fl
+    from focuslens.plot.figures import finder_heatmaps, head_heatmap
+    from focuslens.score.ranking import DatasetScores, check_scores, load_heads
+
+    p = _scores_file(tmp_path / "smol.json", tiny_llama)
+    ds = DatasetScores.load(p)  # consistent in itself: loads
+    lens = fl.FocusLens(tiny_llama)
+    routes = {
+        "use_scores(path)": lambda: lens.use_scores(p),
+        "use_scores(ds)": lambda: lens.use_scores(ds),
+        "use_scores(tensor)": lambda: lens.use_scores(torch.rand(30, 9)),
+        "heads(scores=)": lambda: lens.heads(3, scores=ds),
+        "heatmap(ds)": lambda: lens.heatmap(ds),
+        "head_heatmap(model=)": lambda: head_heatmap(ds, model=tiny_llama),
+        "head_heatmap(tensor, model=)": lambda: head_heatmap(torch.rand(30, 9), model=tiny_llama),
+        "finder_heatmaps(model=)": lambda: finder_heatmaps({"contextual": ds}, model=tiny_llama),
+        "DatasetScores.load(model=)": lambda: DatasetScores.load(p, model=tiny_llama),
+        "load_heads(model=)": lambda: load_heads(p, model=tiny_llama),
+        "check_scores": lambda: check_scores(ds, tiny_llama),
+    }
+    for route, f in routes.items():
+        with pytest.raises(UsageError, match="another model") as e:
+            f()
+        msg = str(e.value)
+        assert "2 x 4" in msg or "2 layers x 4 heads" in msg, (route, msg)
+        if route != "load_heads(model=)":  # a ranking file's heads carry the fingerprint, not the table
+            assert "30 layers x 9 heads" in msg, (route, msg)
+        if route not in ("use_scores(tensor)", "head_heatmap(tensor, model=)"):
+            assert "SmolLM2-135M-Instruct" in msg, (route, msg)
+        assert "tiny-llama" in msg or route == "load_heads(model=)", (route, msg)
+    assert lens.scores is None  # nothing was kept
+    # same shape, another architecture (d_head differs): refused too, naming the field
+    q = _scores_file(tmp_path / "other.json", tiny_llama, shape=(2, 4), d_head=999)
+    with pytest.raises(UsageError, match=r"d_head=999 there, 16 here"):
+        lens.use_scores(q)
+    with pytest.raises(UsageError, match=r"d_head=999 there, 16 here"):
+        lens.heatmap(DatasetScores.load(q))
+    # this model's own table is accepted by every route
+    mine = _scores_file(tmp_path / "mine.json", tiny_llama, shape=(2, 4), name="tiny-llama")
+    assert lens.use_scores(mine).heads(3) == [(1, 3), (1, 2), (1, 1)]
+    assert lens.heatmap().data[0].z[1][3] == 7.0
+    head_heatmap(DatasetScores.load(mine, model=tiny_llama), model=tiny_llama)
+
+
+def test_ranking_tables_must_match_their_own_fingerprint(tiny_llama, tmp_path, capsys, no_model):
+    from focuslens.score.ranking import DatasetScores
+
+    p = _scores_file(tmp_path / "r.json", tiny_llama, shape=(3, 5), fp_shape=(2, 4))
+    with pytest.raises(UsageError, match=r"r\.json: malformed ranking file: .*3 x 5 but its own fingerprint says "
+                                         r"2 layers x 4 heads"):
+        DatasetScores.load(p)
+    _usage(["plot", p, "--output", tmp_path / "fig"], capsys, "r.json", "3 x 5", "2 layers x 4 heads",
+           "focuslens score")
+    assert not list(tmp_path.glob("fig*"))
+
+
+def test_injection_that_overflows_on_the_forward_pass_raises(tiny_llama):
+    """alpha * u is finite (the attach check passes) but the pass overflows: an error naming the heads and
+    alpha, never NaN logits; alpha * u itself overflowing is refused at attach (check_scaled)."""
+    import focuslens as fl
+    from focuslens.core.generation import greedy_generate
+    from focuslens.intervene.eager import inject_vectors
+
+    d_head = model_info(tiny_llama).d_head
+    toks = torch.arange(1, 12)
+    with pytest.raises(ValueError, match=r"alpha \* vector for \(0, 0\) is not finite in float32"):
+        inject_vectors(tiny_llama, {(0, 0): torch.full((d_head,), 1e38)}, alpha=10)
+    assert count_hooks(tiny_llama) == 0
+    for site, heads in (("query", [(1, 2)]), ("key", [(1, 0), (1, 1)])):  # key head 0 feeds query heads 0, 1
+        with inject_vectors(tiny_llama, {(1, 0 if site == "key" else 2): torch.full((d_head,), 3e38)},
+                            alpha=1.0, site=site):
+            with pytest.raises(UsageError) as e:
+                tiny_llama(toks[None])
+            assert f"heads {heads} non-finite" in str(e.value) and "alpha = 1" in str(e.value), str(e.value)
+            assert "use a smaller alpha" in str(e.value)
+            with pytest.raises(UsageError, match="non-finite"):
+                greedy_generate(tiny_llama, toks, max_new_tokens=2)
+        assert count_hooks(tiny_llama) == 0
+    lens = fl.FocusLens(tiny_llama)
+    with lens.inject({(0, 1): torch.full((d_head,), 3e38)}, alpha=0.0):  # alpha 0 is the identity: no error
+        assert torch.isfinite(tiny_llama(toks[None])).all()
+    with lens.inject({(0, 1): torch.full((d_head,), 1e3)}, alpha=0.5):  # large but finite: runs as before
+        assert torch.isfinite(tiny_llama(toks[None])).all()
+
+
+def test_compose_refused_at_attach_removes_the_handles_given(tiny_llama):
+    import focuslens as fl
+    from focuslens.intervene.eager import compose, split_softmax
+
+    d_head = model_info(tiny_llama).d_head
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        fl.InjectVectors({(0, 0): torch.ones(d_head)}, alpha=float("nan"))
+    h1 = split_softmax(tiny_llama, [(0, 0)], (1, 3), 0.5)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        compose(h1, fl.InjectVectors({(0, 0): torch.full((d_head,), 1e38)}, alpha=10), model=tiny_llama)
+    assert count_hooks(tiny_llama) == 0 and not h1.active
+
+
+def test_bools_and_floats_are_not_numbers(tiny_llama):
+    import focuslens as fl
+
+    d_head = model_info(tiny_llama).d_head
+    lens = fl.FocusLens(tiny_llama)
+    lens.use_scores(torch.rand(2, 4))
+    refused = {
+        "heads(True)": (lambda: lens.heads(True), "got True"),
+        "heads(2.0)": (lambda: lens.heads(2.0), "got 2.0"),
+        "split_softmax(True)": (lambda: lens.split_softmax(True, (1, 3), 0.5), "got True"),
+        "inject alpha=True": (lambda: lens.inject({(0, 0): torch.ones(d_head)}, alpha=True), "a bool is not"),
+        "split_softmax tau=True": (lambda: lens.split_softmax([(0, 0)], (1, 3), True), "tau"),
+        "SplitSoftmax float heads": (lambda: fl.SplitSoftmax([(0.0, 1)], 0.5), "pairs of ints"),
+        "Pasta float heads": (lambda: fl.Pasta([(0, 1.0)], span=(1, 3)), "pairs of ints"),
+        "Ablate float heads": (lambda: fl.Ablate([(0, 1.5)]), "pairs of ints"),
+        "Ablate bool heads": (lambda: fl.Ablate([(True, 1)]), "pairs of ints"),
+        "InjectVectors float key": (lambda: fl.InjectVectors({(0.0, 1): torch.ones(d_head)}), "pairs of ints"),
+    }
+    for name, (f, needle) in refused.items():
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            f()
+    assert count_hooks(tiny_llama) == 0
+
+
+def test_score_dataset_on_unrendered_examples_says_render_first(tiny_llama):
+    import focuslens as fl
+    from focuslens.score.contextual import score_dataset
+    from focuslens.testing import capital_example
+
+    raw = [capital_example(i) for i in range(2)]
+    for f in (lambda: score_dataset(tiny_llama, raw, response="gold", progress=False),
+              lambda: fl.FocusLens(tiny_llama).score_dataset(raw, response="gold", progress=False)):
+        with pytest.raises(UsageError, match=r"example 0 is a TaskExample .*render them first"):
+            f()
+    with pytest.raises(UsageError, match="example 0 is a str, not a rendered example"):
+        score_dataset(tiny_llama, ["What is the capital?"], response="gold", progress=False)
+
+
+def test_artefact_files_that_are_not_regular_files(tiny_llama, tmp_path, capsys, no_model):
+    """Both files exist but one is a FIFO, a link to /dev/zero or far too large: said so, file named (a FIFO
+    would block the reader forever, /dev/zero would never end)."""
+    from focuslens.directions import FocusDirections
+    from focuslens.directions.artefact import WEIGHTS_MAX_BYTES
+
+    good = tmp_path / "good"
+    _fd(tiny_llama).save(good)
+
+    def variant(name, file, make):
+        p = tmp_path / name
+        p.mkdir()
+        for f in ("config.json", "directions.safetensors"):
+            if f != file:
+                (p / f).write_bytes((good / f).read_bytes())
+        make(p / file)
+        return p
+
+    cases = {
+        variant("fifo", "directions.safetensors", os.mkfifo): "is a named pipe (FIFO), not a regular file",
+        variant("zero", "directions.safetensors", lambda f: f.symlink_to("/dev/zero")):
+            "(a symlink to /dev/zero) is a character device, not a regular file",
+        variant("cfg_fifo", "config.json", os.mkfifo): "config.json is a named pipe (FIFO)",
+        variant("huge", "directions.safetensors", lambda f: (f.write_bytes(b""), os.truncate(f, WEIGHTS_MAX_BYTES + 1))):
+            f"is too large ({WEIGHTS_MAX_BYTES + 1} bytes",
+    }
+    for p, needle in cases.items():
+        with pytest.raises(UsageError) as e:
+            FocusDirections.load(p)
+        assert needle in str(e.value) and str(p) in str(e.value), str(e.value)
+        assert "re-save or re-train" in str(e.value)
+    _usage(_evaluate(tmp_path, "--directions", tmp_path / "fifo"), capsys, "named pipe (FIFO)", "fifo")
+
+
+def test_cli_resume_advice_names_cli_options(tiny_folder, tmp_path, capsys, monkeypatch):
+    """The same model folder by another path resumes; a records file of another configuration is refused
+    with the CLI's own fix (--output), never the library's resume=False."""
+    argv = ["evaluate", "--n", 1, "--n-docs", 2, "--max-new-tokens", 2, "--output", tmp_path / "ev"]
+    assert _cli([*argv, "--model", tiny_folder], capsys)[0] == 0
+    monkeypatch.chdir(tiny_folder.parent)
+    assert _cli([*argv, "--model", tiny_folder.name], capsys)[0] == 0  # same folder, relative path: resumed
+    (records,) = (tmp_path / "ev").glob("plain_original-*.jsonl")
+    lines = records.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["config_hash"] = "0" * 16
+    records.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    line = _usage([*argv, "--model", tiny_folder], capsys, str(records), "another --output folder", "delete")
+    assert "resume=False" not in line
+
+
+def test_from_authors_refuses_pickles_and_names_the_file(tiny_llama, tmp_path):
+    from focuslens.directions import FocusDirections
+
+    marker = tmp_path / "PWNED"
+    f = tmp_path / "a" / "head_q_directions_0.pth"
+    _plant(f, marker)
+    with pytest.raises(UsageError) as e:
+        FocusDirections.from_authors(tmp_path / "a", tiny_llama)
+    msg = str(e.value)
+    assert str(f) in msg and "will not load" in msg and "weights_only" not in msg, msg
+    assert not marker.exists()
+    f.write_bytes(b"not a torch file")
+    with pytest.raises(UsageError, match=re.escape(str(f))):
+        FocusDirections.from_authors(tmp_path / "a", tiny_llama)
+    torch.save({"q": torch.zeros(4, 16)}, f)
+    with pytest.raises(UsageError, match=re.escape(f"{f} holds a dict, not a tensor")):
+        FocusDirections.from_authors(tmp_path / "a", tiny_llama)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_llama):
+    import focuslens as fl
+    from focuslens.core.forward import forward_with_cache, run_until
+    from focuslens.core.generation import generate_responses, greedy_generate
+    from focuslens.score.contextual import score_spans
+
+    d_vocab = tiny_llama.cfg.d_vocab
+    lens = fl.FocusLens(tiny_llama)
+    for bad_id in (d_vocab, -1):
+        toks = torch.tensor([1, 2, bad_id, 4, 5, 6])
+        calls = [lambda: score_spans(tiny_llama, toks, response=(4, 6), spans={"r": (1, 3)}),
+                 lambda: lens.score(toks, response=(4, 6), relevant=(1, 3)),
+                 lambda: greedy_generate(tiny_llama, toks, max_new_tokens=2),
+                 lambda: lens.generate(toks, max_new_tokens=2),
+                 lambda: generate_responses(tiny_llama, [toks, torch.tensor([1, 2])], max_new_tokens=2),
+                 lambda: run_until(tiny_llama, toks, names=["blocks.0.attn.hook_q"]),
+                 lambda: forward_with_cache(tiny_llama, toks[None])]
+        for f in calls:
+            with pytest.raises(UsageError, match=rf"token id {bad_id}, outside this model's vocabulary "
+                                                 rf"\(ids 0..{d_vocab - 1}\)"):
+                f()
+    with pytest.raises(UsageError, match="must be integer token ids, got dtype float32"):
+        run_until(tiny_llama, torch.tensor([1.0, 2.0]), names=["blocks.0.attn.hook_q"])
+
+
+def test_deeply_nested_json_is_a_clear_error(tiny_llama, tmp_path, capsys, no_model):
+    from focuslens.directions import FocusDirections
+    from focuslens.score.ranking import DatasetScores, load_heads
+
+    deep = "[" * 200_000 + "]" * 200_000
+    p = tmp_path / "deep.json"
+    p.write_text(deep)
+    for f in (lambda: load_heads(p), lambda: DatasetScores.load(p)):
+        with pytest.raises(UsageError, match=r"deep\.json: the JSON is nested too deeply"):
+            f()
+    art = tmp_path / "fd"
+    _fd(tiny_llama).save(art)
+    (art / "config.json").write_text(deep)
+    with pytest.raises(UsageError, match=r"config\.json: the JSON is nested too deeply.*re-save or re-train"):
+        FocusDirections.load(art)
+    _usage(["plot", p, "--output", tmp_path / "fig"], capsys, "deep.json", "nested too deeply")
+    data = tmp_path / "deep.jsonl"
+    data.write_text(deep + "\n")
+    _usage(["score", "--data", data, "--output", tmp_path / "s"], capsys, "deep.jsonl:1", "nested too deeply")
+
+
+def test_mean_ablation_with_means_of_the_wrong_shape(tiny_llama):
+    import focuslens as fl
+
+    d_head = model_info(tiny_llama).d_head
+    with pytest.raises(ValueError, match=rf"has 3 entries; this model's heads have d_head = {d_head}"):
+        fl.Ablate([(0, 1)], mode="mean", means={(0, 1): torch.zeros(3)}).attach(tiny_llama)
+    with pytest.raises(ValueError, match=rf"has 3 entries; this model's heads have d_head = {d_head}"):
+        fl.FocusLens(tiny_llama).ablate([(0, 1)], mode="mean", means={(0, 1): torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"has shape \(2, 16\); expected \[d_head\]"):
+        fl.Ablate([(0, 1)], mode="mean", means={(0, 1): torch.zeros(2, d_head)})
+    assert count_hooks(tiny_llama) == 0
+
+
+def test_load_model_takes_dtype_names(tiny_folder):
+    from focuslens.core.models import load_model
+
+    m = load_model(tiny_folder, dtype="float16", verbose=False)
+    assert next(m.parameters()).dtype == torch.float16
+    for bad in ("int8", "half precision", torch.int64, 16):
+        with pytest.raises(UsageError, match=r"dtype must be a floating-point torch dtype or one of 'float32', "
+                                             r"'float16', 'bfloat16'"):
+            load_model(tiny_folder, dtype=bad, verbose=False)
+
+
+def test_wrong_types_get_clear_errors_not_raw_tracebacks(tiny_llama, tmp_path):
+    """Found by passing wrong types to the public API: each used to be a raw torch/Python error
+    (``new(): invalid data type 'str'``, ``AttributeError: 'NoneType' object has no attribute 'cfg'``, a
+    ``KeyError``, a ``RuntimeError`` from a reshape) or was accepted (a bool k, float heads written as ints)."""
+    import focuslens as fl
+    from focuslens.score.ranking import DatasetScores, contextual_heads, save_heads
+
+    lens = fl.FocusLens(tiny_llama)
+    ds = DatasetScores(mean={"relevant": torch.rand(2, 4)}, stderr={}, per_example={}, n=1)
+    cases = [
+        (lambda: fl.head_heatmap("ranking.json"), TypeError, "DatasetScores.load(path) first"),
+        (lambda: fl.head_heatmap(None), TypeError, "needs a [layer, head] matrix"),
+        (lambda: fl.head_heatmap([[1, 2], [3]]), ValueError, "rows of equal length"),
+        (lambda: fl.head_heatmap(torch.rand(2, 4), top_k=True), ValueError, "top_k must be a non-negative int"),
+        (lambda: contextual_heads(torch.rand(2, 4), True), ValueError, "k must be an int in 1..8, got True"),
+        (lambda: ds.top_k(2.0), ValueError, "k must be an int in 1..8, got 2.0"),
+        (lambda: ds.ranking("sink"), ValueError, "no 'sink' table; they have ['relevant']"),
+        (lambda: contextual_heads(ds, 2, name="sink"), ValueError, "no 'sink' table"),
+        (lambda: lens.heads(2, scores=ds, name="sink"), ValueError, "no 'sink' table"),
+        (lambda: save_heads([(0, 1.5)], tmp_path / "h.json"), ValueError, "pairs of ints"),
+        (lambda: lens.generate("What is the capital?"), TypeError, "tokenize it first"),
+        (lambda: lens.generate(torch.tensor([], dtype=torch.long)), UsageError, "the prompt is empty"),
+        (lambda: fl.model_info(None), TypeError, "expected a TransformerLens hooked model"),
+        (lambda: fl.split_softmax(None, [(0, 0)], (1, 2), 0.5), TypeError, "expected a TransformerLens hooked model"),
+        (lambda: fl.patch_heads("m", torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long),
+                                lambda logits: logits.sum()), TypeError, "fl.load_model('m')"),
+    ]
+    for f, kind, needle in cases:
+        with pytest.raises(kind) as e:
+            f()
+        assert needle in str(e.value), (needle, str(e.value))
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_cli_names_what_is_wrong_with_a_special_file(tmp_path, capsys, no_model):
+    """A FIFO or /dev/zero given as a file used to be called 'a folder'."""
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    _usage(["plot", fifo, "--output", tmp_path / "fig"], capsys, "ranking", "named pipe (FIFO), not a regular file")
+    _usage(["plot", "/dev/zero", "--output", tmp_path / "fig"], capsys, "/dev/zero is a character device")
+    _usage(["score", "--data", fifo, "--output", tmp_path / "s"], capsys, "--data", "named pipe (FIFO)")
+    _usage(["sweep", "--heads", "/dev/zero", "--output", tmp_path / "w"], capsys, "--heads", "character device")
+
+
+def test_focus_directions_of_another_model_are_refused_on_a_backend(tiny_llama, tiny_gpt2):
+    """FocusLens(FusedModel).steer had no model check (the hooked route has FocusDirections.check_model)."""
+    import focuslens as fl
+    from focuslens.engine import FusedModel
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    fused = fl.FocusLens(FusedModel(tiny_hf_model("llama"), tiny_tokenizer()))
+    info = model_info(tiny_llama)
+    with fused.steer(_fd(tiny_llama), alpha=0.5) as h:  # this model's directions: applied
+        assert h.active
+    with pytest.raises(UsageError, match=r"these focus directions were learned on another model .*tiny-gpt2"):
+        fused.steer(_fd(tiny_gpt2, heads=((0, 0),)), alpha=0.5)
+    wide = fl.FocusDirections(heads=[(7, 0)], vectors=torch.randn(1, info.d_head),
+                              fingerprint={**info.fingerprint(), "n_layers": 8}, model_name="deeper", site="hook_rot_q")
+    with pytest.raises(UsageError, match=r"n_layers=8 there, 2 here"):
+        fused.steer(wide, alpha=0.5)

@@ -16,7 +16,7 @@ import focuslens as fl
 
 PKG = Path(fl.__file__).resolve().parent
 #: a folder imports only from core/, tasks/ and the folders before it; the applications sit on top
-ORDER = ["core", "tasks", "score", "heads", "intervene", "directions", "evaluation", "plot", "backends"]
+ORDER = ["core", "tasks", "score", "heads", "intervene", "engine", "directions", "evaluation", "plot", "backends"]
 
 
 def _modules():

@@ -124,7 +124,7 @@ def test_patch_equals_patch_heads(tiny_llama):
 
 def test_same_notebook_code_on_the_fused_backend(tiny_llama, rendered):
     """FocusLens(FusedModel): score / split_softmax / inject give the TransformerLens path's types and values."""
-    from focuslens.backends.fused import FusedModel
+    from focuslens.engine import FusedModel
     from focuslens.testing import tiny_hf_model, tiny_tokenizer
 
     fused = fl.FocusLens(FusedModel(tiny_hf_model("llama"), tiny_tokenizer()))  # same weights as tiny_llama (seed 0)

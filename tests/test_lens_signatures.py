@@ -4,8 +4,10 @@ example; its parameters mirror the functions and specs underneath; it refuses wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
+import re
 import typing
 
 import pytest
@@ -111,7 +113,7 @@ def _mirrors():
         ("ablate", fl.Ablate.__init__, set()),
         ("patch", patch_heads, set()),
         ("attribute", attribution_patch_heads, set()),
-        ("generate", greedy_generate, set()),
+        ("generate", greedy_generate, {"forward"}),  # the lens decodes with its own model's forward
         ("evaluate", evaluate, set()),
         ("train_directions", train_focus_directions, {"heads", "_factorised"}),  # int k: top-k; a benchmark switch
         ("find_heads", finders.find_heads, set()),
@@ -293,7 +295,7 @@ def test_evaluate_and_train_refuse_a_bool_where_a_number_goes(lens, rendered):
 
 
 def test_backend_refuses_before_it_runs(tiny_llama, rendered):
-    from focuslens.backends.fused import FusedModel
+    from focuslens.engine import FusedModel
     from focuslens.testing import tiny_hf_model, tiny_tokenizer
 
     fused = fl.FocusLens(FusedModel(tiny_hf_model("llama"), tiny_tokenizer()))
@@ -322,3 +324,40 @@ def test_train_directions_passes_only_the_settings_given(lens, monkeypatch):
     lens.train_directions(["x"], heads=[(0, 1)], config=cfg, lr=0.1)
     overrides = {k: v for k, v in seen.items() if k in TrainConfig.field_names()}
     assert seen["config"] is cfg and overrides == {"lr": 0.1} and seen["heads"] == [(0, 1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Docstrings carry the documentation (issue #35: `help(lens.patch)` was one line with a raw :func:)
+
+
+def _public_members() -> list[str]:
+    return sorted(n for n, f in vars(fl.FocusLens).items()
+                  if not n.startswith("_") and (inspect.isfunction(f) or isinstance(f, (property, functools.cached_property))))
+
+
+@pytest.mark.parametrize("name", _public_members())
+def test_every_public_member_has_a_real_docstring(name):
+    attr = vars(fl.FocusLens)[name]
+    doc = inspect.getdoc(attr) or ""
+    lines = [l for l in doc.splitlines() if l.strip()]
+    assert len(lines) >= 3, f"FocusLens.{name}: docstring has {len(lines)} lines, want >= 3:\n{doc}"
+    first = lines[0]
+    assert not first.startswith(":") and len(first) >= 20, f"FocusLens.{name}: first line {first!r} says too little"
+    assert ">>>" in doc, f"FocusLens.{name}: no example"
+    if inspect.isfunction(attr):
+        params = [p for p in inspect.signature(attr).parameters if p != "self"]
+        assert "Returns:" in doc, f"FocusLens.{name}: no Returns section"
+        if params:
+            assert "Args:" in doc, f"FocusLens.{name}: no Args section"
+            args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
+            missing = [p for p in params if not re.search(rf"\b{p}\b", args)]
+            assert not missing, f"FocusLens.{name}: Args does not mention {missing}"
+
+
+def test_help_of_patch_is_the_documentation_not_a_pointer():
+    import pydoc
+
+    text = pydoc.render_doc(fl.FocusLens.patch, renderer=pydoc.plaintext)
+    for needle in ("Args:", "Returns:", "corrupted_tokens", "metric", "Example"):
+        assert needle in text
+    assert len(inspect.getdoc(fl.FocusLens.patch).splitlines()) >= 15

@@ -11,6 +11,21 @@ NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 
 def test_notebooks_exist():
     assert len(NOTEBOOKS) >= 4, "notebooks/ should hold the four story notebooks (scripts/build_notebooks.py)"
+    assert NB_DIR / "00_your_own_prompt.ipynb" in NOTEBOOKS, "the 'your own prompt' guide (README) is missing"
+
+
+def test_your_own_prompt_is_committed_executed_with_png_figures():
+    """Issue #35: the guide is committed with its outputs, and every figure carries a PNG (GitHub shows it)."""
+    import nbformat
+
+    nb = nbformat.read(NB_DIR / "00_your_own_prompt.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "rerun: python scripts/build_notebooks.py --only 00_your_own_prompt.ipynb --execute 3"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) >= 4 and all("image/png" in o["data"] for o in figures), \
+        "every figure needs its PNG: execute where kaleido and Chromium work (fl.plot.figures.notebook_figures)"
 
 
 @pytest.mark.notebook

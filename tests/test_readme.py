@@ -28,3 +28,18 @@ def test_readme_python_example_runs(smollm, tmp_path, monkeypatch):
     assert len(ns["heads"]) == 20 and ns["res"].summary()["n"] == 2
     assert (tmp_path / "runs" / "ss.jsonl").exists()
     assert fl.core.count_hooks(smollm) == 0
+
+
+def test_readme_your_own_prompt_runs(smollm):
+    """The "Your own prompt" section runs as written (issue #35); the full walk-through is notebook 00."""
+    import focuslens as fl
+
+    text = README.read_text()
+    section = text[text.index("## Your own prompt"):]
+    assert "notebooks/00_your_own_prompt.ipynb" in section
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {"fl": fl, "lens": fl.FocusLens(smollm)}
+    exec(compile(code, str(README), "exec"), ns)
+    assert ns["est"].shape == ns["exact"].shape == (30, 9)
+    assert not ns["exact"][23].isnan().any() and ns["exact"][:23].isnan().all()
+    assert fl.core.count_hooks(smollm) == 0

@@ -1,6 +1,7 @@
 """Alternative model backends for long contexts and large or remote models.
 
-* :mod:`focuslens.backends.fused` — a Hugging Face model on its fused (SDPA) attention, scored and
+* :mod:`focuslens.backends.fused` — :func:`~focuslens.backends.fused.load_fused` loads a checkpoint as a
+  :class:`focuslens.engine.FusedModel`: a Hugging Face model on its fused (SDPA) attention, scored and
   steered through a registered attention function: response-row scoring in ``O(heads·|R|·N)``,
   split softmax and query vectors without ``N×N`` patterns for the other heads; CPU/GPU, bf16,
   ``device_map="auto"``.
@@ -8,13 +9,10 @@
   or on NDIF (``remote=True``); nnsight is optional and imported lazily.
 """
 
-from .fused import ATTN_IMPL, BackendHandle, FusedModel, load_fused
+from .fused import load_fused
 
 __all__ = [
-    "FusedModel",
-    "BackendHandle",
     "load_fused",
-    "ATTN_IMPL",
     "NNsightScorer",
     "load_nnsight",
     "nnsight_contextual_scores",

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..core.prompts import SpanLike
 from ..score.contextual import HeadScores
-from .fused import SpansLike
+from ..engine.fused import SpansLike
 
 __all__ = ["NNsightScorer", "load_nnsight", "nnsight_contextual_scores", "nnsight_score_spans", "NNSIGHT_PIN"]
 

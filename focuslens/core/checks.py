@@ -14,12 +14,23 @@ point that takes heads, a strength (τ, α, a coefficient) or vectors calls the 
   (:func:`frozen_vectors`; ``rows=True`` also takes ``[batch, d_head]``, one vector per batch row); the
   width is checked against the model where one is known, and :func:`check_scaled` refuses an
   ``alpha * u`` that is not finite in the model's dtype (1e38 × 10 overflows float32).
+* token ids: integers inside the model's vocabulary (:func:`check_token_ids`, called by
+  ``core.models.check_context`` and ``core.forward``), never a bare ``IndexError`` from the embedding.
+* files: :func:`check_regular_file` (a FIFO, ``/dev/zero``, an unreadable or huge file is named as
+  such before it is opened) and :func:`read_json` / :func:`parse_json` (invalid or too deeply nested
+  JSON names the file); dtypes by name: :func:`as_dtype`.
+
+This module imports nothing else of focuslens at import time (``core.models`` uses it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
+import stat
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -27,7 +38,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Head", "is_index", "head_list", "validate_heads", "check_heads", "real", "positive",
-           "frozen_vectors", "check_count", "check_scaled"]
+           "frozen_vectors", "check_count", "check_scaled", "check_token_ids", "check_regular_file", "read_json",
+           "parse_json", "JSON_MAX_BYTES", "as_dtype", "DTYPES"]
 
 Head = tuple[int, int]
 
@@ -85,10 +97,11 @@ def check_heads(model: Any, heads: Iterable[Sequence[int]], *, what: str = "head
 
     Raises ``ValueError`` naming the offending head and the valid ranges.
     """
-    from .models import model_info
-
-    info = model_info(model)
-    return validate_heads(heads, n_layers=info.n_layers, n_heads=info.n_heads, what=what)
+    cfg = getattr(model, "cfg", None)  # what model_info reads; not imported, so that core.models can use these checks
+    if cfg is None:
+        raise TypeError(f"{what}: expected a TransformerLens hooked model (fl.load_model(...)), got "
+                        f"{type(model).__name__}.")
+    return validate_heads(heads, n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), what=what)
 
 
 def _number(x: Any, *, name: str, what: str) -> float:
@@ -187,3 +200,106 @@ def check_scaled(vectors: Mapping[Head, Tensor], alpha: float, *, dtype: torch.d
             raise ValueError(
                 f"{what}: alpha * vector for {head} is not finite in {str(dtype).replace('torch.', '')} "
                 f"(alpha = {alpha:g}, largest |entry| = {big:g}): use a smaller alpha or rescale the vector.")
+
+
+def check_token_ids(tokens: Tensor, d_vocab: int, *, what: str = "tokens") -> None:
+    """Token ids are integers in ``0..d_vocab-1`` (the model's vocabulary); an id outside it would fail deep
+    inside the embedding with a bare ``IndexError`` (or read another row on some devices)."""
+    from .errors import UsageError
+
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise UsageError(f"{what} must be integer token ids, got dtype {str(tokens.dtype).replace('torch.', '')}; "
+                         "tokenize the text first (model.tokenizer(text).input_ids or build_prompt).")
+    if tokens.numel() == 0:
+        raise UsageError(f"{what} is empty (no token ids); give at least one token.")
+    if tokens.device.type == "meta" or not d_vocab:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= d_vocab:
+        bad = lo if lo < 0 else hi
+        raise UsageError(f"{what} has token id {bad}, outside this model's vocabulary (ids 0..{d_vocab - 1}); "
+                         "tokenize with this model's own tokenizer (model.tokenizer).")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, *, what: str, max_bytes: int | None = None) -> Path:
+    """``path`` is a readable regular file of at most ``max_bytes``: refused before it is opened, since
+    opening a FIFO blocks forever and reading a link to ``/dev/zero`` never ends.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`~focuslens.core.errors.UsageError` for
+    anything else, naming the file, what is wrong with it and what to give instead (``what``).
+    """
+    from .errors import UsageError
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file; give {what}.") from None
+    except OSError as e:
+        raise UsageError(f"{p}: cannot be read ({e.strerror}); give {what}.") from None
+    link = f" (a symlink to {os.path.realpath(p)})" if p.is_symlink() else ""
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{p}{link} is {_file_kind(st.st_mode)}, not a regular file; give {what}.")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UsageError(f"{p}{link} is too large ({st.st_size} bytes; at most {max_bytes} are read); give {what}.")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{p}{link} is not readable (permission denied); give {what} that you can read.")
+    return p
+
+
+JSON_MAX_BYTES = 1 << 30  # 1 GiB: far above any ranking, config or record file focuslens writes
+
+
+def parse_json(text: str | bytes, path: str | os.PathLike, *, what: str) -> Any:
+    """``json.loads(text)`` of the file ``path``; invalid or too deeply nested JSON is a
+    :class:`~focuslens.core.errors.UsageError` naming the file (``what``: what was expected, and the fix)."""
+    from .errors import UsageError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {what}.") from None
+    except RecursionError:
+        raise UsageError(f"{path}: the JSON is nested too deeply to read (thousands of levels of [ or {{); "
+                         f"{what}.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (not UTF-8); {what}.") from None
+
+
+def read_json(path: str | os.PathLike, *, what: str, max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """The JSON of a user-given file (:func:`check_regular_file` then :func:`parse_json`): every failure
+    names the file and says what is wrong with it."""
+    p = check_regular_file(path, what=what, max_bytes=max_bytes)
+    from .errors import UsageError
+
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{p}: cannot be read ({e.strerror or e}); give {what}.") from None
+    return parse_json(data, p, what=f"give {what}")
+
+
+DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
+
+
+def as_dtype(x: Any, *, name: str = "dtype", what: str) -> torch.dtype | None:
+    """A floating-point ``torch.dtype`` from a dtype or its name (``"float32"``, ``"float16"``, ``"bfloat16"``,
+    also ``"torch.float16"``); ``None`` passes through. Anything else is refused naming the choices."""
+    from .errors import UsageError
+
+    if x is None or isinstance(x, torch.dtype) and x.is_floating_point:
+        return x
+    if isinstance(x, str) and x.removeprefix("torch.") in DTYPES:
+        return DTYPES[x.removeprefix("torch.")]
+    raise UsageError(f"{what}: {name} must be a floating-point torch dtype or one of {', '.join(map(repr, DTYPES))}, "
+                     f"got {x!r}.")

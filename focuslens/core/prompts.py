@@ -182,6 +182,13 @@ class LabelledPrompt:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def __repr__(self) -> str:
+        """One line: length and the segments' spans (the first six), not the ids or the text."""
+        names = self.order or list(self.spans)
+        segs = ", ".join(f"{n} {self.spans[n].start}..{self.spans[n].end}" for n in names[:6] if n in self.spans)
+        more = f", … ({len(names)} segments)" if len(names) > 6 else ""
+        return f"LabelledPrompt({len(self)} tokens{', chat' if self.chat else ''}: {segs}{more})"
+
     def __getitem__(self, name: str) -> Span:
         return self.span(name)
 
@@ -323,8 +330,13 @@ def build_prompt(
             {"role": "user", "content": user_text}
         ]
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "chat=True but this tokenizer has no chat template; use chat=False for base models."
+            from .errors import UsageError
+
+            raise UsageError(
+                "chat=True, but this tokenizer has no chat template (a base model): pass chat=False. "
+                "render, evaluate, make_direction_examples, make_corrupted_pair and FocusLens.evaluate "
+                "default to chat=True and take it; find_heads takes the records rendered that way: "
+                "[focuslens.tasks.render(e, model, chat=False) for e in examples]."
             )
         rendered = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True

@@ -27,29 +27,40 @@ from ..core.hooks import HookHandle
 from ..core.errors import UsageError
 from ..core.io import atomic_dir, atomic_write, content_hash, recover_dir, tensor_checksum
 from ..core.models import HookedModel, model_info
-from ..core.checks import Head, check_heads, real
+from ..core.checks import Head, check_heads, check_regular_file, read_json, real
 from ..core.prompts import LabelledPrompt
 from ..intervene.specs import InterventionSpec, check_batch, format_heads, tokens_of
 
 __all__ = ["FocusDirections", "Steer", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
 WEIGHTS_FILE = "directions.safetensors"
+WEIGHTS_MAX_BYTES = 1 << 32  # 4 GiB: one [d_head] vector per head of any model is far below this
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 def _versions() -> dict[str, str]:
+    """The installed versions of the stack, read from the package metadata (``importlib.metadata``).
+
+    Keys are the import names (``transformer_lens``...); the distribution is looked up under both
+    spellings (``transformer-lens`` / ``transformer_lens``), because TransformerLens has no
+    ``__version__`` attribute. ``"not installed"`` only when no distribution of that name exists.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {}
-    for mod in ("torch", "transformer_lens", "transformers", "safetensors"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - optional
-            out[mod] = "unknown"
-    try:
+    for mod in ("torch", "transformer_lens", "transformers", "safetensors", "focuslens"):
+        for dist in dict.fromkeys((mod, mod.replace("_", "-"))):
+            try:
+                out[mod] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+        else:  # an uninstalled checkout (focuslens on sys.path only): its own version string
+            out[mod] = "not installed"
+    if out["focuslens"] == "not installed":
         from ..core.version import __version__ as flv
 
         out["focuslens"] = flv
-    except Exception:  # pragma: no cover
-        out["focuslens"] = "unknown"
     return out
 
 
@@ -137,6 +148,14 @@ class FocusDirections:
 
     def norms(self) -> Float[Tensor, "n"]:
         return self.vectors.norm(dim=-1)
+
+    def __repr__(self) -> str:
+        """One line: model, heads, site, α, objective and the norms' range (not the vectors)."""
+        n = self.norms()
+        norms = (f"norms {float(n.min()):.3g}–{float(n.max()):.3g} (mean {float(n.mean()):.3g})"
+                 if len(n) else "no vectors")
+        return (f"FocusDirections({self.model_name or '?'}: {format_heads(self.heads)}, d_head={self.d_head}, "
+                f"site={self.site}, α={self.alpha:g}, objective={self.objective}, {norms})")
 
     def _replace(self, **kw: Any) -> "FocusDirections":
         base = dict(heads=list(self.heads), vectors=self.vectors, fingerprint=dict(self.fingerprint),
@@ -282,6 +301,12 @@ class FocusDirections:
         loadable at ``path`` (leftovers are recovered or removed by the next load or save). The save
         holds the output lock of ``path``: a second process saving there at the same time gets
         :class:`~focuslens.core.errors.OutputBusy`. ``config.json`` carries :meth:`payload_checksum`.
+
+        Only the artefact's own two files are replaced: any other file or folder in ``path`` (a
+        ``NOTES.md``, plots) is kept. A save goes only into a new or empty folder or over an earlier
+        artefact: a folder of other files, or one whose ``config.json`` is not a FocusDirections config
+        (a model folder), is refused with :class:`~focuslens.core.errors.UsageError`, as is a
+        symbolic link.
         """
         from safetensors.torch import save_file
 
@@ -289,9 +314,7 @@ class FocusDirections:
         if target.exists() and not target.is_dir():
             raise UsageError(f"{target} exists and is not a folder; FocusDirections are saved as a folder: "
                              "give another path.")
-        if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
-            raise UsageError(f"{target} is a folder but not a FocusDirections folder (no {CONFIG_FILE}); saving "
-                             "replaces the whole folder, so its files would be deleted: give another path.")
+        _check_artefact_folder(target)
         vectors = self.vectors.detach().to("cpu").contiguous()
         with atomic_dir(target) as tmp:
             save_file({"vectors": vectors}, str(tmp / WEIGHTS_FILE), metadata={"format": "focuslens.FocusDirections"})
@@ -320,15 +343,15 @@ class FocusDirections:
         from safetensors.torch import load_file
 
         p = recover_dir(Path(path))
-        if not p.is_dir() or not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+        if not p.is_dir() or not (p / CONFIG_FILE).exists() or not (p / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{p} is not a FocusDirections folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
                                     "give the folder written by FocusDirections.save / focuslens train.")
         cfg_file = p / CONFIG_FILE
         fix = "re-save or re-train the directions"
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{cfg_file}: not valid JSON ({e}); {fix}.") from None
+        # both files exist; a FIFO, a link to /dev/zero, an unreadable or huge file is named as such
+        check_regular_file(p / WEIGHTS_FILE, what=f"the {WEIGHTS_FILE} written by FocusDirections.save ({fix})",
+                           max_bytes=WEIGHTS_MAX_BYTES)
+        cfg = read_json(cfg_file, what=f"the {CONFIG_FILE} written by FocusDirections.save ({fix})")
         if not isinstance(cfg, dict) or cfg.get("format") != "focuslens.FocusDirections":
             raise UsageError(f"{cfg_file} is not a focuslens FocusDirections config (expected a JSON object with "
                              f"\"format\": \"focuslens.FocusDirections\", got {type(cfg).__name__}); {fix}.")
@@ -405,7 +428,7 @@ class FocusDirections:
             f = folder / f"head_q_directions_{l}.pth"
             if not f.exists():
                 continue
-            t = torch.as_tensor(torch.load(f, map_location="cpu", weights_only=True)).float()
+            t = _load_authors_tensor(f)
             if t.shape != (info.n_heads, info.d_head):
                 raise ValueError(f"{f.name} has shape {tuple(t.shape)}; expected [n_heads, d_head] = "
                                  f"[{info.n_heads}, {info.d_head}] for this model.")
@@ -414,7 +437,7 @@ class FocusDirections:
                 vecs[(l, h)] = t[h]
             fk = folder / f"head_k_directions_{l}.pth"
             if fk.exists():
-                tk = torch.as_tensor(torch.load(fk, map_location="cpu", weights_only=True))
+                tk = _load_authors_tensor(fk)
                 if tk.shape[-1] != info.d_head:
                     raise ValueError(f"{fk.name} has shape {tuple(tk.shape)}; expected last dim {info.d_head}.")
                 n_key += 1
@@ -429,6 +452,50 @@ class FocusDirections:
                    alpha=alpha, objective="authors",
                    training={"source": str(folder), "layers": layers, "key_files_ignored": n_key,
                              "note": "key-side vectors are inert and were not imported"})
+
+
+def _load_authors_tensor(f: Path) -> Tensor:
+    """One ``head_*_directions_{l}.pth`` of the reference code: a plain tensor, read with
+    ``torch.load(weights_only=True)``; anything else is a :class:`UsageError` naming the file (never torch's
+    advice to pass ``weights_only=False``, which would run the code a pickle carries)."""
+    from pickle import UnpicklingError  # the class only: the file is read by torch.load(weights_only=True)
+
+    what = "the reference code's head_q_directions_{layer}.pth ([n_heads, d_head] tensors saved with torch.save)"
+    check_regular_file(f, what=what, max_bytes=WEIGHTS_MAX_BYTES)
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except UnpicklingError:
+        raise UsageError(
+            f"{f} is a pickle holding code or objects other than tensors (or is not a torch file at all); "
+            "focuslens will not load it, since unpickling can run code: re-save the directions as plain tensors "
+            "(torch.save(tensor, path)) from a trusted session.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"{f}: cannot be read as a torch tensor file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); give {what}.") from None
+    if not isinstance(obj, Tensor):
+        raise UsageError(f"{f} holds a {type(obj).__name__}, not a tensor; give {what}.")
+    if obj.is_complex() or obj.dtype == torch.bool:
+        raise UsageError(f"{f} holds a {obj.dtype} tensor; give {what}.")
+    return obj.float()
+
+
+def _check_artefact_folder(target: Path) -> None:
+    """Refuse to save into a folder that holds something other than a FocusDirections artefact."""
+    if not target.is_dir() or target.is_symlink() or not any(target.iterdir()):
+        return  # new or empty (a link is refused by atomic_dir, naming it)
+    cfg = target / CONFIG_FILE
+    why = f"no {CONFIG_FILE}"
+    if cfg.is_file() and not cfg.is_symlink():
+        try:
+            obj = json.loads(cfg.read_bytes()[: 1 << 24])
+            if isinstance(obj, dict) and obj.get("format") == "focuslens.FocusDirections":
+                return
+            why = f"its {CONFIG_FILE} is not a FocusDirections config"
+        except (OSError, ValueError, RecursionError):
+            why = f"its {CONFIG_FILE} cannot be read as JSON"
+    raise UsageError(f"{target} is a folder but not a FocusDirections folder ({why}); a save goes only into a new "
+                     "or empty folder or over an earlier artefact, so that no file of yours is replaced: give "
+                     "another path.")
 
 
 def _payload_checksum(heads: Sequence[Sequence[int]], vectors_checksum: str, site: str,
@@ -585,6 +652,21 @@ class Steer(InterventionSpec):
         from ..intervene.eager import inject_vectors
 
         return inject_vectors(model, vectors, alpha=1.0, site="query", pre_rope=False)
+
+    @property
+    def fused(self) -> bool:
+        """A fixed α runs on the fused engine; ``alpha="auto"`` probes each row on the bridge first."""
+        return self.alpha != "auto"
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """``α · u`` on the heads' post-RoPE queries on the fused engine (what :meth:`attach` adds on the bridge)."""
+        check_batch(examples, offsets, what="Steer")
+        if self.alpha == "auto":
+            raise TypeError("Steer(alpha='auto') probes each prompt on the bridge: run it with engine='eager'.")
+        d = self.directions
+        if engine.hooked is not None:
+            d.check_applies_to(engine.hooked)
+        return engine.inject_vectors({h: float(self.alpha) * u for h, u in d.as_dict().items()}, alpha=1.0)
 
     def scaled(self, c: float) -> "Steer":
         if self.alpha == "auto":

@@ -1,6 +1,6 @@
 """Training checkpoints keyed by the content that produced them; safetensors + JSON, never a pickle.
 
-A checkpoint is reused only when its identity (model fingerprint and weights probe, heads, resolved
+A checkpoint is reused only when its identity (model fingerprint and full weights digest, heads, resolved
 :class:`~focuslens.directions.config.TrainConfig`, training and validation data, norm limits, layout
 version) equals the run's; otherwise the run is refused with the differences named. A legacy
 ``state.pt`` is never loaded.
@@ -84,6 +84,9 @@ def _differences(old: Any, new: dict[str, Any]) -> list[str]:
         keys = [k for k in nm["fingerprint"] if ofp.get(k) != nm["fingerprint"][k]] or ["fingerprint"]
         out.append("another model (" + ", ".join(f"{k}={ofp.get(k)!r} there, {nm['fingerprint'].get(k)!r} now"
                                                  for k in keys) + ")")
+    elif om.get("weights_digest") != nm.get("weights_digest"):
+        out.append(f"written by an older focuslens whose model identity did not hash every weight (weights digest "
+                   f"{om.get('weights_digest', 'sampled')!r} there, {nm.get('weights_digest')!r} now)")
     elif om.get("weights") != nm["weights"]:
         out.append("other model weights (same architecture)")
     if old.get("heads") != new["heads"]:
@@ -116,6 +119,10 @@ class _Checkpoint:
       ``identity_parts`` (what was hashed, to name differences), ``epoch``, ``best_val``, ``bad``,
       ``history``, the tensors file name and its tensors' checksums. Older tensors files are removed
       after it is written, so an interrupted write leaves the previous epoch's complete checkpoint.
+
+    Only files this class wrote are ever removed: the tensors file named by the previous
+    ``checkpoint.json`` and ``checkpoint-e*.safetensors`` files whose safetensors header says
+    ``{"format": "focuslens.train-checkpoint"}``; any other file in the folder is left alone.
 
     Resume rule: a checkpoint is reused only when its identity equals this run's; otherwise
     :meth:`load` raises a ValueError naming each difference (nothing is overwritten). A legacy
@@ -189,7 +196,8 @@ class _Checkpoint:
                         if isinstance(v, Tensor)})
         scalars = {k: v for k, v in adam.items() if not isinstance(v, Tensor)}
         fname = f"checkpoint-e{epoch:04d}.safetensors"
-        atomic_write(self.folder / fname, lambda p: save_file(tensors, p))
+        previous = self._previous_tensors()
+        atomic_write(self.folder / fname, lambda p: save_file(tensors, p, metadata={"format": _CHECKPOINT_FORMAT}))
         atomic_write_json(self.folder / CHECKPOINT_JSON, {
             "format": _CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "identity": self.key, "identity_parts": self.parts,
@@ -198,8 +206,31 @@ class _Checkpoint:
             "adam_scalars": scalars,
         })
         for old in self.folder.glob("checkpoint-e*.safetensors"):
-            if old.name != fname:
+            if old.name != fname and (old.name == previous or _written_here(old)):
                 old.unlink(missing_ok=True)
+
+    def _previous_tensors(self) -> str | None:
+        """The tensors file named by the checkpoint.json already in the folder (one this class wrote), if any."""
+        try:
+            meta = json.loads((self.folder / CHECKPOINT_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(meta, dict) and meta.get("format") == _CHECKPOINT_FORMAT and isinstance(meta.get("tensors"), str):
+            return meta["tensors"]
+        return None
+
+
+def _written_here(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint tensors file written by :meth:`_Checkpoint.save` (its header says so)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == _CHECKPOINT_FORMAT
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------

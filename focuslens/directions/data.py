@@ -31,6 +31,31 @@ class DirectionExample:
             raise ValueError(f"The relevant span {self.relevant} must lie before the response {r}.")
 
 
+_BUILD = "build training examples with focuslens.directions.make_direction_examples(model, examples) first"
+
+
+def _check_direction_examples(examples: Any, name: str = "examples") -> None:
+    """Refuse anything but a sequence of :class:`DirectionExample`, naming the function that builds them."""
+    if isinstance(examples, DirectionExample):
+        raise TypeError(f"{name} must be a list of DirectionExample, got a single one: pass [example].")
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+        raise TypeError(f"{name} must be a list of DirectionExample, got {type(examples).__name__}: {_BUILD}.")
+    for i, ex in enumerate(examples):
+        if isinstance(ex, DirectionExample):
+            continue
+        kind = type(ex).__name__
+        if hasattr(ex, "ctxs") and hasattr(ex, "gold_index"):  # a task record (TaskExample)
+            what = "a task record, with no prompt or response yet"
+        elif hasattr(ex, "prompt") and hasattr(ex, "relevant"):  # RenderedExample
+            what = ("a rendered prompt without the response the directions train on; for rendered examples "
+                    "pass their records: make_direction_examples(model, [r.example for r in rendered])")
+        else:
+            what = ("not a training example; for a prompt of your own use "
+                    "DirectionExample(prompt.with_response(tokenizer, answer), relevant=prompt['<segment>'])")
+        raise TypeError(f"{name}[{i}] is a {kind} ({what}). Focus directions train on DirectionExample "
+                        f"(the full prompt with a response appended, and the relevant span): {_BUILD}.")
+
+
 def make_direction_examples(
     model: HookedModel,
     examples: Sequence[Any],
@@ -52,8 +77,16 @@ def make_direction_examples(
             1 = one at a time, the same responses up to float near-ties).
         progress: a tqdm bar while the gold-only responses are generated.
     """
-    from ..tasks import render
+    from ..tasks import TaskExample, render
 
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, TaskExample):
+            hint = ("pass their records: make_direction_examples(model, [r.example for r in rendered])"
+                    if hasattr(ex, "example") and hasattr(ex, "prompt") else
+                    "for a prompt of your own build DirectionExample(prompt.with_response(tokenizer, answer), "
+                    "relevant=prompt['<segment>']) directly")
+            raise TypeError(f"make_direction_examples takes focuslens.tasks.TaskExample records; examples[{i}] is a "
+                            f"{type(ex).__name__}: {hint}.")
     if responses is not None and len(responses) != len(examples):
         raise ValueError(f"Got {len(responses)} responses for {len(examples)} examples.")
     fulls = []

@@ -65,6 +65,12 @@ class QKCache:
     def __len__(self) -> int:
         return len(self.logits0)
 
+    def __repr__(self) -> str:
+        """One line: examples, heads and layers cached (not the tensors)."""
+        mb = sum(t.numel() * t.element_size() for ts in (self.queries, self.keys, self.logits0) for t in ts) / 2**20
+        return (f"QKCache({len(self)} examples, {len(self.heads)} heads on {len(self.kv_pairs)} KV heads, "
+                f"layers {sorted({l for l, _ in self.heads})[:8]}, {mb:.1f} MiB)")
+
 
 def _layer_plan(model: HookedModel, heads: list[Head], *, what: str) -> tuple[dict[int, LayerAttention], Tensor, float | Tensor, float | None]:
     """Exact per-layer attention of the heads' layers, per-head scale ``[S]``, ``scale``, soft-cap."""

@@ -24,7 +24,7 @@ from ..core.io import content_hash
 from ..core.models import HookedModel, model_info
 from ..core.checks import check_heads
 from .artefact import FocusDirections
-from .data import DirectionExample
+from .data import DirectionExample, _check_direction_examples
 from .objectives import (
     QKCache,
     _live_forward,
@@ -110,10 +110,14 @@ def train_focus_directions(
     used fields at the top level, ``identity`` (the content hash of the run) and, when resumed,
     ``resumed_from_epoch``.
     """
+    _check_direction_examples(examples)
+    if val_examples is not None:
+        _check_direction_examples(val_examples, "val_examples")
     cfg = _make_config(config, overrides).resolved()
     heads = check_heads(model, heads)
     if not examples:
-        raise ValueError("No training examples.")
+        raise ValueError("No training examples: build them with "
+                         "focuslens.directions.make_direction_examples(model, examples).")
     info = model_info(model)
     torch.manual_seed(cfg.seed)
     t0 = time.time()

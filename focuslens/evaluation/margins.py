@@ -58,6 +58,12 @@ class MarginResult:
     def __len__(self) -> int:
         return int(self.margin.shape[0])
 
+    def __repr__(self) -> str:
+        """One line: n, accuracy and the mean margin (not the per-example tensors)."""
+        ok = ~torch.isnan(self.margin)
+        mean = f"{float(self.margin[ok].mean()):.3f}" if ok.any() else "nan"
+        return f"MarginResult(n={len(self)}, accuracy={self.accuracy:.3f}, mean margin={mean}, with distractors={int(ok.sum())})"
+
 
 @torch.no_grad()
 def _continuation_logprobs(

@@ -17,9 +17,11 @@ Three things make that practical and honest:
   and the hooks are removed in a ``finally``, also after an exception;
 * **records keyed by content**: each example's result is appended to a JSONL file and flushed at
   once; the file's header holds the configuration, which includes the spec's ``identity`` (heads,
-  τ/α, a checksum of the vectors...). A rerun with the same configuration skips the finished
-  examples; a rerun with a different one on the same file raises a ``ValueError`` naming the keys
-  that differ, so a file never hands back another configuration's answers. A bare callable or
+  τ/α, a checksum of the vectors...) and a digest of every weight of the model. A rerun with the same
+  configuration skips the finished examples; a rerun with a different one on the same file raises a
+  ``ValueError`` naming the keys that differ, so a file never hands back another configuration's
+  answers. Each record line carries its own hash, and every line is checked before anything is
+  resumed; a file that is not a records file is never modified (:mod:`.records_io`). A bare callable or
   context manager is still accepted but has no content identity: with ``output=`` it needs an
   explicit ``id="..."``.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -56,10 +57,13 @@ from ..core.generation import (
     left_pad_offsets,
     stop_ids as _stop_ids,
 )
-from ..core.io import content_hash, output_lock, tensor_checksum
+from ..core.checks import check_count
+from ..core.io import content_hash, tensor_checksum
 from ..core.models import HookedModel, check_context, model_info, weights_digest
 from ..intervene.specs import InterventionSpec
 from .intervention import Intervene, attached_batch, intervention_entry, split_intervene
+from ..engine import EngineChoice, FusedModel, resolve_engine
+from .records_io import RECORD_FORMAT_VERSION, RecordsFile, open_records
 from ..tasks.metrics import (
     accuracy_by_position,
     best_subspan_em,
@@ -71,8 +75,6 @@ from ..tasks.metrics import (
 from ..tasks.records import RenderedExample, TaskExample, normalise_variant, render
 
 __all__ = ["evaluate", "EvalResult", "config_hash", "Decoding", "RECORD_FORMAT_VERSION"]
-
-RECORD_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Decoding:
@@ -97,6 +99,10 @@ class Decoding:
     system: str | None = None
     gold_position: int | None = None
     stop_at_newline: bool = True
+
+    def __post_init__(self) -> None:
+        # checked here, so that a bundle built by hand (Decoding(max_new_tokens=-1)) is refused like a keyword
+        check_count(self.max_new_tokens, name="max_new_tokens", what="Decoding")
 
     def replace(self, **changes: Any) -> "Decoding":
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
@@ -200,56 +206,8 @@ def config_hash(config: dict[str, Any]) -> str:
     return content_hash(config)
 
 
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted key, old, new)`` for every leaf that differs (nested dicts, e.g. a spec identity)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
 def _prompt_hash(r: RenderedExample) -> str:
     return tensor_checksum(r.tokens.long())
-
-
-def _read_records(path: Path, cfg: dict[str, Any], h: str) -> dict[str, dict[str, Any]]:
-    """Read a records file written by :func:`evaluate`; drop a torn last line; check the config."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        # The previous run died mid-write: cut the torn line so the next append starts clean.
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    records: dict[str, dict[str, Any]] = {}
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); the records file is damaged.") from None
-        if "focuslens_eval" in obj:
-            if obj.get("config_hash") != h:
-                old = obj.get("config", {})
-                diff = _diff_keys(old, json.loads(json.dumps(cfg)))
-                raise ValueError(
-                    f"{path} holds results of a different evaluation configuration (hash "
-                    f"{obj.get('config_hash')} vs {h}; differs in {[k for k, _, _ in diff]}: "
-                    + ", ".join(f"{k}={a!r} there, {b!r} now" for k, a, b in diff)
-                    + "). Use another output file, or resume=False to overwrite it."
-                )
-            continue
-        if obj.get("config_hash") != h:
-            raise ValueError(
-                f"{path}:{lineno}: a record of another configuration ({obj.get('config_hash')} vs {h}). "
-                "Use another output file, or resume=False to overwrite it."
-            )
-        records[obj["key"]] = obj
-    return records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +237,7 @@ def evaluate(
     tag: str | dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    engine: EngineChoice = "auto",
     variant: Literal["original", "gold_only", "negative"] | str = _KEEP, max_new_tokens: int = _KEEP,
     chat: bool = _KEEP, system: str | None = _KEEP, gold_position: int | None = _KEEP, stop_at_newline: bool = _KEEP,
 ) -> EvalResult:
@@ -318,6 +277,15 @@ def evaluate(
             near-tie rule of :func:`greedy_generate_batch`; the tests find identical answers on tiny
             models, ``benchmarks/bench_batched_eval.py`` counts mismatches on SmolLM2).
         progress: show a tqdm progress bar.
+        engine: ``"auto"`` (default): decode on the fused engine (:mod:`focuslens.engine`: the bridge's
+            weights on Hugging Face SDPA attention, only the edited heads' attention recomputed
+            explicitly) whenever it expresses ``intervene`` exactly (``None`` or a spec with
+            ``spec.fused``: split softmax, PASTA, post-RoPE injection, fixed-α steering, ablation and
+            compositions of these; no hooks attached to the model), else on the bridge; ``"fused"``:
+            the engine or a ``UsageError`` saying why not; ``"eager"``: the TransformerLens bridge
+            (every hook fires). Not part of the configuration hash: both compute the same answers up
+            to float rounding (the near-tie rule, as for ``batch_size``); each record's ``engine``
+            says which one decoded it.
 
     Returns:
         An :class:`EvalResult`; ``.summary()`` gives accuracy, distractor-copy rate and per-position
@@ -334,13 +302,13 @@ def evaluate(
     dec, variant = _settings(decoding, batch_size, variant=variant, max_new_tokens=max_new_tokens, chat=chat,
                              system=system, gold_position=gold_position, stop_at_newline=stop_at_newline)
     intervene, intervene_cfg = intervention_entry(intervene, id=id, output=output, batch_size=batch_size)
+    fused = resolve_engine(model, intervene, engine)
     cfg = _run_config(model, dec, variant, intervene_cfg, tag)
     h = config_hash(cfg)
     path = Path(output) if output is not None else None
-    # One writer per output file: a second process is refused (io.output_lock), never interleaved.
-    with output_lock(path) if path is not None else contextlib.nullcontext():
-        done = _open_records(path, cfg, h, resume=resume)
-        run = _EvalRun(model, intervene, dec, variant, h, path=path, done=done)
+    # One writer per output file (a second process is refused, never interleaved); every line checked.
+    with open_records(path, cfg, h, resume=resume) if path is not None else contextlib.nullcontext() as records:
+        run = _EvalRun(model, intervene, dec, variant, h, path=path, records=records, fused=fused)
         run.run(examples, batch_size=batch_size, progress=progress)
         return EvalResult(
             records=[rec for rec in run.slots if rec is not None], config=cfg, config_hash=h, path=path,
@@ -352,12 +320,12 @@ def _settings(decoding: Decoding | None, batch_size: int, **overrides: Any) -> t
     """``(decoding, normalised variant)``: the ``decoding`` bundle (default :class:`Decoding`) with the
     keywords given to ``evaluate`` replacing its values; the budget and the batch size checked."""
     given = {k: v for k, v in overrides.items() if v is not _KEEP}
+    if decoding is not None and not isinstance(decoding, Decoding):
+        raise TypeError(f"evaluate: decoding must be a focuslens Decoding(...) bundle, got {type(decoding).__name__}; "
+                        "or pass its fields as keywords (max_new_tokens=16).")
     dec = (decoding if decoding is not None else Decoding()).replace(**given)
     variant = normalise_variant(dec.variant)
-    if dec.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {dec.max_new_tokens}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_count(batch_size, name="batch_size", what="evaluate")
     return dec, variant
 
 
@@ -380,34 +348,27 @@ def _run_config(model: HookedModel, dec: Decoding, variant: str, intervene_cfg: 
     }
 
 
-def _open_records(path: Path | None, cfg: dict[str, Any], h: str, *, resume: bool) -> dict[str, dict[str, Any]]:
-    """The records to resume from ``path`` (same configuration), else a fresh file holding only the header."""
-    if path is None:
-        return {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if resume and path.exists() and path.stat().st_size > 0:
-        return _read_records(path, cfg, h)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"focuslens_eval": RECORD_FORMAT_VERSION, "config_hash": h, "config": cfg}) + "\n")
-    return {}
-
-
 class _EvalRun:
     """One :func:`evaluate` call: renders and resumes the examples, decodes the rest in batches under
     the intervention, and appends each record to the file as it finishes."""
 
     def __init__(self, model: HookedModel, intervene: Any, dec: Decoding, variant: str, h: str, *,
-                 path: Path | None, done: dict[str, dict[str, Any]]):
+                 path: Path | None, records: RecordsFile | None, fused: FusedModel | None = None):
         self.model, self.intervene, self.dec, self.variant, self.h = model, intervene, dec, variant, h
-        self.path, self.done = path, done
+        self.path, self.records = path, records
+        self.done = records.done if records is not None else {}
         self.stops = _stop_ids(model)
         self.t_start = time.perf_counter()
         self.per_example, self.outer = split_intervene(model, intervene)
+        # the fused engine (focuslens.engine) attaches the spec itself, per batch, and decodes on SDPA
+        self.fused = fused
+        if fused is not None:
+            self.per_example, self.outer = None, contextlib.nullcontext
         self.slots: list[dict[str, Any] | None] = []
         self.n_resumed = 0
 
     def run(self, examples: Sequence[TaskExample | RenderedExample], *, batch_size: int, progress: bool) -> None:
-        """Every example's record into ``self.slots``; the bar and the file are closed also after an exception."""
+        """Every example's record into ``self.slots``; the bar is closed also after an exception."""
         # A spec that needs the example attaches per batch (attach_batch: each row its own span or α);
         # a bare per-example callable, or a spec without a batched attach, needs each example alone.
         intervene = self.intervene
@@ -417,7 +378,6 @@ class _EvalRun:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=len(examples), disable=not progress, desc=f"evaluate ({self.variant})", leave=False)
-        self.fh = open(self.path, "a", encoding="utf-8") if self.path is not None else None
         try:
             with self.outer():
                 pending: list[tuple[int, RenderedExample, str]] = []
@@ -433,8 +393,6 @@ class _EvalRun:
                     self._decode(pending)
         finally:
             self.bar.close()
-            if self.fh is not None:
-                self.fh.close()
 
     def _resume_or_queue(self, i: int, ex: TaskExample | RenderedExample) -> tuple[int, RenderedExample, str] | None:
         """Example ``i`` rendered; its resumed record stored (``None`` back), else ``(i, rendered, prompt hash)`` to decode."""
@@ -464,7 +422,11 @@ class _EvalRun:
         kw = dict(max_new_tokens=self.dec.max_new_tokens, stop_at_newline=self.dec.stop_at_newline,
                   stop_ids=self.stops)
         t0, c0 = time.perf_counter(), time.process_time()
-        if per_example is not None and len(pending) == 1:
+        if self.fused is not None:
+            prompts = [r.tokens for _, r, _ in pending]
+            with self.fused.attached(self.intervene, [r for _, r, _ in pending], left_pad_offsets(prompts)):
+                outs = greedy_generate_batch(model, prompts, forward=self.fused.forward_with_cache, **kw)
+        elif per_example is not None and len(pending) == 1:
             (_, r, _), = pending
             with per_example(r):
                 outs = [greedy_generate(model, r.tokens, **kw)]
@@ -479,9 +441,9 @@ class _EvalRun:
         cpu = (time.process_time() - c0) / len(pending)
         for (i, r, ph), (ids, text) in zip(pending, outs):
             rec = _record(i, r, ph, ids, text, h=self.h, secs=secs, cpu=cpu, batch_size=len(pending))
-            if self.fh is not None:
-                self.fh.write(json.dumps(rec) + "\n")
-                self.fh.flush()
+            rec["engine"] = "eager" if self.fused is None else "fused"
+            if self.records is not None:
+                self.records.append(rec)
             self.slots[i] = rec
             self.bar.update(1)
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.generation import DEFAULT_MAX_NEW_TOKENS
 from ..directions.artefact import FocusDirections
+from ..engine import EngineChoice
 from ..core.io import content_hash, tensor_checksum
 from ..core.models import HookedModel, model_info
 
@@ -99,6 +100,13 @@ class AlphaSelection:
     target: float | None
     baseline: float
     rows: list[dict[str, Any]]
+
+    def __repr__(self) -> str:
+        """One line: the choice and the baseline (``.rows`` has every configuration)."""
+        a = self.alpha if isinstance(self.alpha, str) else f"{self.alpha:g}"
+        tgt = f", target={self.target:g}" if self.target is not None else ""
+        return (f"AlphaSelection(k={self.k}, α={a}{tgt}, baseline={self.baseline:.3f}, "
+                f"{len(self.rows)} configurations in .rows)")
 
     @property
     def best_fixed(self) -> dict[str, Any]:
@@ -196,6 +204,7 @@ def select_alpha(
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     batch_size: int = 8,
+    engine: EngineChoice = "auto",
 ) -> AlphaSelection:
     """Choose k (top heads) and α for ``directions`` by accuracy on validation examples.
 
@@ -220,6 +229,8 @@ def select_alpha(
             another configuration's records.
         batch_size: examples decoded together by :func:`~focuslens.evaluation.runner.evaluate`, also for
             the ``alpha="auto"`` targets (each row gets its own α, ``Steer.attach_batch``).
+        engine: passed to :func:`~focuslens.evaluation.runner.evaluate` (``"auto"``: fixed α on the fused
+            engine, ``alpha="auto"`` on the bridge; ``"eager"``: everything on the bridge).
 
     Returns:
         An :class:`AlphaSelection` (``.k``, ``.alpha``, ``.target``, ``.table()``).
@@ -239,7 +250,7 @@ def select_alpha(
     def run(tag: str, spec: Steer | None) -> dict[str, Any]:
         path = None if out is None else selection_record(out, tag, spec, data_id, max_new_tokens=max_new_tokens)
         res = evaluate(model, examples, max_new_tokens=max_new_tokens, intervene=spec, progress=progress,
-                       output=path, tag=tag, batch_size=batch_size)
+                       output=path, tag=tag, batch_size=batch_size, engine=engine)
         s = res.summary()
         return {"n": s["n"], "accuracy": s["accuracy"], "stderr": s["accuracy_se"],
                 "distractor_copy": s["distractor_copy"]}

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
@@ -78,6 +79,7 @@ __all__ = [
     "head_means",
     "make_corrupted_pair",
     "logit_diff_metric",
+    "LogitDiff",
 ]
 
 PatchSite = Literal["z", "q", "k", "v", "pattern"]
@@ -318,29 +320,112 @@ def patch_head_pattern(model, corrupted_tokens, clean, metric, **kw):
 # --------------------------------------------------------------------------------------------------
 
 
-def logit_diff_metric(model: HookedModel, good: str | int, bad: str | int, *, pos: int = -1):
-    """``logits -> logit[good] - logit[bad]`` at position ``pos``, averaged over the batch.
+@dataclass(frozen=True)
+class LogitDiff:
+    """A patching metric: ``logits -> logit[good] - logit[bad]`` at position ``pos``, averaged over the batch.
 
-    ``good``/``bad`` are token ids or strings; a string stands for its **first** token (for answers
-    that start the assistant turn, exactly what the model must produce next).
+    Built by :func:`logit_diff_metric`; its ``repr`` says exactly which tokens it compares (and when an
+    answer was reduced to its first token). Callable as ``metric(logits)`` by :func:`patch_heads`,
+    :func:`~focuslens.heads.attribution.attribution_patch_heads` and ``FocusLens.patch``/``attribute``.
+
+    Attributes:
+        good, bad: the token ids compared.
+        pos: the position whose next-token logits are read (``-1``: the last).
+        good_token, bad_token: those tokens as text.
+        good_text, bad_text: the answers as given (equal to the token text for a one-token answer).
     """
 
-    def first(x):
+    good: int
+    bad: int
+    pos: int = -1
+    good_token: str = ""
+    bad_token: str = ""
+    good_text: str = ""
+    bad_text: str = ""
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        if logits.dim() != 3:
+            raise ValueError(f"LogitDiff expects logits [batch, pos, d_vocab], got shape {tuple(logits.shape)}.")
+        vocab = logits.shape[-1]
+        if not (self.good < vocab and self.bad < vocab):
+            raise ValueError(f"Token ids {self.good} / {self.bad} are outside this model's vocabulary ({vocab} "
+                             "tokens): build the metric with the same model that produces the logits.")
+        return (logits[:, self.pos, self.good] - logits[:, self.pos, self.bad]).mean()
+
+    def __repr__(self) -> str:
+        def side(tid: int, tok: str, text: str) -> str:
+            first = f" (first token of {text!r})" if text and text != tok else ""
+            return f"{tok!r} [{tid}]{first}"
+
+        return (f"LogitDiff({side(self.good, self.good_token, self.good_text)} - "
+                f"{side(self.bad, self.bad_token, self.bad_text)}, pos={self.pos})")
+
+
+def logit_diff_metric(
+    model: HookedModel,
+    good: str | int,
+    bad: str | int,
+    *,
+    pos: int = -1,
+    multi_token: Literal["first", "error"] = "first",
+) -> LogitDiff:
+    """The logit-difference metric for patching: ``logit[good] - logit[bad]`` at ``pos``, batch mean.
+
+    The one metric helper of :mod:`focuslens.heads`: pass it to :func:`patch_heads`,
+    :func:`~focuslens.heads.attribution.attribution_patch_heads`, ``lens.patch`` or ``lens.attribute``.
+
+    Args:
+        model: the hooked model (its tokenizer turns answer strings into ids).
+        good, bad: the clean and the corrupted answer, as token ids or strings. A string is tokenised
+            without special tokens, exactly as written: mind the leading space (``" Paris"`` is the
+            token after ``"The capital is"``; ``"Paris"`` starts an assistant turn).
+        pos: the position whose next-token logits are compared (``-1``: the last, i.e. the prompt
+            ends right before the answer).
+        multi_token: an answer of several tokens stands for its **first** token (``"first"``, the
+            default: the token the model must produce next; the metric's ``repr`` says so), or is
+            refused (``"error"``).
+
+    Returns:
+        A :class:`LogitDiff` (callable ``metric(logits) -> scalar tensor``, differentiable).
+
+    Raises:
+        ValueError: an answer tokenises to nothing, to several tokens with ``multi_token="error"``,
+            or both answers start with the same token (the difference would always be 0).
+
+    Example:
+        >>> metric = logit_diff_metric(model, " Paris", " Rome")
+        >>> metric
+        LogitDiff(' Paris' [7042] - ' Rome' [7268], pos=-1)   # SmolLM2's token ids
+        >>> lens.patch(corrupt_tokens, clean_tokens, metric)
+    """
+    if multi_token not in ("first", "error"):
+        raise ValueError(f"multi_token must be 'first' or 'error', got {multi_token!r}.")
+    tok = model.tokenizer
+
+    def first(x: str | int, role: str) -> tuple[int, str, str]:
+        if isinstance(x, bool) or not isinstance(x, (int, str)):
+            raise TypeError(f"{role} must be a token id (int) or an answer string, got {type(x).__name__}.")
         if isinstance(x, int):
-            return x
-        ids = model.tokenizer(x, add_special_tokens=False)["input_ids"]
+            if x < 0:
+                raise ValueError(f"{role} token id must be >= 0, got {x}.")
+            return x, tok.decode([x]), ""
+        ids = tok(x, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"{x!r} tokenises to nothing.")
-        return int(ids[0])
+            raise ValueError(f"{role} {x!r} tokenises to nothing: give the answer text (or a token id).")
+        pieces = [tok.decode([i]) for i in ids]
+        if len(ids) > 1 and multi_token == "error":
+            raise ValueError(
+                f"{role} {x!r} is {len(ids)} tokens {pieces}, not one. Pick answers that are single tokens "
+                "(a leading space often helps: ' Paris'), pass multi_token='first' to compare first tokens, "
+                "or write your own metric over the answer's log-probability.")
+        return int(ids[0]), pieces[0], x
 
-    g, b = first(good), first(bad)
+    g, g_tok, g_text = first(good, "good")
+    b, b_tok, b_text = first(bad, "bad")
     if g == b:
-        raise ValueError(f"{good!r} and {bad!r} start with the same token: the logit difference is always 0.")
-
-    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-        return (logits[:, pos, g] - logits[:, pos, b]).mean()
-
-    return metric
+        raise ValueError(f"{good!r} and {bad!r} start with the same token ({g_tok!r}): the logit difference is "
+                         "always 0. Pick answers whose first tokens differ.")
+    return LogitDiff(good=g, bad=b, pos=pos, good_token=g_tok, bad_token=b_tok, good_text=g_text, bad_text=b_text)
 
 
 def make_corrupted_pair(

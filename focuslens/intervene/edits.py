@@ -27,7 +27,7 @@ from ..core.models import HookedModel, hook_name
 from ..core.checks import check_heads
 from ..core.prompts import Span, normalise_spans
 
-__all__ = ["split_softmax_pattern", "pasta_pattern", "attach_span_edit"]
+__all__ = ["split_softmax_pattern", "pasta_pattern", "attach_span_edit", "SpanLayout"]
 
 
 def _group_by_layer(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
@@ -214,7 +214,7 @@ def _row_spans(span: Any, offsets: Sequence[int], *, seq_len: int | None, name: 
     return out
 
 
-class _SpanLayout:
+class SpanLayout:
     """Where the span is, in absolute (padded) key positions: one set for every row, or one per row.
 
     ``offsets=None``: ``spans`` (a list of :class:`Span`, their union) for every batch row. Else a
@@ -226,6 +226,7 @@ class _SpanLayout:
     def __init__(self, span: Any, *, offsets: Sequence[int] | None, seq_len: int | None, what: str):
         self.offsets = None if offsets is None else list(offsets)
         self.rows: list[list[Span]] | None = None
+        self._on: dict[torch.device, Any] = {}  # key_mask's tensors per device
         if self.offsets is None:
             self.spans: Any = normalise_spans(span, seq_len=seq_len, name=f"{what} span")
             self.min_start = min(s.start for s in self.spans)
@@ -243,6 +244,29 @@ class _SpanLayout:
         self.row_min = torch.tensor([min(s.start for s in r) + off for r, off in zip(rows, self.offsets)])
         self.max_end = int(self.ends.max())
         self.rows = self.spans = rows
+
+    def key_mask(self, first_key: int, total: int, device: torch.device | str) -> tuple[Tensor, int | Tensor]:
+        """``(key mask, min_query)`` for key columns at absolute positions ``first_key .. total-1``.
+
+        One span set: a ``[k]`` mask and the int ``min_start``; a batch: a ``[b, k]`` mask (each row its
+        own shifted spans) and ``row_min`` ``[b]``. The rule both engines edit by: the eager
+        ``hook_pattern`` hook (:func:`attach_span_edit`) and the fused engine
+        (:meth:`focuslens.engine.FusedModel.span_edit`).
+        """
+        device = torch.device(device)
+        cached = self._on.get(device)
+        if self.rows is None:
+            if cached is None or cached.shape[0] < total:  # one buffer per device, grown for decoding steps
+                cached = torch.zeros(max(2 * total, self.max_end), dtype=torch.bool, device=device)
+                for s in self.spans:
+                    cached[s.start:s.end] = True
+                self._on[device] = cached
+            return cached[first_key:total], self.min_start
+        if cached is None:
+            cached = self._on[device] = (self.starts.to(device), self.ends.to(device), self.row_min.to(device))
+        st, en, row_min = cached
+        pos = torch.arange(first_key, total, device=device)
+        return ((pos >= st[..., None]) & (pos < en[..., None])).any(1), row_min
 
 
 def attach_span_edit(
@@ -269,7 +293,7 @@ def attach_span_edit(
     by_layer = _group_by_layer(check_heads(model, heads, what=what))
     sliding = any(layer_attention(model, l).sliding_window is not None for l in by_layer)
     clock = _Clock() if sliding else None
-    lay = _SpanLayout(span, offsets=offsets, seq_len=seq_len, what=what)
+    lay = SpanLayout(span, offsets=offsets, seq_len=seq_len, what=what)
     hooks = [(hook_name(l, "hook_pattern"), _pattern_hook(l, hs, lay, edit=edit, identity=identity, clock=clock,
                                                           what=what))
              for l, hs in by_layer.items()]
@@ -278,21 +302,12 @@ def attach_span_edit(
     return handle
 
 
-def _pattern_hook(layer: int, heads_here: list[int], lay: _SpanLayout, *, edit: Callable[..., Tensor],
+def _pattern_hook(layer: int, heads_here: list[int], lay: SpanLayout, *, edit: Callable[..., Tensor],
                   identity: bool, clock: "_Clock | None", what: str):
     """The ``hook_pattern`` hook of one layer: ``edit`` on ``heads_here``, the other heads passed through."""
     idx_cpu = torch.tensor(heads_here, dtype=torch.long)
     state: dict[str, Any] = {}
     rows, spans, max_end = lay.rows, lay.spans, lay.max_end
-
-    def mask_for(total: int, device) -> Tensor:
-        buf = state.get("mask")
-        if buf is None or buf.shape[0] < total or buf.device != torch.device(device):
-            buf = torch.zeros(max(2 * total, max_end), dtype=torch.bool, device=device)
-            for s in spans:
-                buf[s.start:s.end] = True
-            state["mask"] = buf
-        return buf
 
     def hook(pattern: Float[Tensor, "batch head q k"], hook=None):
         # pattern: [batch, head, q_pos, k_pos]; key column c is at absolute position total - k_len + c
@@ -316,19 +331,12 @@ def _pattern_hook(layer: int, heads_here: list[int], lay: _SpanLayout, *, edit: 
         if state.get("device") != pattern.device:
             state["idx"] = idx_cpu.to(pattern.device)
             state["device"] = pattern.device
-            if rows is not None:
-                state["rows"] = (lay.starts.to(pattern.device), lay.ends.to(pattern.device),
-                                 lay.row_min.to(pattern.device))
         first_key = total - k_len
         first = total - q_len
+        mask, mq = lay.key_mask(first_key, total, pattern.device)  # [k] or [b, k] (each row its own spans)
         if rows is None:
-            mask = mask_for(total, pattern.device)[first_key:total]
             qpos = None if first >= lay.min_start else torch.arange(first, total, device=pattern.device)
-            mq: int | Tensor = lay.min_start
         else:
-            st, en, mq = state["rows"]
-            pos = torch.arange(first_key, total, device=pattern.device)
-            mask = ((pos >= st[..., None]) & (pos < en[..., None])).any(1)  # [b, k]
             qpos = torch.arange(first, total, device=pattern.device)
         new = edit(pattern.index_select(1, state["idx"]), mask, query_positions=qpos, min_query=mq)
         return pattern.index_copy(1, state["idx"], new)  # a new tensor; other heads copied bit for bit

@@ -79,13 +79,25 @@ class _SpanEdit(InterventionSpec):
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Each row's own span (read from its example, shifted by its left padding): one attach per batch."""
+        width = self._padded_width(examples, offsets, "attach_batch")
+        return self.attach_spans(model, [self.spans_for(e) for e in examples], seq_len=width, offsets=list(offsets))
+
+    def _padded_width(self, examples: Sequence[Any], offsets: Sequence[int], where: str) -> int | None:
+        """The batch's padded prompt length (prompt length + offset, the same for every row), or None."""
         check_batch(examples, offsets, what=type(self).__name__)
         widths = {int(tokens_of(e).shape[-1]) + o for e, o in zip(examples, offsets) if tokens_of(e) is not None}
         if len(widths) > 1:
-            raise ValueError(f"{type(self).__name__}.attach_batch: prompt length + offset differs between rows "
+            raise ValueError(f"{type(self).__name__}.{where}: prompt length + offset differs between rows "
                              f"({sorted(widths)}); offsets must left-pad every prompt to the same width.")
-        return self.attach_spans(model, [self.spans_for(e) for e in examples],
-                                 seq_len=widths.pop() if widths else None, offsets=list(offsets))
+        return widths.pop() if widths else None
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The same edit on the fused engine (:meth:`FusedModel.span_edit <focuslens.engine.FusedModel.span_edit>`):
+        each row's own span, shifted by its left padding, only the spec's heads recomputed explicitly."""
+        width = self._padded_width(examples, offsets, "attach_fused")
+        edit, identity, label = self._edit()
+        return engine.span_edit(self.heads, [self.spans_for(e) for e in examples], edit=edit, identity=identity,
+                                label=f"fused {label}", offsets=list(offsets), seq_len=width)
 
     def attach_spans(self, model: HookedModel, spans: Any = None, *, seq_len: int | None = None,
                      offsets: Sequence[int] | None = None) -> HookHandle:

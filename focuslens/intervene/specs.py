@@ -182,6 +182,25 @@ class InterventionSpec:
             "time (evaluate does so by itself)."
         )
 
+    # --- the fused engine (focuslens.engine) --------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """True when :meth:`attach_fused` can express this spec exactly on the fused engine.
+
+        Then ``evaluate(engine="auto")`` runs it on the Hugging Face model's SDPA attention with only
+        the edited heads recomputed explicitly (:mod:`focuslens.engine`); else on the bridge.
+        """
+        return type(self).attach_fused is not InterventionSpec.attach_fused
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Attach to a fused engine (a :class:`focuslens.engine.FusedModel`) for one left-padded batch.
+
+        The engine's counterpart of :meth:`attach_batch` (same ``examples`` and ``offsets``): row i gets
+        what ``attach(model, examples[i])`` gives it on the bridge, up to float rounding. Returns a
+        handle (``.remove()``). Specs without a fused edit raise ``TypeError`` (``spec.fused`` is False).
+        """
+        raise TypeError(f"{type(self).__name__} has no fused edit: run it on the bridge (engine='eager').")
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, InterventionSpec):
             return NotImplemented
@@ -252,6 +271,9 @@ class NoIntervention(InterventionSpec):
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         return attach_hooks(model, [], label="no intervention")
 
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        return engine.no_edit("no intervention")
+
     def scaled(self, c: float) -> "NoIntervention":
         return self
 
@@ -320,6 +342,11 @@ class Ablate(InterventionSpec):
 
         means = None if self.means is None else dict(self.means)
         return ablate_heads(model, self.heads, mode=self.mode, means=means)
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The heads' slices of the attention output (before ``o_proj``: ``hook_z``) set to 0 or the mean."""
+        check_batch(examples, offsets, what="Ablate")
+        return engine.ablate(self.heads, means=None if self.means is None else dict(self.means))
 
     def __repr__(self) -> str:
         return f"Ablate({format_heads(self.heads)}, {self.mode})"
@@ -398,6 +425,18 @@ class Compose(InterventionSpec):
              else m.attach_batch(model, examples, offsets=offsets))
             for k, m in enumerate(self.members)
         )
+
+    @property
+    def fused(self) -> bool:
+        return all(m.fused and not m.probes_rows for m in self.members)
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """Every member's :meth:`attach_fused` in order, all-or-nothing like :meth:`attach`."""
+        check_batch(examples, offsets, what="Compose")
+        if not self.members:
+            return engine.no_edit("no intervention")
+        return self._all_or_nothing((lambda m=m: m.attach_fused(engine, examples, offsets=offsets))
+                                    for m in self.members)
 
     def scaled(self, c: float) -> "Compose":
         return Compose(*(m.scaled(c) for m in self.members))

@@ -10,7 +10,7 @@ The hooks are built here (:func:`attach_injection`); the eager
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -75,6 +75,18 @@ class InjectVectors(InterventionSpec):
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         return attach_injection(model, self.vectors, alpha=self.alpha, site=self.site, pre_rope=self.pre_rope)
 
+    @property
+    def fused(self) -> bool:
+        """Post-RoPE query injection runs on the fused engine (the query it is handed is post-RoPE)."""
+        return self.site == "query" and not self.pre_rope
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """``alpha · u`` added to the heads' post-RoPE queries on the fused engine (the ``hook_rot_q`` edit)."""
+        if not self.fused:
+            raise TypeError(f"{self!r}: only post-RoPE query injection runs on the fused engine.")
+        check_scaled(self.vectors, self.alpha, dtype=next(engine.hf_model.parameters()).dtype, what="inject_vectors")
+        return engine.inject_vectors(dict(self.vectors), alpha=self.alpha)
+
     def scaled(self, c: float) -> "InjectVectors":
         return InjectVectors(self.vectors, alpha=self.alpha * c, site=self.site, pre_rope=self.pre_rope)
 
@@ -134,7 +146,9 @@ def _model_dtype(model: HookedModel) -> torch.dtype:
 
 def attach_injection(model: HookedModel, vectors: Mapping[Head, Tensor], *, alpha: float, site: InjectSite,
                      pre_rope: bool) -> HookHandle:
-    """Attach the hooks of :class:`InjectVectors` (validated ``vectors``, a finite ``alpha``): one per layer."""
+    """Attach the hooks of :class:`InjectVectors` (validated ``vectors``, a finite ``alpha``): per edited layer,
+    the edit (``hook_rot_q``/``hook_q``...) and a finiteness check of the edited heads' outputs (``hook_z``);
+    a pass whose edit or attention overflows raises :class:`~focuslens.core.errors.UsageError`."""
     hook_site = inject_site(model, site, pre_rope)
     _check_for_model(model, vectors, alpha=alpha, site=site)
     by_layer: dict[int, dict[int, Tensor]] = defaultdict(dict)
@@ -145,16 +159,75 @@ def attach_injection(model: HookedModel, vectors: Mapping[Head, Tensor], *, alph
         heads = sorted(by_layer[layer])
         idx = torch.tensor(heads, dtype=torch.long)
         stack = torch.stack([by_layer[layer][h] for h in heads], dim=-2)  # [n_sel, d] or [batch, n_sel, d]
-        hooks.append((hook_name(layer, hook_site), _make_add_hook(idx, stack, alpha)))
+        hooks.append((hook_name(layer, hook_site), _make_add_hook(idx, stack, alpha, layer=layer, heads=heads)))
+        z = hook_name(layer, "hook_z")
+        if z in getattr(model, "hook_dict", {}):  # the edit is finite but q·k can overflow: check the heads' output
+            checked = heads if site == "query" else None  # a key edit reaches every query head of its group
+            hooks.append((z, _make_output_check(layer, checked, alpha, float(stack.abs().max()))))
     first = next(iter(vectors.values()))
     per_row = f", batch of {first.shape[0]}" if first.dim() == 2 else ""
     label = f"inject_vectors({site}, alpha={alpha:g}, {len(vectors)} heads, {hook_site}{per_row})"
     handle = attach_hooks(model, hooks, label=label)
-    handle.hook_names = [n for n, _ in hooks]
+    handle.hook_names = [n for n, _ in hooks if not n.endswith("hook_z")]
     return handle
 
 
-def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
+def _refuse_non_finite(before: Tensor, edited: Tensor, add: Tensor, *, layer: int, heads: list[int],
+                       alpha: float) -> None:
+    """The error of a non-finite injection: which heads, the largest activation and the largest added entry."""
+    from ..core.errors import UsageError
+
+    bad = [(layer, h) for j, h in enumerate(heads) if not bool(torch.isfinite(edited[:, :, j, :]).all())]
+    finite_in = bool(torch.isfinite(before).all())
+    big_x = float(before[torch.isfinite(before)].abs().max()) if before.numel() and finite_in else float("nan")
+    big_add = float(add.abs().max())
+    cause = (f"the activations were already non-finite before the edit (the model or an earlier hook)"
+             if not finite_in else
+             f"adding alpha * vector (largest |entry| {big_add:g}) to activations up to {big_x:g} overflows "
+             f"{str(edited.dtype).replace('torch.', '')}")
+    raise UsageError(
+        f"inject_vectors (alpha = {alpha:g}) made the query/key of heads {bad} non-finite on this forward pass: "
+        f"{cause}; use a smaller alpha or rescale the vectors (the pass was stopped instead of returning "
+        "NaN/inf logits).")
+
+
+def _make_output_check(layer: int, heads: list[int] | None, alpha: float, big_u: float):
+    """A hook on ``hook_z`` (the heads' outputs) that refuses a non-finite output of the edited heads: a
+    finite query of 3e38 still overflows ``q·k`` in float32, and the pass would return NaN logits."""
+    idx: dict[Any, Tensor] = {}
+
+    def check(z: Float[Tensor, "batch pos head d_head"], hook=None):
+        if alpha == 0.0:
+            return z
+        if heads is None:
+            part = z
+        else:
+            if z.device not in idx:
+                idx[z.device] = torch.tensor(heads, dtype=torch.long, device=z.device)
+            part = z.index_select(2, idx[z.device])
+        if not bool(torch.isfinite(part).all()):
+            from ..core.errors import UsageError
+
+            names = [(layer, h) for h in (heads if heads is not None else range(z.shape[2]))
+                     if not bool(torch.isfinite(z[:, :, h]).all())]
+            raise UsageError(
+                f"inject_vectors (alpha = {alpha:g}, largest |vector entry| {big_u:g}) made the attention output "
+                f"of heads {names} non-finite on this forward pass (the edited queries/keys overflow the "
+                f"attention scores q·k in {str(z.dtype).replace('torch.', '')}); use a smaller alpha or rescale "
+                "the vectors (the pass was stopped instead of returning NaN/inf logits).")
+        return z
+
+    return check
+
+
+def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float, *, layer: int, heads: list[int]):
+    """The hook adding ``alpha * u`` to heads ``idx`` of one layer; it refuses to return a non-finite edit.
+
+    Why the check: ``alpha * u`` is finite (checked when attached) but ``q + alpha * u`` can still overflow
+    the model's dtype (3e38 + a query in float32, 6e4 in float16), and an inf query makes every logit of
+    the pass NaN without an error. Only the edited heads' slice is checked (one reduction per hooked
+    layer and pass; measured in docs/guarantees.md).
+    """
     cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
@@ -171,8 +244,11 @@ def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float):
                     f"pass has {x.shape[0]}: attach it with the prompts of this batch."
                 )
             add = add[:, None]
+        edited = x[:, :, i, :] + add  # broadcast over batch and positions
+        if not bool(torch.isfinite(edited).all()):
+            _refuse_non_finite(x[:, :, i, :], edited, add, layer=layer, heads=heads, alpha=alpha)
         out = x.clone()
-        out[:, :, i, :] = x[:, :, i, :] + add  # broadcast over batch and positions
+        out[:, :, i, :] = edited
         return out
 
     return hook

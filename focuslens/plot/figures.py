@@ -29,7 +29,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..score.ranking import DatasetScores
+from ..core.checks import is_index
+from ..core.models import HookedModel, ModelInfo
+from ..score.ranking import DatasetScores, check_scores
 from ..core.io import atomic_write
 
 __all__ = ["head_heatmap", "finder_heatmaps", "ablation_curve", "curves", "head_doc_view", "Series", "Baseline", "Condition",
@@ -65,16 +67,25 @@ _SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x")
 SE_NOTE = "error bars ± 1 SE; n in the legend"
 
 PNG_HELP = (
-    "PNG export needs kaleido and a Chromium browser. Install one with "
-    "`apt-get update && apt-get install -y chromium` (or `plotly_get_chrome`), and set "
-    "BROWSER_PATH=$(command -v chromium) if kaleido does not find it. The HTML file was written."
+    "PNG export needs kaleido and a Chromium browser: `pip install \"focuslens[figures]\"` (kaleido >= 1) and "
+    "`apt-get update && apt-get install -y chromium` (or `plotly_get_chrome`, online), then restart the "
+    "kernel or process; set BROWSER_PATH=$(command -v chromium) if kaleido does not find it. "
+    "The HTML file was written."
 )
 
 
 def _as_matrix(scores) -> Tensor:
     if isinstance(scores, DatasetScores):
         scores = scores.mean["relevant"]
-    t = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+    if isinstance(scores, (str, bytes, os.PathLike)) or scores is None:
+        raise TypeError(f"head_heatmap needs a [layer, head] matrix (a tensor, an array, nested lists or "
+                        f"DatasetScores), got {type(scores).__name__}; for a ranking file use "
+                        "DatasetScores.load(path) first.")
+    try:
+        t = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"head_heatmap needs a [layer, head] matrix of numbers (rows of equal length); got a "
+                         f"{type(scores).__name__} that is not one ({' '.join(str(e).split())}).") from None
     if t.dim() != 2:
         raise ValueError(f"head_heatmap needs a [layer, head] matrix, got shape {tuple(t.shape)}.")
     if t.numel() == 0:
@@ -93,6 +104,7 @@ def head_heatmap(
     zmax: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    model: HookedModel | ModelInfo | None = None,
 ):
     """A heatmap of any ``[layer, head]`` tensor: layer on the y axis (0 at the top), head on x.
 
@@ -105,15 +117,21 @@ def head_heatmap(
         title: figure title.
         top_k: how many of the highest cells to mark (at most all of them).
         colorbar_title, colorscale, zmin, zmax: colour settings.
+        model: the model (or its :class:`~focuslens.core.models.ModelInfo`) the figure is about: the table
+            must be its ``[n_layers, n_heads]`` (and a :class:`DatasetScores`' fingerprint its own),
+            else :func:`~focuslens.score.ranking.check_scores` refuses it.
 
     Returns:
         ``plotly.graph_objects.Figure`` with the heatmap as trace 0 and the top-k markers as trace 1.
     """
     import plotly.graph_objects as go
 
+    if model is not None:
+        check_scores(scores if isinstance(scores, DatasetScores) else _as_matrix(scores), model,
+                     what="the heatmap's scores")
     t = _as_matrix(scores)
     L, H = t.shape
-    if not isinstance(top_k, int) or top_k < 0:
+    if not is_index(top_k) or top_k < 0:  # a bool is not a count
         raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
     top_k = min(top_k, L * H)  # a small matrix with the default top_k=20: mark every cell
     order, text, custom = _heatmap_ranks(t, top_k)
@@ -484,17 +502,35 @@ def head_doc_view(
 
 
 def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = ("html", "png"),
-                scale: float = 2.0, include_plotlyjs: bool | str = "cdn") -> list[Path]:
+                scale: float = 2.0,
+                include_plotlyjs: Literal["directory", "cdn"] | bool = "directory") -> list[Path]:
     """Write ``fig`` as ``<path_stem>.html`` (always) and ``.png`` (when kaleido + Chromium work).
 
     Each file is written to a temporary name and renamed into place, so a reader never sees half a
-    file. If PNG export fails (typically: no Chromium browser), one warning on stderr explains the
-    fix (:data:`PNG_HELP`) and the function returns the files it did write. The HTML loads plotly.js
-    from its CDN (small files); pass ``include_plotlyjs=True`` to embed it (~3.5 MB) for offline use.
+    file. If PNG export fails (typically: no kaleido, or no Chromium browser), one warning on stderr
+    explains the fix (:data:`PNG_HELP`) and the function returns the files it did write.
+
+    The HTML renders **offline**: by default (``include_plotlyjs="directory"``) it loads plotly.js from
+    ``plotly.min.js`` beside it, which is written once per folder (~4.8 MB, rewritten when the installed
+    plotly ships another plotly.js version), so a folder of figures carries one copy instead of one per
+    file. Keep the two files together when copying; ``include_plotlyjs=True`` embeds plotly.js in the
+    file (one self-contained ~4.8 MB HTML), ``"cdn"`` loads it from the internet (small, online only).
+
+    Args:
+        fig: a plotly figure.
+        path_stem: the path without suffix (a ``.html``/``.png`` suffix is dropped).
+        formats: among ``"html"``, ``"png"``, ``"svg"``, ``"pdf"``; HTML is always written.
+        scale: resolution factor of the static images.
+        include_plotlyjs: ``"directory"`` (default), ``True`` or ``"cdn"``, as above.
 
     Returns:
-        The paths written.
+        The paths written (``plotly.min.js`` not included).
+
+    Example:
+        >>> save_figure(head_heatmap(scores), "figures/heads")   # heads.html (+ plotly.min.js, heads.png)
     """
+    if include_plotlyjs not in ("directory", "cdn", True):
+        raise ValueError(f"include_plotlyjs must be 'directory', 'cdn' or True, got {include_plotlyjs!r}.")
     stem = Path(path_stem)
     if stem.suffix in (".html", ".png"):
         stem = stem.with_suffix("")
@@ -508,6 +544,8 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
     for f in fmts:
         path = stem.with_suffix(f".{f}")
         if f == "html":
+            if include_plotlyjs == "directory":
+                _write_plotlyjs(path.parent)
             atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=include_plotlyjs, full_html=True))
             written.append(path)
             continue
@@ -515,11 +553,26 @@ def save_figure(fig, path_stem: str | os.PathLike, *, formats: Sequence[str] = (
         try:
             atomic_write(path, lambda tmp: fig.write_image(tmp, format=f, scale=scale))
         except Exception as e:  # kaleido raises several types when no browser is found
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = str(e).strip().splitlines()[0].rstrip(" ,.:;") if str(e).strip() else type(e).__name__
             print(f"[focuslens] WARNING: could not write {path}: {msg}. {PNG_HELP}", file=sys.stderr)
             continue
         written.append(path)
     return written
+
+
+def _write_plotlyjs(folder: Path) -> Path:
+    """``folder/plotly.min.js`` for ``include_plotlyjs="directory"``, written atomically when missing or
+    when it holds another plotly.js version than the installed plotly's (a figure needs its own)."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    js = folder / "plotly.min.js"
+    want = f"plotly.js v{get_plotlyjs_version()}"
+    if js.is_file():
+        with open(js, encoding="utf-8", errors="replace") as fh:
+            if want in fh.read(200):
+                return js
+    atomic_write(js, get_plotlyjs())
+    return js
 
 
 def _find_browser() -> None:
@@ -533,33 +586,83 @@ def _find_browser() -> None:
             os.environ["BROWSER_PATH"] = found
 
 
-def notebook_figures() -> str:
-    """Show plotly figures in notebooks interactively *and* as a static PNG, when PNG export works.
+def notebook_figures(static: Literal["auto", "png", "html", "none"] = "auto") -> str:
+    """Make plotly figures in this notebook survive a static export: a PNG, or plotly.js embedded.
 
-    Why: a notebook committed with outputs should show its figures where plotly's JavaScript does not
-    run (GitHub's viewer, nbviewer without JS, a PDF export). With kaleido and a Chromium browser each
-    figure is also embedded as a PNG; without them (the check costs one tiny export) figures stay
-    interactive only and nothing fails. Returns the plotly renderer that was set.
+    Why: plotly's default notebook output is its own MIME type only, which Jupyter draws but GitHub's
+    viewer, ``jupyter nbconvert --to html`` and other static exports show as **blank**. Call this once
+    at the top of a notebook; every figure then carries, besides the interactive figure:
+
+    * ``"png"``: a PNG image (kaleido and a Chromium browser needed; ``pip install "focuslens[figures]"``
+      and ``apt-get install chromium``). Shows on GitHub, in HTML exports, offline. Raises a
+      ``RuntimeError`` with the fix when PNG export does not work here.
+    * ``"html"``: the figure as HTML with plotly.js embedded once in the notebook (~4.8 MB): an HTML
+      export stays interactive offline; GitHub (which strips scripts) still shows nothing.
+    * ``"auto"`` (default): ``"png"`` when PNG export works (checked with one tiny export), else
+      ``"html"`` with a one-line note on stderr saying how to get PNGs.
+    * ``"none"``: plotly's MIME type only (Jupyter draws it; static exports are blank).
+
+    A figure is shown by ``fig.show()`` or as a cell's last value. If kaleido was installed after plotly
+    was imported, restart the kernel: plotly checks for kaleido once, at import.
+
+    Args:
+        static: ``"auto"``, ``"png"``, ``"html"`` or ``"none"``, as above.
+
+    Returns:
+        The plotly renderer that was set (``plotly.io.renderers.default``).
+
+    Example:
+        >>> import focuslens as fl
+        >>> fl.plot.figures.notebook_figures()   # 'plotly_mimetype+png' where kaleido + Chromium work
     """
     import plotly.graph_objects as go
     import plotly.io as pio
 
-    _find_browser()
-    try:
-        go.Figure().to_image(format="png", width=8, height=8)
-        pio.renderers.default = "plotly_mimetype+png"
-    except Exception:  # kaleido raises several types when no browser is found
-        pio.renderers.default = "plotly_mimetype"
+    modes = {"png": "plotly_mimetype+png", "html": "plotly_mimetype+notebook", "none": "plotly_mimetype"}
+    if static not in ("auto", *modes):
+        raise ValueError(f"static must be 'auto', 'png', 'html' or 'none', got {static!r}.")
+    if static in ("auto", "png"):
+        _find_browser()
+        try:
+            go.Figure().to_image(format="png", width=8, height=8)
+            why = ""
+        except Exception as e:  # kaleido raises several types when it or a browser is missing
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if why and _kaleido_needs_restart():
+            why = "kaleido was installed after plotly was imported: restart the kernel"
+        if why and static == "png":
+            raise RuntimeError(f"notebook_figures(static='png'): PNG export does not work here ({why}). {PNG_HELP}")
+        if why:
+            print(f"[focuslens] figures: no PNG export ({why}); embedding plotly.js instead, so an HTML export "
+                  "shows them (GitHub will not). For PNGs: pip install 'focuslens[figures]' and a Chromium "
+                  "browser (docs/figures.md).", file=sys.stderr)
+        static = "html" if why else "png"
+    pio.renderers.default = modes[static]
     return pio.renderers.default
 
 
+def _kaleido_needs_restart() -> bool:
+    """kaleido is installed but plotly imported before it was (plotly looks for it once, at import)."""
+    import importlib.util
+
+    try:
+        from plotly.io import _kaleido
+    except ImportError:  # pragma: no cover - another plotly layout
+        return False
+    return getattr(_kaleido, "kaleido", True) is None and importlib.util.find_spec("kaleido") is not None
+
+
 def finder_heatmaps(results: Mapping[str, Any], *, top_k: int = 20, title: str = "",
-                    subtitles: Mapping[str, str] | None = None):
+                    subtitles: Mapping[str, str] | None = None, model: HookedModel | ModelInfo | None = None):
     """The finders' ``[layer, head]`` heatmaps side by side (one plotly figure, one panel each).
 
     Each panel is :func:`focuslens.plot.figures.head_heatmap`'s heatmap and top-k markers, with its own
-    colour scale (the finders' units differ).
+    colour scale (the finders' units differ). With ``model``, every table is checked to be that model's
+    (:func:`~focuslens.score.ranking.check_scores`).
     """
+    if model is not None:
+        for n, r in results.items():
+            check_scores(r if isinstance(r, DatasetScores) else _as_matrix(r), model, what=f"finder {n!r}'s scores")
     from plotly.subplots import make_subplots
 
     names = list(results)

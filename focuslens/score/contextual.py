@@ -59,6 +59,7 @@ from ..core.attention import LayerAttention, attention_probs, expand_kv, qk_rout
 from ..core.generation import DEFAULT_MAX_NEW_TOKENS, generate_responses
 from ..core.hooks import attach_hooks
 from ..core.forward import run_until
+from ..core.checks import check_count
 from ..core.models import HookedModel, check_context, hook_name, model_info
 from ..core.prompts import LabelledPrompt, Span, SpanLike, as_span, normalise_spans
 from .ranking import (  # the result types, re-exported from here
@@ -472,8 +473,9 @@ def score_dataset(
     mode_name = "callable" if callable(response) else str(response)
     if not callable(response) and response not in ("generate", "gold", "gold_only"):
         raise ValueError(f"response must be 'generate', 'gold', 'gold_only' or a callable, got {response!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_count(batch_size, name="batch_size", what="score_dataset")
+    check_count(max_new_tokens, name="max_new_tokens", what="score_dataset")
+    _check_rendered(examples)
     per: dict[str, list[Tensor]] = {}
     texts: list[str] = []
     used: list[int] = []
@@ -504,6 +506,22 @@ def score_dataset(
         if bar is not None:
             bar.set_postfix(used=len(texts), skipped=len(skipped))
     return _dataset_scores(model, per, texts, used, skipped, mode_name=mode_name, n_examples=len(examples))
+
+
+def _check_rendered(examples: Sequence[Any]) -> None:
+    """Every example is rendered (a prompt with spans): a raw ``TaskExample`` has no token spans to score."""
+    from ..core.errors import UsageError
+    from ..tasks.records import TaskExample
+
+    for i, ex in enumerate(examples):
+        if isinstance(ex, TaskExample):
+            raise UsageError(
+                f"score_dataset: example {i} is a TaskExample (question and documents), not a rendered prompt: "
+                "render them first, [render(e, model.tokenizer) for e in examples] (focuslens.tasks.render).")
+        if not hasattr(ex, "prompt"):
+            raise UsageError(
+                f"score_dataset: example {i} is a {type(ex).__name__}, not a rendered example "
+                "(focuslens.tasks.RenderedExample: render(e, model.tokenizer)).")
 
 
 def _chunk_responses(

@@ -111,6 +111,9 @@ def _read_litm(p: Path, *, limit: int | None, task: str | None) -> list[TaskExam
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            except RecursionError:
+                raise UsageError(f"{p}:{lineno}: the JSON is nested too deeply to read; expected one Lost-in-the-"
+                                 "Middle record (question, answers, ctxs) per line.") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{p}:{lineno}: malformed record: expected a JSON object with question, answers "
                                  f"and ctxs, got {type(obj).__name__}.")

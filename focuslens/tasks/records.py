@@ -83,6 +83,12 @@ NEEDLE_INSTRUCTION = (
 _DOC_KEYS = ("title", "text", "isgold", "hasanswer")
 
 
+def _short(text: str, n: int) -> str:
+    """``text`` on one line, cut to ``n`` characters with an ellipsis (for reprs)."""
+    one = " ".join(str(text).split())
+    return one if len(one) <= n else one[: n - 1] + "…"
+
+
 @dataclass
 class Document:
     """One context passage (a LitM ``ctxs`` entry).
@@ -107,6 +113,10 @@ class Document:
     answers: list[str] = field(default_factory=list)
     kind: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """One line: title, the text's opening words, gold mark."""
+        return f"Document({_short(self.title, 30)!r}: {_short(self.text, 60)!r}{', gold' if self.isgold else ''})"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -177,6 +187,13 @@ class TaskExample:
     meta: dict[str, Any] = field(default_factory=dict)
     id: str = ""
     template: str = "qa"
+
+    def __repr__(self) -> str:
+        """One line: id, task, question, answers, number of documents and the gold position."""
+        ident = f"{self.id!r}, " if self.id else ""
+        answers = ", ".join(repr(_short(a, 30)) for a in self.answers[:3]) + (", …" if len(self.answers) > 3 else "")
+        return (f"TaskExample({ident}{self.task}: {_short(self.question, 80)!r} → [{answers}], "
+                f"{len(self.ctxs)} docs, gold={self.gold_index})")
 
     def __post_init__(self) -> None:
         if isinstance(self.answers, str):
@@ -450,6 +467,12 @@ class RenderedExample:
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+    def __repr__(self) -> str:
+        """One line: the record, the variant, length and the relevant span (not the tokens)."""
+        rel = f"{self.relevant.start}..{self.relevant.end}" if self.relevant is not None else None
+        return (f"RenderedExample({self.variant}, {len(self)} tokens, relevant={rel}, "
+                f"{len(self.distractors)} distractors; {self.example!r})")
 
 
 def _tokenizer_of(model_or_tokenizer: Any):

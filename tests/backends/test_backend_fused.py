@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from focuslens.backends.fused import FusedModel, load_fused
-from focuslens.backends.fused_attention import ATTN_IMPL, is_registered
+from focuslens.backends.fused import load_fused
+from focuslens.engine import FusedModel
+from focuslens.engine.attention import ATTN_IMPL, is_registered
 from focuslens.core.hooks import attach_hooks
 from focuslens.score.contextual import HeadScores
 from focuslens.testing import tiny_hf_model
@@ -158,7 +159,7 @@ def test_bf16_scores_close_to_fp32_and_returned_in_fp32():
 
 def test_response_rows_are_computed_in_fp32_from_bf16_inputs():
     """The explicit rows use fp32 arithmetic on bf16 q/k (a bf16 softmax would be off by ~1e-3)."""
-    from focuslens.backends.fused import _explicit_rows
+    from focuslens.engine.attention import _explicit_rows
 
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(1, 4, 8, 16, generator=g) * 3).to(torch.bfloat16)
@@ -378,7 +379,7 @@ def test_restores_attention_implementation_after_exceptions():
             raise KeyError("boom")
     assert fm.attn_implementation == "sdpa" and m.model.config._attn_implementation == "sdpa"
     assert not is_registered() and ATTN_IMPL not in AttentionInterface._global_mapping
-    assert not fm._splits and not fm._injections and fm._recorder is None
+    assert not fm._span_edits and not fm._injections and not fm._ablations and fm._recorder is None
     # a failing scoring pass (out-of-vocabulary id) leaves nothing behind either
     with pytest.raises(Exception):
         fm.contextual_scores(torch.tensor([1, 2, 10_000, 3]), relevant=(0, 2), response=(2, 4))
@@ -561,7 +562,7 @@ def test_handles_are_context_managers_and_removable(tiny_llama):
         edited = fm(ids).logits
         h.remove()
         h.remove()  # idempotent
-        assert not h.active and fm.attn_implementation == "sdpa" and not is_registered() and not fm._splits
+        assert not h.active and fm.attn_implementation == "sdpa" and not is_registered() and not fm._span_edits
         with fm.split_softmax([(1, 2)], span=[(2, 6), (8, 10)], tau=0.2) as h2:
             again = fm(ids).logits
         assert not h2.active
@@ -569,6 +570,6 @@ def test_handles_are_context_managers_and_removable(tiny_llama):
         both = compose(fm.inject_vectors(v, alpha=1.0), fm.split_softmax([(1, 2)], (2, 6), 0.5))
         fm(ids)
         both.remove()
-        assert not fm._injections and not fm._splits and not is_registered()
+        assert not fm._injections and not fm._span_edits and not is_registered()
     assert (edited - base).abs().max() > 1e-3
     torch.testing.assert_close(again, edited, atol=0, rtol=0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens.backends.fused import FusedModel, load_fused
+from focuslens.backends.fused import load_fused
+from focuslens.engine import FusedModel
 from focuslens.score.contextual import HeadScores
 from focuslens.testing import tiny_hf_model, tiny_tokenizer
 

@@ -172,3 +172,100 @@ def test_file_checksum_streams_bytes(tmp_path):
     assert file_checksum(p) == hashlib.sha256(data).hexdigest()[:16]
     p.write_bytes(data[:-1] + b"\x00")
     assert file_checksum(p) != hashlib.sha256(data).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue #34: writes never destroy what they did not create; reading needs no lock
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_dir_keeps_the_files_it_does_not_write(tmp_path, monkeypatch, exchange, links):
+    """Replacing an artefact replaces its own files only: the user's files, folders and links stay."""
+    if not exchange:
+        monkeypatch.setattr(fio, "_exchange", lambda a, b: False)
+    if not links:  # a file system without hard links: the files are copied instead
+        def no_link(*a, **k):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(fio.os, "link", no_link)
+    target = tmp_path / "art"
+    with atomic_dir(target) as d:
+        (d / "w").write_text("1")
+    (target / "NOTES.md").write_text("notes")
+    (target / "sub").mkdir()
+    (target / "sub" / "x.txt").write_text("x")
+    (target / "ln").symlink_to("NOTES.md")
+    with atomic_dir(target) as d:
+        (d / "w").write_text("2")
+        (d / "NOTES.md").write_text("the artefact's own NOTES.md")  # a file the writer writes is replaced
+    assert (target / "w").read_text() == "2"
+    assert (target / "NOTES.md").read_text() == "the artefact's own NOTES.md"
+    assert (target / "sub" / "x.txt").read_text() == "x"
+    assert (target / "ln").is_symlink() and os.readlink(target / "ln") == "NOTES.md"
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+    # an interrupted write still leaves the previous folder with the user's files
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            raise RuntimeError("crash")
+    assert (target / "sub" / "x.txt").read_text() == "x" and sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_atomic_dir_refuses_a_symlink_and_atomic_write_replaces_one(tmp_path):
+    from focuslens.core.errors import UsageError
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep").write_text("k")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with pytest.raises(UsageError, match="link is a symbolic link.*give the real path"):
+        with atomic_dir(tmp_path / "link") as d:
+            (d / "w").write_text("1")
+    assert os.listdir(real) == ["keep"] and (tmp_path / "link").is_symlink()
+    # atomic_write never writes through a link: the link is replaced, the file it pointed to is untouched
+    user = tmp_path / "user.txt"
+    user.write_text("precious")
+    (tmp_path / "out.json").symlink_to(user)
+    atomic_write(tmp_path / "out.json", "{}")
+    assert user.read_text() == "precious"
+    assert not (tmp_path / "out.json").is_symlink() and (tmp_path / "out.json").read_text() == "{}"
+
+
+def test_output_lock_if_writable_yields_the_refusal_on_a_read_only_folder(tmp_path, monkeypatch):
+    import errno
+
+    from focuslens.core.io import output_lock_if_writable
+
+    with output_lock_if_writable(tmp_path / "a.jsonl") as refused:
+        assert refused is None and lock_path(tmp_path / "a.jsonl").exists()
+    assert not lock_path(tmp_path / "a.jsonl").exists()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(fio.os, "open", read_only)
+    with output_lock_if_writable(tmp_path / "a.jsonl") as refused:
+        assert isinstance(refused, OSError) and refused.errno == errno.EROFS
+    with pytest.raises(OSError):  # output_lock itself still needs the lock file
+        with output_lock(tmp_path / "a.jsonl"):
+            pass
+    monkeypatch.undo()
+    with output_lock(tmp_path / "a.jsonl"):  # someone else holds it: still refused, read-only or not
+        import subprocess
+        import sys
+
+        code = ("from focuslens.core.io import output_lock_if_writable\n"
+                f"with output_lock_if_writable({str(tmp_path / 'a.jsonl')!r}): pass\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        assert r.returncode != 0 and "OutputBusy" in r.stderr
+
+
+def test_tensor_checksum_hashes_the_bytes_without_copying_them():
+    import hashlib
+
+    for t in (torch.arange(10, dtype=torch.float32), torch.ones(3, 2, dtype=torch.bfloat16), torch.tensor([True])):
+        h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        assert tensor_checksum(t) == h.hexdigest()[:16]

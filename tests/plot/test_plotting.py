@@ -77,7 +77,8 @@ def test_save_figure_html_always(tmp_path):
     assert out == [tmp_path / "sub" / "heat.html"]
     text = out[0].read_text()
     assert "plotly" in text.lower() and "heatmap" in text
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["heat.html"]  # no temp files left
+    # no temp files left; plotly.js beside the HTML (include_plotlyjs="directory": renders offline)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["heat.html", "plotly.min.js"]
 
 
 def test_save_figure_png_failure_warns_and_continues(tmp_path, monkeypatch, capsys):
@@ -91,7 +92,7 @@ def test_save_figure_png_failure_warns_and_continues(tmp_path, monkeypatch, caps
     assert out == [tmp_path / "heat.html"]
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "apt-get install -y chromium" in err and PNG_HELP in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.html", "plotly.min.js"]
 
 
 def test_save_figure_bad_format(tmp_path):
@@ -111,9 +112,15 @@ def test_notebook_figures_falls_back_without_png_export(monkeypatch):
             raise RuntimeError("no chromium")
 
         monkeypatch.setattr(go.Figure, "to_image", no_browser)
-        assert notebook_figures() == "plotly_mimetype" == pio.renderers.default
+        # no PNG: plotly.js embedded (an HTML export still shows the figure), and a note saying why
+        assert notebook_figures() == "plotly_mimetype+notebook" == pio.renderers.default
+        with pytest.raises(RuntimeError, match="no chromium"):
+            notebook_figures(static="png")
         monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: b"\x89PNG")
         assert notebook_figures() == "plotly_mimetype+png" == pio.renderers.default
+        assert notebook_figures("none") == "plotly_mimetype"
+        with pytest.raises(ValueError, match="static must be"):
+            notebook_figures("pdf")
     finally:
         pio.renderers.default = before
 

@@ -251,8 +251,9 @@ def test_score_dataset_batched_generation_equals_one_by_one(tok, tiny_llama):
             assert bat.n_skipped == one.n_skipped >= 1 and 2 not in bat.indices
             for k in one.mean:
                 torch.testing.assert_close(bat.per_example[k], one.per_example[k], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        score_dataset(tiny_llama, exs, progress=False, batch_size=0)
+    for bad in (0, True, 1.5):  # a count: bools and floats are not taken
+        with pytest.raises(ValueError, match=r"score_dataset: batch_size must be an int in >= 1, got"):
+            score_dataset(tiny_llama, exs, progress=False, batch_size=bad)
 
 
 def test_score_dataset_zero_usable_raises(tok, tiny_llama):
@@ -291,8 +292,9 @@ def test_ranking_json_roundtrip_and_authors_format(tok, tiny_llama, tmp_path):
 def test_contextual_heads_validates_k():
     s = torch.tensor([[0.1, 0.5], [0.3, 0.2]])
     assert contextual_heads(s, k=2) == [(0, 1), (1, 0)]
-    with pytest.raises(ValueError, match="exceeds"):
-        contextual_heads(s, k=5)
+    for bad in (5, 0, True, 2.0):  # more than the 4 heads, none, a bool, a float
+        with pytest.raises(ValueError, match=rf"k must be an int in 1\.\.4, got {bad!r}"):
+            contextual_heads(s, k=bad)
 
 
 # ------------------------------------------------------------------ SmolLM2 (real model, brief)

@@ -1,9 +1,10 @@
-"""The attention function the fused backend registers with transformers, and the edits it applies.
+"""The attention function the fused engine registers with transformers, and the edits it applies.
 
-Transformers calls :func:`_focuslens_attention` in every layer (while a :class:`~focuslens.backends.fused.FusedModel`
+Transformers calls :func:`_focuslens_attention` in every layer (while a :class:`~focuslens.engine.fused.FusedModel`
 context is active) with the post-RoPE query, key and value: it injects query vectors, runs the fused
-SDPA output, recomputes split-softmax heads row block by row block, and records the response rows of
-a scoring pass — all with :mod:`focuslens.core.attention`'s scale, masks and row softmax.
+SDPA output, recomputes the span-edited heads (split softmax, PASTA) row block by row block with the
+specs' own pattern maths, overwrites ablated heads' outputs, and records the response rows of a
+scoring pass — all with :mod:`focuslens.core.attention`'s scale, masks and row softmax.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
 from ..core.prompts import Span
+from ..intervene.edits import SpanLayout
 
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
@@ -73,21 +75,42 @@ def is_registered() -> bool:
 
 
 @dataclass
-class _SplitEdit:
-    heads_by_layer: dict[int, list[int]]
-    spans: list[Span]  # the relevant context C (a union of spans), absolute key positions
-    tau: float
+class _SpanEdit:
+    """A post-softmax pattern edit on some heads around spans: split softmax or PASTA.
 
-    @property
-    def min_start(self) -> int:
-        return min(sp.start for sp in self.spans)
+    ``edit(pattern, key_mask, query_positions=, min_query=)`` is the spec's own maths
+    (:func:`focuslens.intervene.edits.split_softmax_pattern` / ``pasta_pattern``), applied to the
+    explicit fp32 rows of ``heads_by_layer``; ``layout`` says where the spans are (one union for every
+    row, or each row's own spans shifted by its left padding) with the key-mask rule of the eager hook
+    (:class:`focuslens.intervene.edits.SpanLayout`).
+    """
+
+    heads_by_layer: dict[int, list[int]]
+    edit: Callable[..., Tensor]
+    layout: SpanLayout
+
+    def key_mask(self, n_keys: int, batch: int, device: torch.device) -> tuple[Tensor, int | Tensor]:
+        """``(key mask [k] or [b, k], min_query int or [b])`` for keys at absolute positions ``0..n_keys-1``."""
+        rows = self.layout.rows
+        if rows is not None and batch != len(rows):
+            raise ValueError(
+                f"the span edit was attached for a batch of {len(rows)} rows but the forward pass has "
+                f"{batch}: attach it with the prompts of this batch."
+            )
+        return self.layout.key_mask(0, n_keys, device)
 
 
 @dataclass
 class _Injection:
-    # layer -> (head indices [n], vectors [n, d] fp32 on CPU; moved to the query's device lazily)
+    # layer -> (head indices [n], vectors [n, d] or [b, n, d] (one per batch row), fp32 on CPU; moved lazily)
     by_layer: dict[int, tuple[list[int], Tensor]]
     alpha: float
+
+
+@dataclass
+class _Ablation:
+    # layer -> (head indices [n], fill [n, d] (mean ablation) or None (zero)): the heads' output before o_proj
+    by_layer: dict[int, tuple[list[int], Tensor | None]]
 
 
 @dataclass
@@ -104,23 +127,17 @@ class _Recorder:
         return buf
 
 
-def _split_softmax_rows(
-    pattern: Float[Tensor, "b h q k"], edit: _SplitEdit, query_pos: Int[Tensor, " q"]
+def _edit_rows(
+    pattern: Float[Tensor, "b h q k"], edit: _SpanEdit, query_pos: Int[Tensor, " q"]
 ) -> Float[Tensor, "b h q k"]:
-    """Move each row's mass on the edit's spans from π to π^τ, keeping shares inside and outside.
+    """Apply a span edit to explicit rows at absolute positions ``query_pos``.
 
-    Delegates to :func:`focuslens.intervene.eager.split_softmax_pattern` with the same union mask and
-    ``min_query`` guard as :func:`focuslens.intervene.eager.split_softmax` (factors in float64; rows with
-    no mass on the span, none outside it, or before the span unchanged), so both backends make exactly
-    the same edit.
+    The key mask and ``min_query`` guard are those of :func:`focuslens.intervene.edits.attach_span_edit`
+    (rows before the span, with no mass on it or none outside it, unchanged), and the maths is the
+    spec's own edit function, so both engines make exactly the same edit.
     """
-    from ..intervene.eager import split_softmax_pattern
-
-    inside = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
-    for sp in edit.spans:
-        inside[sp.start : min(sp.end, pattern.shape[-1])] = True
-    return split_softmax_pattern(pattern, inside, edit.tau, query_positions=query_pos.to(pattern.device),
-                                 min_query=edit.min_start)
+    mask, min_query = edit.key_mask(pattern.shape[-1], pattern.shape[0], pattern.device)
+    return edit.edit(pattern, mask, query_positions=query_pos.to(pattern.device), min_query=min_query)
 
 
 def _visible(
@@ -187,6 +204,44 @@ def _explicit_rows(
     return row_softmax(scores, vis, inplace=True)
 
 
+def _inject(query: Float[Tensor, "b h q d"], injections: Sequence[_Injection], layer: int) -> Float[Tensor, "b h q d"]:
+    """``alpha · u`` added to the selected heads' post-RoPE queries (α·u in float64, rounded once in the
+    query's dtype: the arithmetic of the eager ``hook_rot_q`` hook); a new tensor when anything is added."""
+    q_len = query.shape[2]
+    for inj in injections:
+        entry = inj.by_layer.get(layer)
+        if entry is None or inj.alpha == 0.0:
+            continue
+        heads, vecs = entry
+        idx = torch.tensor(heads, device=query.device)
+        add = (inj.alpha * vecs.to(device=query.device, dtype=torch.float64)).to(query.dtype)  # [n, d] / [b, n, d]
+        if add.dim() == 3:
+            if add.shape[0] != query.shape[0]:
+                raise ValueError(
+                    f"inject_vectors was given vectors for a batch of {add.shape[0]} rows but the forward pass "
+                    f"has {query.shape[0]}: attach it with the prompts of this batch."
+                )
+            add = add[:, :, None, :].expand(-1, -1, q_len, -1)
+        else:
+            add = add[None, :, None, :].expand(query.shape[0], -1, q_len, -1)
+        query = query.clone()
+        query.index_add_(1, idx, add)
+    return query
+
+
+def _ablate(out: Float[Tensor, "b q h d"], ablations: Sequence[_Ablation], layer: int) -> Float[Tensor, "b q h d"]:
+    """The ablated heads' output slices (``hook_z``) set to 0 or their mean at every position."""
+    for abl in ablations:
+        entry = abl.by_layer.get(layer)
+        if entry is None:
+            continue
+        heads, fill = entry
+        out = out.clone()
+        idx = torch.tensor(heads, device=out.device)
+        out[:, :, idx] = 0 if fill is None else fill.to(out.device, out.dtype)
+    return out
+
+
 def _focuslens_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -214,23 +269,17 @@ def _focuslens_attention(
     n_heads = query.shape[1]
     group = n_heads // key.shape[1]
     q_len, kv_len = query.shape[2], key.shape[2]
-    q_offset = kv_len - q_len  # absolute position of query row 0 (no left padding assumed for spans)
+    # absolute (left-padded) position of query row 0: keys are positions 0..kv_len-1 (the engine refuses
+    # sliding-window caches, whose keys are only the last window)
+    q_offset = kv_len - q_len
 
     # 1. query vectors, post-RoPE, every position
-    for inj in fm._injections:
-        entry = inj.by_layer.get(layer)
-        if entry is None:
-            continue
-        heads, vecs = entry
-        query = query.clone()
-        idx = torch.tensor(heads, device=query.device)
-        add = (inj.alpha * vecs.to(device=query.device, dtype=torch.float32)).to(query.dtype)  # [n, d]
-        query.index_add_(1, idx, add[None, :, None, :].expand(query.shape[0], -1, q_len, -1))
+    query = _inject(query, fm._injections, layer)
 
     # 2. the fused output for all heads
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    edits = [(e, e.heads_by_layer[layer]) for e in fm._splits if layer in e.heads_by_layer]
+    edits = [(e, e.heads_by_layer[layer]) for e in fm._span_edits if layer in e.heads_by_layer]
     rec = fm._recorder
     if (edits or rec is not None) and not la.exact:
         raise ValueError(f"The fused backend recomputes attention rows explicitly, which is not exact here ({la.why}).")
@@ -246,10 +295,18 @@ def _focuslens_attention(
         for start in range(0, q_len, fm.row_block):
             stop = min(q_len, start + fm.row_block)
             rows = torch.arange(start, stop, device=query.device)
-            pat = _explicit_rows(q_sel[:, :, start:stop], key, heads, group, rows, attention_mask, la, q_offset)
+            # causal: the block's rows see no key after its last row, so those columns are not computed
+            # (their attention is exactly 0); keys are absolute positions 0..n_keys-1 either way
+            n_keys = kv_len if la.sliding_window is not None else q_offset + stop
+            mask_k = attention_mask[..., :n_keys] if attention_mask is not None else None
+            pat = _explicit_rows(q_sel[:, :, start:stop], key[:, :, :n_keys], heads, group, rows, mask_k, la,
+                                 q_offset)
             pat = _apply_edits(pat, edits, pos_of, rows + q_offset)
-            z = (pat.to(v_sel.device) @ v_sel).transpose(1, 2)  # [b, r, n, d]
+            z = (pat.to(v_sel.device) @ v_sel[:, :, :n_keys]).transpose(1, 2)  # [b, r, n, d]
             out[:, start:stop, heads, :] = z.to(out.dtype).to(out.device)
+
+    # 3b. ablated heads: their output (hook_z) set to 0 or a mean, at every position
+    out = _ablate(out, fm._ablations, layer)
 
     # 4. response-row reductions for scoring
     if rec is not None:
@@ -288,10 +345,14 @@ def _chunked_forward(forward: Any, chunk: int) -> Any:
 
 
 def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int], query_pos: Tensor) -> Tensor:
-    """Apply split-softmax edits in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``,
+    """Apply span edits (split softmax, PASTA) in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``,
     rows at absolute positions ``query_pos``."""
     for edit, hs in edits:
-        idx = torch.tensor([pos_of[h] for h in hs], device=pat.device)
-        sub = _split_softmax_rows(pat.index_select(1, idx), edit, query_pos)
+        order = [pos_of[h] for h in hs]
+        if order == list(range(pat.shape[1])):  # the edit covers every head here: no gather / scatter copies
+            pat = _edit_rows(pat, edit, query_pos)
+            continue
+        idx = torch.tensor(order, device=pat.device)
+        sub = _edit_rows(pat.index_select(1, idx), edit, query_pos)
         pat = pat.index_copy(1, idx, sub)
     return pat

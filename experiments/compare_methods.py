@@ -388,16 +388,17 @@ def run_cell(run: Run, model, task: str, finder: str, method: str, factory, exs,
         log(f"{task} {finder} {method}: skipped for now ({e})")
         return None
     sid = spec.id if spec is not None else "none"
+    mid = model_id(model)  # a cell of another model (or of an older model identity) is recomputed, never reused
     old = load_json(p)
     if (old and old.get("spec") == sid and old.get("data") == data_id and old.get("n") == len(exs)
-            and old.get("max_new_tokens") == MAX_NEW[task]):
+            and old.get("max_new_tokens") == MAX_NEW[task] and old.get("model") == mid):
         return old
     lock = p.with_suffix(".lock")
     if not _take_lock(lock):
         log(f"{task} {finder} {method}: another worker is on it, skipped here")
         return None
     try:
-        return _evaluate_cell(run, model, task, finder, method, spec, sid, exs, data_id, p)
+        return _evaluate_cell(run, model, task, finder, method, spec, sid, exs, data_id, p, mid)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -422,15 +423,15 @@ def _take_lock(lock: Path) -> bool:
     return True
 
 
-def _evaluate_cell(run: Run, model, task, finder, method, spec, sid, exs, data_id, p: Path) -> dict:
+def _evaluate_cell(run: Run, model, task, finder, method, spec, sid, exs, data_id, p: Path, mid: str) -> dict:
     variant = "gold_only" if task == "gold_only" else "original"
     t0 = time.time()
     budget = MAX_NEW[task]
     res = evaluate(model, exs, variant=variant, max_new_tokens=budget, intervene=spec, progress=False,
-                   output=run.out / "evals" / task / f"{finder.strip('—') or 'none'}-{method}-{sid}-{data_id}-t{budget}.jsonl",
+                   output=run.out / "evals" / task / f"{finder.strip('—') or 'none'}-{method}-{sid}-{data_id}-t{budget}-m{mid[:8]}.jsonl",
                    tag={"task": task, "data": data_id})
     s = res.summary()
-    cell = {"task": task, "finder": finder, "method": method, "spec": sid, "data": data_id, "n": s["n"],
+    cell = {"task": task, "finder": finder, "method": method, "spec": sid, "data": data_id, "model": mid, "n": s["n"],
             "max_new_tokens": budget, "capped": sum(r["n_new_tokens"] >= budget for r in res.records),
             "acc": s["accuracy"], "se": s["accuracy_se"], "copy": s["distractor_copy"],
             "em": [r["em"] for r in res.records], "seconds": round(time.time() - t0, 1)}

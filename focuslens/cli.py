@@ -8,9 +8,12 @@
     focuslens plot     R.json               heatmap of a saved ranking
     focuslens info                          the model's architecture
 
-Every command takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a local Hugging Face
-folder, or a hub name where the network works), ``--data`` (``synthetic`` or a Lost-in-the-Middle
-``.jsonl(.gz)`` file), ``--seed`` and ``--output``.
+Every command takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a GGUF file, a local
+Hugging Face folder, or a hub name where the network works), ``--data`` (``synthetic`` or a
+Lost-in-the-Middle ``.jsonl(.gz)`` file), ``--seed`` and ``--output``. The commands that render prompts
+(score, sweep, train, evaluate) put them in the model's chat template; ``--no-chat`` renders plain text
+instead, for a base model without a chat template (such a model is refused without it, right after
+loading).
 
 Errors: every argument is validated before the model is loaded; a problem with the input (an
 argument, a file, a format, a device, a model, the data) prints one line saying what is wrong and how
@@ -22,8 +25,8 @@ Stored evaluations are named by content: ``{name}-{hash}.jsonl``, where the hash
 intervention's identity (:mod:`focuslens.intervene.specs`: heads in order and τ, or the directions' checksum and
 α), where it came from (the ranking file's checksum and k, the directions' checksum), the data (source
 and its checksum, ``--n``, ``--offset``, ``--seed``, ``--n-docs``), the model argument and dtype, and the
-decoding settings. A rerun of the same command resumes its file; any other configuration writes its
-own file and never prints another run's answers.
+decoding settings (``--max-new-tokens``, ``--no-chat``). A rerun of the same command resumes its file;
+any other configuration writes its own file and never prints another run's answers.
 """
 
 from __future__ import annotations
@@ -71,10 +74,19 @@ def _debug_flag(p: argparse.ArgumentParser, *, top: bool = False) -> None:
                    help="on an error, print the full traceback")
 
 
+def _engine_flag(p: argparse.ArgumentParser) -> None:
+    """``--engine`` for the commands that decode answers under an intervention (sweep, train's α selection, evaluate)."""
+    p.add_argument("--engine", default="auto", choices=["auto", "fused", "eager"],
+                   help="decoding engine: 'auto' runs on the model's fused (SDPA) attention wherever the "
+                        "intervention allows it, else on the TransformerLens bridge; 'eager' forces the bridge; "
+                        "'fused' refuses to fall back [auto]")
+
+
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
-                   help="model: omitted = embedded SmolLM2-135M-Instruct; a local HF checkpoint folder; or a hub name")
+                   help="model: omitted = embedded SmolLM2-135M-Instruct; a GGUF file (dequantised once into the "
+                        "cache); a local HF checkpoint folder; or a hub name")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1) [cpu]")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="parameter dtype [float32]")
     if data:
@@ -86,6 +98,9 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                        help="skip this many examples first (keep ranking/training/test sets disjoint) [0]")
         g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                        help=f"greedy generation budget [{DEFAULT_MAX_NEW_TOKENS}]")
+        g.add_argument("--no-chat", dest="chat", action="store_false",
+                       help="render prompts as plain text, not in the model's chat template (for a base model "
+                            "whose tokenizer has no chat template) [chat template]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads [torch's default: one per core; the demo ran 1.5x faster on 2 cores than on 1]")
@@ -134,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=_floats, default=[0.2, 0.5], help="comma-separated tau values in (0, 1] [0.2,0.5]")
     p.add_argument("--random-seeds", type=_ints, default=[0], help="seeds of the random-head control [0]")
     p.add_argument("--output", default="focuslens_sweep", help="output folder")
+    _engine_flag(p)
 
     p = sub.add_parser("train", help="learn focus directions on the top-k heads",
                        description="Learn one query vector per head (the paper's attention objective on cached q/k, or "
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-targets", type=float, nargs="+", default=(), metavar="T",
                    help="magnitude-control targets in (0, 1) to try at the chosen k")
     p.add_argument("--output", default="focus_directions", help="artefact folder")
+    _engine_flag(p)
 
     p = sub.add_parser("evaluate", help="accuracy with and without an intervention",
                        description="Greedy answers and best-subspan EM on a task, optionally with focus directions "
@@ -164,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="heads for split softmax [20]")
     p.add_argument("--tau", type=float, default=None, help="split-softmax exponent, > 0")
     p.add_argument("--output", default="focuslens_eval", help="output folder")
+    _engine_flag(p)
 
     p = sub.add_parser("plot", help="head-location heatmap of a saved ranking",
                        description="Draw the [layer, head] heatmap of a ranking JSON written by 'score' or the demo.")
@@ -195,14 +213,21 @@ def _model(args):
     source = str(Path(args.model).resolve()) if args.model is not None and Path(args.model).exists() else args.model
     try:
         # quiet: the CLI's stderr carries one line when a command fails (load_model's summary line would be a second)
-        return load_model(source, device=args.device, dtype=getattr(torch, args.dtype), verbose=False)
+        model = load_model(source, device=args.device, dtype=getattr(torch, args.dtype), verbose=False)
     except (FileNotFoundError, UsageError):
         raise
+    except ImportError as e:  # a GGUF file without the gguf package: its message says what to install
+        raise UsageError(f"--model {args.model}: {one_line(e)}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError) as e:
         # corrupt config.json, truncated weights, a pickled .bin refused by weights_only=True, no hub, ...
         raise UsageError(f"--model {args.model or '(default)'}: cannot load this model ({type(e).__name__}: "
                          f"{one_line(e)}); check that it is a complete Hugging Face checkpoint (config.json, "
-                         "weights, tokenizer)") from None
+                         "weights, tokenizer) or a GGUF file transformers can read") from None
+    # a base model: refused here, before any prompt is rendered, with the flag that fixes it
+    require_arg(not getattr(args, "chat", False) or getattr(model.tokenizer, "chat_template", None) is not None,
+                f"--model {args.model}: its tokenizer has no chat template (a base model); pass --no-chat to "
+                "render the prompts as plain text")
+    return model
 
 
 def _examples(args, n: int | None = None, offset: int | None = None, *, what: str = "--n"):
@@ -226,7 +251,7 @@ def _check_prompts(model, examples, args, *, variant: str = "original") -> None:
     from .tasks import render
 
     for i, e in enumerate(examples):
-        r = e if hasattr(e, "prompt") else render(e, model.tokenizer, variant=variant)
+        r = e if hasattr(e, "prompt") else render(e, model.tokenizer, variant=variant, chat=args.chat)
         n = len(r.prompt.tokens)
         check_context(model, n + args.max_new_tokens,
                       what=f"example {i} ({n} prompt tokens + --max-new-tokens {args.max_new_tokens})")
@@ -301,7 +326,7 @@ def cmd_score(args) -> int:
 
     examples = _examples(args)
     model = _model(args)
-    rendered = [render(e, model.tokenizer) for e in examples]
+    rendered = [render(e, model.tokenizer, chat=args.chat) for e in examples]
     _check_prompts(model, rendered, args)
     out = _out(args)
     with output_lock(out / "contextual_heads.json"):
@@ -329,13 +354,14 @@ def _eval(model, examples, args, out: Path, name: str, spec=None, variant: str =
     from .core.io import content_hash, output_lock_if_writable
 
     context = {"data": _data_identity(args), "model": _model_identity(args), "source": source}
+    # chat enters the key only when off: the files written before --no-chat existed keep their names
     key = content_hash({"intervene": None if spec is None else spec.identity, **context, "variant": variant,
-                        "max_new_tokens": args.max_new_tokens})
+                        "max_new_tokens": args.max_new_tokens, **({} if args.chat else {"chat": False})})
     path = out / f"{name}-{key[:12]}.jsonl"
     with output_lock_if_writable(path):  # read-only: finished records are read; evaluate refuses a write
         try:
             res = evaluate(model, examples, variant=variant, intervene=spec, output=path,
-                           max_new_tokens=args.max_new_tokens, tag=context)
+                           max_new_tokens=args.max_new_tokens, chat=args.chat, tag=context, engine=args.engine)
         except ValueError as e:  # the library's advice (resume=False) is not a CLI option: give the CLI's
             msg = str(e)
             if "resume=False" not in msg:
@@ -362,7 +388,7 @@ def cmd_sweep(args) -> int:
     raw = _examples(args)
     model = _model(args)
     ranking = _load_heads(args.heads, model)
-    examples = [render(e, model.tokenizer) for e in raw]
+    examples = [render(e, model.tokenizer, chat=args.chat) for e in raw]
     _check_prompts(model, examples, args)
     out = _out(args)
     ranking_sum = _file_checksum(args.heads)
@@ -406,14 +432,14 @@ def cmd_train(args) -> int:
     heads = _load_heads(args.heads, model, k=args.k)
     _check_prompts(model, train + val, args)
     with output_lock(args.output):
-        train_d = fd.make_direction_examples(model, train, max_new_tokens=args.max_new_tokens)
-        val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens)
+        train_d = fd.make_direction_examples(model, train, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        val_d = fd.make_direction_examples(model, val, max_new_tokens=args.max_new_tokens, chat=args.chat)
         d = fd.train_focus_directions(model, train_d, heads=heads, objective=args.objective, val_examples=val_d,
                                       seed=args.seed, checkpoint_dir=Path(args.output + ".ckpt"))
         if args.select_alphas:
             sel = select_alpha(model, d, val, alphas=args.select_alphas, ks=args.select_ks,
                                   targets=args.select_targets, max_new_tokens=args.max_new_tokens,
-                                  output_dir=Path(args.output + ".select"))
+                                  chat=args.chat, output_dir=Path(args.output + ".select"), engine=args.engine)
             print(sel.table())
             fixed = sel.best_fixed
             d = d.top(sel.k)._replace(alpha=float(fixed["alpha"]),
@@ -447,7 +473,7 @@ def cmd_evaluate(args) -> int:
         heads = _load_heads(args.heads, model, k=args.k)
     _check_prompts(model, examples, args, variant=args.variant)
     if args.variant == "original":
-        examples = [render(e, model.tokenizer) for e in examples]
+        examples = [render(e, model.tokenizer, chat=args.chat) for e in examples]
     out = _out(args)
     if d is not None:
         from .core.io import tensor_checksum

@@ -34,21 +34,9 @@ def _check_output(path: str, name: str = "--output", *, folder: bool = True) -> 
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from .core.checks import check_device
 
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
-    if d.type == "cuda":
-        require_arg(torch.cuda.is_available(),
-              f"--device {device}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
-        n = torch.cuda.device_count()
-        require_arg(d.index is None or d.index < n, f"--device {device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1})")
-    elif d.type == "mps":
-        require_arg(torch.backends.mps.is_available(), f"--device {device}: MPS is not available here; use --device cpu")
-    else:
-        require_arg(d.type == "cpu", f"--device {device}: focuslens runs on cpu, cuda or mps")
+    check_device(device, name="--device")
 
 
 def _check_file(path: str, name: str, what: str) -> None:
@@ -94,11 +82,20 @@ def validate(args) -> None:
     if hasattr(args, "device"):
         _check_device(args.device)
     if getattr(args, "model", None) is not None:
+        from .core.models import is_gguf_file  # load_model's own test: a GGUF file by its magic bytes
+
         m = Path(args.model).expanduser()
-        if m.exists():
+        if m.is_file():
+            require_arg(is_gguf_file(m),
+                  f"--model {args.model} is not a Hugging Face checkpoint folder, nor a GGUF model file (it does "
+                  "not start with the bytes GGUF); give a .gguf file or the folder that holds config.json, the "
+                  "weights and the tokenizer")
+        elif m.exists():
+            ggufs = sorted(x.name for x in m.glob("*.gguf")) if m.is_dir() else []
             require_arg(m.is_dir() and (m / "config.json").is_file(),
                   f"--model {args.model} is not a Hugging Face checkpoint folder (no config.json); give the folder "
-                  "that holds config.json, the weights and the tokenizer")
+                  "that holds config.json, the weights and the tokenizer"
+                  + (f", or a GGUF file: --model {m / ggufs[0]}" if ggufs else ", or a GGUF file"))
     if hasattr(args, "data"):
         require_arg(args.n >= 1, f"--n must be positive, got {args.n}")
         require_arg(args.n_docs >= 1, f"--n-docs must be >= 1, got {args.n_docs}")

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from .core.checks import read_json
 from .core.generation import DEFAULT_MAX_NEW_TOKENS
 from .core.io import atomic_write, atomic_write_json, content_hash
 
@@ -108,8 +109,8 @@ class _Steps:
     def run(self, name: str, fn: Callable[[], dict]) -> dict:
         path = self.dir / f"{name}.json"
         if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("_config") == self.cfg_key:
+            saved = read_json(path, what=f"a demo step's cached result (delete {path} to recompute it)")
+            if isinstance(saved, dict) and saved.get("_config") == self.cfg_key:
                 print(f"[demo] {name}: done earlier, reusing {path}")
                 return saved
         t0 = time.time()

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_hf_model", "tiny_model", "TinyArch"]
+__all__ = ["tiny_tokenizer", "tiny_hf_model", "tiny_model", "write_tiny_gguf", "TinyArch"]
 
 TinyArch = Literal["llama", "llama_mha", "gpt2", "qwen2", "gemma3"]
 
@@ -118,6 +118,68 @@ def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 2):
     model = load_model(hf, tokenizer=tiny_tokenizer())
     model.cfg.model_name = f"tiny-{arch}"
     return model
+
+
+def write_tiny_gguf(path, hf=None, tok=None, *, chat_template: str | None = None):
+    """Write a float32 GGUF file of a tiny HF Llama (default: ``tiny_hf_model("llama")`` with
+    :func:`tiny_tokenizer`), laid out as llama.cpp's converter writes one: q/k rows permuted to its
+    rotary layout, the byte-level BPE tokenizer (tokens, merges) as metadata, and ``chat_template``
+    only when given (``None``: a base model without one). Needs the ``gguf`` package. Returns ``path``."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    hf = tiny_hf_model("llama") if hf is None else hf
+    tok = tiny_tokenizer() if tok is None else tok
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in set(tok.all_special_tokens) else 1 for t in tokens])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    def permute(x, n_head):  # llama.cpp convert_hf_to_gguf.LlamaModel.permute
+        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        for hf_name, gg_name in names.items():
+            w.add_tensor(f"blk.{i}.{gg_name}.weight", sd[p + hf_name + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -274,3 +274,103 @@ def test_train_select_files_are_keyed_by_the_directions(tmp_path, tiny_folder):
     # The first command again: everything resumed, no new file.
     assert main(argv + ["--k", "3"]) == 0
     assert {p.name for p in sel.glob("*.jsonl")} == first | new
+
+
+def test_evaluate_engine_flag_same_answers_and_records(tmp_path, tiny_folder):
+    """--engine eager (the bridge) and the default (the fused engine) give the same answers; the engine is
+    not part of the records' identity, so the second run resumes the first's file (same name, no new lines)."""
+    heads = tmp_path / "h.json"
+    heads.write_text(json.dumps([[0, 0], [1, 2]]))
+    out = tmp_path / "ev"
+    spec = ["--heads", str(heads), "--k", "2", "--tau", "0.3"]
+    assert main(_eval_args(tiny_folder, out, *spec, "--engine", "eager")) == 0
+    (f,) = out.glob("split_softmax*.jsonl")
+    eager = [json.loads(x) for x in f.read_text().splitlines()[1:]]
+    assert {r["engine"] for r in eager} == {"eager"}
+    fresh = tmp_path / "ev2"
+    assert main(_eval_args(tiny_folder, fresh, *spec)) == 0
+    (g,) = fresh.glob("split_softmax*.jsonl")
+    fused = [json.loads(x) for x in g.read_text().splitlines()[1:]]
+    assert {r["engine"] for r in fused} == {"fused"}
+    assert f.name == g.name
+    assert [r["prediction"] for r in fused] == [r["prediction"] for r in eager]
+
+
+def test_engine_flag_is_checked(capsys):
+    assert main(["evaluate", "--engine", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- any local model: a GGUF file as --model; a base model (no chat template) with --no-chat ----
+
+
+def test_info_loads_a_gguf_file_and_refuses_other_files(tmp_path, monkeypatch, capsys):
+    from focuslens.testing import write_tiny_gguf
+
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.Q8.gguf")
+    assert main(["info", "--model", str(gguf_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "tiny.Q8" and info["n_layers"] == 2 and info["n_heads"] == 4
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"PK\x03\x04 not a model")
+    assert main(["info", "--model", str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nor a GGUF model file" in err and "config.json" in err
+    folder = tmp_path / "only_gguf"
+    folder.mkdir()
+    (folder / "m.gguf").write_bytes(b"GGUF")
+    assert main(["info", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model {folder / 'm.gguf'}" in err
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """The tiny Llama with a tokenizer without a chat template (a base model)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_base_ckpt")
+    tiny_hf_model("llama", seed=3).save_pretrained(d)
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = None
+    tok.save_pretrained(d)
+    assert AutoTokenizer.from_pretrained(d).chat_template is None
+    return d
+
+
+def test_base_model_fails_at_once_without_no_chat_and_runs_with_it(tmp_path, base_folder, capsys):
+    out = tmp_path / "ev"
+    assert main(_eval_args(base_folder, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no chat template" in err and "pass --no-chat" in err
+    assert not list(out.glob("*.jsonl"))  # refused before any work
+    assert main(_eval_args(base_folder, out, "--no-chat")) == 0
+    (f,) = out.glob("plain_original-*.jsonl")
+    config, preds = _records(f)
+    assert config["chat"] is False and len(preds) == 2
+    assert main(_eval_args(base_folder, out, "--no-chat")) == 0  # resumed: the same file, no new records
+    assert list(out.glob("*.jsonl")) == [f] and _records(f) == (config, preds)
+    heads = tmp_path / "h.json"
+    heads.write_text(json.dumps([[0, 0], [1, 2], [0, 1]]))
+    fd = tmp_path / "fd"
+    assert main(["train", "--model", str(base_folder), "--n", "2", "--n-val", "2", "--n-docs", "3",
+                 "--max-new-tokens", "3", "--heads", str(heads), "--k", "2", "--select-alphas", "0.5",
+                 "--no-chat", "--output", str(fd)]) == 0
+    assert {json.loads(p.read_text().splitlines()[0])["config"]["chat"] for p in (tmp_path / "fd.select").glob("*.jsonl")} == {False}
+
+
+def test_no_chat_enters_the_records_identity(tmp_path, tiny_folder):
+    """A chat model evaluated with and without its template: two files in one output folder, never one
+    run's answers for the other."""
+    out = tmp_path / "ev"
+    assert main(_eval_args(tiny_folder, out)) == 0
+    (chat_file,) = out.glob("*.jsonl")
+    assert main(_eval_args(tiny_folder, out, "--no-chat")) == 0
+    (plain_file,) = set(out.glob("*.jsonl")) - {chat_file}
+    assert _records(chat_file)[0]["chat"] is True and _records(plain_file)[0]["chat"] is False

@@ -1486,3 +1486,235 @@ def test_focus_directions_of_another_model_are_refused_on_a_backend(tiny_llama, 
                               fingerprint={**info.fingerprint(), "n_layers": 8}, model_name="deeper", site="hook_rot_q")
     with pytest.raises(UsageError, match=r"n_layers=8 there, 2 here"):
         fused.steer(wide, alpha=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. leftovers of the second pass (issue #34): the last silent numbers, raw errors and engine overflows
+# --------------------------------------------------------------------------------------------------
+
+
+def test_focus_directions_refuse_non_finite_vectors_float_heads_and_bool_factors(tiny_llama):
+    """FocusDirections took NaN/inf vectors and float heads at construction, ``d * True`` / ``d * nan`` as
+    factors, and ``d.apply(heads=True)`` failed with a raw TypeError."""
+    from focuslens.directions import FocusDirections
+
+    info = model_info(tiny_llama)
+    fp = info.fingerprint()
+    for bad in (float("nan"), float("inf")):
+        v = torch.ones(2, info.d_head)
+        v[1, 3] = bad
+        with pytest.raises(ValueError, match=r"FocusDirections: the vector for \(1, 2\) contains NaN or inf"):
+            FocusDirections(heads=[(0, 0), (1, 2)], vectors=v, fingerprint=fp)
+    for heads, needle in (([(0.0, 1)], "got (0.0, 1)"), ([(True, 1)], "got (True, 1)"), ([(0, 1), (0, 1)], "twice")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            FocusDirections(heads=heads, vectors=torch.ones(len(heads), info.d_head), fingerprint=fp)
+    with pytest.raises(ValueError, match="alpha must be a real number, got True"):
+        FocusDirections(heads=[(0, 0)], vectors=torch.ones(1, info.d_head), fingerprint=fp, alpha=True)
+    d = _fd(tiny_llama)
+    refused = [
+        (lambda: d * True, "the factor must be a real number, got True"),
+        (lambda: True * d, "the factor must be a real number, got True"),
+        (lambda: d * float("nan"), "the factor must be finite, got nan"),
+        (lambda: d * float("inf"), "the factor must be finite"),
+        (lambda: d * 1e39, "is not finite in float32 (alpha = 1e+39"),
+        (lambda: d / 0, "the divisor is 0"),
+        (lambda: d / False, "the divisor must be a real number, got False"),
+        (lambda: d.top(True), "k must be an int in 1..2, got True"),
+        (lambda: d.scaled([1.0, float("nan")]), "factors must be finite real numbers"),
+        (lambda: d.apply(tiny_llama, heads=True), "heads must be a list of (layer, head) pairs of ints, got True"),
+        (lambda: d.apply(tiny_llama, heads=[(0, 0.0)]), "pairs of ints, got (0, 0.0)"),
+        (lambda: d.apply(tiny_llama, alpha=1e39), "alpha * vector for (0, 0) is not finite in float32"),
+    ]
+    for f, needle in refused:
+        with pytest.raises(ValueError) as e:
+            f()
+        assert needle in str(e.value), (needle, str(e.value))
+    assert count_hooks(tiny_llama) == 0
+    assert torch.equal((d * 2).vectors, d.vectors * 2) and torch.equal((d / 2).vectors, d.vectors / 2)
+
+
+def test_generation_budgets_are_counts(tiny_llama):
+    """``Decoding(max_new_tokens=-1)`` was accepted (and ran), ``greedy_generate(max_new_tokens=True)`` decoded
+    one token: bools, floats and non-positive budgets are refused by the one count check (check_count)."""
+    import focuslens as fl
+    from focuslens.core.generation import greedy_generate, greedy_generate_batch
+    from focuslens.evaluation.runner import Decoding
+    from focuslens.tasks import make_synthetic_qa
+
+    toks = torch.arange(1, 8)
+    for bad in (-1, 0, True, 2.0, "4", None):
+        with pytest.raises(ValueError, match=re.escape(f"Decoding: max_new_tokens must be an int in >= 1, got {bad!r}")):
+            Decoding(max_new_tokens=bad)
+        with pytest.raises(ValueError, match=re.escape(f"greedy_generate: max_new_tokens must be an int in >= 1, "
+                                                       f"got {bad!r}")):
+            greedy_generate(tiny_llama, toks, max_new_tokens=bad)
+        with pytest.raises(ValueError, match=re.escape(f"max_new_tokens must be an int in >= 1, got {bad!r}")):
+            greedy_generate_batch(tiny_llama, [toks, toks[:4]], max_new_tokens=bad)
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens must be an int in >= 1, got True")):
+        Decoding().replace(max_new_tokens=True)
+    ex = make_synthetic_qa(1, n_docs=2, seed=4)
+    with pytest.raises(ValueError, match=re.escape("evaluate: batch_size must be an int in >= 1, got True")):
+        fl.evaluate(tiny_llama, ex, batch_size=True, progress=False)
+    with pytest.raises(UsageError, match="decoding must be a focuslens Decoding"):
+        fl.evaluate(tiny_llama, ex, decoding={"max_new_tokens": 2}, progress=False)
+    assert Decoding(max_new_tokens=3).max_new_tokens == 3
+
+
+def test_token_inputs_tokenizers_and_training_examples_are_named(tiny_llama, tok):
+    """``head_means`` truncated float "tokens", ``build_prompt(None, ...)`` was a raw TypeError and
+    ``cache_qk`` on rendered examples a KeyError."""
+    from focuslens.core.prompts import build_prompt
+    from focuslens.directions.objectives import cache_qk
+    from focuslens.heads.patching import ablate_heads, head_means
+    from focuslens.tasks import make_synthetic_qa, render
+
+    for mean_over, needle in ((torch.rand(1, 5) * 10, "mean_over must be integer token ids, got dtype float32"),
+                              ([[1.5, 2.0, 3.0]], "mean_over must be integer token ids, got dtype float32"),
+                              (torch.ones(1, 3, dtype=torch.bool), "got dtype bool"),
+                              ("some text", "mean_over must be [pos] or [batch, pos] token ids"),
+                              (torch.tensor([[1, 10**6]]), "outside this model's vocabulary")):
+        with pytest.raises(UsageError) as e:
+            head_means(tiny_llama, [(0, 0)], mean_over)
+        assert needle in str(e.value), (needle, str(e.value))
+    with pytest.raises(UsageError, match="integer token ids"):
+        ablate_heads(tiny_llama, [(0, 0)], mode="mean", mean_over=torch.rand(1, 4))
+    assert count_hooks(tiny_llama) == 0
+    assert head_means(tiny_llama, [(0, 0)], [torch.arange(1, 6)])[(0, 0)].isfinite().all()
+    for tokenizer in (None, "gpt2", 3):
+        with pytest.raises(UsageError, match="build_prompt: tokenizer must be a Hugging Face fast tokenizer"):
+            build_prompt(tokenizer, [("doc", "The sky is blue.")])
+    for parts in (None, 3, "just a string"):
+        with pytest.raises(UsageError, match="build_prompt: parts must be a list"):
+            build_prompt(tok, parts)
+    assert len(build_prompt(tok, [("doc", "The sky is blue.")])) > 0
+    ex = make_synthetic_qa(2, n_docs=2, seed=4)
+    rendered = [render(e, tiny_llama, chat=False) for e in ex]
+    for examples, needle in ((rendered, "examples[0] is a RenderedExample"), (ex, "examples[0] is a TaskExample"),
+                             ("abc", "must be a list of DirectionExample")):
+        with pytest.raises(TypeError, match=re.escape(needle)):
+            cache_qk(tiny_llama, examples, [(0, 0)])
+    with pytest.raises(UsageError, match="cache_qk: examples is empty"):
+        cache_qk(tiny_llama, [], [(0, 0)])
+
+
+def test_deeply_nested_json_is_named_by_every_reader(tiny_llama, tmp_path):
+    """The records reader, the training checkpoint and the demo's cached steps let a RecursionError out of
+    deeply nested JSON (the other readers named the file): all now read JSON through core.checks.parse_json."""
+    from focuslens.demo import DemoConfig, _Steps
+    from focuslens.directions.checkpoint import CHECKPOINT_JSON, _Checkpoint
+
+    deep = "[" * 200_000 + "]" * 200_000
+    out = tmp_path / "r.jsonl"
+    _records_run(tiny_llama, out)
+    good = out.read_text()
+    out.write_text(good + deep + "\n")
+    with pytest.raises(UsageError, match=r"r\.jsonl:4: the JSON is nested too deeply.*truncated or damaged"):
+        _records_run(tiny_llama, out)
+    out.write_text(good + deep)  # a torn (unterminated) last line: dropped with a warning, as any torn line
+    with pytest.warns(UserWarning, match=r"r\.jsonl:4: the last line is incomplete"):
+        _records_run(tiny_llama, out)
+    out.write_text(deep + "\n" + good)
+    for resume in (True, False):
+        with pytest.raises(UsageError, match=r"r\.jsonl is not a focuslens records file .* left untouched"):
+            _records_run(tiny_llama, out, resume=resume)
+    assert out.read_text() == deep + "\n" + good
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / CHECKPOINT_JSON).write_text(deep)
+    with pytest.raises(UsageError, match=r"checkpoint\.json: the JSON is nested too deeply.*train afresh"):
+        _Checkpoint(ck, {"run": 1}).load((2, 16))
+    steps = _Steps(tmp_path / "demo", DemoConfig())
+    (steps.dir / "rank.json").write_text(deep)
+    with pytest.raises(UsageError, match=r"rank\.json: the JSON is nested too deeply.*delete .*rank\.json"):
+        steps.run("rank", lambda: {"never": "run"})
+
+
+def test_both_engines_refuse_the_same_overflows(tiny_llama):
+    """``evaluate --directions D --alpha 1e39`` finished with empty answers on the fused engine (α·u is inf)
+    and a q·k overflow gave garbage, while the bridge refused both: the engine now applies the same
+    check_scaled and checks the edited heads' queries and attention outputs with the bridge's message."""
+    import focuslens as fl
+    from focuslens.directions import FocusDirections
+    from focuslens.tasks import make_synthetic_qa
+
+    info = model_info(tiny_llama)
+    ex = make_synthetic_qa(2, n_docs=2, seed=4)
+
+    def refusal(spec, engine):
+        with pytest.raises(ValueError) as e:  # UsageError on a pass; check_scaled's ValueError before it
+            fl.evaluate(tiny_llama, ex, intervene=spec, engine=engine, progress=False, max_new_tokens=3)
+        assert count_hooks(tiny_llama) == 0
+        return str(e.value)
+
+    with pytest.raises(ValueError, match=r"Steer: alpha \* vector for \(0, 0\) is not finite in float32"):
+        fl.Steer(_fd(tiny_llama), alpha=1e39)  # refused before any engine is chosen
+    d = FocusDirections(heads=[(0, 0), (1, 2)], vectors=torch.full((2, info.d_head), 1e38),
+                        fingerprint=info.fingerprint(), model_name=info.name, site="hook_rot_q")
+    vecs = {(0, 1): torch.full((info.d_head,), 3e38)}
+    for spec in (fl.Steer(d, alpha=3.0), fl.InjectVectors(vecs, alpha=1.0)):  # α·u finite, q·k overflows
+        fused, eager = refusal(spec, "fused"), refusal(spec, "eager")
+        assert fused == eager, (fused, eager)
+        assert "non-finite on this forward pass" in fused and "use a smaller alpha" in fused
+    big = fl.InjectVectors({(0, 1): torch.full((info.d_head,), 1e38)}, alpha=10.0)  # α·u itself overflows
+    fused, eager = refusal(big, "fused"), refusal(big, "eager")
+    assert fused == eager and "alpha * vector for (0, 1) is not finite in float32 (alpha = 10" in fused, fused
+    ok = fl.Steer(_fd(tiny_llama), alpha=0.5)  # a normal strength still runs the same on both engines
+    runs = [fl.evaluate(tiny_llama, ex, intervene=ok, engine=e, progress=False, max_new_tokens=3) for e in ("fused",
+                                                                                                          "eager")]
+    assert [r["prediction"] for r in runs[0].records] == [r["prediction"] for r in runs[1].records]
+
+
+def test_public_api_of_this_session_refuses_bad_values(tiny_llama, tmp_path, monkeypatch):
+    """Found by a hunt over the API added this session: each was silent (NaN logits, a bool taken as 1,
+    torch's device error) or a raw error (struct.error from a truncated GGUF, AttributeError, IndexError)."""
+    import focuslens as fl
+    from focuslens.heads.patching import logit_diff_metric
+    from focuslens.intervene.label_free import Temperature
+    from focuslens.testing import tiny_hf_model, tiny_tokenizer
+
+    toks = torch.arange(1, 10)[None]
+    with Temperature([(0, 0), (1, 2)], factor=1e300).attach(tiny_llama):  # logits x 1e300: NaN pattern before
+        with pytest.raises(UsageError, match=r"Temperature \(factor = 1e\+300, fixed\) made the attention logits of "
+                                             r"heads \[0\] of layer 0 non-finite"):
+            tiny_llama(toks)
+    assert count_hooks(tiny_llama) == 0
+    with Temperature([(0, 0)], factor=3.0).attach(tiny_llama):
+        assert torch.isfinite(tiny_llama(toks)).all()
+    d_head = model_info(tiny_llama).d_head
+    iv = fl.InjectVectors({(0, 1): torch.ones(d_head)}, alpha=1.0)
+    refused = [
+        (lambda: iv.scaled(True), "InjectVectors.scaled: scale must be a real number, got True"),
+        (lambda: fl.Steer(_fd(tiny_llama), alpha=0.5).scaled(True), "Steer.scaled: scale must be a real number"),
+        (lambda: iv / 0, "InjectVectors / c: the divisor is 0"),
+        (lambda: logit_diff_metric(tiny_llama, 1, 2, pos=True), "pos must be an int position (-1: the last), got True"),
+        (lambda: logit_diff_metric(tiny_llama, 1, 2, pos=1.5), "pos must be an int position"),
+        (lambda: logit_diff_metric(tiny_llama, 10**6, 2), "good token id 1000000 is outside this model's vocabulary"),
+        (lambda: logit_diff_metric(None, 1, 2), "logit_diff_metric needs a hooked model with its tokenizer"),
+        (lambda: logit_diff_metric(tiny_llama, 1, 2, pos=100)(tiny_llama(toks)),
+         "LogitDiff reads position 100, but the logits have 9 positions"),
+    ]
+    hf, tk = tiny_hf_model("llama"), tiny_tokenizer()
+    refused += [
+        (lambda: fl.load_model(hf, tokenizer=tk, device="banana", verbose=False),
+         "load_model: device 'banana' is not a torch device"),
+        (lambda: fl.load_model(hf, tokenizer="gpt2", verbose=False),
+         "tokenizer must be the model's Hugging Face tokenizer object"),
+        (lambda: fl.load_model(torch.nn.Linear(2, 2), tokenizer=tk, verbose=False),
+         "takes an in-memory Hugging Face causal LM"),
+    ]
+    if not torch.cuda.is_available():
+        refused.append((lambda: fl.load_model(hf, tokenizer=tk, device="cuda", verbose=False),
+                        "load_model: device cuda: this torch sees no CUDA GPU"))
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    refused.append((lambda: fl.load_model(fifo, verbose=False), "pipe.gguf is a named pipe (FIFO)"))
+    if __import__("importlib.util").util.find_spec("gguf") is not None:
+        monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(b"GGUF\x03\x00\x00\x00garbage")  # the magic bytes, then a truncated header
+        refused.append((lambda: fl.load_model(cut, verbose=False), "the file may be truncated or damaged"))
+    for f, needle in refused:
+        with pytest.raises(ValueError) as e:
+            f()
+        assert needle in str(e.value), (needle, str(e.value))
+    assert count_hooks(tiny_llama) == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..engine.fused import DEFAULT_MLP_CHUNK, DEFAULT_ROW_BLOCK, BackendHandle, FusedModel
+from ..engine.fused import DEFAULT_MLP_CHUNK, DEFAULT_ROW_BLOCK, FusedModel
 
 __all__ = ["load_fused"]
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 __all__ = ["Head", "is_index", "head_list", "validate_heads", "check_heads", "real", "positive",
            "frozen_vectors", "check_count", "check_scaled", "check_token_ids", "check_regular_file", "read_json",
-           "parse_json", "JSON_MAX_BYTES", "as_dtype", "DTYPES"]
+           "parse_json", "JSON_MAX_BYTES", "as_dtype", "DTYPES", "check_device"]
 
 Head = tuple[int, int]
 
@@ -167,7 +167,7 @@ def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None 
                              "every head [d_head]" + (", or every head [batch, d_head]." if rows else "."))
         if d_head is not None and t.shape[-1] != d_head:
             raise ValueError(f"{what}: the vector for {(layer, head)} has {t.shape[-1]} entries; this model's "
-                             f"heads have d_head = {d_head}.")
+                             f"heads have d_head = {d_head} (give vectors of shape [{d_head}]).")
         shape = t.shape
         out[(layer, head)] = t
     return MappingProxyType(out)
@@ -267,7 +267,7 @@ def parse_json(text: str | bytes, path: str | os.PathLike, *, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {what}.") from None
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {what}.") from None
     except RecursionError:
         raise UsageError(f"{path}: the JSON is nested too deeply to read (thousands of levels of [ or {{); "
                          f"{what}.") from None
@@ -286,6 +286,34 @@ def read_json(path: str | os.PathLike, *, what: str, max_bytes: int = JSON_MAX_B
     except OSError as e:
         raise UsageError(f"{p}: cannot be read ({e.strerror or e}); give {what}.") from None
     return parse_json(data, p, what=f"give {what}")
+
+
+def check_device(device: Any, *, name: str = "device") -> torch.device:
+    """A device this torch can use (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), as a ``torch.device``;
+    a misspelt name, a GPU this machine does not have, or a bool is a :class:`~focuslens.core.errors.UsageError`
+    naming ``name`` (the argument or the CLI option), never torch's ``RuntimeError`` from deep inside a load."""
+    from .errors import UsageError
+
+    cpu = f"{name} cpu" if name.startswith("--") else "device='cpu'"  # the fix, in the interface that was used
+    try:
+        if isinstance(device, bool):
+            raise TypeError
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{name} {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps.") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{name} {device}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                             f"use {cpu}.")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise UsageError(f"{name} {device}: there are {n} CUDA devices (cuda:0..cuda:{n - 1}).")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{name} {device}: MPS is not available here; use {cpu}.")
+    elif d.type != "cpu":
+        raise UsageError(f"{name} {device}: focuslens runs on cpu, cuda or mps.")
+    return d
 
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType(

@@ -34,6 +34,7 @@ __all__ = [
     "greedy_generate",
     "greedy_generate_batch",
     "left_pad_offsets",
+    "left_pad",
     "generate_response",
     "generate_responses",
     "model_device",
@@ -157,6 +158,23 @@ def left_pad_offsets(prompts: Sequence[Tensor]) -> list[int]:
     return [width - int(p.numel()) for p in prompts]
 
 
+def left_pad(prompts: Sequence[Tensor], *, pad_id: int = 0, device: "torch.device | str | None" = None
+             ) -> tuple[Int[Tensor, "batch width"], Int[Tensor, "batch width"], list[int]]:
+    """The left-padded batch of :func:`greedy_generate_batch`: ``(ids, attention_mask, offsets)``.
+
+    Row i holds ``prompts[i]`` at positions ``offsets[i] ..`` (:func:`left_pad_offsets`), ``pad_id``
+    before it and mask 0 there; one definition for the decoder, the tests and the benchmarks.
+    """
+    offsets = left_pad_offsets(prompts)
+    width = max(int(p.numel()) for p in prompts) if len(prompts) else 0
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for b, (p, off) in enumerate(zip(prompts, offsets)):
+        ids[b, off:] = p.flatten().to(ids.device)
+        mask[b, off:] = 1
+    return ids, mask, offsets
+
+
 @torch.no_grad()
 def greedy_generate_batch(
     model: HookedModel,
@@ -198,13 +216,7 @@ def greedy_generate_batch(
     dev = model_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
     n = len(prompts)
-    offsets = left_pad_offsets(prompts)
-    width = max(int(p.numel()) for p in prompts)
-    ids = torch.full((n, width), int(pad), dtype=torch.long, device=dev)
-    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for b, (p, off) in enumerate(zip(prompts, offsets)):
-        ids[b, off:] = p.flatten().to(dev)
-        mask[b, off:] = 1
+    ids, mask, _ = left_pad(prompts, pad_id=int(pad), device=dev)
     fwd = _forward_of(model, forward)
     logits, cache = fwd(ids, attention_mask=mask, logits_to_keep=1)
     outs: list[list[int]] = [[] for _ in range(n)]

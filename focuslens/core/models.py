@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import struct
 import sys
 import time
 import weakref
@@ -30,11 +31,13 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .errors import UsageError
 from .io import atomic_dir, content_hash, file_checksum, tensor_checksum
 
 __all__ = [
     "HookedModel",
     "is_legacy",
+    "is_gguf_file",
     "prepare_tokenizer",
     "ModelInfo",
     "load_model",
@@ -262,12 +265,14 @@ def _is_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
 
 
-def _is_gguf_file(p: Path) -> bool:
+def is_gguf_file(p: Path) -> bool:
     """A GGUF model file, by its magic bytes (``GGUF``), whatever its name."""
+    if not p.is_file():  # a folder, missing, or a FIFO (opening it would block)
+        return False
     try:
         with open(p, "rb") as f:
             return f.read(4) == b"GGUF"
-    except OSError:  # a folder, missing, unreadable
+    except OSError:  # unreadable
         return False
 
 
@@ -295,9 +300,11 @@ def _dequantise_gguf(gguf: Path, target: Path, *, name: str, verbose: bool) -> P
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        raise ValueError(
-            f"transformers could not read {gguf} ({type(e).__name__}: {e}). Its GGUF reader supports the "
+    except (ValueError, KeyError, NotImplementedError, IndexError, EOFError, struct.error) as e:
+        # struct.error / EOFError / IndexError: a truncated or damaged file (gguf's reader unpacks past its end)
+        raise UsageError(
+            f"transformers could not read {gguf} ({type(e).__name__}: {e}): the file may be truncated or damaged "
+            "(download it again). Its GGUF reader supports the "
             "common architectures (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2...) and quantisations; "
             "for another one, convert the model to a Hugging Face folder and pass that folder."
         ) from e
@@ -574,6 +581,9 @@ def load_model(
         return name_or_path
     if backend not in ("bridge", "legacy"):
         raise ValueError(f"backend must be 'bridge' or 'legacy', got {backend!r}.")
+    from .checks import check_device
+
+    check_device(device, name="load_model: device")  # "banana", a GPU this machine lacks: named before any load
     t0 = time.perf_counter()
     dtype = _load_dtype(name_or_path, dtype)
     warn_if_slow_dtype(dtype, device)
@@ -581,7 +591,7 @@ def load_model(
         path = ensure_default_checkpoint(verbose=verbose)
         return _load_cached(path, DEFAULT_MODEL_NAME, f"the embedded {DEFAULT_MODEL_NAME} from its cache {path}",
                             device=device, dtype=dtype, backend=backend, verbose=verbose, t0=t0)
-    if isinstance(name_or_path, (str, os.PathLike)) and _is_gguf_file(Path(name_or_path).expanduser()):
+    if isinstance(name_or_path, (str, os.PathLike)) and is_gguf_file(Path(name_or_path).expanduser()):
         gguf = Path(name_or_path).expanduser().resolve()
         path = gguf_checkpoint_dir(gguf)
         name = DEFAULT_MODEL_NAME if path == default_model_dir() else gguf.stem
@@ -600,6 +610,16 @@ def load_model(
             raise ValueError(
                 "An in-memory Hugging Face model needs its tokenizer: load_model(model, tokenizer=tok)."
             )
+        if not hasattr(name_or_path, "config"):
+            raise UsageError(
+                f"load_model takes an in-memory Hugging Face causal LM (a transformers PreTrainedModel with a "
+                f".config), got a plain {type(name_or_path).__name__}; load one with "
+                "AutoModelForCausalLM.from_pretrained(...).")
+        if isinstance(tokenizer, (str, bytes, os.PathLike)) or not callable(tokenizer):
+            raise UsageError(
+                f"load_model: tokenizer must be the model's Hugging Face tokenizer object "
+                f"(AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__}"
+                + (f" {tokenizer!r}: load it first." if isinstance(tokenizer, (str, os.PathLike)) else "."))
         heads = getattr(name_or_path, "get_output_embeddings", None)
         if callable(heads) and heads() is None:
             raise ValueError(
@@ -671,6 +691,10 @@ def _load_legacy_folder(name_or_path: Any, *, device: str, dtype: torch.dtype) -
 def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedModel:
     """A local checkpoint folder, or a hub name (refused at once when offline without a cached copy)."""
     p = Path(src).expanduser()
+    if p.exists() and not p.is_dir() and not p.is_file():  # a FIFO, a device: named as such
+        from .checks import check_regular_file
+
+        check_regular_file(p, what="a GGUF file or a Hugging Face checkpoint folder")
     if p.is_file():  # GGUF files were taken before this
         raise FileNotFoundError(
             f"{p} is a file but not a GGUF model file (it does not start with the GGUF magic bytes); "
@@ -678,7 +702,7 @@ def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedM
         )
     if p.exists():
         if not (p / "config.json").exists():
-            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            ggufs = sorted(x.name for x in p.glob("*.gguf") if x.is_file())
             hint = f" It holds {', '.join(ggufs)}: pass that file, load_model({str(p / ggufs[0])!r})." if ggufs else ""
             raise FileNotFoundError(
                 f"{p} exists but is not a Hugging Face checkpoint folder (no config.json).{hint}"

@@ -261,7 +261,25 @@ class LabelledPrompt:
         )
 
 
+def _check_tokenizer(tokenizer) -> None:
+    """A Hugging Face *fast* tokenizer (callable, with offsets), named as such instead of a bare ``TypeError``."""
+    from .errors import UsageError
+
+    if tokenizer is None or isinstance(tokenizer, (str, bytes)) or not callable(tokenizer):
+        raise UsageError(f"build_prompt: tokenizer must be a Hugging Face fast tokenizer (model.tokenizer, or "
+                         f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__}.")
+    if getattr(tokenizer, "is_fast", True) is False:
+        raise UsageError(f"build_prompt needs a fast tokenizer (token offsets label the spans); "
+                         f"{type(tokenizer).__name__} is a slow one: load it with "
+                         "AutoTokenizer.from_pretrained(name, use_fast=True).")
+
+
 def _normalise_parts(parts: Iterable[PartLike]) -> list[Segment | str]:
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Iterable):
+        from .errors import UsageError
+
+        raise UsageError(f"build_prompt: parts must be a list of str glue, (name, text) pairs or Segments, got "
+                         f"{type(parts).__name__}; e.g. [\"Read this.\\n\", (\"doc_1\", text), \"\\nQ: \"].")
     out: list[Segment | str] = []
     seen: set[str] = set()
     for p in parts:
@@ -321,6 +339,7 @@ def build_prompt(
         >>> tok.decode(p.tokens[p.spans["doc_1"].slice])
         'The sky is blue.'
     """
+    _check_tokenizer(tokenizer)
     norm = _normalise_parts(parts)
     if not any(isinstance(p, Segment) for p in norm):
         raise ValueError("A labelled prompt needs at least one named segment.")

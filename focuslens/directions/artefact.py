@@ -27,9 +27,10 @@ from ..core.hooks import HookHandle
 from ..core.errors import UsageError
 from ..core.io import atomic_dir, atomic_write, content_hash, recover_dir, tensor_checksum
 from ..core.models import HookedModel, model_info
-from ..core.checks import Head, check_heads, check_regular_file, read_json, real
+from ..core.checks import (Head, check_count, check_heads, check_regular_file, check_scaled, frozen_vectors, head_list,
+                           read_json, real)
 from ..core.prompts import LabelledPrompt
-from ..intervene.specs import InterventionSpec, check_batch, format_heads, tokens_of
+from ..intervene.specs import InterventionSpec, check_batch, format_heads, measuring_model, tokens_of
 
 __all__ = ["FocusDirections", "Steer", "random_like", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
@@ -113,18 +114,27 @@ class FocusDirections:
     versions: dict[str, str] = field(default_factory=_versions)
 
     def __post_init__(self) -> None:
-        self.heads = [(int(l), int(h)) for l, h in self.heads]
-        if len(set(self.heads)) != len(self.heads):
-            raise ValueError("FocusDirections: a head is listed twice.")
-        v = torch.as_tensor(self.vectors)
+        what = "FocusDirections"
+        self.heads = list(head_list(self.heads, what=what))  # ints only (no bools, no truncated floats), none twice
+        try:
+            v = torch.as_tensor(self.vectors)
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"{what}: vectors must be a [n_heads, d_head] tensor, got "
+                             f"{type(self.vectors).__name__}.") from None
         if v.dim() != 2 or v.shape[0] != len(self.heads):
             raise ValueError(
                 f"vectors must be [n_heads, d_head] with one row per head ({len(self.heads)} heads); "
                 f"got shape {tuple(v.shape)}."
             )
+        # the one vector check (real-valued, finite) of every spec: a NaN direction would make every logit NaN
+        frozen_vectors({h: v[i] for i, h in enumerate(self.heads)}, what=what)
+        if not isinstance(self.fingerprint, Mapping):
+            raise UsageError(f"{what}: fingerprint must be model_info(model).fingerprint() (a dict), got "
+                             f"{type(self.fingerprint).__name__}.")
         d = self.fingerprint.get("d_head")
         if d is not None and v.shape[1] != d:
             raise ValueError(f"vectors have d_head={v.shape[1]} but the fingerprint says {d}.")
+        self.alpha = real(self.alpha, name="alpha", what=what)
         self.vectors = v.detach()
 
     # --- access --------------------------------------------------------------------------------
@@ -166,13 +176,12 @@ class FocusDirections:
 
     def top(self, k: int) -> "FocusDirections":
         """The first ``k`` heads (heads are stored in rank order when trained from a ranking)."""
-        if not isinstance(k, int) or not 1 <= k <= len(self):
-            raise ValueError(f"top(k) needs 1 <= k <= {len(self)} (the number of heads); got {k!r}.")
+        k = check_count(k, name="k", what="FocusDirections.top(k)", upper=len(self))
         return self._replace(heads=self.heads[:k], vectors=self.vectors[:k].clone())
 
     def select(self, heads: Iterable[Sequence[int]]) -> "FocusDirections":
         """A subset, in the order given; raises if a head has no direction."""
-        hs = [(int(l), int(h)) for l, h in heads]
+        hs = list(head_list(heads, what="FocusDirections heads"))  # heads=True or 3.0 is refused, not read
         missing = [h for h in hs if h not in self.heads]
         if missing:
             raise ValueError(f"No direction for heads {missing}; available: {self.heads}.")
@@ -181,7 +190,15 @@ class FocusDirections:
 
     def scaled(self, factors: Float[Tensor, "n"] | Sequence[float]) -> "FocusDirections":
         """Scale each head's vector by its own factor (used by the magnitude control)."""
-        f = torch.as_tensor(factors, dtype=self.vectors.dtype, device=self.vectors.device).flatten()
+        try:
+            f = torch.as_tensor(factors)
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"FocusDirections.scaled: factors must be one number per head, got "
+                             f"{type(factors).__name__}.") from None
+        if f.dtype == torch.bool or f.is_complex() or not torch.isfinite(f).all():
+            raise UsageError(f"FocusDirections.scaled: factors must be finite real numbers (no bools, NaN or inf), "
+                             f"got {factors!r}.")
+        f = f.to(dtype=self.vectors.dtype, device=self.vectors.device).flatten()
         if f.numel() != len(self):
             raise ValueError(f"Need one factor per head ({len(self)}), got {f.numel()}.")
         return self._replace(vectors=self.vectors * f[:, None])
@@ -190,11 +207,18 @@ class FocusDirections:
     def __mul__(self, c: float) -> "FocusDirections":
         if not isinstance(c, (int, float)):
             return NotImplemented
-        return self._replace(vectors=self.vectors * float(c), objective=f"{c:g}*({self.objective})")
+        c = real(c, name="the factor", what="FocusDirections * c")  # no bool (d * True), no NaN/inf
+        check_scaled(self.as_dict(), c, dtype=self.vectors.dtype, what="FocusDirections * c")
+        return self._replace(vectors=self.vectors * c, objective=f"{c:g}*({self.objective})")
 
     __rmul__ = __mul__
 
     def __truediv__(self, c: float) -> "FocusDirections":
+        if not isinstance(c, (int, float)):
+            return NotImplemented
+        c = real(c, name="the divisor", what="FocusDirections / c")
+        if c == 0:
+            raise UsageError("FocusDirections / c: the divisor is 0; give a non-zero number.")
         return self * (1.0 / c)
 
     def __neg__(self) -> "FocusDirections":
@@ -487,11 +511,11 @@ def _check_artefact_folder(target: Path) -> None:
     why = f"no {CONFIG_FILE}"
     if cfg.is_file() and not cfg.is_symlink():
         try:
-            obj = json.loads(cfg.read_bytes()[: 1 << 24])
+            obj = read_json(cfg, what=f"a {CONFIG_FILE}", max_bytes=1 << 24)
             if isinstance(obj, dict) and obj.get("format") == "focuslens.FocusDirections":
                 return
             why = f"its {CONFIG_FILE} is not a FocusDirections config"
-        except (OSError, ValueError, RecursionError):
+        except (OSError, ValueError):  # invalid, too deeply nested or too large JSON, a FIFO...
             why = f"its {CONFIG_FILE} cannot be read as JSON"
     raise UsageError(f"{target} is a folder but not a FocusDirections folder ({why}); a save goes only into a new "
                      "or empty folder or over an earlier artefact, so that no file of yours is replaced: give "
@@ -561,6 +585,9 @@ class Steer(InterventionSpec):
             self.alpha = "auto"
         else:
             self.alpha = real(a, name="alpha", what=what)
+            # α·u overflowing the vectors' dtype (1e39 in float32) is refused here, for both engines alike; the
+            # model's dtype is checked when attached (InjectVectors on the bridge, FusedModel.inject_vectors)
+            check_scaled(self.directions.as_dict(), self.alpha, dtype=self.directions.vectors.dtype, what=what)
         self.target = real(target, name="target", what=what)
         if self.alpha == "auto" and not 0.0 < self.target < 1.0:
             raise ValueError(f"{what}: target is a fraction of sink mass in (0, 1); got {target!r}.")
@@ -587,8 +614,8 @@ class Steer(InterventionSpec):
         return self.alpha == "auto"
 
     @property
-    def probes_rows(self) -> bool:
-        return self.alpha == "auto"
+    def measures(self) -> bool:
+        return self.alpha == "auto"  # the sink probe of each prompt
 
     def _ctor(self):
         return (self.directions,), {"alpha": self.alpha, "target": self.target, "alpha_max": self.alpha_max,
@@ -608,7 +635,7 @@ class Steer(InterventionSpec):
             if tokens is None:
                 raise ValueError("Steer(alpha='auto') needs the prompt: attach(model, example) with a "
                                  "RenderedExample (or its tokens).")
-            return self.attach_rows(model, self.row_vectors(model, [tokens]))
+            return self.attach_rows(model, self.measure(model, [tokens]))
         d = self.directions
         d.check_applies_to(model)
         return self.attach_rows(model, {h: float(self.alpha) * u for h, u in d.as_dict().items()})
@@ -624,9 +651,9 @@ class Steer(InterventionSpec):
         check_batch(examples, offsets, what="Steer")
         if self.alpha != "auto":
             return self.attach(model, None)
-        return self.attach_rows(model, self.row_vectors(model, examples))
+        return self.attach_measured(model, self.measure(model, examples), examples, offsets=offsets)
 
-    def row_vectors(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
+    def measure(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None):
         """``{head: [batch, d_head]}``: each row's auto-scaled vectors; the probe runs with ``prior``
         attached for that row alone (what a :class:`Compose` member attached before this one does)."""
         from .magnitude import sink_target_alphas
@@ -653,16 +680,29 @@ class Steer(InterventionSpec):
 
         return inject_vectors(model, vectors, alpha=1.0, site="query", pre_rope=False)
 
-    @property
-    def fused(self) -> bool:
-        """A fixed α runs on the fused engine; ``alpha="auto"`` probes each row on the bridge first."""
-        return self.alpha != "auto"
+    def attach_measured(self, model: HookedModel, measured: Any, examples: Sequence[Any], *,
+                        offsets: Sequence[int]) -> HookHandle:
+        """Row i's vectors (``measured``, from :meth:`measure`) added to row i's post-RoPE queries."""
+        check_batch(examples, offsets, what="Steer")
+        return self.attach_rows(model, measured)
+
+    def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,
+                              offsets: Sequence[int]) -> HookHandle:
+        """:meth:`attach_measured` on the fused engine (:meth:`FusedModel.inject_vectors
+        <focuslens.engine.FusedModel.inject_vectors>` with ``[batch, d_head]`` vectors)."""
+        check_batch(examples, offsets, what="Steer")
+        return engine.inject_vectors(measured, alpha=1.0)
 
     def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
-        """``α · u`` on the heads' post-RoPE queries on the fused engine (what :meth:`attach` adds on the bridge)."""
+        """``α · u`` on the heads' post-RoPE queries on the fused engine (what :meth:`attach` adds on the bridge).
+
+        ``alpha="auto"``: the sink probe (:meth:`measure`, a partial pass of each unpadded prompt) runs on
+        the bridge the engine was built for (``engine.hooked``), giving the very α of :meth:`attach_batch`;
+        each row's scaled vectors are then injected on the engine."""
         check_batch(examples, offsets, what="Steer")
         if self.alpha == "auto":
-            raise TypeError("Steer(alpha='auto') probes each prompt on the bridge: run it with engine='eager'.")
+            measured = self.measure(measuring_model(engine, "Steer(alpha='auto')"), examples)
+            return self.attach_measured_fused(engine, measured, examples, offsets=offsets)
         d = self.directions
         if engine.hooked is not None:
             d.check_applies_to(engine.hooked)
@@ -671,6 +711,7 @@ class Steer(InterventionSpec):
     def scaled(self, c: float) -> "Steer":
         if self.alpha == "auto":
             raise TypeError("Steer(alpha='auto') picks α per prompt; change target= instead of scaling it.")
+        c = real(c, name="scale", what="Steer.scaled")  # scaled(True) is not scaled(1)
         return Steer(self.directions, alpha=self.alpha * c, target=self.target, alpha_max=self.alpha_max,
                      per=self.per)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.checks import read_json
 from ..core.io import atomic_write, atomic_write_json, content_hash, tensor_checksum
 from ..core.models import model_identity
 from .config import TrainConfig
@@ -145,10 +146,9 @@ class _Checkpoint:
         path = self.folder / CHECKPOINT_JSON
         if not path.exists():
             return None
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._broken(path, f"invalid JSON: {e}") from None
+        # a FIFO, a link to /dev/zero, invalid or too deeply nested JSON: a UsageError naming the file
+        meta = read_json(path, what=f"the {CHECKPOINT_JSON} a training run wrote (it may have been truncated or "
+                                    f"edited: delete {self.folder} to train afresh, or give another checkpoint_dir)")
         if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
             raise self._broken(path, "not a focuslens training checkpoint")
         if meta.get("identity") != self.key:
@@ -212,8 +212,8 @@ class _Checkpoint:
     def _previous_tensors(self) -> str | None:
         """The tensors file named by the checkpoint.json already in the folder (one this class wrote), if any."""
         try:
-            meta = json.loads((self.folder / CHECKPOINT_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta = read_json(self.folder / CHECKPOINT_JSON, what=f"a {CHECKPOINT_JSON}")
+        except (OSError, ValueError):  # none, or not ours: no tensors file of it to remove
             return None
         if isinstance(meta, dict) and meta.get("format") == _CHECKPOINT_FORMAT and isinstance(meta.get("tensors"), str):
             return meta["tensors"]

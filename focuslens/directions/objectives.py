@@ -24,9 +24,10 @@ from ..core.hooks import attach_hooks
 from ..core.forward import run_until
 from ..core.models import HookedModel, model_info, warn_if_slow_dtype
 from ..core.checks import Head, check_heads
+from ..core.errors import UsageError
 from .artefact import FocusDirections
 from .config import CachePrecision
-from .data import DirectionExample
+from .data import DirectionExample, _check_direction_examples
 
 __all__ = ["QKCache", "cache_qk", "attention_mass", "heldout_attention"]
 
@@ -133,6 +134,9 @@ def cache_qk(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (examples per frozen forward pass), got {batch_size!r}.")
+    _check_direction_examples(examples)  # a TaskExample, a RenderedExample, a lone example: named, not a KeyError
+    if len(examples) == 0:
+        raise UsageError("cache_qk: examples is empty; give at least one DirectionExample (make_direction_examples).")
     if precision not in ("model", "bfloat16"):
         raise ValueError(f"precision must be 'model' or 'bfloat16'; got {precision!r}.")
     heads = check_heads(model, heads)

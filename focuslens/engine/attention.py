@@ -2,8 +2,9 @@
 
 Transformers calls :func:`_focuslens_attention` in every layer (while a :class:`~focuslens.engine.fused.FusedModel`
 context is active) with the post-RoPE query, key and value: it injects query vectors, runs the fused
-SDPA output, recomputes the span-edited heads (split softmax, PASTA) row block by row block with the
-specs' own pattern maths, overwrites ablated heads' outputs, and records the response rows of a
+SDPA output, recomputes the edited heads row block by row block with the specs' own maths (span edits:
+split softmax, PASTA, sink redistribution; a spec's row edit: positional calibration; a score edit
+before the softmax: temperature), overwrites ablated heads' outputs, and records the response rows of a
 scoring pass — all with :mod:`focuslens.core.attention`'s scale, masks and row softmax.
 """
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from ..core.attention import LayerAttention, module_attention, row_softmax, soft_cap, visible_keys
 from ..core.prompts import Span
 from ..intervene.edits import SpanLayout
+from ..intervene.vector_specs import refuse_non_finite_edit, refuse_non_finite_output
 
 #: Name under which the focuslens attention function is registered while a context is active.
 ATTN_IMPL = "focuslens_sdpa"
@@ -99,6 +101,30 @@ class _SpanEdit:
             )
         return self.layout.key_mask(0, n_keys, device)
 
+    def apply(self, pattern: Float[Tensor, "b n q k"], query_pos: Int[Tensor, " q"], layer: int) -> Tensor:
+        mask, min_query = self.key_mask(pattern.shape[-1], pattern.shape[0], pattern.device)
+        return self.edit(pattern, mask, query_positions=query_pos.to(pattern.device), min_query=min_query)
+
+
+@dataclass
+class _RowEdit:
+    """A post-softmax edit of some heads with the spec's own rule (:meth:`FusedModel.pattern_edit`):
+    ``apply(pattern [b, n, r, k], query_pos [r], layer)`` on the layer's heads of ``heads_by_layer`` (in
+    that order), keys at absolute positions ``0..k-1``."""
+
+    heads_by_layer: dict[int, list[int]]
+    apply: Callable[[Tensor, Tensor, int], Tensor]
+
+
+@dataclass
+class _ScoreEdit:
+    """A pre-softmax edit of some heads' scores (:meth:`FusedModel.score_edit`): ``apply(scores [b, n, r, k],
+    visible, layer)`` with the scores scaled (and soft-capped) as ``hook_attn_scores`` holds them and ``visible``
+    (bool, broadcastable) the keys each row sees (causal, window, padding)."""
+
+    heads_by_layer: dict[int, list[int]]
+    apply: Callable[[Tensor, Tensor, int], Tensor]
+
 
 @dataclass
 class _Injection:
@@ -128,16 +154,32 @@ class _Recorder:
 
 
 def _edit_rows(
-    pattern: Float[Tensor, "b h q k"], edit: _SpanEdit, query_pos: Int[Tensor, " q"]
+    pattern: Float[Tensor, "b h q k"], edit: "_SpanEdit | _RowEdit", query_pos: Int[Tensor, " q"], layer: int
 ) -> Float[Tensor, "b h q k"]:
-    """Apply a span edit to explicit rows at absolute positions ``query_pos``.
+    """Apply a span edit (or a spec's own row edit) to explicit rows at absolute positions ``query_pos``.
 
     The key mask and ``min_query`` guard are those of :func:`focuslens.intervene.edits.attach_span_edit`
     (rows before the span, with no mass on it or none outside it, unchanged), and the maths is the
     spec's own edit function, so both engines make exactly the same edit.
     """
-    mask, min_query = edit.key_mask(pattern.shape[-1], pattern.shape[0], pattern.device)
-    return edit.edit(pattern, mask, query_positions=query_pos.to(pattern.device), min_query=min_query)
+    return edit.apply(pattern, query_pos, layer)
+
+
+def _score_editor(score_edits: Sequence[_ScoreEdit], layer: int,
+                  order: Sequence[int]) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The score edits of ``layer`` as one function of the explicit scores of heads ``order`` (None: none)."""
+    active = [(e, e.heads_by_layer[layer]) for e in score_edits if layer in e.heads_by_layer]
+    if not active:
+        return None
+    pos_of = {h: i for i, h in enumerate(order)}
+
+    def run(scores: Tensor, vis: Tensor) -> Tensor:
+        for e, hs in active:
+            idx = torch.tensor([pos_of[h] for h in hs], device=scores.device)
+            scores = scores.index_copy(1, idx, e.apply(scores.index_select(1, idx), vis, layer))
+        return scores
+
+    return run
 
 
 def _visible(
@@ -168,6 +210,7 @@ def _explicit_rows(
     la: LayerAttention | float,
     q_offset: int,
     workspace: Tensor | None = None,
+    score_edit: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "b h r k"]:
     """Post-softmax attention rows (fp32) of the given query heads (all when ``q_heads`` is None).
 
@@ -178,7 +221,8 @@ def _explicit_rows(
     that scale. With ``workspace`` (a flat fp32 buffer of at least ``b·h·r·k`` elements, all heads
     only) the rows are computed inside it with no new large allocation: per-layer temporaries of a few
     MB would otherwise fragment the CPU heap (glibc) and raise the process's peak RSS well above the
-    live memory.
+    live memory. ``score_edit(scores, visible)`` (:func:`_score_editor`) edits the scaled scores before the
+    softmax, where the bridge's ``hook_attn_scores`` hooks do.
     """
     if not isinstance(la, LayerAttention):
         la = LayerAttention(-1, "", "", float(la))
@@ -201,6 +245,8 @@ def _explicit_rows(
     # in place from here on: the row block is the largest tensor this backend adds
     scores = soft_cap(scores.mul_(la.scale), la.softcap, inplace=True)
     vis = _visible(la, row_pos + q_offset, kv, mask, row_pos, scores.device)
+    if score_edit is not None:
+        scores = score_edit(scores, vis)
     return row_softmax(scores, vis, inplace=True)
 
 
@@ -224,9 +270,26 @@ def _inject(query: Float[Tensor, "b h q d"], injections: Sequence[_Injection], l
             add = add[:, :, None, :].expand(-1, -1, q_len, -1)
         else:
             add = add[None, :, None, :].expand(query.shape[0], -1, q_len, -1)
+        before = query
         query = query.clone()
         query.index_add_(1, idx, add)
+        edited = query.index_select(1, idx)  # [b, n, q, d]
+        if not bool(torch.isfinite(edited).all()):  # q + α·u overflows: the bridge's hook_rot_q refusal
+            refuse_non_finite_edit(before.index_select(1, idx).transpose(1, 2), edited.transpose(1, 2), add,
+                                   layer=layer, heads=heads, alpha=inj.alpha)
     return query
+
+
+def _check_outputs(out: Float[Tensor, "b q h d"], injections: Sequence[_Injection], layer: int) -> None:
+    """The injected heads' attention outputs must be finite (the bridge's ``hook_z`` check): a finite query
+    of 3e37 still overflows ``q·k`` and would give NaN logits without an error."""
+    for inj in injections:
+        entry = inj.by_layer.get(layer)
+        if entry is None or inj.alpha == 0.0:
+            continue
+        heads, vecs = entry
+        if not bool(torch.isfinite(out.index_select(2, torch.tensor(heads, device=out.device))).all()):
+            refuse_non_finite_output(out, layer=layer, heads=heads, alpha=inj.alpha, big_u=float(vecs.abs().max()))
 
 
 def _ablate(out: Float[Tensor, "b q h d"], ablations: Sequence[_Ablation], layer: int) -> Float[Tensor, "b q h d"]:
@@ -280,14 +343,17 @@ def _focuslens_attention(
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     edits = [(e, e.heads_by_layer[layer]) for e in fm._span_edits if layer in e.heads_by_layer]
+    scored = {h for e in fm._score_edits for h in e.heads_by_layer.get(layer, ())}  # heads with edited scores
     rec = fm._recorder
-    if (edits or rec is not None) and not la.exact:
+    if (edits or scored or rec is not None) and not la.exact:
         raise ValueError(f"The fused backend recomputes attention rows explicitly, which is not exact here ({la.why}).")
 
-    # 3. split-softmax heads: explicit rows, overwriting their output slices
-    if edits:
-        heads = sorted({h for _, hs in edits for h in hs})
+    # 3. edited heads (split softmax, PASTA, a spec's row or score edit): explicit rows, overwriting their
+    # output slices
+    if edits or scored:
+        heads = sorted({h for _, hs in edits for h in hs} | scored)
         pos_of = {h: i for i, h in enumerate(heads)}
+        score_edit = _score_editor(fm._score_edits, layer, heads)
         kv_idx = torch.tensor([h // group for h in heads], device=value.device)
         v_sel = value.float().index_select(1, kv_idx)  # [b, n, k, d]
         q_sel = query.index_select(1, torch.tensor(heads, device=query.device))
@@ -300,10 +366,13 @@ def _focuslens_attention(
             n_keys = kv_len if la.sliding_window is not None else q_offset + stop
             mask_k = attention_mask[..., :n_keys] if attention_mask is not None else None
             pat = _explicit_rows(q_sel[:, :, start:stop], key[:, :, :n_keys], heads, group, rows, mask_k, la,
-                                 q_offset)
-            pat = _apply_edits(pat, edits, pos_of, rows + q_offset)
+                                 q_offset, score_edit=score_edit)
+            pat = _apply_edits(pat, edits, pos_of, rows + q_offset, layer)
             z = (pat.to(v_sel.device) @ v_sel[:, :, :n_keys]).transpose(1, 2)  # [b, r, n, d]
             out[:, start:stop, heads, :] = z.to(out.dtype).to(out.device)
+
+    # 3a. the injected heads' outputs (hook_z) are finite, or the pass stops with the bridge's error
+    _check_outputs(out, fm._injections, layer)
 
     # 3b. ablated heads: their output (hook_z) set to 0 or a mean, at every position
     out = _ablate(out, fm._ablations, layer)
@@ -315,10 +384,11 @@ def _focuslens_attention(
         if hi > lo:
             rows = torch.arange(lo, hi, device=query.device)
             work = rec.workspace(query.device, query.shape[0] * n_heads * (hi - lo) * kv_len)
-            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, la, q_offset, work)  # [b, H, r, k]
+            pat = _explicit_rows(query[:, :, lo:hi], key, None, group, rows, attention_mask, la, q_offset, work,
+                                 score_edit=_score_editor(fm._score_edits, layer, range(n_heads)))  # [b, H, r, k]
             if edits:
                 idx = torch.tensor(heads, device=pat.device)
-                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of, rows + q_offset)
+                sub = _apply_edits(pat.index_select(1, idx), edits, pos_of, rows + q_offset, layer)
                 pat.index_copy_(1, idx, sub)
             row_sums = pat.sum(dim=(0, 2))  # [H, k]: Σ over response rows (and the batch of 1)
             rec.columns[layer, :, :kv_len] += row_sums.to(device=rec.columns.device, dtype=torch.float32)
@@ -344,15 +414,15 @@ def _chunked_forward(forward: Any, chunk: int) -> Any:
     return run
 
 
-def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int], query_pos: Tensor) -> Tensor:
-    """Apply span edits (split softmax, PASTA) in order; ``pat`` is ``[b, n, r, k]`` over the heads in ``pos_of``,
-    rows at absolute positions ``query_pos``."""
+def _apply_edits(pat: Tensor, edits: list, pos_of: dict[int, int], query_pos: Tensor, layer: int) -> Tensor:
+    """Apply span and row edits (split softmax, PASTA, ...) in order; ``pat`` is ``[b, n, r, k]`` over the heads in
+    ``pos_of``, rows at absolute positions ``query_pos`` of ``layer``."""
     for edit, hs in edits:
         order = [pos_of[h] for h in hs]
         if order == list(range(pat.shape[1])):  # the edit covers every head here: no gather / scatter copies
-            pat = _edit_rows(pat, edit, query_pos)
+            pat = _edit_rows(pat, edit, query_pos, layer)
             continue
         idx = torch.tensor(order, device=pat.device)
-        sub = _edit_rows(pat.index_select(1, idx), edit, query_pos)
+        sub = _edit_rows(pat.index_select(1, idx), edit, query_pos, layer)
         pat = pat.index_copy(1, idx, sub)
     return pat

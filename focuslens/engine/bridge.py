@@ -108,7 +108,7 @@ def engine_refusal(model: HookedModel, spec: InterventionSpec | None) -> str | N
     Reasons: no Hugging Face model behind ``model`` (a legacy ``HookedTransformer``); an architecture
     the engine does not cover (attention modules without ``q_proj``/``o_proj``, e.g. GPT-2); hooks
     attached to the bridge (the engine would not run them); a spec without a fused edit
-    (``spec.fused`` False: key-site or pre-RoPE injection, ``Steer(alpha="auto")``, a custom spec);
+    (``spec.fused`` False: key-site or pre-RoPE injection, a custom spec);
     an edit on a model with sliding-window layers or learned attention sinks (the explicit rows
     assume every key of the cache, plain causal attention).
     """

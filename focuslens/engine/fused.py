@@ -49,6 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.checks import check_count, check_scaled, frozen_vectors, real
 from ..core.hooks import HookHandle
 from ..core.prompts import SpanLike
 from ..intervene.edits import SpanLayout
@@ -61,6 +62,8 @@ from .attention import (
     _Injection,
     _Recorder,
     _register,
+    _RowEdit,
+    _ScoreEdit,
     _SpanEdit,
     _unregister,
 )
@@ -153,10 +156,9 @@ class FusedModel:
                  mlp_chunk: int | None = DEFAULT_MLP_CHUNK):
         if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
             raise TypeError(f"FusedModel wraps a Hugging Face PreTrainedModel, got {type(hf_model).__name__}.")
-        if row_block < 1:
-            raise ValueError(f"row_block must be >= 1, got {row_block}.")
-        if mlp_chunk is not None and mlp_chunk < 1:
-            raise ValueError(f"mlp_chunk must be >= 1 or None, got {mlp_chunk}.")
+        check_count(row_block, name="row_block", what="FusedModel")  # no bool, no truncated float
+        if mlp_chunk is not None:
+            check_count(mlp_chunk, name="mlp_chunk (or None)", what="FusedModel")
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         #: the hooked model (TransformerLens bridge) whose weights ``hf_model`` shares, when the engine
@@ -188,12 +190,18 @@ class FusedModel:
             _OWNERS[m] = (me, i)
         self._active_depth = 0
         self._saved_impl: str | None = None
-        self._span_edits: list[_SpanEdit] = []
+        self._span_edits: list[_SpanEdit | _RowEdit] = []  # post-softmax edits, in the order attached
         self._injections: list[_Injection] = []
         self._ablations: list[_Ablation] = []
+        self._score_edits: list[_ScoreEdit] = []
         self._recorder: _Recorder | None = None
 
     # ---------------------------------------------------------------- plumbing
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (what ``alpha * u`` must be finite in)."""
+        return next((p.dtype for p in self.hf_model.parameters() if p.is_floating_point()), torch.float32)
+
     @property
     def attn_implementation(self) -> str:
         """The attention implementation currently set on the model's config."""
@@ -445,6 +453,53 @@ class FusedModel:
         mode = "zero" if means is None else "mean"
         return BackendHandle(self, self._ablations, abl, label=f"fused ablate({mode}, {len(hs)} heads)")
 
+    def _by_layer(self, heads: Iterable[Sequence[int]], identity: bool) -> tuple[list[Head], dict[int, list[int]]]:
+        hs = self._check_heads(heads)
+        by_layer: dict[int, list[int]] = {}
+        if not identity:
+            for l, h in hs:
+                by_layer.setdefault(l, []).append(h)
+        return hs, by_layer
+
+    def pattern_edit(
+        self,
+        heads: Iterable[Sequence[int]],
+        apply: Callable[[Tensor, Tensor, int], Tensor],
+        *,
+        identity: bool,
+        label: str,
+    ) -> BackendHandle:
+        """Apply a spec's own post-softmax edit to ``heads``' explicit rows (``hook_pattern`` on the bridge).
+
+        ``apply(pattern, query_positions, layer)``: ``pattern`` ``[b, n, r, k]`` fp32 rows of the layer's heads
+        among ``heads`` (in the order given), keys at absolute positions ``0..k-1``, rows at the absolute
+        ``query_positions`` ``[r]`` (the last ``r`` of the ``k`` positions, a block of ``row_block`` rows at a
+        time); returns the edited rows. For edits that are not around one span per row (the span edits
+        go through :meth:`span_edit`), e.g. :class:`~focuslens.intervene.label_free.PositionalCalibration`.
+        ``identity``: nothing is recomputed, the output is the fused one bit for bit.
+        """
+        hs, by_layer = self._by_layer(heads, identity)
+        return BackendHandle(self, self._span_edits, _RowEdit(by_layer, apply), label=f"{label}, {len(hs)} heads)")
+
+    def score_edit(
+        self,
+        heads: Iterable[Sequence[int]],
+        apply: Callable[[Tensor, Tensor, int], Tensor],
+        *,
+        identity: bool,
+        label: str,
+    ) -> BackendHandle:
+        """Edit ``heads``' attention scores before the softmax (``hook_attn_scores`` on the bridge).
+
+        ``apply(scores, visible, layer)``: ``scores`` ``[b, n, r, k]`` fp32, scaled by the layer's scale and
+        soft-capped where the model caps, for the layer's heads among ``heads`` (in the order given);
+        ``visible`` bool, broadcastable to it: the keys each row sees (causal, window, left padding). Masked
+        entries are masked again after it, whatever it returns there. Used by
+        :class:`~focuslens.intervene.label_free.Temperature`; only the edited heads get explicit rows.
+        """
+        hs, by_layer = self._by_layer(heads, identity)
+        return BackendHandle(self, self._score_edits, _ScoreEdit(by_layer, apply), label=f"{label}, {len(hs)} heads)")
+
     def no_edit(self, label: str = "no intervention") -> BackendHandle:
         """A handle that changes nothing (the model still runs on the engine's attention function)."""
         return BackendHandle(self, [], None, label=label)
@@ -458,25 +513,18 @@ class FusedModel:
         prefill and every decoding step; ``alpha = 0`` is the identity. Returns a :class:`BackendHandle`
         (``.remove()``; context manager), like :func:`focuslens.intervene.eager.inject_vectors`.
         """
-        if not vectors:
-            raise ValueError("vectors is empty: map at least one (layer, head) to a [d_head] vector.")
-        hs = self._check_heads(list(vectors))
-        alpha = float(alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}.")
+        # the bridge's checks (focuslens.core.checks, as InjectVectors): finite [d_head] (or [batch, d_head])
+        # vectors of one shape, heads in range, a real finite alpha, alpha * u finite in the model's dtype; a
+        # query or an attention output that still overflows on a pass raises in the attention function
+        vs = frozen_vectors(vectors, what="inject_vectors", d_head=self.d_head, rows=True)
+        hs = self._check_heads(list(vs))
+        alpha = real(alpha, name="alpha", what="inject_vectors")
+        check_scaled(vs, alpha, dtype=self.dtype, what="inject_vectors")
         by_layer: dict[int, tuple[list[int], list[Tensor]]] = {}
-        rows: set[int] = set()
-        for (l, h), key in zip(hs, vectors):
-            v = torch.as_tensor(vectors[key]).detach()
-            if v.shape[-1:] != (self.d_head,) or v.dim() not in (1, 2):
-                raise ValueError(f"Vector for head ({l}, {h}) has shape {tuple(v.shape)}; expected ({self.d_head},) "
-                                 f"or [batch, {self.d_head}].")
-            rows.add(v.shape[0] if v.dim() == 2 else -1)
+        for l, h in hs:
             by_layer.setdefault(l, ([], []))
             by_layer[l][0].append(h)
-            by_layer[l][1].append(v.cpu().to(torch.float64))  # exact; α·u rounded once in the model's dtype
-        if len(rows) > 1:
-            raise ValueError("inject_vectors: give every head a [d_head] vector, or every head [batch, d_head] rows.")
+            by_layer[l][1].append(vs[(l, h)].to(torch.float64))  # exact; α·u rounded once in the model's dtype
         # [n, d], or [b, n, d] with one vector per batch row
         inj = _Injection({l: (h, torch.stack(v, dim=-2)) for l, (h, v) in by_layer.items()}, alpha)
         return BackendHandle(self, self._injections, inj,

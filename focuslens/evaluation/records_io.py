@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..core.checks import check_regular_file
+from ..core.checks import check_regular_file, parse_json
 from ..core.errors import UsageError
 from ..core.io import atomic_write, content_hash, output_lock_if_writable, refuse_link
 
@@ -109,8 +109,8 @@ def _header(line: bytes, path: Path) -> dict[str, Any]:
     not_ours = (f"{path} is not a focuslens records file (its first line is not a focuslens_eval header), so "
                 "it is left untouched: choose another output path.")
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        obj = parse_json(line, path, what=not_ours)
+    except UsageError:  # invalid, not UTF-8 or too deeply nested
         raise UsageError(not_ours) from None
     if not isinstance(obj, dict) or "focuslens_eval" not in obj:
         raise UsageError(not_ours)
@@ -165,12 +165,7 @@ class RecordsFile:
         for lineno, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({why}): the line is truncated or damaged; "
-                                 f"{_FIX}.") from None
+            obj = parse_json(line, f"{path}:{lineno}", what=f"the line is truncated or damaged; {_FIX}")
             self._take(obj, lineno, first)
         if tail.strip():
             self._torn(tail, len(lines) + 1, first)
@@ -211,8 +206,8 @@ class RecordsFile:
     def _torn(self, tail: bytes, lineno: int, first: dict[str, int]) -> None:
         """The last line has no newline: keep it if it is a whole valid record, else drop it (cut before the next write)."""
         try:
-            obj = json.loads(tail)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            obj = parse_json(tail, self.path, what="a torn last line")
+        except UsageError:
             obj = None
         if obj is not None and _problem(obj, self.h) is None and obj["key"] not in first:
             self._take(obj, lineno, first)

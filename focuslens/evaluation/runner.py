@@ -58,6 +58,7 @@ from ..core.generation import (
     stop_ids as _stop_ids,
 )
 from ..core.checks import check_count
+from ..core.errors import UsageError
 from ..core.io import content_hash, tensor_checksum
 from ..core.models import HookedModel, check_context, model_info, weights_digest
 from ..intervene.specs import InterventionSpec
@@ -280,8 +281,9 @@ def evaluate(
         engine: ``"auto"`` (default): decode on the fused engine (:mod:`focuslens.engine`: the bridge's
             weights on Hugging Face SDPA attention, only the edited heads' attention recomputed
             explicitly) whenever it expresses ``intervene`` exactly (``None`` or a spec with
-            ``spec.fused``: split softmax, PASTA, post-RoPE injection, fixed-α steering, ablation and
-            compositions of these; no hooks attached to the model), else on the bridge; ``"fused"``:
+            ``spec.fused``: split softmax, PASTA, post-RoPE injection, steering (``alpha="auto"``
+            probes on the bridge), ablation, the label-free specs (their measuring passes on the
+            bridge) and compositions of these; no hooks attached to the model), else on the bridge; ``"fused"``:
             the engine or a ``UsageError`` saying why not; ``"eager"``: the TransformerLens bridge
             (every hook fires). Not part of the configuration hash: both compute the same answers up
             to float rounding (the near-tie rule, as for ``batch_size``); each record's ``engine``
@@ -321,7 +323,7 @@ def _settings(decoding: Decoding | None, batch_size: int, **overrides: Any) -> t
     keywords given to ``evaluate`` replacing its values; the budget and the batch size checked."""
     given = {k: v for k, v in overrides.items() if v is not _KEEP}
     if decoding is not None and not isinstance(decoding, Decoding):
-        raise TypeError(f"evaluate: decoding must be a focuslens Decoding(...) bundle, got {type(decoding).__name__}; "
+        raise UsageError(f"evaluate: decoding must be a focuslens Decoding(...) bundle, got {type(decoding).__name__}; "
                         "or pass its fields as keywords (max_new_tokens=16).")
     dec = (decoding if decoding is not None else Decoding()).replace(**given)
     variant = normalise_variant(dec.variant)

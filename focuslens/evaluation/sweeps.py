@@ -180,15 +180,16 @@ def check_selection_grid(
 
 
 def selection_record(output_dir: str | os.PathLike, tag: str, spec: Any, data_id: str, *,
-                     max_new_tokens: int) -> Path:
+                     max_new_tokens: int, chat: bool = True) -> Path:
     """The JSONL of one :func:`select_alpha` configuration: ``{tag}-{hash}.jsonl``, the hash covering the
-    spec's identity, the examples (``data_id`` = :func:`examples_identity`) and the decoding budget.
+    spec's identity, the examples (``data_id`` = :func:`examples_identity`), the decoding budget and
+    ``chat`` (only when False: files written before it was a setting keep their names).
 
     Public so that a caller can read back a configuration's answers (e.g. to measure where its attention
     went) without re-deriving the naming rule.
     """
     key = content_hash({"intervene": None if spec is None else spec.identity, "data": data_id,
-                        "max_new_tokens": max_new_tokens})
+                        "max_new_tokens": max_new_tokens, **({} if chat else {"chat": False})})
     return Path(output_dir) / f"{tag}-{key[:12]}.jsonl"
 
 
@@ -201,6 +202,7 @@ def select_alpha(
     ks: Sequence[int] | None = None,
     targets: Sequence[float] = (),
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    chat: bool = True,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     batch_size: int = 8,
@@ -222,6 +224,7 @@ def select_alpha(
         alphas: fixed α values to try (non-zero; negative values are allowed but are never chosen).
         ks: numbers of top heads to try (default: all heads only).
         targets: magnitude-control targets in (0, 1) to try at the chosen k (default: none).
+        chat: render the examples in the model's chat template (``False`` for a base model without one).
         output_dir: keep one resumable JSONL per configuration there (``None``: in memory), named
             ``{name}-{hash}.jsonl`` where the hash covers the spec's identity (the directions'
             checksum and heads, α or the magnitude-control target), the examples and the decoding
@@ -248,8 +251,9 @@ def select_alpha(
     data_id = examples_identity(examples) if out is not None else None
 
     def run(tag: str, spec: Steer | None) -> dict[str, Any]:
-        path = None if out is None else selection_record(out, tag, spec, data_id, max_new_tokens=max_new_tokens)
-        res = evaluate(model, examples, max_new_tokens=max_new_tokens, intervene=spec, progress=progress,
+        path = None if out is None else selection_record(out, tag, spec, data_id, max_new_tokens=max_new_tokens,
+                                                         chat=chat)
+        res = evaluate(model, examples, max_new_tokens=max_new_tokens, chat=chat, intervene=spec, progress=progress,
                        output=path, tag=tag, batch_size=batch_size, engine=engine)
         s = res.summary()
         return {"n": s["n"], "accuracy": s["accuracy"], "stderr": s["accuracy_se"],

@@ -61,8 +61,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.hooks import HookHandle, attach_hooks
-from ..core.models import HookedModel, hook_name, model_info
-from ..core.checks import check_heads, frozen_vectors
+from ..core.errors import UsageError
+from ..core.models import HookedModel, check_context, hook_name, model_info
+from ..core.checks import check_heads, check_token_ids, frozen_vectors, is_index
 
 __all__ = [
     "PatchSite",
@@ -88,12 +89,24 @@ AblationMode = Literal["zero", "mean"]
 _HOOK = {"z": "hook_z", "q": "hook_q", "k": "hook_k", "v": "hook_v", "pattern": "hook_pattern"}
 
 
-def _as_batch(tokens: Tensor | Sequence[int], name: str) -> Int[Tensor, "batch pos"]:
-    t = torch.as_tensor(tokens)
+def _as_batch(tokens: Tensor | Sequence[int], name: str, model: HookedModel | None = None) -> Int[Tensor, "batch pos"]:
+    """``[batch, pos]`` integer ids (floats and bools refused, never truncated); with ``model`` also inside
+    its vocabulary and context (:func:`~focuslens.core.models.check_context`)."""
+    try:
+        if isinstance(tokens, (str, bytes)):
+            raise TypeError
+        t = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(f"{name} must be [pos] or [batch, pos] token ids (a tensor or a list of ints), got "
+                         f"{type(tokens).__name__}; tokenize the text first (model.tokenizer(text).input_ids).") from None
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2:
         raise ValueError(f"{name} must be [pos] or [batch, pos] token ids, got shape {tuple(t.shape)}.")
+    if model is not None:
+        check_context(model, t, what=name)
+    else:
+        check_token_ids(t, 0, what=name)
     return t.long()
 
 
@@ -114,7 +127,7 @@ def cache_sites(
     layer_list = list(range(info.n_layers)) if layers is None else list(layers)
     names = [hook_name(l, _HOOK[s]) for s in sites for l in layer_list]
     with torch.no_grad():
-        _, cache = model.run_with_cache(_as_batch(tokens, "tokens"), names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(_as_batch(tokens, "tokens", model), names_filter=lambda n: n in names)
     return {n: cache[n].detach().clone() for n in names}
 
 
@@ -350,6 +363,10 @@ class LogitDiff:
         if not (self.good < vocab and self.bad < vocab):
             raise ValueError(f"Token ids {self.good} / {self.bad} are outside this model's vocabulary ({vocab} "
                              "tokens): build the metric with the same model that produces the logits.")
+        if not -logits.shape[1] <= self.pos < logits.shape[1]:
+            raise ValueError(f"LogitDiff reads position {self.pos}, but the logits have {logits.shape[1]} positions "
+                             f"(valid: -{logits.shape[1]}..{logits.shape[1] - 1}); build the metric with a pos "
+                             "inside the prompt (-1: the last).")
         return (logits[:, self.pos, self.good] - logits[:, self.pos, self.bad]).mean()
 
     def __repr__(self) -> str:
@@ -400,14 +417,25 @@ def logit_diff_metric(
     """
     if multi_token not in ("first", "error"):
         raise ValueError(f"multi_token must be 'first' or 'error', got {multi_token!r}.")
-    tok = model.tokenizer
+    if not is_index(pos):  # pos=True would read position 1, pos=1.5 fail deep inside the metric
+        raise UsageError(f"logit_diff_metric: pos must be an int position (-1: the last), got {pos!r}.")
+    pos = int(pos)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise UsageError(f"logit_diff_metric needs a hooked model with its tokenizer (fl.load_model(...)), got "
+                         f"{type(model).__name__}" + (" without a tokenizer." if model is not None else "."))
+    d_vocab = int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or 0)
 
     def first(x: str | int, role: str) -> tuple[int, str, str]:
-        if isinstance(x, bool) or not isinstance(x, (int, str)):
+        if not (is_index(x) or isinstance(x, str)):
             raise TypeError(f"{role} must be a token id (int) or an answer string, got {type(x).__name__}.")
-        if isinstance(x, int):
+        if not isinstance(x, str):
+            x = int(x)
             if x < 0:
                 raise ValueError(f"{role} token id must be >= 0, got {x}.")
+            if d_vocab and x >= d_vocab:
+                raise UsageError(f"{role} token id {x} is outside this model's vocabulary (ids 0..{d_vocab - 1}); "
+                                 "give an id from model.tokenizer, or the answer text.")
             return x, tok.decode([x]), ""
         ids = tok(x, add_special_tokens=False)["input_ids"]
         if not ids:
@@ -520,7 +548,7 @@ def head_means(
     sums: dict[int, Tensor] = {}
     count = 0
     for s in seqs:
-        t = _as_batch(s, "mean_over")
+        t = _as_batch(s, "mean_over", model)
         cache = cache_sites(model, t, ["z"], layers=layers)
         for l in layers:
             z = cache[hook_name(l, "hook_z")].double()  # [b, p, H, d]

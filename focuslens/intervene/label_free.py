@@ -41,6 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.checks import Head, check_count, check_heads, head_list, positive, real
+from ..core.errors import UsageError
 from ..core.forward import run_until
 from ..core.generation import model_device
 from ..core.hooks import HookHandle, attach_hooks
@@ -49,7 +50,7 @@ from ..core.prompts import Span
 from ..core.attention import layer_attention
 from .edits import _Clock, _apply_scales, _group_by_layer, _span_masses, attach_span_edit
 from .span_specs import Pasta, SplitSoftmax
-from .specs import InterventionSpec, check_batch, format_heads, tokens_of
+from .specs import InterventionSpec, check_batch, format_heads, measuring_model, tokens_of
 
 __all__ = [
     "QueryRows",
@@ -61,6 +62,7 @@ __all__ = [
     "LocatedSpan",
     "locate_span",
     "sink_redistribution_pattern",
+    "temperature_scores",
     "SinkRedistribution",
     "Temperature",
     "PositionalCalibration",
@@ -359,6 +361,15 @@ class SinkRedistribution(InterventionSpec):
         check_batch(examples, offsets, what="SinkRedistribution")
         return self._attach(model, [[Span(0, self.sink_tokens)] for _ in examples], seq_len=None, offsets=list(offsets))
 
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The same edit on the fused engine (:meth:`FusedModel.span_edit <focuslens.engine.FusedModel.span_edit>`,
+        the span layout of the bridge's hook): each row's sink at its own left padding, only the spec's heads
+        recomputed explicitly."""
+        check_batch(examples, offsets, what="SinkRedistribution")
+        return engine.span_edit(self.heads, [[Span(0, self.sink_tokens)] for _ in examples], edit=self._edit(),
+                                identity=self.rho == 0.0, label=f"fused sink_redistribution(rho={self.rho:g}",
+                                offsets=list(offsets), seq_len=None)
+
     def __repr__(self) -> str:
         return f"SinkRedistribution({format_heads(self.heads)}, ρ={self.rho:g}, sink_tokens={self.sink_tokens})"
 
@@ -411,18 +422,69 @@ class Temperature(InterventionSpec):
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         by_layer = _group_by_layer(check_heads(model, self.heads, what="Temperature"))
         identity = self.form == "fixed" and self.factor == 1.0
-        hooks = [(hook_name(l, "hook_attn_scores"), _scores_hook(hs, self.factor, self.form, identity))
+        hooks = [(hook_name(l, "hook_attn_scores"), _scores_hook(hs, self.factor, self.form, identity, layer=l))
                  for l, hs in by_layer.items()]
         handle = attach_hooks(model, hooks, label=f"temperature({self.form}, factor={self.factor:g}, "
                                                   f"{len(self.heads)} heads)")
         handle.hook_names = [n for n, _ in hooks]
         return handle
 
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The same scaling on the fused engine (:meth:`FusedModel.score_edit
+        <focuslens.engine.FusedModel.score_edit>`): the heads' scores are computed explicitly there, scaled by
+        :func:`temperature_scores` before the softmax, n each row's own count of visible keys."""
+        check_batch(examples, offsets, what="Temperature")
+        factor, form = self.factor, self.form
+        by_layer = _group_by_layer(self.heads)
+
+        def apply(scores: Tensor, visible: Tensor, layer: int) -> Tensor:
+            return temperature_scores(scores, visible, factor, form, heads=by_layer.get(layer, []), layer=layer)
+
+        heads = [(l, h) for l, hs in by_layer.items() for h in hs]  # the engine's order within a layer
+        return engine.score_edit(heads, apply, identity=form == "fixed" and factor == 1.0,
+                                 label=f"fused temperature({form}, factor={factor:g}")
+
     def __repr__(self) -> str:
         return f"Temperature({format_heads(self.heads)}, factor={self.factor:g}, {self.form})"
 
 
-def _scores_hook(heads_here: list[int], factor: float, form: str, identity: bool) -> Callable[..., Tensor]:
+def temperature_scores(
+    scores: Float[Tensor, "batch n q k"],
+    visible: Bool[Tensor, "batch n q k"],
+    factor: float,
+    form: TemperatureForm,
+    *,
+    heads: Sequence[int] = (),
+    layer: int = -1,
+) -> Float[Tensor, "batch n q k"]:
+    """:class:`Temperature`'s edit of the scaled attention logits of some heads (a new tensor).
+
+    Visible entries (``visible``, broadcastable: causal, window and padding) are multiplied by ``factor``
+    (``"fixed"``) or by ``factor · log n`` with n the row's own count of visible keys (``"log_length"``,
+    at least 1); the others are returned as they are. The one definition both engines apply: the
+    bridge's ``hook_attn_scores`` hook and the fused engine's explicit rows
+    (:meth:`FusedModel.score_edit <focuslens.engine.FusedModel.score_edit>`). A logit that overflows is
+    refused (``UsageError`` naming ``heads`` of ``layer``) instead of giving NaN attention.
+    """
+    if form == "fixed":
+        g: Tensor | float = factor
+    else:
+        n = visible.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
+        g = (factor * torch.log(n)).to(scores.dtype)
+    new = torch.where(visible, scores * g, scores)
+    if not bool(torch.isfinite(torch.where(visible, new, 0)).all()):
+        # a huge factor overflows the logits to ±inf: the pattern would be NaN (or all on masked keys)
+        vis = visible.expand_as(new)
+        bad = [h for j, h in enumerate(heads) if not bool(torch.isfinite(new[:, j][vis[:, j]]).all())]
+        raise UsageError(
+            f"Temperature (factor = {factor:g}, {form}) made the attention logits of heads {bad} of layer "
+            f"{layer} non-finite in {str(scores.dtype).replace('torch.', '')} on this forward pass; use a smaller "
+            "factor (the pass was stopped instead of returning NaN logits).")
+    return new
+
+
+def _scores_hook(heads_here: list[int], factor: float, form: TemperatureForm, identity: bool, *, layer: int = -1
+                 ) -> Callable[..., Tensor]:
     idx_cpu = torch.tensor(heads_here, dtype=torch.long)
 
     def hook(scores: Float[Tensor, "batch head q k"], hook=None):
@@ -431,12 +493,7 @@ def _scores_hook(heads_here: list[int], factor: float, form: str, identity: bool
         idx = idx_cpu.to(scores.device)
         sub = scores.index_select(1, idx)
         visible = sub > torch.finfo(sub.dtype).min / 2  # masked entries are finfo.min (or -inf)
-        if form == "fixed":
-            g: Tensor | float = factor
-        else:
-            n = visible.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
-            g = (factor * torch.log(n)).to(sub.dtype)
-        new = torch.where(visible, sub * g, sub)
+        new = temperature_scores(sub, visible, factor, form, heads=heads_here, layer=layer)
         return scores.index_copy(1, idx, new)  # other heads copied bit for bit
 
     return hook
@@ -528,33 +585,66 @@ class PositionalCalibration(InterventionSpec):
         rel = (mass[0] - mass[1]) / sizes
         return rel, torch.softmax(rel / self.temperature, dim=-1)
 
-    def _attach(self, model: HookedModel, examples: Sequence[Any], offsets: Sequence[int] | None) -> HookHandle:
+    @property
+    def measures(self) -> bool:
+        return True  # the calibration pass of each prompt (none at strength 0)
+
+    def measure(self, model: HookedModel, examples: Sequence[Any],
+                prior: InterventionSpec | None = None) -> Float[Tensor, "batch n_heads n_docs"]:
+        """Each row's target share of the documents' mass per head (float64, ``α_k N_k / Σ_j α_j N_j``, in
+        :attr:`heads` order, zero-padded to the most documents; zeros at strength 0, where nothing is
+        measured): :meth:`relevance` of each row alone, ``prior`` attached around its pass."""
         what = "PositionalCalibration"
-        by_layer = _group_by_layer(check_heads(model, self.heads, what=what))
-        identity = self.strength == 0.0
+        check_heads(model, self.heads, what=what)
+        docs = [_doc_spans(e, what=what) for e in examples]
+        weights = torch.zeros(len(examples), len(self.heads), max(len(d) for d in docs), dtype=torch.float64)
+        if self.strength == 0.0:
+            return weights
+        for b, (e, d) in enumerate(zip(examples, docs)):
+            handle = prior.attach(model, e) if prior is not None else None
+            try:
+                _, alpha = self.relevance(model, e)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            w = alpha * torch.tensor([len(s) for s in d], dtype=torch.float64)
+            weights[b, :, : len(d)] = w / w.sum(-1, keepdim=True)
+        return weights
+
+    def _plan(self, measured: Tensor, examples: Sequence[Any], offsets: Sequence[int] | None
+              ) -> tuple[dict[int, list[int]], "_DocLayout", dict[int, Tensor]]:
+        """``(heads by layer, document layout, weights per layer [batch, heads here, docs])``: what both
+        engines edit with, from :meth:`measure`'s weights."""
+        what = "PositionalCalibration"
+        by_layer = _group_by_layer(self.heads)
         docs = [_doc_spans(e, what=what) for e in examples]
         n_k = max(len(d) for d in docs)
-        weights = torch.zeros(len(examples), len(self.heads), n_k, dtype=torch.float64)
+        if tuple(measured.shape) != (len(examples), len(self.heads), n_k):
+            raise ValueError(f"{what}: the measurement has shape {tuple(measured.shape)}, not [{len(examples)} rows, "
+                             f"{len(self.heads)} heads, {n_k} documents]: measure these examples.")
         starts = torch.zeros(len(examples), n_k, dtype=torch.long)
         ends = torch.zeros(len(examples), n_k, dtype=torch.long)
         offs = list(offsets) if offsets is not None else [0]
-        for b, (e, d) in enumerate(zip(examples, docs)):
-            sizes = torch.tensor([len(s) for s in d], dtype=torch.float64)
-            if not identity:
-                _, alpha = self.relevance(model, e)
-                w = alpha * sizes
-                weights[b, :, : len(d)] = w / w.sum(-1, keepdim=True)
+        for b, d in enumerate(docs):
             for k, s in enumerate(d):
                 starts[b, k], ends[b, k] = s.start + offs[b], s.end + offs[b]
         layout = _DocLayout(starts, ends, batched=offsets is not None)
+        index = {h: i for i, h in enumerate(self.heads)}
+        per_layer = {l: measured[:, [index[(l, h)] for h in hs]] for l, hs in by_layer.items()}  # [batch, heads, docs]
+        return by_layer, layout, per_layer
+
+    def _attach(self, model: HookedModel, examples: Sequence[Any], offsets: Sequence[int] | None,
+                measured: Tensor) -> HookHandle:
+        check_heads(model, self.heads, what="PositionalCalibration")
+        by_layer, layout, per_layer = self._plan(measured, examples, offsets)
+        identity = self.strength == 0.0
         sliding = any(layer_attention(model, l).sliding_window is not None for l in by_layer)
         clock = _Clock() if sliding else None
-        index = {h: i for i, h in enumerate(self.heads)}
         hooks = []
         for l, hs in by_layer.items():
-            w = weights[:, [index[(l, h)] for h in hs]]  # [batch, heads here, docs]
             hooks.append((hook_name(l, "hook_pattern"),
-                          _calibration_hook(l, hs, layout, w, self.strength, identity=identity, clock=clock)))
+                          _calibration_hook(l, hs, layout, per_layer[l], self.strength, identity=identity,
+                                            clock=clock)))
         batch = f", batch of {len(examples)}" if offsets is not None else ""
         handle = attach_hooks(model, hooks, pre_forward=[clock] if clock is not None else [],
                               label=f"positional_calibration(t={self.temperature:g}, λ={self.strength:g}, "
@@ -563,13 +653,42 @@ class PositionalCalibration(InterventionSpec):
         return handle
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
-        return self._attach(model, [example], None)
+        return self._attach(model, [example], None, self.measure(model, [example]))
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Each row measured alone (as :meth:`attach` does), then one hook with each row's documents shifted
         by its left padding."""
         check_batch(examples, offsets, what="PositionalCalibration")
-        return self._attach(model, list(examples), list(offsets))
+        return self.attach_measured(model, self.measure(model, examples), examples, offsets=offsets)
+
+    def attach_measured(self, model: HookedModel, measured: Any, examples: Sequence[Any], *,
+                        offsets: Sequence[int]) -> HookHandle:
+        check_batch(examples, offsets, what="PositionalCalibration")
+        return self._attach(model, list(examples), list(offsets), measured)
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The edit on the fused engine (:meth:`FusedModel.pattern_edit <focuslens.engine.FusedModel.pattern_edit>`,
+        only the spec's heads recomputed); the measuring pass runs on the bridge the engine was built for
+        (``engine.hooked``), each row alone, exactly as :meth:`attach_batch` measures."""
+        check_batch(examples, offsets, what="PositionalCalibration")
+        measured = self.measure(measuring_model(engine, "PositionalCalibration"), examples)
+        return self.attach_measured_fused(engine, measured, examples, offsets=offsets)
+
+    def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,
+                              offsets: Sequence[int]) -> HookHandle:
+        check_batch(examples, offsets, what="PositionalCalibration")
+        by_layer, layout, per_layer = self._plan(measured, list(examples), list(offsets))
+        strength = self.strength
+
+        def apply(pattern: Tensor, query_positions: Tensor, layer: int) -> Tensor:
+            _check_batch_rows(layout, pattern.shape[0])
+            return _calibrate_rows(pattern, layout, per_layer[layer], strength, first_key=0,
+                                   first=int(query_positions[0]))
+
+        heads = [(l, h) for l, hs in by_layer.items() for h in hs]  # the engine's order within a layer
+        return engine.pattern_edit(heads, apply, identity=strength == 0.0,
+                                   label=f"fused positional_calibration(t={self.temperature:g}, "
+                                         f"λ={strength:g}, batch of {len(examples)}")
 
     def __repr__(self) -> str:
         return (f"PositionalCalibration({format_heads(self.heads)}, t={self.temperature:g}, λ={self.strength:g}, "
@@ -602,40 +721,61 @@ def _calibration_hook(layer: int, heads_here: list[int], lay: _DocLayout, weight
         if lay.max_end > total:
             raise ValueError(f"PositionalCalibration: documents reach position {lay.max_end} but the sequence at "
                              f"layer {layer} has {total} positions: attach it with this prompt.")
-        if lay.batched and pattern.shape[0] != lay.starts.shape[0]:
-            raise ValueError(f"PositionalCalibration was attached for a batch of {lay.starts.shape[0]} rows but the "
-                             f"forward pass has {pattern.shape[0]}: attach it with the prompts of this batch.")
+        _check_batch_rows(lay, pattern.shape[0])
         if identity:
             return pattern
         dev = pattern.device
         if state.get("device") != dev:
-            state.update(device=dev, idx=idx_cpu.to(dev), st=lay.starts.to(dev), en=lay.ends.to(dev),
-                         valid=lay.valid.to(dev), row_min=lay.row_min.to(dev), w=weights.to(dev))
-        first_key, first = total - k_len, total - q_len
-        r0 = max(0, int(lay.row_min.min()) - first)  # earlier rows cannot see every document: untouched
-        if r0 >= q_len:
+            state.update(device=dev, idx=idx_cpu.to(dev))
+        if int(lay.row_min.min()) >= total:  # no row sees every document: untouched
             return pattern
-        sub = pattern.index_select(1, state["idx"])[:, :, r0:]  # [b, n, q', k]
-        pos = torch.arange(first_key, total, device=dev)
-        member = ((pos >= state["st"][..., None]) & (pos < state["en"][..., None])).double()  # [B, K, k]
-        if member.shape[0] != sub.shape[0]:
-            member = member.expand(sub.shape[0], -1, -1)
-        mass = torch.einsum("bnqk,bjk->bnqj", sub.double(), member)  # [b, n, q', K]
-        valid = state["valid"].expand(sub.shape[0], -1)[:, None, None, :]
-        total_mass = mass.sum(-1, keepdim=True)
-        w = state["w"].expand(sub.shape[0], -1, -1)[:, :, None, :]  # [b, n, 1, K]
-        new = (1.0 - strength) * mass + strength * total_mass * w
-        qpos = torch.arange(first + r0, total, device=dev)
-        row_ok = qpos[None, :] >= state["row_min"].expand(sub.shape[0])[:, None]  # [b, q']
-        ok = ((mass > 0) | ~valid).all(-1) & row_ok[:, None, :]  # [b, n, q']
-        factor = torch.where(ok[..., None] & valid, new / torch.where(mass > 0, mass, 1.0), 1.0)
-        scale = 1.0 + torch.einsum("bnqj,bjk->bnqk", factor - 1.0, member)
-        edited = (sub * scale.to(sub.dtype))
-        full = pattern.index_select(1, state["idx"]).clone()
-        full[:, :, r0:] = torch.where(ok[..., None], edited, sub)
-        return pattern.index_copy(1, state["idx"], full)  # other heads copied bit for bit
+        new = _calibrate_rows(pattern.index_select(1, state["idx"]), lay, weights, strength,
+                              first_key=total - k_len, first=total - q_len)
+        return pattern.index_copy(1, state["idx"], new)  # other heads copied bit for bit
 
     return hook
+
+
+def _check_batch_rows(lay: _DocLayout, batch: int) -> None:
+    if lay.batched and batch != lay.starts.shape[0]:
+        raise ValueError(f"PositionalCalibration was attached for a batch of {lay.starts.shape[0]} rows but the "
+                         f"forward pass has {batch}: attach it with the prompts of this batch.")
+
+
+def _calibrate_rows(pattern: Float[Tensor, "b n q k"], lay: _DocLayout, weights: Float[Tensor, "B n K"],
+                    strength: float, *, first_key: int, first: int) -> Float[Tensor, "b n q k"]:
+    """:class:`PositionalCalibration`'s edit of the chosen heads' rows (a new tensor, or ``pattern`` itself).
+
+    ``pattern``: those heads only, in the order of ``weights``; key column c at absolute position
+    ``first_key + c``, row r at ``first + r``. Each document's mass moves towards ``M · weights`` in every
+    row that sees every document and gives each some attention; other rows are unchanged. The one
+    definition both engines apply (the bridge's ``hook_pattern`` hook, the fused engine's explicit rows).
+    """
+    q_len, k_len = pattern.shape[-2], pattern.shape[-1]
+    r0 = max(0, int(lay.row_min.min()) - first)  # earlier rows cannot see every document: untouched
+    if r0 >= q_len:
+        return pattern
+    dev = pattern.device
+    st, en, valid0, row_min, w0 = (t.to(dev) for t in (lay.starts, lay.ends, lay.valid, lay.row_min, weights))
+    sub = pattern[:, :, r0:]  # [b, n, q', k]
+    pos = torch.arange(first_key, first_key + k_len, device=dev)
+    member = ((pos >= st[..., None]) & (pos < en[..., None])).double()  # [B, K, k]
+    if member.shape[0] != sub.shape[0]:
+        member = member.expand(sub.shape[0], -1, -1)
+    mass = torch.einsum("bnqk,bjk->bnqj", sub.double(), member)  # [b, n, q', K]
+    valid = valid0.expand(sub.shape[0], -1)[:, None, None, :]
+    total_mass = mass.sum(-1, keepdim=True)
+    w = w0.expand(sub.shape[0], -1, -1)[:, :, None, :]  # [b, n, 1, K]
+    new = (1.0 - strength) * mass + strength * total_mass * w
+    qpos = torch.arange(first + r0, first + q_len, device=dev)
+    row_ok = qpos[None, :] >= row_min.expand(sub.shape[0])[:, None]  # [b, q']
+    ok = ((mass > 0) | ~valid).all(-1) & row_ok[:, None, :]  # [b, n, q']
+    factor = torch.where(ok[..., None] & valid, new / torch.where(mass > 0, mass, 1.0), 1.0)
+    scale = 1.0 + torch.einsum("bnqj,bjk->bnqk", factor - 1.0, member)
+    edited = (sub * scale.to(sub.dtype))
+    full = pattern.clone()
+    full[:, :, r0:] = torch.where(ok[..., None], edited, sub)
+    return full
 
 
 # --------------------------------------------------------------------------------------------------
@@ -717,13 +857,53 @@ class SelfLocatedSpan(InterventionSpec):
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Each row located alone (as :meth:`attach` does), then the edit with each row's span and padding."""
+        self._width(examples, offsets, "attach_batch")
+        return self.attach_measured(model, self.measure(model, examples), examples, offsets=offsets)
+
+    @property
+    def measures(self) -> bool:
+        return True  # the locating pass of each prompt
+
+    def measure(self, model: HookedModel, examples: Sequence[Any],
+                prior: InterventionSpec | None = None) -> list[list[Span]]:
+        """Each row's located span(s) (:meth:`locate`), each row alone, ``prior`` attached around its pass."""
+        out = []
+        for e in examples:
+            handle = prior.attach(model, e) if prior is not None else None
+            try:
+                out.append(list(self.locate(model, e).spans))
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return out
+
+    def attach_measured(self, model: HookedModel, measured: Any, examples: Sequence[Any], *,
+                        offsets: Sequence[int]) -> HookHandle:
+        width = self._width(examples, offsets, "attach_batch")
+        return self.edit.attach_spans(model, list(measured), seq_len=width, offsets=list(offsets))
+
+    def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
+        """The edit on the fused engine (:meth:`SplitSoftmax.attach_spans_fused
+        <focuslens.intervene.span_specs.SplitSoftmax.attach_spans_fused>`: only the edit's heads recomputed) on
+        the located spans; the locating pass runs on the bridge the engine was built for (``engine.hooked``),
+        each row alone, exactly as :meth:`attach_batch` locates."""
+        self._width(examples, offsets, "attach_fused")
+        measured = self.measure(measuring_model(engine, "SelfLocatedSpan"), examples)
+        return self.attach_measured_fused(engine, measured, examples, offsets=offsets)
+
+    def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,
+                              offsets: Sequence[int]) -> HookHandle:
+        width = self._width(examples, offsets, "attach_fused")
+        return self.edit.attach_spans_fused(engine, list(measured), seq_len=width, offsets=list(offsets))
+
+    @staticmethod
+    def _width(examples: Sequence[Any], offsets: Sequence[int], where: str) -> int:
         check_batch(examples, offsets, what="SelfLocatedSpan")
         widths = {int(tokens_of(e).shape[-1]) + o for e, o in zip(examples, offsets)}
         if len(widths) > 1:
-            raise ValueError(f"SelfLocatedSpan.attach_batch: prompt length + offset differs between rows "
+            raise ValueError(f"SelfLocatedSpan.{where}: prompt length + offset differs between rows "
                              f"({sorted(widths)}); offsets must left-pad every prompt to the same width.")
-        spans = [list(self.locate(model, e).spans) for e in examples]
-        return self.edit.attach_spans(model, spans, seq_len=widths.pop(), offsets=list(offsets))
+        return widths.pop()
 
     def __repr__(self) -> str:
         return (f"SelfLocatedSpan({self.edit!r}, located by {format_heads(self.locate_heads)}, top={self.top}, "

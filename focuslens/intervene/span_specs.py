@@ -95,9 +95,16 @@ class _SpanEdit(InterventionSpec):
         """The same edit on the fused engine (:meth:`FusedModel.span_edit <focuslens.engine.FusedModel.span_edit>`):
         each row's own span, shifted by its left padding, only the spec's heads recomputed explicitly."""
         width = self._padded_width(examples, offsets, "attach_fused")
+        return self.attach_spans_fused(engine, [self.spans_for(e) for e in examples], seq_len=width,
+                                       offsets=list(offsets))
+
+    def attach_spans_fused(self, engine: Any, spans: Sequence[Any], *, seq_len: int | None,
+                           offsets: Sequence[int]) -> HookHandle:
+        """:meth:`attach_spans` on the fused engine: one span (or list of spans) per row of a left-padded batch,
+        in each row's unpadded positions (what :class:`~focuslens.intervene.label_free.SelfLocatedSpan` edits)."""
         edit, identity, label = self._edit()
-        return engine.span_edit(self.heads, [self.spans_for(e) for e in examples], edit=edit, identity=identity,
-                                label=f"fused {label}", offsets=list(offsets), seq_len=width)
+        return engine.span_edit(self.heads, list(spans), edit=edit, identity=identity, label=f"fused {label}",
+                                offsets=list(offsets), seq_len=seq_len)
 
     def attach_spans(self, model: HookedModel, spans: Any = None, *, seq_len: int | None = None,
                      offsets: Sequence[int] | None = None) -> HookHandle:

@@ -52,6 +52,7 @@ from torch import Tensor
 from ..core.hooks import HookHandle, attach_hooks
 from ..core.io import content_hash, tensor_checksum
 from ..core.checks import Head, frozen_vectors, head_list, real
+from ..core.errors import UsageError
 from ..core.models import HookedModel
 from .handles import ComposedHandle, remove_all
 
@@ -64,6 +65,7 @@ __all__ = [
     "check_batch",
     "format_heads",
     "tokens_of",
+    "measuring_model",
     "SpanRule",
 ]
 
@@ -104,6 +106,17 @@ def tokens_of(example: Any):
         if isinstance(t, torch.Tensor):
             return t
     return None
+
+
+def measuring_model(engine: Any, what: str) -> HookedModel:
+    """The hooked model a fused engine was built for (:func:`focuslens.engine.engine_for`): where a spec's
+    measuring pass (:meth:`InterventionSpec.measure`) runs when it is attached to the engine, with the
+    very numbers of the bridge path."""
+    model = getattr(engine, "hooked", None)
+    if model is None:
+        raise TypeError(f"{what} measures each prompt on the hooked model the engine was built for "
+                        "(focuslens.engine.engine_for(bridge)); this engine has none: run it on the bridge.")
+    return model
 
 
 class InterventionSpec:
@@ -161,10 +174,32 @@ class InterventionSpec:
         return not self.per_example or type(self).attach_batch is not InterventionSpec.attach_batch
 
     @property
-    def probes_rows(self) -> bool:
-        """Whether a batched attach first probes each row with the specs composed before it attached
-        (``Steer(alpha="auto")``: then :meth:`row_vectors` and :meth:`attach_rows` exist)."""
+    def measures(self) -> bool:
+        """Whether attaching first measures each prompt (a pass over it, under the specs attached before it):
+        ``Steer(alpha="auto")``'s sink probe, :class:`~focuslens.intervene.label_free.PositionalCalibration`'s
+        calibration, :class:`~focuslens.intervene.label_free.SelfLocatedSpan`'s locating pass.
+
+        Such a spec splits its batched attach into :meth:`measure` (each row alone, on its unpadded prompt)
+        and :meth:`attach_measured` (and :meth:`attach_measured_fused` on the fused engine), so that a
+        :class:`Compose` measures each row with the members before it attached for that row alone, as
+        :meth:`attach` does, before anything is attached for the padded batch.
+        """
         return False
+
+    def measure(self, model: HookedModel, examples: Sequence[Any], prior: "InterventionSpec | None" = None) -> Any:
+        """Each row's measurement (:attr:`measures`), ``prior`` attached (``prior.attach(model, example)``)
+        around the pass of that row alone."""
+        raise TypeError(f"{type(self).__name__} measures nothing.")
+
+    def attach_measured(self, model: HookedModel, measured: Any, examples: Sequence[Any], *,
+                        offsets: Sequence[int]) -> HookHandle:
+        """:meth:`attach_batch` with the rows' measurement given (from :meth:`measure`)."""
+        raise TypeError(f"{type(self).__name__} measures nothing.")
+
+    def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,
+                              offsets: Sequence[int]) -> HookHandle:
+        """:meth:`attach_fused` with the rows' measurement given (made on the bridge, ``engine.hooked``)."""
+        raise TypeError(f"{type(self).__name__} measures nothing.")
 
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Attach for one left-padded batch: row i is ``examples[i]`` after ``offsets[i]`` pad tokens.
@@ -244,7 +279,10 @@ class InterventionSpec:
     __rmul__ = __mul__
 
     def __truediv__(self, c: Any) -> "InterventionSpec":
-        return self.scaled(1.0 / real(c, name="divisor", what=type(self).__name__))
+        d = real(c, name="divisor", what=type(self).__name__)
+        if d == 0:
+            raise UsageError(f"{type(self).__name__} / c: the divisor is 0; give a non-zero number.")
+        return self.scaled(1.0 / d)
 
     def __neg__(self) -> "InterventionSpec":
         return self.scaled(-1.0)
@@ -417,26 +455,39 @@ class Compose(InterventionSpec):
     def attach_batch(self, model: HookedModel, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """Every member's :meth:`attach_batch`, all-or-nothing like :meth:`attach`."""
         check_batch(examples, offsets, what="Compose")
-        # alpha="auto" probes first, each row alone with the members before it attached (as attach does).
-        probed = {k: m.row_vectors(model, examples, Compose(*self.members[:k]) if k else None)
-                  for k, m in enumerate(self.members) if m.probes_rows}
+        measured = self._measure(model, examples)
         return self._all_or_nothing(
-            (lambda k=k, m=m: m.attach_rows(model, probed[k]) if k in probed
+            (lambda k=k, m=m: m.attach_measured(model, measured[k], examples, offsets=offsets) if k in measured
              else m.attach_batch(model, examples, offsets=offsets))
             for k, m in enumerate(self.members)
         )
 
+    def _measure(self, model: HookedModel, examples: Sequence[Any]) -> dict[int, Any]:
+        """The measuring members' measurements (:attr:`InterventionSpec.measures`: alpha="auto", calibration,
+        locating), first, each row alone with the members before it attached for that row (as attach does)."""
+        return {k: m.measure(model, examples, Compose(*self.members[:k]) if k else None)
+                for k, m in enumerate(self.members) if m.measures}
+
     @property
     def fused(self) -> bool:
-        return all(m.fused and not m.probes_rows for m in self.members)
+        return all(m.fused for m in self.members)
 
     def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
-        """Every member's :meth:`attach_fused` in order, all-or-nothing like :meth:`attach`."""
+        """Every member's :meth:`attach_fused` in order, all-or-nothing like :meth:`attach`.
+
+        Measuring members (:attr:`InterventionSpec.measures`) measure first, as in :meth:`attach_batch`: each
+        row alone on the bridge the engine was built for (``engine.hooked``), with the members before it
+        attached there; only their edits go on the engine."""
         check_batch(examples, offsets, what="Compose")
         if not self.members:
             return engine.no_edit("no intervention")
-        return self._all_or_nothing((lambda m=m: m.attach_fused(engine, examples, offsets=offsets))
-                                    for m in self.members)
+        measured = (self._measure(measuring_model(engine, "Compose"), examples)
+                    if any(m.measures for m in self.members) else {})
+        return self._all_or_nothing(
+            (lambda k=k, m=m: m.attach_measured_fused(engine, measured[k], examples, offsets=offsets)
+             if k in measured else m.attach_fused(engine, examples, offsets=offsets))
+            for k, m in enumerate(self.members)
+        )
 
     def scaled(self, c: float) -> "Compose":
         return Compose(*(m.scaled(c) for m in self.members))

@@ -22,7 +22,7 @@ from ..core.models import HookedModel, hook_name, model_info
 from ..core.checks import Head, check_scaled, frozen_vectors, real
 from .specs import InterventionSpec, format_heads
 
-__all__ = ["InjectVectors", "InjectSite", "attach_injection"]
+__all__ = ["InjectVectors", "InjectSite", "attach_injection", "refuse_non_finite_edit", "refuse_non_finite_output"]
 
 InjectSite = Literal["query", "key"]
 
@@ -84,10 +84,10 @@ class InjectVectors(InterventionSpec):
         """``alpha · u`` added to the heads' post-RoPE queries on the fused engine (the ``hook_rot_q`` edit)."""
         if not self.fused:
             raise TypeError(f"{self!r}: only post-RoPE query injection runs on the fused engine.")
-        check_scaled(self.vectors, self.alpha, dtype=next(engine.hf_model.parameters()).dtype, what="inject_vectors")
-        return engine.inject_vectors(dict(self.vectors), alpha=self.alpha)
+        return engine.inject_vectors(dict(self.vectors), alpha=self.alpha)  # checks alpha * u (check_scaled)
 
     def scaled(self, c: float) -> "InjectVectors":
+        c = real(c, name="scale", what="InjectVectors.scaled")  # scaled(True) is not scaled(1)
         return InjectVectors(self.vectors, alpha=self.alpha * c, site=self.site, pre_rope=self.pre_rope)
 
     def __repr__(self) -> str:
@@ -172,16 +172,21 @@ def attach_injection(model: HookedModel, vectors: Mapping[Head, Tensor], *, alph
     return handle
 
 
-def _refuse_non_finite(before: Tensor, edited: Tensor, add: Tensor, *, layer: int, heads: list[int],
-                       alpha: float) -> None:
-    """The error of a non-finite injection: which heads, the largest activation and the largest added entry."""
+def refuse_non_finite_edit(before: Tensor, edited: Tensor, add: Tensor, *, layer: int, heads: Sequence[int],
+                           alpha: float) -> None:
+    """Raise the error of a non-finite injection: which heads, the largest activation and the largest added entry.
+
+    ``before``/``edited``: the heads' queries (or keys) ``[batch, pos, n_sel, d_head]`` before and after the
+    edit, ``add`` what was added. Shared by the bridge's hooks and the fused engine
+    (:mod:`focuslens.engine.attention`), so that both routes refuse with the same message.
+    """
     from ..core.errors import UsageError
 
     bad = [(layer, h) for j, h in enumerate(heads) if not bool(torch.isfinite(edited[:, :, j, :]).all())]
     finite_in = bool(torch.isfinite(before).all())
     big_x = float(before[torch.isfinite(before)].abs().max()) if before.numel() and finite_in else float("nan")
     big_add = float(add.abs().max())
-    cause = (f"the activations were already non-finite before the edit (the model or an earlier hook)"
+    cause = ("the activations were already non-finite before the edit (the model or an earlier hook)"
              if not finite_in else
              f"adding alpha * vector (largest |entry| {big_add:g}) to activations up to {big_x:g} overflows "
              f"{str(edited.dtype).replace('torch.', '')}")
@@ -206,18 +211,26 @@ def _make_output_check(layer: int, heads: list[int] | None, alpha: float, big_u:
                 idx[z.device] = torch.tensor(heads, dtype=torch.long, device=z.device)
             part = z.index_select(2, idx[z.device])
         if not bool(torch.isfinite(part).all()):
-            from ..core.errors import UsageError
-
-            names = [(layer, h) for h in (heads if heads is not None else range(z.shape[2]))
-                     if not bool(torch.isfinite(z[:, :, h]).all())]
-            raise UsageError(
-                f"inject_vectors (alpha = {alpha:g}, largest |vector entry| {big_u:g}) made the attention output "
-                f"of heads {names} non-finite on this forward pass (the edited queries/keys overflow the "
-                f"attention scores q·k in {str(z.dtype).replace('torch.', '')}); use a smaller alpha or rescale "
-                "the vectors (the pass was stopped instead of returning NaN/inf logits).")
+            refuse_non_finite_output(z, layer=layer, heads=heads, alpha=alpha, big_u=big_u)
         return z
 
     return check
+
+
+def refuse_non_finite_output(z: Float[Tensor, "batch pos head d_head"], *, layer: int, heads: Sequence[int] | None,
+                             alpha: float, big_u: float) -> None:
+    """Raise the error of an injection whose heads' attention output (``hook_z``) is not finite, naming the
+    heads, α and the largest vector entry. Shared by the bridge's ``hook_z`` check and the fused engine
+    (:mod:`focuslens.engine.attention`), so that both routes refuse with the same message."""
+    from ..core.errors import UsageError
+
+    names = [(layer, h) for h in (heads if heads is not None else range(z.shape[2]))
+             if not bool(torch.isfinite(z[:, :, h]).all())]
+    raise UsageError(
+        f"inject_vectors (alpha = {alpha:g}, largest |vector entry| {big_u:g}) made the attention output "
+        f"of heads {names} non-finite on this forward pass (the edited queries/keys overflow the "
+        f"attention scores q·k in {str(z.dtype).replace('torch.', '')}); use a smaller alpha or rescale "
+        "the vectors (the pass was stopped instead of returning NaN/inf logits).")
 
 
 def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float, *, layer: int, heads: list[int]):
@@ -246,7 +259,7 @@ def _make_add_hook(idx: Tensor, stack: Tensor, alpha: float, *, layer: int, head
             add = add[:, None]
         edited = x[:, :, i, :] + add  # broadcast over batch and positions
         if not bool(torch.isfinite(edited).all()):
-            _refuse_non_finite(x[:, :, i, :], edited, add, layer=layer, heads=heads, alpha=alpha)
+            refuse_non_finite_edit(x[:, :, i, :], edited, add, layer=layer, heads=heads, alpha=alpha)
         out = x.clone()
         out[:, :, i, :] = edited
         return out

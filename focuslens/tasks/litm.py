@@ -33,6 +33,7 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from ..core.checks import parse_json
 from ..core.errors import UsageError
 from .metrics import normalize_answer
 from .records import Document, TaskExample
@@ -107,13 +108,8 @@ def _read_litm(p: Path, *, limit: int | None, task: str | None) -> list[TaskExam
                 break
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-            except RecursionError:
-                raise UsageError(f"{p}:{lineno}: the JSON is nested too deeply to read; expected one Lost-in-the-"
-                                 "Middle record (question, answers, ctxs) per line.") from None
+            obj = parse_json(line, f"{p}:{lineno}", what="expected one Lost-in-the-Middle record (question, answers, "
+                             "ctxs) per line")
             if not isinstance(obj, dict):
                 raise UsageError(f"{p}:{lineno}: malformed record: expected a JSON object with question, answers "
                                  f"and ctxs, got {type(obj).__name__}.")

@@ -5,6 +5,7 @@ import torch
 
 import focuslens as fl
 from focuslens.core.models import HookedModel
+from focuslens.testing import write_tiny_gguf
 
 
 def test_default_model_loads_offline_with_expected_shape(smollm):
@@ -190,63 +191,6 @@ def test_bench_dtype_smoke(load_script):
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_tiny_gguf(path, hf, tok, *, chat_template=None):
-    """A float32 GGUF of a tiny HF Llama, laid out as llama.cpp's converter writes one: q/k rows
-    permuted to its rotary layout, the byte-level BPE tokenizer (tokens, merges) as metadata."""
-    import json
-
-    import gguf
-    import numpy as np
-
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in set(tok.all_special_tokens) else 1 for t in tokens])
-    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
-    if chat_template is not None:
-        w.add_chat_template(chat_template)
-
-    def permute(x, n_head):  # llama.cpp convert_hf_to_gguf.LlamaModel.permute
-        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
-        for hf_name, gg_name in names.items():
-            w.add_tensor(f"blk.{i}.{gg_name}.weight", sd[p + hf_name + ".weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_file_is_dequantised_once_into_a_cache_keyed_by_its_content(tmp_path, monkeypatch, tok, capsys):
     """load_model(path.gguf): the weights equal the model the file was written from; the second load
     reads the cache; a file rewritten in place (same name, same size, same mtime) is dequantised anew."""
@@ -259,7 +203,7 @@ def test_gguf_file_is_dequantised_once_into_a_cache_keyed_by_its_content(tmp_pat
     gguf_file = tmp_path / "my-model.Q8.gguf"  # any name: recognised by its magic bytes
     ids = torch.tensor([tok("The capital of Marn is Pell.").input_ids])
     hf_a, hf_b = tiny_hf_model("llama", seed=5), tiny_hf_model("llama", seed=6)
-    _write_tiny_gguf(gguf_file, hf_a, tok)
+    write_tiny_gguf(gguf_file, hf_a, tok)
     stamp = gguf_file.stat().st_mtime_ns
 
     m = fl.load_model(gguf_file)
@@ -283,7 +227,7 @@ def test_gguf_file_is_dequantised_once_into_a_cache_keyed_by_its_content(tmp_pat
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
 
     size = gguf_file.stat().st_size
-    _write_tiny_gguf(gguf_file, hf_b, tok)  # other weights, same name, same size, same mtime
+    write_tiny_gguf(gguf_file, hf_b, tok)  # other weights, same name, same size, same mtime
     os.utime(gguf_file, ns=(stamp, stamp))
     assert gguf_file.stat().st_size == size
     assert fm.gguf_checkpoint_dir(gguf_file) != cache
@@ -297,7 +241,7 @@ def test_gguf_tokenizer_keeps_its_chat_template(tmp_path, monkeypatch, tok):
     from focuslens.testing import CHATML, tiny_hf_model
 
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path / "cache"))
-    _write_tiny_gguf(tmp_path / "chat.gguf", tiny_hf_model("llama", seed=7), tok, chat_template=CHATML)
+    write_tiny_gguf(tmp_path / "chat.gguf", tiny_hf_model("llama", seed=7), tok, chat_template=CHATML)
     m = fl.load_model(tmp_path / "chat.gguf", verbose=False)
     assert m.tokenizer.chat_template == CHATML
     p = fl.build_prompt(m.tokenizer, [("doc", "The capital of Marn is Pell.")], chat=True)

@@ -275,7 +275,7 @@ def test_corrupt_checkpoint_files_are_clear_errors(tiny_llama, dx, tmp_path, no_
     st.write_bytes(good_st)
 
     js.write_bytes(good_js[: len(good_js) // 2])  # truncated JSON
-    with pytest.raises(ValueError, match=r"checkpoint\.json.*invalid JSON"):
+    with pytest.raises(ValueError, match=r"checkpoint\.json: not valid JSON.*train afresh"):
         train_focus_directions(tiny_llama, dx[:3], epochs=2, **kw)
     js.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"checkpoint\.json.*not a focuslens training checkpoint"):

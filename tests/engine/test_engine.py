@@ -17,13 +17,14 @@ from transformers import AttentionInterface
 
 from focuslens.core.errors import UsageError
 from focuslens.core.forward import forward_with_cache
-from focuslens.core.generation import greedy_generate_batch, left_pad_offsets
+from focuslens.core.generation import greedy_generate_batch, left_pad, left_pad_offsets
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.core.models import hook_name, model_info
 from focuslens.directions import FocusDirections
 from focuslens.directions.artefact import Steer
 from focuslens.engine import ATTN_IMPL, engine_for, engine_refusal, is_registered, resolve_engine
 from focuslens.evaluation.runner import evaluate
+from focuslens.intervene.label_free import PositionalCalibration, SelfLocatedSpan, SinkRedistribution, Temperature
 from focuslens.intervene.span_specs import Pasta, SplitSoftmax
 from focuslens.intervene.specs import Ablate, Compose, NoIntervention
 from focuslens.intervene.vector_specs import InjectVectors
@@ -45,14 +46,7 @@ def _rendered(model, examples):
 
 
 def _padded(rs):
-    prompts = [r.tokens for r in rs]
-    offsets = left_pad_offsets(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(rs), width, dtype=torch.long)
-    mask = torch.zeros(len(rs), width, dtype=torch.long)
-    for b, (p, o) in enumerate(zip(prompts, offsets)):
-        ids[b, o:], mask[b, o:] = p, 1
-    return ids, mask, offsets
+    return left_pad([r.tokens for r in rs])
 
 
 def _decode(forward, ids, mask, n=N_STEPS):
@@ -291,9 +285,9 @@ def test_auto_falls_back_and_fused_refuses_with_the_reason(tiny_llama, tiny_gpt2
     assert engine_refusal(tiny_gemma3, None) is None
     assert "sliding window" in engine_refusal(tiny_gemma3, SplitSoftmax([(1, 1)], tau=0.2))
     # specs without a fused edit
-    for spec in (Steer(_dirs(tiny_llama), alpha="auto"), InjectVectors({(1, 1): torch.ones(16)}, site="key"),
+    for spec in (InjectVectors({(1, 1): torch.ones(16)}, site="key"),
                  InjectVectors({(1, 1): torch.ones(16)}, pre_rope=True),
-                 SplitSoftmax([(1, 2)], tau=0.2) + Steer(_dirs(tiny_llama), alpha="auto")):
+                 SplitSoftmax([(1, 2)], tau=0.2) + InjectVectors({(1, 1): torch.ones(16)}, site="key")):
         assert not spec.fused and "no fused edit" in engine_refusal(tiny_llama, spec)
         with pytest.raises(UsageError, match="no fused edit"):
             resolve_engine(tiny_llama, spec, "fused")
@@ -334,3 +328,162 @@ def test_benchmark_dry_run(load_script):
     for s in res["settings"]:
         assert s["answers_differ"] == 0 and s["hf_answers_differ_from_engine_unmodified"] == 0
         assert s["bridge_s"] > 0 and s["engine_s"] > 0 and s["hf_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------ label-free specs
+
+
+def _label_free_specs(model):
+    """Issue #36's specs and alpha='auto' steering, each at a non-neutral setting, on the engine."""
+    heads = [(0, 1), (1, 2), (1, 0)]
+    return {
+        "sink": SinkRedistribution(heads, rho=0.6),
+        "sink_k2": SinkRedistribution(heads, rho=0.9, sink_tokens=2),
+        "temperature": Temperature(heads, factor=2.5),
+        "ssmax": Temperature([(1, 2), (0, 3), (1, 0)], factor=0.3, form="log_length"),
+        "calibration": PositionalCalibration(heads, temperature=2e-4),
+        "calibration_half": PositionalCalibration([(1, 3), (0, 2)], temperature=1e-3, strength=0.5, query="question"),
+        "located": SelfLocatedSpan(SplitSoftmax(heads, 0.1)),
+        "located_pasta_top2": SelfLocatedSpan(Pasta(heads, coefficient=0.02), top=2, query="last", n_last=4,
+                                              baseline="dummy"),
+        "steer_auto": Steer(_dirs(model), alpha="auto", alpha_max=3.0),
+        "steer_auto_input": Steer(_dirs(model), alpha="auto", per="input", target=0.3),
+        # alpha='auto' probes with the members before it attached (on the bridge), as attach_batch does
+        "compose_auto": SplitSoftmax([(1, 2)], tau=0.3) + Steer(_dirs(model), alpha="auto"),
+        "compose_label_free": (SelfLocatedSpan(Pasta([(1, 1)], coefficient=0.05)) + Temperature([(0, 2)], factor=3.0)
+                               + SinkRedistribution([(1, 2)], rho=0.5)),
+        # measuring members after others: each row measured alone under the members before it (both engines)
+        "compose_measuring": (Temperature([(0, 1)], factor=2.0) + SelfLocatedSpan(SplitSoftmax([(1, 2)], 0.2))
+                              + PositionalCalibration([(1, 3), (0, 2)], temperature=5e-4)),
+    }
+
+
+LABEL_FREE = ["sink", "sink_k2", "temperature", "ssmax", "calibration", "calibration_half", "located",
+              "located_pasta_top2", "steer_auto", "steer_auto_input", "compose_auto", "compose_label_free",
+              "compose_measuring"]
+
+
+@pytest.mark.parametrize("name", LABEL_FREE)
+def test_label_free_logits_match_the_bridge_batched_with_cache(tiny_llama, examples, name):
+    """Prefill and every cached step of a left-padded batch (each row its own sink, documents, located span,
+    α): engine == bridge, the measuring passes on the bridge, only the edit on the engine."""
+    spec = _label_free_specs(tiny_llama)[name]
+    assert spec.fused and engine_refusal(tiny_llama, spec) is None
+    rs = _rendered(tiny_llama, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_llama)
+    _, base = _decode(fm.forward_with_cache, ids, mask)
+    with spec.attach_batch(tiny_llama, rs, offsets=offsets):
+        t_e, l_e = _decode(_bridge_forward(tiny_llama), ids, mask)
+    with fm.attached(spec, rs, offsets):
+        t_f, l_f = _decode(fm.forward_with_cache, ids, mask)
+    torch.testing.assert_close(l_f, l_e, atol=ATOL, rtol=0)
+    assert torch.equal(t_f, t_e)
+    assert ((l_f - base).abs().amax(-1) > 1e-4).any(-1).all()  # the intervention changed every row
+    assert count_hooks(tiny_llama) == 0 and not is_registered() and fm.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["ssmax", "calibration", "sink"])
+def test_label_free_row_blocks_match_the_bridge(tiny_llama, examples, name):
+    """Row blocks of 5: a block's rows see only its keys, and a calibration row block before the last document
+    ends (no row sees every document yet) is left as it is."""
+    spec = _label_free_specs(tiny_llama)[name]
+    rs = _rendered(tiny_llama, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_llama)
+    with spec.attach_batch(tiny_llama, rs, offsets=offsets):
+        _, l_e = _decode(_bridge_forward(tiny_llama), ids, mask)
+    saved, fm.row_block = fm.row_block, 5
+    try:
+        with fm.attached(spec, rs, offsets):
+            _, l_f = _decode(fm.forward_with_cache, ids, mask)
+    finally:
+        fm.row_block = saved
+    torch.testing.assert_close(l_f, l_e, atol=ATOL, rtol=0)
+
+
+def test_label_free_specs_match_the_bridge_on_qwen2(tiny_qwen2, examples):
+    heads = [(1, 2), (0, 1)]
+    rs = _rendered(tiny_qwen2, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_qwen2)
+    for spec in (Temperature(heads, factor=0.4, form="log_length"), PositionalCalibration(heads, temperature=2e-4),
+                 SinkRedistribution(heads, rho=0.7)):
+        with spec.attach_batch(tiny_qwen2, rs, offsets=offsets):
+            _, l_e = _decode(_bridge_forward(tiny_qwen2), ids, mask)
+        with fm.attached(spec, rs, offsets):
+            _, l_f = _decode(fm.forward_with_cache, ids, mask)
+        torch.testing.assert_close(l_f, l_e, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [SinkRedistribution([(1, 2), (0, 1)], rho=0.0), Temperature([(1, 2)], factor=1.0),
+                                  PositionalCalibration([(1, 2), (0, 1)], strength=0.0),
+                                  SelfLocatedSpan(SplitSoftmax([(1, 2)], 1.0))])
+def test_label_free_neutral_settings_are_bit_exact(tiny_llama, examples, spec):
+    rs = _rendered(tiny_llama, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_llama)
+    t0, l0 = _decode(fm.forward_with_cache, ids, mask)
+    with fm.attached(spec, rs, offsets):
+        t1, l1 = _decode(fm.forward_with_cache, ids, mask)
+    assert torch.equal(l1, l0) and torch.equal(t1, t0)
+
+
+@pytest.mark.parametrize("name", ["sink", "temperature", "calibration"])
+def test_label_free_untouched_heads_are_bit_identical(tiny_llama, examples, name):
+    heads = [(1, 2)]
+    spec = {"sink": SinkRedistribution(heads, rho=0.6), "temperature": Temperature(heads, factor=2.5),
+            "calibration": PositionalCalibration(heads, temperature=2e-4)}[name]
+    rs = _rendered(tiny_llama, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_llama)
+    ref = _head_outputs(fm, ids, mask)
+    with fm.attached(spec, rs, offsets):
+        got = _head_outputs(fm, ids, mask)
+    assert torch.equal(got[0], ref[0])
+    others = [h for h in range(fm.n_heads) if h != 2]
+    assert torch.equal(got[1][:, :, others], ref[1][:, :, others])
+    assert not torch.equal(got[1][:, :, 2], ref[1][:, :, 2])
+
+
+def test_label_free_restore_after_an_exception_and_need_the_bridge(tiny_llama, examples):
+    rs = _rendered(tiny_llama, examples)
+    ids, mask, offsets = _padded(rs)
+    fm = engine_for(tiny_llama)
+    for spec in (_label_free_specs(tiny_llama)["compose_label_free"], PositionalCalibration([(1, 3)])):
+        with pytest.raises(ValueError, match="batch"):  # a batch of the wrong size fails inside the forward pass
+            with fm.attached(spec, rs[:2], offsets[:2]):
+                fm.forward_with_cache(ids, attention_mask=mask)
+        assert fm.attn_implementation == "sdpa" and not is_registered()
+        assert not fm._span_edits and not fm._score_edits and not fm._injections and count_hooks(tiny_llama) == 0
+    # a huge temperature overflows the logits: refused as on the bridge, everything restored
+    with pytest.raises(UsageError, match="non-finite"):
+        with fm.attached(Temperature([(1, 2)], factor=1e38, form="log_length"), rs, offsets):
+            fm.forward_with_cache(ids, attention_mask=mask)
+    assert fm.attn_implementation == "sdpa" and not fm._score_edits and not is_registered()
+    # an engine built without a bridge cannot run the measuring passes
+    from focuslens.engine import FusedModel
+
+    bare = FusedModel(fm.hf_model)
+    for spec in (PositionalCalibration([(1, 3)]), SelfLocatedSpan(SplitSoftmax([(1, 2)], 0.2)),
+                 Steer(_dirs(tiny_llama), alpha="auto")):
+        with pytest.raises(TypeError, match="engine was built for"):
+            with bare.attached(spec, rs, offsets):
+                pass
+    assert not is_registered()
+
+
+@pytest.mark.parametrize("name", LABEL_FREE)
+def test_evaluate_fused_answers_equal_eager_answers_label_free(tiny_llama, examples, name):
+    spec = _label_free_specs(tiny_llama)[name]
+    rs = _rendered(tiny_llama, examples)
+    kw = dict(intervene=spec, progress=False, max_new_tokens=6, stop_at_newline=False)
+    eager = evaluate(tiny_llama, rs, engine="eager", batch_size=3, **kw)
+    fused = evaluate(tiny_llama, rs, engine="fused", batch_size=3, **kw)
+    one = evaluate(tiny_llama, rs, engine="fused", batch_size=1, **kw)
+    assert fused.predictions == eager.predictions == one.predictions
+    assert fused.config_hash == eager.config_hash
+    assert {r["engine"] for r in evaluate(tiny_llama, rs, batch_size=3, **kw).records} == {"fused"}
+    if name.startswith("compose"):  # measured under the members before it, each row alone: batch 1 on the bridge too
+        assert evaluate(tiny_llama, rs, engine="eager", batch_size=1, **kw).predictions == eager.predictions
+    assert count_hooks(tiny_llama) == 0 and not is_registered()

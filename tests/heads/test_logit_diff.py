@@ -59,7 +59,9 @@ def test_refuses_what_cannot_be_a_logit_difference(tiny_llama):
         logit_diff_metric(tiny_llama, True, 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=">= 0"):
         logit_diff_metric(tiny_llama, -1, 3)
-    huge = logit_diff_metric(tiny_llama, 10**7, 3)
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):  # refused when built
+        logit_diff_metric(tiny_llama, 10**7, 3)
+    huge = LogitDiff(good=10**7, bad=3)  # built by hand: refused when applied to the logits
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         huge(tiny_llama(CLEAN))
 

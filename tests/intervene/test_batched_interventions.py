@@ -15,7 +15,7 @@ import torch
 
 from focuslens.directions import FocusDirections
 from focuslens.evaluation.runner import evaluate
-from focuslens.core.generation import greedy_generate_batch, left_pad_offsets
+from focuslens.core.generation import greedy_generate_batch, left_pad
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.intervene.eager import split_softmax
 from focuslens.core.forward import forward_with_cache
@@ -70,14 +70,7 @@ def _decode(model, ids, mask, n):
 
 
 def _padded(rs):
-    prompts = [r.tokens for r in rs]
-    offsets = left_pad_offsets(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(rs), width, dtype=torch.long)
-    mask = torch.zeros(len(rs), width, dtype=torch.long)
-    for b, (p, o) in enumerate(zip(prompts, offsets)):
-        ids[b, o:], mask[b, o:] = p, 1
-    return ids, mask, offsets
+    return left_pad([r.tokens for r in rs])
 
 
 @torch.no_grad()
@@ -249,7 +242,7 @@ def test_hooks_gone_after_an_exception_mid_batch(tiny_llama, examples, monkeypat
 
     monkeypatch.setattr(ev, "greedy_generate_batch", crash)
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate(tiny_llama, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3)
+        evaluate(tiny_llama, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3, engine="eager")
     assert calls[0] > 0 and count_hooks(tiny_llama) == 0
     # A forward pass of another batch size than the spec was attached for raises, and leaves nothing.
     ids, mask, offsets = _padded(rs)

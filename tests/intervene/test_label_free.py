@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from focuslens.core.forward import forward_with_cache
-from focuslens.core.generation import left_pad_offsets
+from focuslens.core.generation import left_pad
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.core.models import hook_name
 from focuslens.core.prompts import Span
@@ -72,14 +72,7 @@ NEUTRAL = {
 
 
 def _padded(rs):
-    prompts = [r.tokens for r in rs]
-    offsets = left_pad_offsets(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(rs), width, dtype=torch.long)
-    mask = torch.zeros(len(rs), width, dtype=torch.long)
-    for b, (p, o) in enumerate(zip(prompts, offsets)):
-        ids[b, o:], mask[b, o:] = p, 1
-    return ids, mask, offsets
+    return left_pad([r.tokens for r in rs])
 
 
 @torch.no_grad()
@@ -380,8 +373,19 @@ def test_hooks_gone_after_exceptions(tiny_llama, examples, monkeypatch):
 
         monkeypatch.setattr(ev, "greedy_generate_batch", crash)
         with pytest.raises(RuntimeError, match="boom"):
-            evaluate(m, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3)
+            evaluate(m, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3, engine="eager")
         assert calls[0] > 0 and count_hooks(m) == 0
+        # on the fused engine (no hooks: its attention function is registered while the spec is attached)
+        from focuslens.engine import is_registered
+
+        def crash_fused(model, prompts, **kw):
+            calls.append(is_registered())
+            raise RuntimeError("boom mid-run")
+
+        monkeypatch.setattr(ev, "greedy_generate_batch", crash_fused)
+        with pytest.raises(RuntimeError, match="boom"):
+            evaluate(m, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3, engine="fused")
+        assert calls[-1] is True and not is_registered() and count_hooks(m) == 0
     monkeypatch.setattr(ev, "greedy_generate_batch", real)
     # a measuring pass that fails (top > documents; no documents) leaves nothing; nor does a composition
     with pytest.raises(ValueError, match="top must be an int in 1..3"):

@@ -49,7 +49,8 @@ from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.intervene.span_specs import SplitSoftmax  # noqa: E402
 from focuslens.tasks import build_from_oracle, make_synthetic_qa, render  # noqa: E402
 
-ORACLE = ROOT / "tests" / "data" / "nq-open-oracle-30.jsonl.gz"
+ORACLE = ROOT / "tests" / "data" / "nq-open-oracle-30.jsonl.gz"  # shipped: 30 questions
+FULL_ORACLE = ROOT.parent / "shared" / "data" / "litm" / "nq-open-oracle.jsonl.gz"  # the full NQ-open oracle file, where present
 PATHS = ("bridge", "engine", "hf")
 
 
@@ -107,9 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true", help="tiny random model, synthetic 3-document prompts")
     p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--oracle", default=None,
+                   help="NQ-open oracle .jsonl(.gz) to draw questions from [the full file in ../shared/data/litm if "
+                        "present, else the 30 shipped in tests/data]; --n above 30 needs the full file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    oracle = Path(args.oracle) if args.oracle else (FULL_ORACLE if FULL_ORACLE.is_file() else ORACLE)
 
     if args.dry_run:
         from focuslens.testing import tiny_model
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dry_run:
             tasks = make_synthetic_qa(args.n, n_docs=nd, seed=0)
         else:
-            tasks = build_from_oracle(ORACLE, n_docs=nd, n_examples=args.n, gold_position="random", seed=0)
+            tasks = build_from_oracle(oracle, n_docs=nd, n_examples=args.n, gold_position="random", seed=0)
         settings[nd] = [render(e, model) for e in tasks]
     heads, heads_from = _heads(model, args.k, settings[args.n_docs[0]])
     specs = {"unmodified": None, f"split_softmax_top{len(heads)}": SplitSoftmax(heads, args.tau)}
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"model": info.name, "device": args.device, "dtype": args.dtype, "n": args.n,
                     "heads": len(heads), "heads_from": heads_from, "tau": args.tau,
                     "max_new_tokens": args.max_new_tokens, "threads": args.threads, "settings": [],
-                    "command": "python benchmarks/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                    "oracle": str(oracle), "command": "python benchmarks/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{info.name} on {args.device} ({args.dtype}), {args.n} examples per setting, split softmax on "
           f"{len(heads)} heads ({heads_from}), τ={args.tau}, up to {args.max_new_tokens} new tokens, "
           f"{args.threads} thread(s)")

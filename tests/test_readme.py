@@ -43,3 +43,13 @@ def test_readme_your_own_prompt_runs(smollm):
     assert ns["est"].shape == ns["exact"].shape == (30, 9)
     assert not ns["exact"][23].isnan().any() and ns["exact"][:23].isnan().all()
     assert fl.core.count_hooks(smollm) == 0
+
+
+def test_guarantees_cite_tests_that_exist():
+    """Every test docs/guarantees.md names as the check of a guarantee is a test function in tests/."""
+    root = README.parent
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)", (root / "docs" / "guarantees.md").read_text()))
+    source = "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py"))
+    defined = set(re.findall(r"^def (test_[a-z0-9_]+)", source, re.M))
+    assert len(cited) > 30
+    assert not cited - defined, sorted(cited - defined)

@@ -12,7 +12,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_hf_model", "tiny_model", "write_tiny_gguf", "TinyArch"]
+__all__ = ["tiny_tokenizer", "tiny_hf_model", "tiny_model", "write_tiny_gguf", "TinyArch", "random_directions",
+           "random_head_means", "greedy_steps"]
 
 TinyArch = Literal["llama", "llama_mha", "gpt2", "qwen2", "gemma3"]
 
@@ -245,3 +246,47 @@ def pattern_mass(model, examples, heads, directions=None, alpha: float = 1.0, co
         for i, (l, h) in enumerate(heads):
             out[i] += st[hook_name(l, "hook_pattern")][h, r.start:r.end, cols].sum(-1).mean()
     return out / len(examples)
+
+
+def random_directions(model, heads=((1, 2), (0, 1), (1, 3)), *, seed: int = 0, scale: float = 3.0,
+                      alpha: float = 0.5):
+    """Seeded random :class:`~focuslens.directions.artefact.FocusDirections` for ``model`` (tests of steering routes)."""
+    from .core.attention import query_site
+    from .core.models import model_info
+    from .directions.artefact import FocusDirections
+
+    info = model_info(model)
+    g = torch.Generator().manual_seed(seed)
+    return FocusDirections(heads=list(heads), vectors=torch.randn(len(heads), info.d_head, generator=g) * scale,
+                           fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model), alpha=alpha)
+
+
+def random_head_means(model, heads, *, seed: int = 1) -> dict:
+    """Seeded random per-head means (``{(layer, head): [d_head]}``) for ``Ablate(mode="mean")`` tests."""
+    from .core.models import model_info
+
+    g = torch.Generator().manual_seed(seed)
+    return {h: torch.randn(model_info(model).d_head, generator=g) for h in heads}
+
+
+@torch.no_grad()
+def greedy_steps(model, ids: torch.Tensor, mask: "torch.Tensor | None", n: int, *, forward=None):
+    """``n`` greedy steps with the KV cache from a ``[b, P]`` prefill: ``(tokens [b, n], logits [b, n, vocab])``.
+
+    ``forward`` (default: the hooked model's cached forward pass) is any
+    :class:`~focuslens.core.generation.Forward`, e.g. the fused engine's ``forward_with_cache``; the
+    logits are each step's last-position logits in fp32, so two routes compare step by step.
+    """
+    from .core.forward import forward_with_cache
+
+    fwd = forward or (lambda t, c=None, **kw: forward_with_cache(model, t, c, **kw))
+    logits, cache = fwd(ids, attention_mask=mask, logits_to_keep=1)
+    toks, outs = [], []
+    for _ in range(n):
+        outs.append(logits[:, -1].float())
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits, cache = fwd(nxt, cache, attention_mask=mask)
+    return torch.cat(toks, 1), torch.stack(outs, 1)

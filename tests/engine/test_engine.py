@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 
 from focuslens.core.errors import UsageError
 from focuslens.core.forward import forward_with_cache
+from focuslens.testing import greedy_steps, random_directions, random_head_means
 from focuslens.core.generation import greedy_generate_batch, left_pad, left_pad_offsets
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.core.models import hook_name, model_info
@@ -51,15 +52,7 @@ def _padded(rs):
 
 def _decode(forward, ids, mask, n=N_STEPS):
     """Greedy cached steps: (tokens [b, n], logits [b, n, vocab]) with the given forward pass."""
-    logits, cache = forward(ids, attention_mask=mask, logits_to_keep=1)
-    toks, outs = [], []
-    for _ in range(n):
-        outs.append(logits[:, -1].float())
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = forward(nxt, cache, attention_mask=mask)
-    return torch.cat(toks, 1), torch.stack(outs, 1)
+    return greedy_steps(None, ids, mask, n, forward=forward)
 
 
 def _bridge_forward(model):
@@ -67,17 +60,11 @@ def _bridge_forward(model):
 
 
 def _dirs(model, heads=((1, 2), (0, 1), (1, 3)), seed=0) -> FocusDirections:
-    from focuslens.core.attention import query_site
-
-    info = model_info(model)
-    g = torch.Generator().manual_seed(seed)
-    return FocusDirections(heads=list(heads), vectors=torch.randn(len(heads), info.d_head, generator=g) * 3,
-                           fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model), alpha=0.5)
+    return random_directions(model, heads, seed=seed)
 
 
 def _means(model, heads, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {h: torch.randn(model_info(model).d_head, generator=g) for h in heads}
+    return random_head_means(model, heads, seed=seed)
 
 
 def _specs(model):

@@ -15,11 +15,12 @@ import torch
 
 from focuslens.directions import FocusDirections
 from focuslens.evaluation.runner import evaluate
+from focuslens.testing import greedy_steps, random_directions, random_head_means
 from focuslens.core.generation import greedy_generate_batch, left_pad
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.intervene.eager import split_softmax
 from focuslens.core.forward import forward_with_cache
-from focuslens.core.models import hook_name, model_info
+from focuslens.core.models import hook_name
 from focuslens.intervene.specs import Ablate, Compose, InterventionSpec
 from focuslens.directions.artefact import Steer
 from focuslens.intervene.vector_specs import InjectVectors
@@ -42,31 +43,15 @@ def _rendered(model, examples):
 
 
 def _dirs(model, heads=((1, 2), (0, 1), (1, 3)), seed=0) -> FocusDirections:
-    from focuslens.core.attention import query_site
-
-    info = model_info(model)
-    g = torch.Generator().manual_seed(seed)
-    return FocusDirections(heads=list(heads), vectors=torch.randn(len(heads), info.d_head, generator=g) * 3,
-                           fingerprint=info.fingerprint(), model_name=info.name, site=query_site(model), alpha=0.5)
+    return random_directions(model, heads, seed=seed)
 
 
 def _means(model, heads, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {h: torch.randn(model_info(model).d_head, generator=g) for h in heads}
+    return random_head_means(model, heads, seed=seed)
 
 
 def _decode(model, ids, mask, n):
-    """Greedy steps with the KV cache from a [b, P] prefill: (tokens [b, n], last logits [b, n, vocab])."""
-    logits, cache = forward_with_cache(model, ids, attention_mask=mask, logits_to_keep=1)
-    toks, outs = [], []
-    for _ in range(n):
-        outs.append(logits[:, -1].float())
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = forward_with_cache(model, nxt, cache, attention_mask=mask)
-    return torch.cat(toks, 1), torch.stack(outs, 1)
+    return greedy_steps(model, ids, mask, n)
 
 
 def _padded(rs):

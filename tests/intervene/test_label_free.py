@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from focuslens.core.forward import forward_with_cache
+from focuslens.testing import greedy_steps
 from focuslens.core.generation import left_pad
 from focuslens.core.hooks import attach_hooks, count_hooks
 from focuslens.core.models import hook_name
@@ -77,17 +77,7 @@ def _padded(rs):
 
 @torch.no_grad()
 def _decode(model, ids, mask, n):
-    """Greedy steps with the KV cache from a [b, P] prefill: (tokens [b, n], logits [b, n, vocab])."""
-    logits, cache = forward_with_cache(model, ids, attention_mask=mask, logits_to_keep=1)
-    toks, outs = [], []
-    for _ in range(n):
-        outs.append(logits[:, -1].float())
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = forward_with_cache(model, nxt, cache, attention_mask=mask)
-    return torch.cat(toks, 1), torch.stack(outs, 1)
+    return greedy_steps(model, ids, mask, n)
 
 
 @torch.no_grad()

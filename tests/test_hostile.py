@@ -1718,3 +1718,19 @@ def test_public_api_of_this_session_refuses_bad_values(tiny_llama, tmp_path, mon
             f()
         assert needle in str(e.value), (needle, str(e.value))
     assert count_hooks(tiny_llama) == 0
+
+
+def test_plain_id_lists_and_checks_are_usage_errors(tiny_llama):
+    """A Python list of ids was a raw AttributeError in greedy_generate; core.checks raised plain ValueError."""
+    from focuslens.core.checks import check_count, positive
+    from focuslens.core.errors import UsageError
+    from focuslens.core.generation import greedy_generate, greedy_generate_batch
+
+    with pytest.raises(UsageError, match=r"torch\.tensor\(ids\)"):
+        greedy_generate(tiny_llama, [1, 2, 3], max_new_tokens=2)
+    with pytest.raises(UsageError, match=r"torch\.tensor\(ids\)"):
+        greedy_generate_batch(tiny_llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        check_count(True, name="max_new_tokens", what="f")
+    with pytest.raises(UsageError, match="tau"):
+        positive(float("nan"), name="tau", what="f")

@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .errors import UsageError
+
 __all__ = ["Head", "is_index", "head_list", "validate_heads", "check_heads", "real", "positive",
            "frozen_vectors", "check_count", "check_scaled", "check_token_ids", "check_regular_file", "read_json",
            "parse_json", "JSON_MAX_BYTES", "as_dtype", "DTYPES", "check_device"]
@@ -57,9 +59,9 @@ def _pair(h: Any, *, what: str) -> Head:
     try:
         pair = tuple(h)
     except TypeError:
-        raise ValueError(f"{what}: heads must be (layer, head) pairs of ints, got {h!r}.") from None
+        raise UsageError(f"{what}: heads must be (layer, head) pairs of ints, got {h!r}.") from None
     if len(pair) != 2 or not all(is_index(x) for x in pair):
-        raise ValueError(
+        raise UsageError(
             f"{what}: heads must be (layer, head) pairs of ints, got {h!r} (bools and floats are not "
             "taken as indices: pass ints, e.g. [(17, 3), (8, 0)]).")
     return int(pair[0]), int(pair[1])
@@ -69,13 +71,13 @@ def head_list(heads: Iterable[Sequence[int]], *, what: str = "heads") -> tuple[H
     """``(layer, head)`` pairs of ints, at least one, none twice (no model needed: specs check this
     at construction and the model's ranges when attached)."""
     if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
-        raise ValueError(f"{what}: heads must be a list of (layer, head) pairs of ints, got {heads!r}.")
+        raise UsageError(f"{what}: heads must be a list of (layer, head) pairs of ints, got {heads!r}.")
     out = tuple(_pair(h, what=what) for h in heads)
     if not out:
-        raise ValueError(f"{what} needs at least one (layer, head); got an empty list.")
+        raise UsageError(f"{what} needs at least one (layer, head); got an empty list.")
     if len(set(out)) != len(out):
         dup = sorted({h for h in out if out.count(h) > 1})
-        raise ValueError(f"{what}: heads {dup} are listed twice.")
+        raise UsageError(f"{what}: heads {dup} are listed twice.")
     return out
 
 
@@ -85,7 +87,7 @@ def validate_heads(heads: Iterable[Sequence[int]], *, n_layers: int, n_heads: in
     out = list(head_list(heads, what=what))
     for l, hh in out:
         if not (0 <= l < n_layers and 0 <= hh < n_heads):
-            raise ValueError(
+            raise UsageError(
                 f"Unknown head (layer={l}, head={hh}): this model has layers 0..{n_layers - 1} "
                 f"and query heads 0..{n_heads - 1}."
             )
@@ -107,22 +109,22 @@ def check_heads(model: Any, heads: Iterable[Sequence[int]], *, what: str = "head
 def _number(x: Any, *, name: str, what: str) -> float:
     """``float(x)`` for a real scalar (finite or not); bools, complex numbers and non-scalars refused."""
     if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
-        raise ValueError(f"{what}: {name} must be a real number, got {x!r} (a bool is not taken as 0/1).")
+        raise UsageError(f"{what}: {name} must be a real number, got {x!r} (a bool is not taken as 0/1).")
     if isinstance(x, torch.Tensor) and x.dim() != 0:
-        raise ValueError(f"{what}: {name} must be a real number, got a tensor of shape {tuple(x.shape)}.")
+        raise UsageError(f"{what}: {name} must be a real number, got a tensor of shape {tuple(x.shape)}.")
     if isinstance(x, (complex, str, bytes)) or (isinstance(x, torch.Tensor) and x.is_complex()):
-        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.")
+        raise UsageError(f"{what}: {name} must be a real number, got {x!r}.")
     try:
         return float(x)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: {name} must be a real number, got {x!r}.") from None
+        raise UsageError(f"{what}: {name} must be a real number, got {x!r}.") from None
 
 
 def real(x: Any, *, name: str, what: str) -> float:
     """A real, finite number (an int, a float, a numpy or 0-dim tensor scalar), never a bool or a string."""
     f = _number(x, name=name, what=what)
     if not math.isfinite(f):
-        raise ValueError(f"{what}: {name} must be finite, got {x!r}.")
+        raise UsageError(f"{what}: {name} must be finite, got {x!r}.")
     return f
 
 
@@ -133,7 +135,7 @@ def positive(x: Any, *, name: str, what: str, why: str = "") -> float:
     """
     f = _number(x, name=name, what=what)
     if not (math.isfinite(f) and f > 0):
-        raise ValueError(f"{what}: {name} must be > 0 and finite, got {x!r}{': ' + why if why else '.'}")
+        raise UsageError(f"{what}: {name} must be > 0 and finite, got {x!r}{': ' + why if why else '.'}")
     return f
 
 
@@ -141,7 +143,7 @@ def check_count(k: Any, *, name: str = "k", what: str, upper: int | None = None)
     """A count ``k >= 1`` (an int, not a bool or a float), at most ``upper`` where given."""
     if not is_index(k) or int(k) < 1 or (upper is not None and int(k) > upper):
         rng = f"1..{upper}" if upper is not None else ">= 1"
-        raise ValueError(f"{what}: {name} must be an int in {rng}, got {k!r}.")
+        raise UsageError(f"{what}: {name} must be an int in {rng}, got {k!r}.")
     return int(k)
 
 
@@ -154,19 +156,19 @@ def frozen_vectors(vectors: Mapping[Any, Any], *, what: str, d_head: int | None 
     or identity.
     """
     if not isinstance(vectors, Mapping) or len(vectors) == 0:
-        raise ValueError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
+        raise UsageError(f"{what} needs a non-empty mapping {{(layer, head): Tensor[d_head]}}.")
     out: dict[Head, Tensor] = {}
     shape = None
     for key, u in vectors.items():
         layer, head = _pair(key, what=what)
         if (layer, head) in out:
-            raise ValueError(f"{what}: head {(layer, head)} is listed twice.")
+            raise UsageError(f"{what}: head {(layer, head)} is listed twice.")
         t = _vector(u, (layer, head), what=what, rows=rows)
         if shape is not None and t.shape != shape:
-            raise ValueError(f"{what}: vectors have different shapes ({tuple(shape)} and {tuple(t.shape)}): give "
+            raise UsageError(f"{what}: vectors have different shapes ({tuple(shape)} and {tuple(t.shape)}): give "
                              "every head [d_head]" + (", or every head [batch, d_head]." if rows else "."))
         if d_head is not None and t.shape[-1] != d_head:
-            raise ValueError(f"{what}: the vector for {(layer, head)} has {t.shape[-1]} entries; this model's "
+            raise UsageError(f"{what}: the vector for {(layer, head)} has {t.shape[-1]} entries; this model's "
                              f"heads have d_head = {d_head} (give vectors of shape [{d_head}]).")
         shape = t.shape
         out[(layer, head)] = t
@@ -179,14 +181,14 @@ def _vector(u: Any, head: Head, *, what: str, rows: bool) -> Tensor:
             raise TypeError
         t = torch.as_tensor(u).detach().to("cpu").clone()
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{what}: the vector for {head} must be a 1-D tensor, got {type(u).__name__}.") from None
+        raise UsageError(f"{what}: the vector for {head} must be a 1-D tensor, got {type(u).__name__}.") from None
     if t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"{what}: the vector for {head} must be real-valued, got dtype {t.dtype}.")
+        raise UsageError(f"{what}: the vector for {head} must be real-valued, got dtype {t.dtype}.")
     if not (t.dim() == 1 or (rows and t.dim() == 2 and t.shape[0] >= 1)) or t.shape[-1] == 0:
         want = "[d_head] (or [batch, d_head], one per batch row)" if rows else "[d_head]"
-        raise ValueError(f"{what}: the vector for {head} has shape {tuple(t.shape)}; expected {want}.")
+        raise UsageError(f"{what}: the vector for {head} has shape {tuple(t.shape)}; expected {want}.")
     if not torch.isfinite(t).all():
-        raise ValueError(f"{what}: the vector for {head} contains NaN or inf.")
+        raise UsageError(f"{what}: the vector for {head} contains NaN or inf.")
     return t
 
 
@@ -197,7 +199,7 @@ def check_scaled(vectors: Mapping[Head, Tensor], alpha: float, *, dtype: torch.d
         scaled = (alpha * u.to(torch.float64)).to(dtype)
         if not torch.isfinite(scaled).all():
             big = float(u.abs().max())
-            raise ValueError(
+            raise UsageError(
                 f"{what}: alpha * vector for {head} is not finite in {str(dtype).replace('torch.', '')} "
                 f"(alpha = {alpha:g}, largest |entry| = {big:g}): use a smaller alpha or rescale the vector.")
 
@@ -205,7 +207,6 @@ def check_scaled(vectors: Mapping[Head, Tensor], alpha: float, *, dtype: torch.d
 def check_token_ids(tokens: Tensor, d_vocab: int, *, what: str = "tokens") -> None:
     """Token ids are integers in ``0..d_vocab-1`` (the model's vocabulary); an id outside it would fail deep
     inside the embedding with a bare ``IndexError`` (or read another row on some devices)."""
-    from .errors import UsageError
 
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise UsageError(f"{what} must be integer token ids, got dtype {str(tokens.dtype).replace('torch.', '')}; "
@@ -237,7 +238,6 @@ def check_regular_file(path: str | os.PathLike, *, what: str, max_bytes: int | N
     Raises ``FileNotFoundError`` for a missing file and :class:`~focuslens.core.errors.UsageError` for
     anything else, naming the file, what is wrong with it and what to give instead (``what``).
     """
-    from .errors import UsageError
 
     p = Path(path)
     try:
@@ -262,7 +262,6 @@ JSON_MAX_BYTES = 1 << 30  # 1 GiB: far above any ranking, config or record file 
 def parse_json(text: str | bytes, path: str | os.PathLike, *, what: str) -> Any:
     """``json.loads(text)`` of the file ``path``; invalid or too deeply nested JSON is a
     :class:`~focuslens.core.errors.UsageError` naming the file (``what``: what was expected, and the fix)."""
-    from .errors import UsageError
 
     try:
         return json.loads(text)
@@ -279,7 +278,6 @@ def read_json(path: str | os.PathLike, *, what: str, max_bytes: int = JSON_MAX_B
     """The JSON of a user-given file (:func:`check_regular_file` then :func:`parse_json`): every failure
     names the file and says what is wrong with it."""
     p = check_regular_file(path, what=what, max_bytes=max_bytes)
-    from .errors import UsageError
 
     try:
         data = p.read_bytes()
@@ -292,7 +290,6 @@ def check_device(device: Any, *, name: str = "device") -> torch.device:
     """A device this torch can use (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), as a ``torch.device``;
     a misspelt name, a GPU this machine does not have, or a bool is a :class:`~focuslens.core.errors.UsageError`
     naming ``name`` (the argument or the CLI option), never torch's ``RuntimeError`` from deep inside a load."""
-    from .errors import UsageError
 
     cpu = f"{name} cpu" if name.startswith("--") else "device='cpu'"  # the fix, in the interface that was used
     try:
@@ -323,7 +320,6 @@ DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 def as_dtype(x: Any, *, name: str = "dtype", what: str) -> torch.dtype | None:
     """A floating-point ``torch.dtype`` from a dtype or its name (``"float32"``, ``"float16"``, ``"bfloat16"``,
     also ``"torch.float16"``); ``None`` passes through. Anything else is refused naming the choices."""
-    from .errors import UsageError
 
     if x is None or isinstance(x, torch.dtype) and x.is_floating_point:
         return x

@@ -24,6 +24,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .checks import check_count
+from .errors import UsageError
 from .forward import forward_with_cache
 from .models import HookedModel, check_context
 
@@ -117,6 +118,9 @@ def greedy_generate(
             (:func:`~focuslens.core.forward.forward_with_cache`). ``model`` still gives the tokenizer,
             the stop tokens and the context check.
     """
+    if not isinstance(tokens, Tensor):
+        raise UsageError(f"greedy_generate takes the prompt's token ids as a torch tensor ([pos] or [1, pos]), got "
+                         f"{type(tokens).__name__}: pass torch.tensor(ids) or model.to_tokens(text)[0].")
     if tokens.dim() == 1:
         tokens = tokens[None]
     if tokens.dim() != 2 or tokens.shape[0] != 1:
@@ -207,6 +211,9 @@ def greedy_generate_batch(
         return [greedy_generate(model, prompts[0], max_new_tokens=max_new_tokens,
                                 stop_at_newline=stop_at_newline, stop_ids=stop_ids, forward=forward)]
     max_new_tokens = check_count(max_new_tokens, name="max_new_tokens", what="greedy_generate_batch")
+    if not all(isinstance(p, Tensor) for p in prompts):
+        raise UsageError("greedy_generate_batch takes a list of [pos] token-id tensors; pass torch.tensor(ids) "
+                         "or model.to_tokens(text)[0] for each prompt.")
     for i, p in enumerate(prompts):
         check_context(model, p, what=f"prompt {i}")
     check_context(model, max(int(p.numel()) for p in prompts) + max_new_tokens,

@@ -214,8 +214,11 @@ def _model(args):
     try:
         # quiet: the CLI's stderr carries one line when a command fails (load_model's summary line would be a second)
         model = load_model(source, device=args.device, dtype=getattr(torch, args.dtype), verbose=False)
-    except (FileNotFoundError, UsageError):
+    except FileNotFoundError:
         raise
+    except UsageError as e:  # the library says what is wrong; the CLI names the flag that gave it
+        msg = str(e)
+        raise (e if msg.startswith("--model") else UsageError(f"--model {args.model}: {msg}")) from None
     except ImportError as e:  # a GGUF file without the gguf package: its message says what to install
         raise UsageError(f"--model {args.model}: {one_line(e)}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError) as e:

@@ -146,14 +146,12 @@ _CODE_PATTERN = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|import pi
 
 
 def test_source_never_unpickles_or_evaluates():
-    """grep focuslens/: only ``.eval()`` method calls and ``torch.load(..., weights_only=True)`` are allowed."""
+    """grep focuslens/: only ``.eval()`` method calls are allowed; no ``torch.load`` at all (tensors are safetensors)."""
     hits = []
     for f in sorted((ROOT / "focuslens").rglob("*.py")):
         for i, line in enumerate(f.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             for m in _CODE_PATTERN.finditer(code):
-                if m.group(0) == "torch.load(" and "weights_only=True" in code:
-                    continue
                 if "``" in code:  # prose in a docstring (``torch.load(weights_only=True)``)
                     continue
                 hits.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
@@ -1348,11 +1346,15 @@ def test_from_authors_refuses_pickles_and_names_the_file(tiny_llama, tmp_path):
     msg = str(e.value)
     assert str(f) in msg and "will not load" in msg and "weights_only" not in msg, msg
     assert not marker.exists()
-    f.write_bytes(b"not a torch file")
-    with pytest.raises(UsageError, match=re.escape(str(f))):
+    from safetensors.torch import save_file
+
+    f.unlink()
+    g = f.with_suffix(".safetensors")
+    g.write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match=re.escape(str(g))):
         FocusDirections.from_authors(tmp_path / "a", tiny_llama)
-    torch.save({"q": torch.zeros(4, 16)}, f)
-    with pytest.raises(UsageError, match=re.escape(f"{f} holds a dict, not a tensor")):
+    save_file({"q": torch.zeros(4, 16), "k": torch.zeros(4, 16)}, g)
+    with pytest.raises(UsageError, match=re.escape(f"{g} holds 2 tensors")):
         FocusDirections.from_authors(tmp_path / "a", tiny_llama)
 
 

@@ -462,7 +462,7 @@ def _boot_legacy(source: str, *, device: str, dtype: torch.dtype):
         ) from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     cfg_dict = convert_hf_model_config(source)
     cfg_dict.update(device=device, dtype=dtype)
@@ -685,6 +685,7 @@ def _load_legacy_folder(name_or_path: Any, *, device: str, dtype: torch.dtype) -
             "anything else build the HookedTransformer yourself (HookedTransformer.from_pretrained) "
             "and pass it to focuslens."
         )
+    _refuse_pickled_weights(p)
     return _boot_legacy(str(p), device=device, dtype=dtype)
 
 
@@ -707,6 +708,7 @@ def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedM
             raise FileNotFoundError(
                 f"{p} exists but is not a Hugging Face checkpoint folder (no config.json).{hint}"
             )
+        _refuse_pickled_weights(p)
         return _boot(str(p), device=device, dtype=dtype)
     looks_like_path = src.startswith((".", "/", "~")) or src.count("/") > 1 or os.sep in src and "/" not in src
     if looks_like_path or src.lower().endswith(".gguf"):
@@ -722,6 +724,19 @@ def _load_folder_or_hub(src: str, *, device: str, dtype: torch.dtype) -> HookedM
                 f"{src}) and pass the folder, or call load_model() for the embedded default."
             )
     return _boot(src, device=device, dtype=dtype)
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    """A checkpoint folder whose only weights are pickles (``pytorch_model.bin``, ``*.pt``/``*.pth``/``*.ckpt``) is
+    refused: focuslens reads weights from safetensors only, so no pickle a folder holds is ever opened."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(x.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for x in folder.glob(ext))
+    if pickled:
+        raise UsageError(
+            f"{folder}: cannot load this model: its weights ({', '.join(pickled)}) are pickles, which focuslens never "
+            "loads (unpickling can run code). Convert them once, in a session you trust, to safetensors "
+            "(model.save_pretrained(folder, safe_serialization=True)) and load the folder again.")
+
 
 def check_context(model: HookedModel, n_tokens: "int | torch.Tensor", *, what: str = "the input") -> None:
     """Refuse a sequence longer than the model's context (``cfg.n_ctx``), naming both lengths.

@@ -437,11 +437,14 @@ class FocusDirections:
         heads: Iterable[Sequence[int]] | None = None,
         alpha: float = 1.0,
     ) -> "FocusDirections":
-        """Import the reference code's ``head_q_directions_{l}.pth`` files (``[n_heads, d_head]`` per layer).
+        """Import the reference code's per-layer query directions (``[n_heads, d_head]`` per layer).
 
-        Key files (``head_k_directions_{l}.pth``) are shape-checked and dropped: key-side vectors are
-        inert (constant-in-j logit terms). Files are read with ``torch.load(weights_only=True)``.
-        ``heads`` restricts to a subset (default: every head of every layer found).
+        The reference code saves ``head_q_directions_{l}.pth`` with ``torch.save``: a pickle, which
+        focuslens never reads (unpickling can run code). Convert them once, in a session you trust, to
+        ``head_q_directions_{l}.safetensors`` (one tensor each: read it with torch there, write it with
+        ``safetensors.torch.save_file({"directions": tensor}, path)``); this reads those. Key files (``head_k_directions_{l}.safetensors``) are shape-checked and
+        dropped: key-side vectors are inert (constant-in-j logit terms). ``heads`` restricts to a subset
+        (default: every head of every layer found).
         """
         folder = Path(folder)
         info = model_info(model)
@@ -449,8 +452,9 @@ class FocusDirections:
         layers = []
         n_key = 0
         for l in range(info.n_layers):
-            f = folder / f"head_q_directions_{l}.pth"
+            f = folder / f"head_q_directions_{l}.safetensors"
             if not f.exists():
+                _refuse_pickled(folder / f"head_q_directions_{l}.pth")
                 continue
             t = _load_authors_tensor(f)
             if t.shape != (info.n_heads, info.d_head):
@@ -459,14 +463,14 @@ class FocusDirections:
             layers.append(l)
             for h in range(info.n_heads):
                 vecs[(l, h)] = t[h]
-            fk = folder / f"head_k_directions_{l}.pth"
+            fk = folder / f"head_k_directions_{l}.safetensors"
             if fk.exists():
                 tk = _load_authors_tensor(fk)
                 if tk.shape[-1] != info.d_head:
                     raise ValueError(f"{fk.name} has shape {tuple(tk.shape)}; expected last dim {info.d_head}.")
                 n_key += 1
         if not vecs:
-            raise FileNotFoundError(f"No head_q_directions_{{layer}}.pth files in {folder}.")
+            raise FileNotFoundError(f"No head_q_directions_{{layer}}.safetensors files in {folder}.")
         hs = list(vecs) if heads is None else check_heads(model, heads)
         missing = [h for h in hs if h not in vecs]
         if missing:
@@ -478,29 +482,32 @@ class FocusDirections:
                              "note": "key-side vectors are inert and were not imported"})
 
 
-def _load_authors_tensor(f: Path) -> Tensor:
-    """One ``head_*_directions_{l}.pth`` of the reference code: a plain tensor, read with
-    ``torch.load(weights_only=True)``; anything else is a :class:`UsageError` naming the file (never torch's
-    advice to pass ``weights_only=False``, which would run the code a pickle carries)."""
-    from pickle import UnpicklingError  # the class only: the file is read by torch.load(weights_only=True)
+def _refuse_pickled(f: Path) -> None:
+    """A reference-code ``.pth`` (a pickle) where a ``.safetensors`` was expected: a :class:`UsageError` saying how
+    to convert it; the file itself is never opened."""
+    if f.exists() or f.is_symlink():
+        raise UsageError(
+            f"{f} is a torch.save pickle; focuslens will not load it, since unpickling can run code. Convert it once, "
+            "in a session you trust: read the tensor with torch, then safetensors.torch.save_file({'directions': "
+            f"tensor}}, {str(f.with_suffix('.safetensors'))!r}), and import the .safetensors files.")
 
-    what = "the reference code's head_q_directions_{layer}.pth ([n_heads, d_head] tensors saved with torch.save)"
+
+def _load_authors_tensor(f: Path) -> Tensor:
+    """One converted ``head_*_directions_{l}.safetensors``: exactly one tensor; anything else is a
+    :class:`UsageError` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    what = "a head_q_directions_{layer}.safetensors file holding one [n_heads, d_head] tensor"
     check_regular_file(f, what=what, max_bytes=WEIGHTS_MAX_BYTES)
     try:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
-    except UnpicklingError:
-        raise UsageError(
-            f"{f} is a pickle holding code or objects other than tensors (or is not a torch file at all); "
-            "focuslens will not load it, since unpickling can run code: re-save the directions as plain tensors "
-            "(torch.save(tensor, path)) from a trusted session.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UsageError(f"{f}: cannot be read as a torch tensor file ({type(e).__name__}: "
+        tensors = load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{f}: cannot be read as a safetensors file ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); give {what}.") from None
-    if not isinstance(obj, Tensor):
-        raise UsageError(f"{f} holds a {type(obj).__name__}, not a tensor; give {what}.")
-    if obj.is_complex() or obj.dtype == torch.bool:
-        raise UsageError(f"{f} holds a {obj.dtype} tensor; give {what}.")
-    return obj.float()
+    if len(tensors) != 1:
+        raise UsageError(f"{f} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); give {what}.")
+    return next(iter(tensors.values()))
 
 
 def _check_artefact_folder(target: Path) -> None:

@@ -262,15 +262,17 @@ def test_import_authors_files(tiny_llama, tmp_path):
     info = model_info(tiny_llama)
     torch.manual_seed(0)
     qs = {l: torch.randn(info.n_heads, info.d_head) for l in range(info.n_layers)}
+    from safetensors.torch import save_file
+
     for l, t in qs.items():
-        torch.save(t, tmp_path / f"head_q_directions_{l}.pth")
-        torch.save(torch.randn(info.n_heads, info.d_head), tmp_path / f"head_k_directions_{l}.pth")
+        save_file({"directions": t}, tmp_path / f"head_q_directions_{l}.safetensors")
+        save_file({"directions": torch.randn(info.n_heads, info.d_head)}, tmp_path / f"head_k_directions_{l}.safetensors")
     d = FocusDirections.from_authors(tmp_path, tiny_llama)
     assert len(d) == info.n_layers * info.n_heads and d.training["key_files_ignored"] == info.n_layers
     assert torch.equal(d[(1, 3)], qs[1][3])
     sub = FocusDirections.from_authors(tmp_path, tiny_llama, heads=[(0, 2)])
     assert sub.heads == [(0, 2)]
-    torch.save(torch.randn(3, 5), tmp_path / "head_q_directions_0.pth")
+    save_file({"directions": torch.randn(3, 5)}, tmp_path / "head_q_directions_0.safetensors")
     with pytest.raises(ValueError, match="expected \\[n_heads, d_head\\]"):
         FocusDirections.from_authors(tmp_path, tiny_llama)
 

@@ -120,7 +120,7 @@ def task_data(a, task: str) -> tuple[list, dict]:
                     d.text = " ".join(d.text.split()[:8]) + (f" {e.answers[0]}" if d is keep[0] else "")
                 e.ctxs[:] = keep
                 e.gold_index = 0
-        return exs, {"file": name, "sha256": manifest["files"][name]["sha256"], "n": a.n, "quick": a.quick}
+        return exs, {"file": name, "sha256": manifest["files"][name]["sha256"], "quick": a.quick}
     raise KeyError(task)
 
 

@@ -158,18 +158,28 @@ def document_attention(
     heads: Sequence[Head],
     rows: Span,
     tokens: Int[Tensor, "batch pos"] | None = None,
+    engine: Any = None,
 ) -> Float[Tensor, "batch n_heads n_docs"]:
     """Each head's attention mass on each document, averaged over the query ``rows`` (float64).
 
     ``mass[b, i, k] = mean_{t ∈ rows} Σ_{j ∈ doc k} A^{(heads[i])}_{t, j}`` of prompt ``tokens[b]``
-    (default: the example's own tokens, batch 1). One partial forward pass that stops after the last
-    layer of ``heads`` (:func:`~focuslens.core.forward.run_until`) and keeps only the ``rows`` of the
-    chosen heads (not the whole ``[H, P, P]`` patterns).
+    (default: the example's own tokens, batch 1). On the hooked ``model``: one partial forward pass that
+    stops after the last layer of ``heads`` (:func:`~focuslens.core.forward.run_until`) and keeps only the
+    ``rows`` of the chosen heads (not the whole ``[H, P, P]`` patterns).
+
+    ``engine``: a fused engine built for ``model`` (:func:`focuslens.engine.engine_for`): the same masses
+    from its one-pass scoring (:meth:`FusedModel.score_spans <focuslens.engine.FusedModel.score_spans>`, the
+    ``[H, |rows|, N]`` rows of each layer, fp32), each batch row alone, with whatever edits are attached to
+    the engine applied. Why: the bridge's pass costs 2-3x the engine's on CPU and it runs once per prompt
+    for every measuring spec; the numbers agree to float rounding
+    (``tests/intervene/test_label_free.py::test_document_attention_engine_equals_bridge``).
     """
     docs = _doc_spans(example, what="document_attention")
     toks = tokens_of(example)[None] if tokens is None else tokens
     if toks.dim() == 1:
         toks = toks[None]
+    if engine is not None:
+        return _engine_document_attention(engine, docs, heads=list(heads), rows=rows, tokens=toks)
     by_layer = _group_by_layer(heads)
     got: dict[int, Tensor] = {}
 
@@ -191,6 +201,29 @@ def document_attention(
         p = got[layer][:, by_layer[layer].index(head)]  # [batch, rows, k]
         out[:, i] = (p @ member.T).mean(1)
     return out
+
+
+def _engine_document_attention(engine: Any, docs: list[Span], *, heads: list[Head], rows: Span,
+                               tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch n_heads n_docs"]:
+    """:func:`document_attention` on a fused engine: one scoring pass per batch row."""
+    score = getattr(engine, "score_spans", None)
+    if score is None or not hasattr(engine, "hf_model"):
+        raise TypeError(f"document_attention: engine must be a focuslens FusedModel "
+                        f"(focuslens.engine.engine_for(model)), got {type(engine).__name__}.")
+    out = torch.empty(tokens.shape[0], len(heads), len(docs), dtype=torch.float64)
+    names = [f"doc_{k}" for k in range(len(docs))]
+    for b in range(tokens.shape[0]):
+        hs = score(tokens[b], response=rows, spans=dict(zip(names, docs)), sink=None)
+        for k, name in enumerate(names):
+            t = hs.scores[name]
+            out[b, :, k] = torch.stack([t[l, h] for l, h in heads]).double()
+    return out
+
+
+def _no_prior_on_engine(prior: Any, engine: Any, what: str) -> None:
+    if prior is not None and engine is not None:
+        raise ValueError(f"{what}.measure: a prior spec is attached to the hooked model, so the pass must run "
+                         "there: pass engine=None with prior (Compose does).")
 
 
 @dataclass(frozen=True)
@@ -230,6 +263,7 @@ def locate_span(
     top: int = 1,
     baseline: Literal["none", "dummy"] = "none",
     dummy: str = DUMMY_TEXT,
+    engine: Any = None,
 ) -> LocatedSpan:
     """The document(s) the chosen heads attend to most from the query rows: no gold label needed.
 
@@ -246,6 +280,7 @@ def locate_span(
             ``n_last`` prompt tokens: mostly the chat template's tail, 5/32 in the probe).
         top: how many documents to pick (their union is the span).
         baseline: ``"none"`` or ``"dummy"`` (one more row in the same pass).
+        engine: a fused engine built for ``model`` to run the pass on (:func:`document_attention`).
 
     Returns:
         A :class:`LocatedSpan`; ``located.doc == r.gold_position`` says whether the guess is the gold.
@@ -260,7 +295,7 @@ def locate_span(
     toks = tokens_of(example)[None]
     if baseline == "dummy":
         toks = torch.stack([toks[0], dummy_tokens(model, example, text=dummy)])
-    mass = document_attention(model, example, heads=hs, rows=rows, tokens=toks).mean(1)  # [batch, docs]
+    mass = document_attention(model, example, heads=hs, rows=rows, tokens=toks, engine=engine).mean(1)  # [batch, docs]
     scores = mass[0] - mass[1] if baseline == "dummy" else mass[0]
     ranking = tuple(int(i) for i in torch.argsort(-scores, stable=True))
     picked = ranking[:top]
@@ -572,15 +607,16 @@ class PositionalCalibration(InterventionSpec):
     def per_example(self) -> bool:
         return True
 
-    def relevance(self, model: HookedModel, example: Any) -> tuple[Float[Tensor, "n_heads n_docs"],
-                                                                  Float[Tensor, "n_heads n_docs"]]:
-        """``(rel, α)`` of ``example`` per head (float64): calibrated relevance and its softmax."""
+    def relevance(self, model: HookedModel, example: Any, *, engine: Any = None
+                  ) -> tuple[Float[Tensor, "n_heads n_docs"], Float[Tensor, "n_heads n_docs"]]:
+        """``(rel, α)`` of ``example`` per head (float64): calibrated relevance and its softmax (the pass on
+        ``engine``, a fused engine built for ``model``, when given: :func:`document_attention`)."""
         what = "PositionalCalibration"
         hs = check_heads(model, self.heads, what=what)
         docs = _doc_spans(example, what=what)
         rows = query_rows(example, query=self.query, n_last=self.n_last or 1, what=what)
         toks = torch.stack([tokens_of(example), dummy_tokens(model, example, text=self.dummy)])
-        mass = document_attention(model, example, heads=hs, rows=rows, tokens=toks)  # [2, heads, docs]
+        mass = document_attention(model, example, heads=hs, rows=rows, tokens=toks, engine=engine)  # [2, heads, docs]
         sizes = torch.tensor([len(s) for s in docs], dtype=torch.float64)
         rel = (mass[0] - mass[1]) / sizes
         return rel, torch.softmax(rel / self.temperature, dim=-1)
@@ -590,12 +626,14 @@ class PositionalCalibration(InterventionSpec):
         return True  # the calibration pass of each prompt (none at strength 0)
 
     def measure(self, model: HookedModel, examples: Sequence[Any],
-                prior: InterventionSpec | None = None) -> Float[Tensor, "batch n_heads n_docs"]:
+                prior: InterventionSpec | None = None, *, engine: Any = None) -> Float[Tensor, "batch n_heads n_docs"]:
         """Each row's target share of the documents' mass per head (float64, ``α_k N_k / Σ_j α_j N_j``, in
         :attr:`heads` order, zero-padded to the most documents; zeros at strength 0, where nothing is
-        measured): :meth:`relevance` of each row alone, ``prior`` attached around its pass."""
+        measured): :meth:`relevance` of each row alone, ``prior`` attached around its pass (on ``model``; or
+        the pass on ``engine``, a fused engine built for ``model``, with no ``prior``)."""
         what = "PositionalCalibration"
         check_heads(model, self.heads, what=what)
+        _no_prior_on_engine(prior, engine, what)
         docs = [_doc_spans(e, what=what) for e in examples]
         weights = torch.zeros(len(examples), len(self.heads), max(len(d) for d in docs), dtype=torch.float64)
         if self.strength == 0.0:
@@ -603,7 +641,7 @@ class PositionalCalibration(InterventionSpec):
         for b, (e, d) in enumerate(zip(examples, docs)):
             handle = prior.attach(model, e) if prior is not None else None
             try:
-                _, alpha = self.relevance(model, e)
+                _, alpha = self.relevance(model, e, engine=engine)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -668,10 +706,12 @@ class PositionalCalibration(InterventionSpec):
 
     def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """The edit on the fused engine (:meth:`FusedModel.pattern_edit <focuslens.engine.FusedModel.pattern_edit>`,
-        only the spec's heads recomputed); the measuring pass runs on the bridge the engine was built for
-        (``engine.hooked``), each row alone, exactly as :meth:`attach_batch` measures."""
+        only the spec's heads recomputed); the measuring pass runs on the engine too (``measure(..., engine=)``,
+        :func:`document_attention`: the bridge's numbers to float rounding), each row alone, as
+        :meth:`attach_batch` measures. Inside a :class:`Compose`, a member measures on the bridge
+        (``engine.hooked``) with the members before it attached."""
         check_batch(examples, offsets, what="PositionalCalibration")
-        measured = self.measure(measuring_model(engine, "PositionalCalibration"), examples)
+        measured = self.measure(measuring_model(engine, "PositionalCalibration"), examples, engine=engine)
         return self.attach_measured_fused(engine, measured, examples, offsets=offsets)
 
     def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,
@@ -846,10 +886,11 @@ class SelfLocatedSpan(InterventionSpec):
     def per_example(self) -> bool:
         return True
 
-    def locate(self, model: HookedModel, example: Any) -> LocatedSpan:
-        """The guess for ``example`` (what :meth:`attach` edits): compare ``.doc`` with ``r.gold_position``."""
+    def locate(self, model: HookedModel, example: Any, *, engine: Any = None) -> LocatedSpan:
+        """The guess for ``example`` (what :meth:`attach` edits): compare ``.doc`` with ``r.gold_position``
+        (the pass on ``engine``, a fused engine built for ``model``, when given)."""
         return locate_span(model, example, heads=self.locate_heads, query=self.query, n_last=self.n_last or 8,
-                           top=self.top, baseline=self.baseline, dummy=self.dummy or DUMMY_TEXT)
+                           top=self.top, baseline=self.baseline, dummy=self.dummy or DUMMY_TEXT, engine=engine)
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         located = self.locate(model, example)
@@ -865,13 +906,15 @@ class SelfLocatedSpan(InterventionSpec):
         return True  # the locating pass of each prompt
 
     def measure(self, model: HookedModel, examples: Sequence[Any],
-                prior: InterventionSpec | None = None) -> list[list[Span]]:
-        """Each row's located span(s) (:meth:`locate`), each row alone, ``prior`` attached around its pass."""
+                prior: InterventionSpec | None = None, *, engine: Any = None) -> list[list[Span]]:
+        """Each row's located span(s) (:meth:`locate`), each row alone, ``prior`` attached around its pass (on
+        ``model``; or the pass on ``engine``, a fused engine built for ``model``, with no ``prior``)."""
+        _no_prior_on_engine(prior, engine, "SelfLocatedSpan")
         out = []
         for e in examples:
             handle = prior.attach(model, e) if prior is not None else None
             try:
-                out.append(list(self.locate(model, e).spans))
+                out.append(list(self.locate(model, e, engine=engine).spans))
             finally:
                 if handle is not None:
                     handle.remove()
@@ -885,10 +928,11 @@ class SelfLocatedSpan(InterventionSpec):
     def attach_fused(self, engine: Any, examples: Sequence[Any], *, offsets: Sequence[int]) -> HookHandle:
         """The edit on the fused engine (:meth:`SplitSoftmax.attach_spans_fused
         <focuslens.intervene.span_specs.SplitSoftmax.attach_spans_fused>`: only the edit's heads recomputed) on
-        the located spans; the locating pass runs on the bridge the engine was built for (``engine.hooked``),
-        each row alone, exactly as :meth:`attach_batch` locates."""
+        the located spans; the locating pass runs on the engine too (``measure(..., engine=)``, the bridge's
+        masses to float rounding), each row alone, as :meth:`attach_batch` locates. Inside a
+        :class:`Compose`, it locates on the bridge (``engine.hooked``) with the members before it attached."""
         self._width(examples, offsets, "attach_fused")
-        measured = self.measure(measuring_model(engine, "SelfLocatedSpan"), examples)
+        measured = self.measure(measuring_model(engine, "SelfLocatedSpan"), examples, engine=engine)
         return self.attach_measured_fused(engine, measured, examples, offsets=offsets)
 
     def attach_measured_fused(self, engine: Any, measured: Any, examples: Sequence[Any], *,

@@ -485,3 +485,32 @@ def test_experiment_quick_run_and_report(tmp_path, load_script):
     assert "| sink | +" in report or "| sink | -" in report
     assert "gold located" in report
     assert mod.main([*argv, "--report"]) == 0 and (tmp_path / "report.md").read_text() == report
+
+
+def test_document_attention_engine_equals_bridge(tiny_llama, examples):
+    """The measuring passes on the fused engine (``engine=``) give the bridge's masses, located documents and
+    calibration weights; a prior spec with an engine is refused (it is attached to the hooked model)."""
+    from focuslens.engine import engine_for
+    from focuslens.intervene.label_free import document_attention, query_rows
+
+    m = tiny_llama
+    eng = engine_for(m)
+    cal = PositionalCalibration(HEADS, temperature=2e-4, query="question")
+    for r in _rendered(m, examples):
+        for query in ("question", "last"):
+            rows = query_rows(r, query=query, n_last=4)
+            toks = torch.stack([r.tokens, dummy_tokens(m, r)])
+            a = document_attention(m, r, heads=HEADS, rows=rows, tokens=toks)
+            b = document_attention(m, r, heads=HEADS, rows=rows, tokens=toks, engine=eng)
+            assert a.shape == b.shape == (2, len(HEADS), r.n_docs)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+            for baseline in ("none", "dummy"):
+                x = locate_span(m, r, heads=HEADS, query=query, n_last=4, baseline=baseline, top=2)
+                y = locate_span(m, r, heads=HEADS, query=query, n_last=4, baseline=baseline, top=2, engine=eng)
+                assert x.picked == y.picked
+        torch.testing.assert_close(cal.measure(m, [r], engine=eng), cal.measure(m, [r]), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="prior"):
+        cal.measure(m, [r], SinkRedistribution(HEADS, rho=0.5), engine=eng)
+    with pytest.raises(TypeError, match="FusedModel"):
+        document_attention(m, r, heads=HEADS, rows=query_rows(r, query="question"), engine=m)
+    assert count_hooks(m) == 0

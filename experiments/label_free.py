@@ -1,32 +1,39 @@
 """Label-free steering compared: each method beside focus directions, the oracle and random heads (issue #36).
 
-A first sketch of part 3 of the issue, resumable and content-keyed like ``experiments/compare_methods.py``:
+One command, resumable and content-keyed like ``experiments/compare_methods.py`` (every cell, selection and
+measurement is cached under ``--out`` by a hash of the model identity, the data, the spec and the decoding
+settings; rerun to continue, a changed setting never reuses another run's answers):
 
-    python experiments/real_documents.py --n-docs 10 --kinds random   # the NQ real-document sets (once)
-    nice -n 19 python experiments/label_free.py --n 4                 # SmolLM2, n = 4 per cell (plumbing)
-    python experiments/label_free.py --n 4 --report                   # the table from the cache only
-    python experiments/label_free.py --quick --out /tmp/lf            # tiny random model, seconds
-    python experiments/label_free.py --model <hf dir> --device cuda --dtype bfloat16 --n 100   # GPU path
+    python experiments/real_documents.py --n-docs 10 --kinds random    # the NQ real-document sets (once)
+    nice -n 19 python experiments/label_free.py                         # SmolLM2: every stage, in order
+    python experiments/label_free.py --report                           # docs table + figure from the cache
+    python experiments/label_free.py --quick --out /tmp/lf              # tiny random model, seconds (plumbing)
+    python experiments/label_free.py --model <hf dir> --device cuda --dtype bfloat16   # GPU path (3B-8B)
 
-Rows (``ROWS``): the unmodified model; each label-free method of :mod:`focuslens.intervene.label_free` on
-the top-``--k`` contextual heads (``figures/contextual_heads.json``, ranked on *synthetic* data, so no
-real-document label picks them): positional calibration, sink redistribution, temperature, scalable
-softmax, the self-located span (top-1 and top-2 documents, query rows = the question); focus directions
-as validation-selected in ``experiments/results/real_directions/`` (attention objective, k = 10,
-α = 0.25); the oracle split softmax (τ = 0.2 on the gold document: the ceiling) and split softmax on k
-random heads (the control). Columns (``TASKS``): NQ-open with 10 real documents (the held-out test split of
-``experiments/real_documents.py``, gold cycling over positions) and synthetic QA with 10 documents
-(seed 403, as ``compare_methods.py``).
+Stages (``--stages``, in this order; each reads what the earlier ones wrote):
 
-The label-free hyper-parameters here (``HYPER``) are provisional defaults, not yet chosen on validation;
-the full run selects them on the validation split only (issue #36, part 3). For the self-located rows each
-cell also records how often the located document is the gold one (``hits``), from the same
-:func:`~focuslens.intervene.label_free.locate_span` the spec steers with.
+1. ``select``: each label-free method's hyper-parameters on the NQ **validation** split (``--n-val``
+   questions, 10 real documents): a small grid per method (``GRIDS``), the best paired Δ accuracy vs the
+   unmodified model wins (ties: the earlier, milder setting). The self-located span's locator (query rows ×
+   dummy baseline) is chosen by how often it picks the gold document on validation, then top-1 vs top-2 by
+   accuracy. Nothing is chosen on the test split.
+2. ``test``: every row on the NQ **test** split, 10 real documents (``--n`` questions, gold cycling over the
+   positions): unmodified; each label-free method at its selected setting; focus directions (α and k chosen
+   on validation in ``experiments/results/real_directions/``; fixed α, and the magnitude-controlled
+   ``alpha="auto"``); split softmax on the gold document (the oracle: the ceiling) and on random heads
+   (the control). The self-located rows also record, per test question, whether the guess was the gold.
+3. ``gold_only``: the same rows on the gold-only prompts of the same test questions (harm check).
+4. ``attention``: where each row moves the heads' attention (the top-k heads' mean mass from the rows
+   of the answer each condition gave, on the gold document / the sink / the distractors), on the first
+   ``--n-att`` test questions, measured on the fused engine with the spec attached.
+5. ``positions``: the lost-in-the-middle curve: the first ``--n-pos`` test questions with the gold at each
+   of the 10 positions, for ``--pos-rows``.
+6. ``syn10``: synthetic QA with 10 documents (seed 403), ``--n-syn`` examples, every row.
 
-Every cell (row × task) is one ``evaluate`` JSONL plus a small JSON summary under ``--out``, named by a
-content hash of the model identity, the data's identity (the set file's sha256, or the synthetic
-examples' identity), the spec's identity and the decoding settings: rerunning resumes, a changed setting
-never reuses another run's answers. Cells are Δ accuracy vs unmodified on the same examples, ± paired SE.
+Heads: the top ``--k`` contextual heads of ``figures/contextual_heads.json``, ranked on *synthetic* data
+only (no real-document label picks them). Cells are Δ accuracy vs unmodified on the same examples, ± paired
+SE (``paired_difference``); greedy decoding, 16 new tokens for NQ (as ``experiments/real_distraction.py``),
+20 for synthetic QA; best-subspan EM.
 """
 
 from __future__ import annotations
@@ -48,24 +55,44 @@ sys.path.insert(0, str(ROOT))
 
 from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import load_model, model_identity  # noqa: E402
-from focuslens.directions import FocusDirections  # noqa: E402
+from focuslens.directions import FocusDirections, calibrate_sink_target  # noqa: E402
 from focuslens.directions.artefact import Steer  # noqa: E402
+from focuslens.engine import engine_for  # noqa: E402
 from focuslens.evaluation.runner import evaluate  # noqa: E402
 from focuslens.evaluation.sweeps import examples_identity, random_heads  # noqa: E402
 from focuslens.intervene import (  # noqa: E402
     PositionalCalibration, SelfLocatedSpan, SinkRedistribution, SplitSoftmax, Temperature,
 )
+from focuslens.intervene.label_free import locate_span  # noqa: E402
 from focuslens.score.ranking import load_heads  # noqa: E402
 from focuslens.tasks import load_litm, make_synthetic_qa, paired_difference, render  # noqa: E402
+from focuslens.tasks.metrics import mean_se  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "label_free"
 SETS = ROOT / "runs" / "real_documents"
 DIRECTIONS = ROOT / "experiments" / "results" / "real_directions" / "directions" / "attention_s0-9ede88255b7b"
 DIRECTIONS_K, DIRECTIONS_ALPHA = 10, 0.25  # chosen on validation in experiments/results/real_directions/
+N_CAL = 16  # unlabelled validation prompts calibrating the magnitude control's sink target
 TAU = 0.2
-HYPER = {"calibration_t": 5e-5, "sink_rho": 0.5, "temperature": 1.5, "ssmax_n0": 512}  # provisional
-TASKS = {"nq10": "NQ-open, 10 real documents (test split)", "syn10": "synthetic QA, 10 documents (seed 403)"}
-MAX_NEW = {"nq10": 16, "syn10": 20}
+MAX_NEW = {"nq10": 16, "nq10val": 16, "gold_only": 16, "positions": 16, "syn10": 20}
+TASKS = {"nq10": "NQ-open, 10 real documents (test)", "gold_only": "gold-only prompts (harm)",
+         "syn10": "synthetic QA, 10 documents"}
+STAGES = ("select", "test", "gold_only", "attention", "positions", "syn10")
+
+# Validation grids, mildest first (ties go to the earlier setting). Calibration t: the per-token relevance
+# of a 1.4k-token prompt spreads over ~3e-4 between documents (SmolLM2), so t = 5e-5 is nearly one-hot and
+# 1e-3 mild. Temperature: inverse temperature on the logits. SSMax: factor = 1 / log n0 (rows of n0 keys
+# unchanged, a 1.4k-token row sharpened by log 1400 / log n0: 1.04 / 1.30 / 1.74).
+GRIDS: dict[str, list[dict]] = {
+    "calibration": [{"t": 1e-3}, {"t": 2e-4}, {"t": 5e-5}],
+    "sink": [{"rho": 0.25}, {"rho": 0.5}, {"rho": 0.9}],
+    "temperature": [{"factor": 1.25}, {"factor": 1.5}, {"factor": 2.0}],
+    "ssmax": [{"n0": 1024}, {"n0": 256}, {"n0": 64}],
+    "self_located": [{"top": 1}, {"top": 2}],
+}
+LOCATORS = [{"query": "question", "baseline": "none"}, {"query": "question", "baseline": "dummy"},
+            {"query": "last", "baseline": "none"}]
+LABEL_FREE = tuple(GRIDS)
 
 
 def log(msg: str) -> None:
@@ -76,112 +103,427 @@ def load_json(p: Path) -> Any:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-# ------------------------------------------------------------------------------------------ rows
-def rows(model, heads, quick: bool) -> dict[str, Callable[[], Any]]:
-    """``{row: spec factory}`` in the order run (a factory returns None for the unmodified model)."""
+# ------------------------------------------------------------------------------------------ specs
+def label_free_spec(method: str, setting: dict, heads, locator: dict | None = None):
+    """The spec of a label-free ``method`` at one grid ``setting`` (the locator for the self-located span)."""
+    if method == "calibration":
+        return PositionalCalibration(heads, temperature=setting["t"])
+    if method == "sink":
+        return SinkRedistribution(heads, rho=setting["rho"])
+    if method == "temperature":
+        return Temperature(heads, factor=setting["factor"])
+    if method == "ssmax":
+        return Temperature(heads, factor=1.0 / math.log(setting["n0"]), form="log_length")
+    if method == "self_located":
+        loc = locator or LOCATORS[0]
+        return SelfLocatedSpan(SplitSoftmax(heads, TAU), top=setting["top"], query=loc["query"],
+                               baseline=loc["baseline"])
+    raise KeyError(method)
 
-    def directions():
-        if quick:
-            return None  # the tiny model has no trained directions: the row is skipped
-        return Steer(FocusDirections.load(DIRECTIONS, model=model), k=DIRECTIONS_K, alpha=DIRECTIONS_ALPHA)
 
-    return {
-        "unmodified": lambda: None,
-        "calibration": lambda: PositionalCalibration(heads, temperature=HYPER["calibration_t"]),
-        "sink": lambda: SinkRedistribution(heads, rho=HYPER["sink_rho"]),
-        "temperature": lambda: Temperature(heads, factor=HYPER["temperature"]),
-        "ssmax": lambda: Temperature(heads, factor=1.0 / math.log(HYPER["ssmax_n0"]), form="log_length"),
-        "self_located": lambda: SelfLocatedSpan(SplitSoftmax(heads, TAU)),
-        "self_located_top2": lambda: SelfLocatedSpan(SplitSoftmax(heads, TAU), top=2),
-        "focus_directions": directions,
+def rows(a, model, heads, selection: dict) -> dict[str, Callable[[], Any]]:
+    """``{row: spec factory}`` of the comparison, in order (None: the unmodified model; a factory that
+    raises ``LookupError`` marks a row not available here)."""
+
+    def directions(auto: bool):
+        def make():
+            if a.quick:
+                raise LookupError("the tiny model has no trained directions")
+            d = FocusDirections.load(DIRECTIONS, model=model)
+            if not auto:
+                return Steer(d, k=DIRECTIONS_K, alpha=DIRECTIONS_ALPHA)
+            return Steer(d, k=DIRECTIONS_K, alpha="auto", target=sink_target(a, model, d), per="input")
+        return make
+
+    def chosen(method: str):
+        def make():
+            sel = selection.get(method)
+            if sel is None:
+                raise LookupError(f"{method}: not selected yet (run the select stage)")
+            return label_free_spec(method, sel["setting"], heads, sel.get("locator"))
+        return make
+
+    out: dict[str, Callable[[], Any]] = {"unmodified": lambda: None}
+    out.update({m: chosen(m) for m in LABEL_FREE})
+    out.update({
+        "focus_directions": directions(False),
+        "focus_directions_auto": directions(True),
         "oracle": lambda: SplitSoftmax(heads, TAU),
         "random_heads": lambda: SplitSoftmax(random_heads(model, len(heads), seed=0), TAU),
-    }
+    })
+    return out
+
+
+def sink_target(a, model, d: FocusDirections) -> float:
+    """The magnitude control's sink target: the validated fixed α's mean sink-mass drop on ``N_CAL``
+    unlabelled validation prompts (cached by content)."""
+    exs = nq_split(a, "validation")[0][:N_CAL]
+    key = content_hash({"model": a.mid, "directions": d.payload_checksum(), "k": DIRECTIONS_K,
+                        "alpha": DIRECTIONS_ALPHA, "prompts": examples_identity(exs)})[:12]
+    p = a.out / f"sink_target-{key}.json"
+    if (old := load_json(p)) is not None:
+        return float(old["target"])
+    target = calibrate_sink_target(model, d.top(DIRECTIONS_K), [render(e, model, chat=True).prompt.tokens for e in exs],
+                                   alpha=DIRECTIONS_ALPHA)
+    atomic_write_json(p, {"target": target, "n_prompts": len(exs), "alpha": DIRECTIONS_ALPHA, "k": DIRECTIONS_K})
+    return target
 
 
 # ------------------------------------------------------------------------------------------ data
-def task_data(a, task: str) -> tuple[list, dict]:
-    """``(examples, identity)`` of a task's first ``a.n`` examples."""
+def nq_split(a, split: str, *, every: bool = False) -> tuple[list, dict]:
+    """``(examples, identity)`` of an NQ real-document split written by ``experiments/real_documents.py``."""
+    name = f"nq-random{a.n_docs}-{split}" + ("-every" if every else "") + ".jsonl.gz"
+    manifest = load_json(a.sets / "manifest.json") or {}
+    if name not in manifest.get("files", {}):
+        raise SystemExit(f"{a.sets / name} is missing: write the sets first with "
+                         f"python experiments/real_documents.py --n-docs {a.n_docs} --kinds random")
+    exs = load_litm(a.sets / name)
+    if a.quick:  # the tiny model's 512-token context: 3 documents of 8 words (plumbing only)
+        for e in exs[:64]:
+            keep = [e.ctxs[e.gold_index]] + [d for i, d in enumerate(e.ctxs) if i != e.gold_index][:2]
+            for d in keep:
+                d.title = d.title[:12]
+                d.text = " ".join(d.text.split()[:8]) + (f" {e.answers[0]}" if d is keep[0] else "")
+            e.ctxs[:] = keep
+            e.gold_index = 0
+        exs = exs[:64]
+    return exs, {"file": name, "sha256": manifest["files"][name]["sha256"], "quick": a.quick}
+
+
+def task_data(a, task: str, n: int) -> tuple[list, dict, str]:
+    """``(examples, identity, variant)`` of a task's first ``n`` examples."""
     if task == "syn10":
-        exs = make_synthetic_qa(a.n, n_docs=3 if a.quick else 10, seed=403)
-        return exs, {"synthetic": examples_identity(exs)}
-    if task == "nq10":
-        name = "nq-random10-test.jsonl.gz"
-        manifest = load_json(a.sets / "manifest.json") or {}
-        if name not in manifest.get("files", {}):
-            raise SystemExit(f"{a.sets / name} is missing: write the sets first with "
-                             "python experiments/real_documents.py --n-docs 10 --kinds random")
-        exs = load_litm(a.sets / name)[: a.n]
-        if a.quick:  # the tiny model's 512-token context: 3 documents of 8 words (plumbing only)
-            for e in exs:
-                keep = [e.ctxs[e.gold_index]] + [d for i, d in enumerate(e.ctxs) if i != e.gold_index][:2]
-                for d in keep:
-                    d.title = d.title[:12]
-                    d.text = " ".join(d.text.split()[:8]) + (f" {e.answers[0]}" if d is keep[0] else "")
-                e.ctxs[:] = keep
-                e.gold_index = 0
-        return exs, {"file": name, "sha256": manifest["files"][name]["sha256"], "quick": a.quick}
+        exs = make_synthetic_qa(n, n_docs=3 if a.quick else 10, seed=403)
+        return exs, {"synthetic": examples_identity(exs)}, "original"
+    if task in ("nq10", "gold_only"):
+        exs, data = nq_split(a, "test")
+        if task == "gold_only":
+            data = {**data, "variant": "gold_only"}
+        return exs[:n], data, "gold_only" if task == "gold_only" else "original"
+    if task == "nq10val":
+        exs, data = nq_split(a, "validation")
+        return exs[:n], data, "original"
+    if task == "positions":  # question-major: the first n questions, each with the gold at every position
+        exs, data = nq_split(a, "test", every=True)
+        n_docs = len(exs[0].ctxs)
+        return exs[: n * n_docs], data, "original"
     raise KeyError(task)
 
 
 # ------------------------------------------------------------------------------------------ cells
-def run_cell(a, model, mid: dict, task: str, row: str, spec, exs: list, data: dict) -> dict:
-    key = content_hash({"model": mid, "data": data, "spec": None if spec is None else spec.identity,
-                        "max_new_tokens": MAX_NEW[task], "v": 1})[:12]
+def cell_key(a, task: str, spec, data: dict) -> str:
+    return content_hash({"model": a.mid, "data": data, "spec": None if spec is None else spec.identity,
+                         "max_new_tokens": MAX_NEW[task], "v": 1})[:12]
+
+
+def run_cell(a, model, task: str, row: str, spec, n: int, *, read_only: bool = False) -> dict | None:
+    """Evaluate ``spec`` on the task's first ``n`` examples (resuming), or read the cached cell."""
+    exs, data, variant = task_data(a, task, n)
+    key = cell_key(a, task, spec, data)
     p = a.out / "cells" / task / f"{row}-{key}.json"
-    if (old := load_json(p)) is not None and old.get("n") == len(exs):
+    old = load_json(p)
+    if old is not None and old.get("n") == len(exs) and "predictions" in old:
         return old
+    if read_only:
+        return old if old is not None and old.get("n") == len(exs) else None
     t0 = time.time()
-    res = evaluate(model, exs, intervene=spec, max_new_tokens=MAX_NEW[task], progress=False, tag=data,
-                   batch_size=a.batch_size, output=a.out / "evals" / task / f"{row}-{key}.jsonl")
+    res = evaluate(model, exs, intervene=spec, max_new_tokens=MAX_NEW[task], progress=a.progress, tag=data,
+                   batch_size=a.batch_size, variant=variant,
+                   output=a.out / "evals" / task / f"{row}-{key}.jsonl")
     s = res.summary()
-    cell = {"task": task, "row": row, "spec": None if spec is None else spec.id, "n": s["n"],
-            "acc": s["accuracy"], "se": s["accuracy_se"], "em": [r["em"] for r in res.records],
-            "seconds": round(time.time() - t0, 1)}
-    if isinstance(spec, SelfLocatedSpan):  # how often the guess is the gold document (same code as the steering)
-        rs = [render(e, model, chat=True, index=i) for i, e in enumerate(exs)]
-        cell["hits"] = [spec.locate(model, r).hit(r.gold_position) for r in rs]
+    cell = {"task": task, "row": row, "spec": None if spec is None else spec.id, "setting": repr(spec),
+            "n": s["n"], "acc": s["accuracy"], "se": s["accuracy_se"], "em": [float(r["em"]) for r in res.records],
+            "predictions": list(res.predictions),
+            "gold_position": [r.get("gold_position") for r in res.records], "seconds": round(time.time() - t0, 1)}
     atomic_write_json(p, cell, indent=1)
-    extra = f", located = gold {sum(cell['hits'])}/{len(cell['hits'])}" if "hits" in cell else ""
-    log(f"{task:6s} {row:18s} n={cell['n']} acc {cell['acc']:.3f} ± {cell['se']:.3f} ({cell['seconds']:.0f} s{extra})")
+    log(f"{task:9s} {row:22s} n={cell['n']} acc {cell['acc']:.3f} ± {cell['se']:.3f} ({cell['seconds']:.0f} s)")
     return cell
 
 
-def table(cells: dict[tuple[str, str], dict], row_names: list[str], a) -> str:
-    lines = ["| row | " + " | ".join(TASKS[t] for t in a.tasks) + " |", "|---|" + "---|" * len(a.tasks)]
-    for row in row_names:
+def delta(c: dict, b: dict) -> Any:
+    return paired_difference(c["em"], b["em"])
+
+
+# ------------------------------------------------------------------------------------------ stage 1: select
+def locator_hits(a, model, eng, heads, task: str, n: int, locators: list[dict]) -> dict:
+    """Per example and locator: the documents ranked by the heads' attention (cached by content)."""
+    exs, data, _ = task_data(a, task, n)
+    p = locate_path(a, heads, task, data, locators, len(exs))
+    if (old := load_json(p)) is not None or a.read_only:
+        return old
+    out = {"locators": locators, "gold": [], "ranking": {json.dumps(l, sort_keys=True): [] for l in locators}}
+    t0 = time.time()
+    for e in exs:
+        r = render(e, model, chat=True)
+        out["gold"].append(r.gold_position)
+        for loc in locators:
+            got = locate_span(model, r, heads=heads, query=loc["query"], baseline=loc["baseline"], top=1,
+                              engine=eng)
+            out["ranking"][json.dumps(loc, sort_keys=True)].append(list(got.ranking))
+    atomic_write_json(p, out)
+    log(f"locate {task} n={len(exs)} {len(locators)} locators ({time.time() - t0:.0f} s)")
+    return out
+
+
+def locate_path(a, heads, task: str, data: dict, locators: list[dict], n: int) -> Path:
+    key = content_hash({"model": a.mid, "data": data, "heads": [list(h) for h in heads], "locators": locators,
+                        "n": n, "v": 1})[:12]
+    return a.out / "locate" / f"{task}-{key}.json"
+
+
+def hit_rate(loc: dict, top: int = 1) -> dict[str, tuple[float, float]]:
+    """``{locator: (rate, se)}``: how often the gold document is among the ``top`` first."""
+    out = {}
+    for name, ranks in loc["ranking"].items():
+        hits = [float(g in rk[:top]) for g, rk in zip(loc["gold"], ranks)]
+        out[name] = mean_se(hits)
+    return out
+
+
+def select(a, model, eng, heads) -> dict:
+    """Each label-free method's setting with the best validation Δ (cached in ``selection-<key>.json``)."""
+    key = content_hash({"model": a.mid, "grids": GRIDS, "locators": LOCATORS, "n_val": a.n_val,
+                        "heads": [list(h) for h in heads], "tau": TAU, "v": 1})[:12]
+    p = a.out / f"selection-{key}.json"
+    if (old := load_json(p)) is not None and (a.read_only or all(m in old["methods"] for m in a.methods)):
+        return old
+    if a.read_only:
+        return {"methods": {}, "cells": {}}
+    base = run_cell(a, model, "nq10val", "unmodified", None, a.n_val)
+    out: dict[str, Any] = {"n_val": a.n_val, "methods": {}, "cells": {}, "unmodified": base["acc"]}
+    loc = locator_hits(a, model, eng, heads, "nq10val", a.n_val, LOCATORS)
+    rates = hit_rate(loc)
+    best_loc = max(LOCATORS, key=lambda l: rates[json.dumps(l, sort_keys=True)][0])  # ties: earlier
+    out["locator_hits"] = {k: list(v) for k, v in rates.items()}
+    out["locator_hits_top2"] = {k: list(v) for k, v in hit_rate(loc, 2).items()}
+    for method in a.methods:
+        best = None
+        for setting in GRIDS[method]:
+            spec = label_free_spec(method, setting, heads, best_loc)
+            c = run_cell(a, model, "nq10val", f"{method}-{content_hash(setting)[:6]}", spec, a.n_val)
+            d = delta(c, base)
+            out["cells"][f"{method} {json.dumps(setting)}"] = {"acc": c["acc"], "delta": d.mean, "se": d.se,
+                                                               "n": d.n, "spec": c["spec"]}
+            if best is None or d.mean > best[1] + 1e-12:
+                best = (setting, d.mean)
+        out["methods"][method] = {"setting": best[0], "val_delta": best[1],
+                                  **({"locator": best_loc} if method == "self_located" else {})}
+        log(f"selected {method}: {best[0]} (validation Δ {100 * best[1]:+.1f})")
+    old = load_json(p) or {}  # parallel workers (--methods) each add their methods
+    out["methods"] = {**old.get("methods", {}), **out["methods"]}
+    out["cells"] = {**old.get("cells", {}), **out["cells"]}
+    atomic_write_json(p, out, indent=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stage 4: attention
+def attention_cell(a, model, eng, heads, task: str, row: str, spec, cell: dict, n: int) -> dict | None:
+    """The heads' mean mass (gold / sink / distractors) from the rows of each answer ``cell`` recorded."""
+    exs, data, _ = task_data(a, task, n)
+    key = content_hash({"model": a.mid, "data": data, "spec": None if spec is None else spec.identity,
+                        "heads": [list(h) for h in heads], "answers": content_hash(cell["predictions"][:n]),
+                        "n": len(exs), "v": 1})[:12]
+    p = a.out / "attention" / task / f"{row}-{key}.json"
+    if (old := load_json(p)) is not None or a.read_only:
+        return old
+    out = {"row": row, "n": len(exs), "gold": [], "sink": [], "distractors": []}
+    t0 = time.time()
+    for e, answer in zip(exs, cell["predictions"]):
+        r = render(e, model, chat=True)
+        pr = r.prompt.with_response(model.tokenizer, answer.strip() or " ")
+        with torch.inference_mode(), eng.attached(spec, [r], [0]):
+            hs = eng.score_spans(pr.tokens, response=pr.response, spans={"gold": r.relevant},
+                                 distractors=r.distractors, sink=1)
+        for name, s in (("gold", "gold"), ("sink", "sink"), ("distractors", "distractors_total")):
+            out[name].append(float(torch.stack([hs.scores[s][l, h] for l, h in heads]).mean()))
+    atomic_write_json(p, out)
+    log(f"attention {task} {row} n={len(exs)} ({time.time() - t0:.0f} s)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def fmt_delta(c: dict | None, b: dict | None, extra: str = "") -> str:
+    if c is None or b is None:
+        return "—"
+    d = delta(c, b)
+    return f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({d.wins}/{d.losses}{extra})"
+
+
+def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: dict | None, pos: dict) -> str:
+    """The markdown of ``docs/label_free.md``'s results section."""
+    cmd = "python experiments/label_free.py" + ("" if a.n == 100 else f" --n {a.n}")
+    L = [f"Model: {a.model_name}; heads: the top {len(heads)} contextual heads of "
+         f"`figures/contextual_heads.json` (ranked on synthetic data). Command: `{cmd}` (cells cached under "
+         f"`{a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}`; `--report` rebuilds this from them). "
+         "Δ = paired difference in accuracy vs the unmodified model on the same questions, in points, ± paired "
+         "SE (wins/losses).", ""]
+    # selection
+    if selection.get("cells"):
+        L += [f"**Selection on validation** (NQ validation split, 10 documents, n = {selection['n_val']}; unmodified "
+              f"accuracy {selection['unmodified']:.3f}):", "", "| method | setting | Δ validation |", "|---|---|---|"]
+        for k, v in selection["cells"].items():
+            m, s = k.split(" ", 1)
+            mark = " **(chosen)**" if json.loads(s) == selection["methods"].get(m, {}).get("setting") else ""
+            L.append(f"| {m} | {s}{mark} | {100 * v['delta']:+.1f} ± {100 * v['se']:.1f} (n={v['n']}) |")
+        L += ["", "Locators (which document the top heads attend to most; gold hit rate on validation, top-1 / "
+              "top-2): " + "; ".join(f"{k}: {100 * v[0]:.0f}% / {100 * selection['locator_hits_top2'][k][0]:.0f}%"
+                                     for k, v in selection["locator_hits"].items()), ""]
+    # main table
+    tasks = [t for t in ("nq10", "gold_only", "syn10") if any((t, r) in cells for r in ROW_NAMES)]
+    L += ["**Test** (" + "; ".join(f"{TASKS[t]}: n = {cells[(t, 'unmodified')]['n']}, unmodified accuracy "
+                                   f"{cells[(t, 'unmodified')]['acc']:.3f}" for t in tasks if (t, "unmodified") in cells)
+          + "):", "", "| row | setting | " + " | ".join(TASKS[t] for t in tasks)
+          + " | heads' mass Δ: gold / sink / distractors |", "|---|---|" + "---|" * len(tasks) + "---|"]
+    base_att = att.get("unmodified")
+    for row in ROW_NAMES:
+        if not any((t, row) in cells for t in tasks):
+            continue
+        setting = row_setting(row, selection)
         out = []
-        for t in a.tasks:
+        for t in tasks:
             c, b = cells.get((t, row)), cells.get((t, "unmodified"))
-            if c is None or b is None:
-                out.append("missing")
-            elif row == "unmodified":
-                out.append(f"acc {c['acc']:.3f} ± {c['se']:.3f} (n={c['n']})")
+            if row == "unmodified":
+                out.append(f"acc {c['acc']:.3f} ± {c['se']:.3f}" if c else "—")
             else:
-                d, se, n, *_ = paired_difference(c["em"], b["em"])
-                hit = f"; gold located {sum(c['hits'])}/{len(c['hits'])}" if "hits" in c else ""
-                out.append(f"{d * 100:+.1f} ± {se * 100:.1f} (n={n}{hit})")
-        lines.append(f"| {row} | " + " | ".join(out) + " |")
-    return "\n".join(lines)
+                out.append(fmt_delta(c, b))
+        m = att.get(row)
+        if m is None or base_att is None:
+            mass = "—"
+        elif row == "unmodified":
+            mass = " / ".join(f"{sum(m[k]) / len(m[k]):.3f}" for k in ("gold", "sink", "distractors")) + " (levels)"
+        else:
+            parts = []
+            for k in ("gold", "sink", "distractors"):
+                d = paired_difference(m[k], base_att[k])
+                parts.append(f"{d.mean:+.3f}±{d.se:.3f}")
+            mass = " / ".join(parts)
+        L.append(f"| {row} | {setting if row != 'unmodified' else ''} | " + " | ".join(out) + f" | {mass} |")
+    if att:
+        n_att = next(iter(att.values()))["n"]
+        L += ["", f"Heads' mass: the top-{len(heads)} heads' mean attention from the rows of each answer on the gold "
+              f"document / the first token (sink) / the distractors, first n = {n_att} test questions, on the fused "
+              "engine with the spec attached; Δ vs unmodified ± paired SE."]
+    if locate_test:
+        L += ["", locate_test["text"]]
+    if pos:
+        L += ["", pos["text"]]
+    return "\n".join(L) + "\n"
 
 
+def row_setting(row: str, selection: dict) -> str:
+    """The row's setting in a few words (the label-free ones: chosen on validation)."""
+    sel = selection.get("methods", {}).get(row)
+    if sel is not None:
+        loc = sel.get("locator")
+        return json.dumps(sel["setting"]) + (f", τ = {TAU}, locator {json.dumps(loc)}" if loc else "")
+    return {"focus_directions": f"k = {DIRECTIONS_K}, α = {DIRECTIONS_ALPHA}",
+            "focus_directions_auto": f"k = {DIRECTIONS_K}, α = auto (sink target of α = {DIRECTIONS_ALPHA})",
+            "oracle": f"τ = {TAU} on the gold document", "random_heads": f"τ = {TAU}, gold document, random heads (seed 0)",
+            }.get(row, "")
+
+
+ROW_NAMES = ["unmodified", *LABEL_FREE, "focus_directions", "focus_directions_auto", "oracle", "random_heads"]
+
+
+def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict) -> dict:
+    """How often the self-located span's guess is the gold on test, and the paired Δ on right vs wrong guesses."""
+    c, b = cells.get(("nq10", "self_located")), cells.get(("nq10", "unmodified"))
+    if c is None or b is None:
+        return {}
+    name = json.dumps(sel["methods"]["self_located"]["locator"], sort_keys=True)
+    top = sel["methods"]["self_located"]["setting"]["top"]
+    n = min(c["n"], b["n"], len(loc["gold"]))
+    hit = [loc["gold"][i] in loc["ranking"][name][i][:top] for i in range(n)]
+    parts = []
+    for label, want in (("right", True), ("wrong", False)):
+        idx = [i for i in range(n) if hit[i] == want]
+        if idx:
+            d = paired_difference([c["em"][i] for i in idx], [b["em"][i] for i in idx])
+            parts.append(f"guess {label} ({len(idx)}/{n}): Δ {100 * d.mean:+.1f} ± {100 * d.se:.1f} "
+                         f"({d.wins}/{d.losses})")
+    rates = hit_rate({"gold": loc["gold"][:n], "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
+    text = (f"Self-located span on test (locator {name}, top-{top}): " + "; ".join(parts)
+            + ". Gold hit rates of every locator on the test questions (top-1): "
+            + "; ".join(f"{k}: {100 * v[0]:.0f} ± {100 * v[1]:.0f}%" for k, v in rates.items()) + ".")
+    return {"text": text, "hit": hit}
+
+
+def positions_summary(a, cells_pos: dict) -> dict:
+    if "unmodified" not in cells_pos:
+        return {}
+    rows_ = list(cells_pos)
+    n_docs = 3 if a.quick else a.n_docs
+    L = [f"**Lost in the middle** (first {cells_pos['unmodified']['n'] // n_docs} test questions, gold at each "
+         "position; accuracy per gold position):", "",
+         "| row | " + " | ".join(str(p + 1) for p in range(n_docs)) + " | mean |", "|---|" + "---|" * (n_docs + 1)]
+    curves = {}
+    for row in rows_:
+        c = cells_pos[row]
+        by = {}
+        for em, g in zip(c["em"], c["gold_position"]):
+            by.setdefault(g, []).append(em)
+        curve = [sum(by.get(p, [0])) / max(len(by.get(p, [])), 1) for p in range(n_docs)]
+        curves[row] = curve
+        L.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in curve) + f" | {c['acc']:.3f} |")
+    return {"text": "\n".join(L), "curves": curves}
+
+
+def figure(a, cells: dict, pos: dict) -> None:
+    """``figures/label_free.{png,html}``: Δ ± SE per row and task, and the position curves."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    from focuslens.plot.figures import save_figure
+
+    tasks = [t for t in ("nq10", "gold_only", "syn10") if (t, "unmodified") in cells]
+    rows_ = [r for r in ROW_NAMES if r != "unmodified" and any((t, r) in cells for t in tasks)]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
+                        subplot_titles=("Δ accuracy vs unmodified (points, ± paired SE)",
+                                        "lost in the middle: accuracy by gold position"))
+    for t in tasks:
+        ds = [delta(cells[(t, r)], cells[(t, "unmodified")]) if (t, r) in cells else None for r in rows_]
+        fig.add_trace(go.Bar(name=TASKS[t], y=rows_, x=[100 * d.mean if d else None for d in ds], orientation="h",
+                             error_x=dict(type="data", array=[100 * d.se if d else 0 for d in ds])), row=1, col=1)
+    for row, curve in (pos.get("curves") or {}).items():
+        fig.add_trace(go.Scatter(name=f"{row} (positions)", x=list(range(1, len(curve) + 1)), y=curve,
+                                 mode="lines+markers"), row=1, col=2)
+    fig.update_layout(barmode="group", height=520, width=1250, title=f"Label-free steering, {a.model_name}")
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_xaxes(title_text="gold position (of 10)", row=1, col=2)
+    save_figure(fig, (a.out / "figures" if a.quick else ROOT / "figures") / "label_free")
+
+
+# ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=4, help="examples per cell")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--methods", nargs="+", default=list(LABEL_FREE), choices=LABEL_FREE,
+                    help="the label-free methods to select (parallel workers can split them)")
+    ap.add_argument("--rows", nargs="+", default=None, choices=ROW_NAMES, help="a subset of the rows")
+    ap.add_argument("--n", type=int, default=100, help="NQ test questions (10 documents)")
+    ap.add_argument("--n-val", type=int, default=40, help="NQ validation questions for the selection")
+    ap.add_argument("--n-att", type=int, default=30, help="test questions for the attention measurement")
+    ap.add_argument("--n-pos", type=int, default=10, help="test questions per gold position")
+    ap.add_argument("--pos-rows", nargs="+", default=["unmodified", "oracle", "self_located", "calibration",
+                                                      "sink", "focus_directions"], choices=ROW_NAMES)
+    ap.add_argument("--n-syn", type=int, default=40)
     ap.add_argument("--k", type=int, default=20, help="top contextual heads the methods act on")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--rows", nargs="+", default=None, help="a subset of the rows (default: all)")
     ap.add_argument("--model", default=None, help="a local model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sets", type=Path, default=SETS, help="folder written by experiments/real_documents.py")
+    ap.add_argument("--n-docs", type=int, default=10, help="documents per NQ prompt (the sets' file names)")
     ap.add_argument("--out", type=Path, default=None, help=f"cache folder (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 3 short documents: plumbing only")
-    ap.add_argument("--report", action="store_true", help="no generation: the table from the cached cells")
+    ap.add_argument("--progress", action="store_true", help="a progress bar per cell")
+    ap.add_argument("--report", action="store_true", help="no generation: the tables and figure from the cache")
     a = ap.parse_args(argv)
-    a.out = a.out or (ROOT / "runs" / "label_free_quick" if a.quick else OUT)
+    a.out = (a.out or (ROOT / "runs" / "label_free_quick" if a.quick else OUT)).resolve()
+    a.read_only = a.report
+    if a.quick:
+        a.n, a.n_val, a.n_att, a.n_pos, a.n_syn = min(a.n, 4), min(a.n_val, 4), min(a.n_att, 2), min(a.n_pos, 1), min(a.n_syn, 2)
     torch.set_num_threads(a.threads)
     t_start = time.time()
     if a.quick:
@@ -189,33 +531,63 @@ def main(argv: list[str] | None = None) -> int:
 
         model = tiny_model("llama")
         heads = random_heads(model, 3, seed=1)  # stands in for the contextual ranking (plumbing only)
+        a.model_name = "tiny random Llama (plumbing only)"
     else:
         model = load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype), verbose=False)
         heads = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k, model=model)
-    mid = model_identity(model)
-    factories = rows(model, heads, a.quick)
-    names = [r for r in factories if a.rows is None or r in a.rows or r == "unmodified"]
+        a.model_name = f"{a.model or 'SmolLM2-135M-Instruct'} ({a.dtype}, {a.device})"
+    a.mid = model_identity(model)
+    eng = engine_for(model)
+    selection = select(a, model, eng, heads) if ("select" in a.stages or a.report) else {}
+    if not selection and not a.report:
+        keyed = content_hash({"model": a.mid, "grids": GRIDS, "locators": LOCATORS, "n_val": a.n_val,
+                              "heads": [list(h) for h in heads], "tau": TAU, "v": 1})[:12]
+        selection = load_json(a.out / f"selection-{keyed}.json") or {}
+    factories = rows(a, model, heads, selection.get("methods", {}))
+    names = [r for r in ROW_NAMES if a.rows is None or r in a.rows or r == "unmodified"]
     cells: dict[tuple[str, str], dict] = {}
-    for task in a.tasks:
-        exs, data = task_data(a, task)
-        for row in names:
-            spec = factories[row]()
-            if spec is None and row != "unmodified":
-                log(f"{task} {row}: skipped (not available here)")
-                continue
-            if a.report:
-                key = content_hash({"model": mid, "data": data, "spec": None if spec is None else spec.identity,
-                                    "max_new_tokens": MAX_NEW[task], "v": 1})[:12]
-                c = load_json(a.out / "cells" / task / f"{row}-{key}.json")
-            else:
-                c = run_cell(a, model, mid, task, row, spec, exs, data)
+    specs: dict[str, Any] = {}
+    for row in names:
+        try:
+            specs[row] = factories[row]()
+        except LookupError as e:
+            log(f"{row}: skipped ({e})")
+    plan = [("test", "nq10", a.n), ("gold_only", "gold_only", a.n), ("syn10", "syn10", a.n_syn)]
+    for stage, task, n in plan:
+        if stage not in a.stages and not a.report:
+            continue
+        for row, spec in specs.items():
+            c = run_cell(a, model, task, row, spec, n, read_only=a.report or stage not in a.stages)
             if c is not None:
                 cells[(task, row)] = c
-    cmd = " ".join(x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report")
-    md = (f"Command: `python experiments/label_free.py {cmd}` "
-          f"(k = {len(heads)} heads; Δ accuracy in points vs unmodified, ± paired SE; hyper-parameters "
-          f"{HYPER}, τ = {TAU}: provisional, not selected on validation)\n\n" + table(cells, names, a) + "\n")
+        if stage == "test" and "self_located" in specs and not a.report:
+            locator_hits(a, model, eng, heads, "nq10", a.n, [selection["methods"]["self_located"]["locator"]])
+    att: dict[str, dict] = {}
+    if "attention" in a.stages or a.report:
+        for row, spec in specs.items():
+            c = cells.get(("nq10", row)) or run_cell(a, model, "nq10", row, spec, a.n, read_only=True)
+            if c is not None and c["n"] >= a.n_att:
+                m = attention_cell(a, model, eng, heads, "nq10", row, spec, c, a.n_att)
+                if m is not None:
+                    att[row] = m
+    cells_pos: dict[str, dict] = {}
+    if "positions" in a.stages or a.report:
+        for row in a.pos_rows:
+            if row in specs:
+                c = run_cell(a, model, "positions", row, specs[row], a.n_pos,
+                             read_only=a.report or "positions" not in a.stages)
+                if c is not None:
+                    cells_pos[row] = c
+    loc_test = None
+    if selection.get("methods", {}).get("self_located"):
+        exs, data, _ = task_data(a, "nq10", a.n)
+        loc_p = locate_path(a, heads, "nq10", data, [selection["methods"]["self_located"]["locator"]], len(exs))
+        if (loc := load_json(loc_p)) is not None:
+            loc_test = wrong_guess_cost(a, selection, cells, loc)
+    md = report(a, heads, selection, cells, att, loc_test, positions_summary(a, cells_pos))
     atomic_write(a.out / "report.md", md)
+    if cells:
+        figure(a, cells, positions_summary(a, cells_pos))
     print(md)
     log(f"wall time {time.time() - t_start:.0f} s")
     return 0

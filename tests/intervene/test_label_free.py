@@ -474,19 +474,6 @@ def test_spec_ids_are_pinned():
     assert {k: s.id for k, s in _specs().items()} == PINNED_IDS
 
 
-def test_experiment_quick_run_and_report(tmp_path, load_script):
-    """experiments/label_free.py end to end on the tiny model (synthetic task: no data files needed)."""
-    mod = load_script("experiments/label_free.py")
-    argv = ["--quick", "--n", "2", "--tasks", "syn10", "--rows", "sink", "self_located", "--out", str(tmp_path)]
-    assert mod.main(argv) == 0
-    cells = sorted(p.name.split("-")[0] for p in (tmp_path / "cells" / "syn10").glob("*.json"))
-    assert cells == ["self_located", "sink", "unmodified"]
-    report = (tmp_path / "report.md").read_text()
-    assert "| sink | +" in report or "| sink | -" in report
-    assert "gold located" in report
-    assert mod.main([*argv, "--report"]) == 0 and (tmp_path / "report.md").read_text() == report
-
-
 def test_document_attention_engine_equals_bridge(tiny_llama, examples):
     """The measuring passes on the fused engine (``engine=``) give the bridge's masses, located documents and
     calibration weights; a prior spec with an engine is refused (it is attached to the hooked model)."""
@@ -514,3 +501,41 @@ def test_document_attention_engine_equals_bridge(tiny_llama, examples):
     with pytest.raises(TypeError, match="FusedModel"):
         document_attention(m, r, heads=HEADS, rows=query_rows(r, query="question"), engine=m)
     assert count_hooks(m) == 0
+
+
+def test_label_free_experiment_quick_run_resumes(tmp_path, load_script):
+    """experiments/label_free.py --quick on sets written from the shipped 30-question NQ file: every stage
+    (selection on validation, test, gold-only, attention, positions, synthetic), the report and figure;
+    a rerun recomputes nothing and ``--report`` rebuilds the same tables from the cache."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sets = tmp_path / "sets"
+    load_script("experiments/real_documents.py").main(
+        ["--oracle", str(root / "tests" / "data" / "nq-open-oracle-30.jsonl.gz"), "--out", str(sets),
+         "--n-docs", "3", "--kinds", "random"])
+    mod = load_script("experiments/label_free.py")
+    argv = ["--quick", "--sets", str(sets), "--n-docs", "3", "--out", str(tmp_path / "lf")]
+    assert mod.main(argv) == 0
+    out = tmp_path / "lf"
+    report = (out / "report.md").read_text()
+    for row in ("| unmodified |", "| calibration |", "| sink |", "| temperature |", "| ssmax |", "| self_located |",
+                "| oracle |", "| random_heads |", "**Lost in the middle**", "Selection on validation", "Locators"):
+        assert row in report, row
+    assert (out / "figures" / "label_free.html").exists()
+    sel = json.loads(next(out.glob("selection-*.json")).read_text())
+    assert set(sel["methods"]) == set(mod.GRIDS)
+    for m, v in sel["methods"].items():  # the chosen setting is the validation best (ties: the earlier one)
+        deltas = [sel["cells"][f"{m} {json.dumps(s)}"]["delta"] for s in mod.GRIDS[m]]
+        assert v["setting"] == mod.GRIDS[m][deltas.index(max(deltas))]
+    # the validation cells are on the validation file, the test cells on the test file
+    val = json.loads(next((out / "cells" / "nq10val").glob("unmodified-*.json")).read_text())
+    test = json.loads(next((out / "cells" / "nq10").glob("unmodified-*.json")).read_text())
+    assert val["n"] == 4 and test["n"] == 4
+    files = sorted(out.rglob("*.json"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    assert mod.main(argv) == 0  # resumed: nothing recomputed
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert mod.main(argv + ["--report"]) == 0
+    assert (out / "report.md").read_text() == report

@@ -8,7 +8,13 @@ settings; rerun to continue, a changed setting never reuses another run's answer
     nice -n 19 python experiments/label_free.py                         # SmolLM2: every stage, in order
     python experiments/label_free.py --report                           # docs table + figure from the cache
     python experiments/label_free.py --quick --out /tmp/lf              # tiny random model, seconds (plumbing)
-    python experiments/label_free.py --model <hf dir> --device cuda --dtype bfloat16   # GPU path (3B-8B)
+
+The GPU path for the paper's 3B-8B models (rank that model's heads first: the default ranking and focus
+directions are SmolLM2's; the directions row is skipped when none are given for the model):
+
+    focuslens score --model <hf dir> --device cuda --dtype bfloat16 --n 100 --output runs/heads-<name>
+    python experiments/label_free.py --model <hf dir> --device cuda --dtype bfloat16 --batch-size 16 \
+        --heads runs/heads-<name>/contextual_heads.json [--directions <FocusDirections folder>] --out runs/label_free-<name>
 
 Stages (``--stages``, in this order; each reads what the earlier ones wrote):
 
@@ -127,9 +133,12 @@ def rows(a, model, heads, selection: dict) -> dict[str, Callable[[], Any]]:
 
     def directions(auto: bool):
         def make():
-            if a.quick:
-                raise LookupError("the tiny model has no trained directions")
-            d = FocusDirections.load(DIRECTIONS, model=model)
+            if a.quick or a.directions is None:
+                raise LookupError("no focus directions for this model (--directions)")
+            try:
+                d = FocusDirections.load(a.directions, model=model)
+            except ValueError as e:  # trained for another model: refused by its recorded identity
+                raise LookupError(str(e).splitlines()[0]) from e
             if not auto:
                 return Steer(d, k=DIRECTIONS_K, alpha=DIRECTIONS_ALPHA)
             return Steer(d, k=DIRECTIONS_K, alpha="auto", target=sink_target(a, model, d), per="input")
@@ -351,9 +360,12 @@ def fmt_delta(c: dict | None, b: dict | None, extra: str = "") -> str:
 
 def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: dict | None, pos: dict) -> str:
     """The markdown of ``docs/label_free.md``'s results section."""
-    cmd = "python experiments/label_free.py" + ("" if a.n == 100 else f" --n {a.n}")
-    L = [f"Model: {a.model_name}; heads: the top {len(heads)} contextual heads of "
-         f"`figures/contextual_heads.json` (ranked on synthetic data). Command: `{cmd}` (cells cached under "
+    cmd = " ".join(["python experiments/label_free.py", *(x for x in a.argv if x != "--report")])
+    src = ("random heads (plumbing)" if a.quick else
+           f"the top {len(heads)} contextual heads of "
+           f"`{a.heads.relative_to(ROOT) if a.heads.is_relative_to(ROOT) else a.heads}` (ranked on synthetic data)")
+    L = [f"Model: {a.model_name}; heads: {src}. "
+         f"Command: `{cmd}` (cells cached under "
          f"`{a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}`; `--report` rebuilds this from them). "
          "Δ = paired difference in accuracy vs the unmodified model on the same questions, in points, ± paired "
          "SE (wins/losses).", ""]
@@ -510,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       "sink", "focus_directions"], choices=ROW_NAMES)
     ap.add_argument("--n-syn", type=int, default=40)
     ap.add_argument("--k", type=int, default=20, help="top contextual heads the methods act on")
+    ap.add_argument("--heads", type=Path, default=ROOT / "figures" / "contextual_heads.json",
+                    help="the model's head ranking (focuslens score --output ...: contextual_heads.json)")
+    ap.add_argument("--directions", type=Path, default=DIRECTIONS,
+                    help="FocusDirections folder for the focus-directions rows (default: SmolLM2's, NQ-trained)")
     ap.add_argument("--model", default=None, help="a local model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -524,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.out = (a.out or (ROOT / "runs" / "label_free_quick" if a.quick else OUT)).resolve()
     a.read_only = a.report
+    a.argv = list(argv if argv is not None else sys.argv[1:])
     if a.quick:
         a.n, a.n_val, a.n_att, a.n_pos, a.n_syn = min(a.n, 4), min(a.n_val, 4), min(a.n_att, 2), min(a.n_pos, 1), min(a.n_syn, 2)
     torch.set_num_threads(a.threads)
@@ -536,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         a.model_name = "tiny random Llama (plumbing only)"
     else:
         model = load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype), verbose=False)
-        heads = load_heads(ROOT / "figures" / "contextual_heads.json", k=a.k, model=model)
+        heads = load_heads(a.heads, k=a.k, model=model)
         a.model_name = f"{a.model or 'SmolLM2-135M-Instruct'} ({a.dtype}, {a.device})"
     a.mid = model_identity(model)
     eng = engine_for(model)

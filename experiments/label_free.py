@@ -507,6 +507,19 @@ def figure(a, cells: dict, pos: dict) -> None:
                 include_plotlyjs="directory" if a.quick else "cdn")
 
 
+MARK_START, MARK_END = "<!-- label_free results: start -->", "<!-- label_free results: end -->"
+
+
+def update_docs(path: Path, md: str) -> None:
+    """Replace the text between the markers of ``path`` with ``md`` (nothing else changes)."""
+    doc = path.read_text()
+    if MARK_START not in doc or MARK_END not in doc:
+        raise SystemExit(f"{path} has no '{MARK_START}' ... '{MARK_END}' markers: add them where the results go.")
+    head, rest = doc.split(MARK_START, 1)
+    tail = rest.split(MARK_END, 1)[1]
+    atomic_write(path, f"{head}{MARK_START}\n{md}{MARK_END}{tail}")
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -605,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             loc_test = wrong_guess_cost(a, selection, cells, loc)
     md = report(a, heads, selection, cells, att, loc_test, positions_summary(a, cells_pos))
     atomic_write(a.out / "report.md", md)
+    if not a.quick and a.out == OUT:  # the docs page's results section (the prose around it is kept)
+        update_docs(ROOT / "docs" / "label_free.md", md)
     if cells:
         figure(a, cells, positions_summary(a, cells_pos))
     print(md)

@@ -835,7 +835,7 @@ class SelfLocatedSpan(InterventionSpec):
         edit: a :class:`SplitSoftmax` or :class:`Pasta` with the default span rule (``"relevant"``): its heads
             and strength are used, its span is replaced by the located document(s).
         locate_heads: the heads that locate (default: ``edit``'s heads; e.g. the top contextual heads).
-        top: 1 (the top document) or more (their union).
+        top: 1 (the top document) or more (their union; all the documents of a prompt that has fewer).
         query: ``"question"`` (default, the probe's best) or ``"last"`` (the last ``n_last`` prompt tokens).
         baseline: ``"none"`` or ``"dummy"`` (positionally calibrated scores, :func:`locate_span`).
         dummy: the dummy text for ``baseline="dummy"``.
@@ -888,9 +888,11 @@ class SelfLocatedSpan(InterventionSpec):
 
     def locate(self, model: HookedModel, example: Any, *, engine: Any = None) -> LocatedSpan:
         """The guess for ``example`` (what :meth:`attach` edits): compare ``.doc`` with ``r.gold_position``
-        (the pass on ``engine``, a fused engine built for ``model``, when given)."""
+        (the pass on ``engine``, a fused engine built for ``model``, when given). A prompt with fewer
+        documents than ``top`` gets all of them (e.g. a gold-only prompt: its one document)."""
+        top = min(self.top, len(_doc_spans(example, what="SelfLocatedSpan")))
         return locate_span(model, example, heads=self.locate_heads, query=self.query, n_last=self.n_last or 8,
-                           top=self.top, baseline=self.baseline, dummy=self.dummy or DUMMY_TEXT, engine=engine)
+                           top=top, baseline=self.baseline, dummy=self.dummy or DUMMY_TEXT, engine=engine)
 
     def attach(self, model: HookedModel, example: Any = None) -> HookHandle:
         located = self.locate(model, example)

@@ -377,13 +377,18 @@ def test_hooks_gone_after_exceptions(tiny_llama, examples, monkeypatch):
             evaluate(m, rs, intervene=spec, batch_size=2, progress=False, max_new_tokens=3, engine="fused")
         assert calls[-1] is True and not is_registered() and count_hooks(m) == 0
     monkeypatch.setattr(ev, "greedy_generate_batch", real)
-    # a measuring pass that fails (top > documents; no documents) leaves nothing; nor does a composition
-    with pytest.raises(ValueError, match="top must be an int in 1..3"):
-        SelfLocatedSpan(SplitSoftmax(HEADS, 0.2), top=4).attach(m, rs[0])
+    # a measuring pass that fails (no documents) leaves nothing; nor does a composition
+    with pytest.raises(ValueError, match="document boundaries"):
+        SelfLocatedSpan(SplitSoftmax(HEADS, 0.2), top=4).attach(m, rs[0].tokens)
     with pytest.raises(ValueError, match="document boundaries"):
         PositionalCalibration(HEADS).attach(m, rs[0].tokens)
-    with pytest.raises(ValueError, match="top must be"):
-        (InjectVectors({(0, 1): torch.ones(16)}) + SelfLocatedSpan(SplitSoftmax(HEADS, 0.2), top=9)).attach(m, rs[0])
+    with pytest.raises(ValueError, match="document boundaries"):
+        (InjectVectors({(0, 1): torch.ones(16)}) + SelfLocatedSpan(SplitSoftmax(HEADS, 0.2), top=9)).attach(m, rs[0].tokens)
+    # more than the prompt's documents: all of them (a gold-only prompt has one)
+    many = SelfLocatedSpan(SplitSoftmax(HEADS, 0.2), top=4).locate(m, rs[0])
+    assert sorted(many.picked) == list(range(rs[0].n_docs)) and len(many.spans) == rs[0].n_docs
+    with pytest.raises(ValueError, match="top must be an int in 1..3"):  # the function itself is strict
+        locate_span(m, rs[0], heads=HEADS, top=4)
     # the measuring pass itself raises (a hook of the model fails mid-pass): nothing is left attached
     def failing(x, hook):
         raise RuntimeError("boom in the measuring pass")

@@ -318,10 +318,10 @@ def select(a, model, eng, heads) -> dict:
         out["methods"][method] = {"setting": best[0], "val_delta": best[1],
                                   **({"locator": best_loc} if method == "self_located" else {})}
         log(f"selected {method}: {best[0]} (validation Δ {100 * best[1]:+.1f})")
-    old = load_json(p) or {}  # parallel workers (--methods) each add their methods
-    out["methods"] = {**old.get("methods", {}), **out["methods"]}
-    out["cells"] = {**old.get("cells", {}), **out["cells"]}
-    atomic_write_json(p, out, indent=1)
+        old = load_json(p) or {}  # after each method; parallel workers (--methods) each add theirs
+        out["methods"] = {**old.get("methods", {}), **out["methods"]}
+        out["cells"] = {**old.get("cells", {}), **out["cells"]}
+        atomic_write_json(p, out, indent=1)
     return out
 
 

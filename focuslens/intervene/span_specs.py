@@ -18,6 +18,10 @@ from .specs import InterventionSpec, SpanRule, check_batch, format_heads, tokens
 
 __all__ = ["SplitSoftmax", "Pasta"]
 
+#: Span rules whose name differs from the example attribute they read: ``"support"`` is
+#: ``RenderedExample.support_spans`` (every gold document; ``[relevant]`` for a single-gold record).
+_RULE_ATTRIBUTES = {"support": "support_spans"}
+
 
 class _SpanEdit(InterventionSpec):
     """Shared by :class:`SplitSoftmax` and :class:`Pasta`: heads, a span rule, per-row batching."""
@@ -54,7 +58,8 @@ class _SpanEdit(InterventionSpec):
                 f"{what}(span={self.span!r}) takes its span from the example: "
                 "attach(model, example) with a RenderedExample (or give explicit spans)."
             )
-        val = getattr(example, self.span, None) if not self.span.startswith("_") else None
+        attr = _RULE_ATTRIBUTES.get(self.span, self.span)
+        val = getattr(example, attr, None) if not self.span.startswith("_") else None
         if val is None:
             spans = getattr(getattr(example, "prompt", example), "spans", None)
             if isinstance(spans, Mapping) and self.span in spans:
@@ -64,7 +69,7 @@ class _SpanEdit(InterventionSpec):
             names = sorted(getattr(getattr(example, "prompt", example), "spans", {}) or {})
             raise ValueError(
                 f"{what}(span={self.span!r}): example {name!r} has no such span (a 'negative' prompt "
-                f"has no relevant document; prompt spans: {names})."
+                f"has no relevant or support document; prompt spans: {names})."
             )
         return normalise_spans(val, name=f"{what} span {self.span!r}")
 
@@ -132,7 +137,9 @@ class SplitSoftmax(_SpanEdit):
         heads: ``(layer, head)`` query heads, in order (the order is part of the identity).
         tau: exponent > 0; 1 is the identity, < 1 moves attention onto the span.
         span: where the mass goes. A rule read from the example at attach time: ``"relevant"``
-            (default: ``example.relevant``, the gold document), ``"distractors"`` (their union),
+            (default: ``example.relevant``, the gold document), ``"support"`` (every gold document of
+            a multi-gold record, their union: ``example.support_spans``; the gold document alone
+            otherwise), ``"distractors"`` (their union),
             any other span attribute of the example, or a prompt span name (``"question"``,
             ``"doc_3"``). Or explicit spans (a :class:`~focuslens.core.prompts.Span`, a ``(start, end)``
             pair, or a list of them), the same for every example.

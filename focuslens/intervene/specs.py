@@ -69,7 +69,10 @@ __all__ = [
     "SpanRule",
 ]
 
-SpanRule = str  # an attribute of the example ("relevant", "distractors", ...) or a prompt span name
+#: Where a span edit reads its span from: ``"relevant"`` (the gold document), ``"support"`` (every gold
+#: document of a multi-gold record, their union), ``"distractors"`` (their union), any other span
+#: attribute of the example, or a prompt span name (``"question"``, ``"doc_3"``).
+SpanRule = Literal["relevant", "support", "distractors", "question"] | str
 
 
 def _version() -> str:

@@ -18,6 +18,12 @@ variants (:data:`Variant`) and gold position are chosen when rendering:
 * ``"gold_only"``: only the gold document (the upper-bound baseline; ``"gold"`` is an alias);
 * ``"negative"``: every document but the gold one (the lower-bound baseline).
 
+Multi-gold records (RULER's multi-value needles, variable-tracking chains, HotpotQA's two supporting
+paragraphs) list every gold document in ``support`` (indices; ``gold_index`` is one of them, the one
+``relevant`` names). ``"gold_only"`` then keeps all of them and ``"negative"`` drops all of them, and
+:attr:`RenderedExample.support_spans` gives their spans (the ``"support"`` span rule of
+:class:`~focuslens.intervene.SplitSoftmax` / :class:`~focuslens.intervene.Pasta`).
+
 CONTRACT (used by scoring, interventions, directions, evaluation): the names and fields of
 :class:`Document`, :class:`TaskExample`, :class:`RenderedExample` and :func:`render` are stable;
 fields and keyword arguments are only ever added (with defaults, at the end).
@@ -54,6 +60,8 @@ __all__ = [
     "normalise_variant",
     "KV_INSTRUCTION",
     "NEEDLE_INSTRUCTION",
+    "NEEDLE_SENTENCE",
+    "VT_INSTRUCTION",
     "render",
     "render_many",
     "format_prompt_text",
@@ -62,9 +70,10 @@ __all__ = [
 Variant = Literal["original", "gold_only", "negative"]
 VARIANTS: tuple[str, ...] = ("original", "gold_only", "negative")
 _VARIANT_ALIASES = {"gold": "gold_only", "oracle": "gold_only"}
-#: Prompt templates: LitM multi-document QA, LitM key-value retrieval (JSON), RULER multi-key needle.
-TaskKind = Literal["qa", "kv", "needle"]
-TEMPLATES: tuple[str, ...] = ("qa", "kv", "needle")
+#: Prompt templates: LitM multi-document QA, LitM key-value retrieval (JSON), RULER needle in a
+#: haystack, RULER variable tracking.
+TaskKind = Literal["qa", "kv", "needle", "variable_tracking"]
+TEMPLATES: tuple[str, ...] = ("qa", "kv", "needle", "variable_tracking")
 
 #: The *Lost in the Middle* multi-document QA instruction (``qa.prompt``), verbatim.
 QA_INSTRUCTION = (
@@ -79,6 +88,10 @@ NEEDLE_INSTRUCTION = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the numbers afterwards."
 )
+#: RULER's needle sentence (``type_needle_v="numbers"``): the one definition every needle task formats.
+NEEDLE_SENTENCE = "One of the special magic numbers for {key} is: {value}."
+#: RULER's variable-tracking instruction, verbatim.
+VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 
 _DOC_KEYS = ("title", "text", "isgold", "hasanswer")
 
@@ -95,7 +108,8 @@ class Document:
 
     Attributes:
         title, text: the passage; rendered as ``Document [i](Title: {title}) {text}`` for QA.
-        isgold: this is the relevant passage (exactly one per record, or none).
+        isgold: this is the relevant passage (one per record, or none; several only when the
+            record lists them all in ``support``).
         hasanswer: the passage contains one of the record's answers.
         answers: answers this passage states for *its own* question (a distractor's value); the
             record's ``distractor_answers`` are built from them. Not a LitM field (kept in JSON as
@@ -175,7 +189,13 @@ class TaskExample:
         meta: anything else (generator settings, relation, source line, LitM extra keys).
         id: a stable identifier (the evaluation runner keys its records on it).
         template: the prompt template: ``"qa"`` (LitM multi-document QA), ``"kv"`` (LitM key-value
-            retrieval, JSON), ``"needle"`` (RULER multi-key needle in a haystack).
+            retrieval, JSON), ``"needle"`` (RULER needle in a haystack; the question asks for "all the
+            special magic numbers" when there are several answers), ``"variable_tracking"`` (RULER VT;
+            ``question`` is the value whose variables are asked for).
+        support: indices of *every* gold document when there are several (multi-value needles, a
+            variable chain, multi-hop QA); it includes ``gold_index`` (inferred as ``support[0]``
+            when ``gold_index`` is ``None``), and all of them are marked ``isgold``. Empty (default):
+            the one gold document ``gold_index``. Stored sorted.
     """
 
     question: str
@@ -187,13 +207,15 @@ class TaskExample:
     meta: dict[str, Any] = field(default_factory=dict)
     id: str = ""
     template: str = "qa"
+    support: list[int] = field(default_factory=list)
 
     def __repr__(self) -> str:
         """One line: id, task, question, answers, number of documents and the gold position."""
         ident = f"{self.id!r}, " if self.id else ""
         answers = ", ".join(repr(_short(a, 30)) for a in self.answers[:3]) + (", …" if len(self.answers) > 3 else "")
+        support = f", support={self.support}" if self.support else ""
         return (f"TaskExample({ident}{self.task}: {_short(self.question, 80)!r} → [{answers}], "
-                f"{len(self.ctxs)} docs, gold={self.gold_index})")
+                f"{len(self.ctxs)} docs, gold={self.gold_index}{support})")
 
     def __post_init__(self) -> None:
         if isinstance(self.answers, str):
@@ -203,11 +225,13 @@ class TaskExample:
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"TaskExample {self.id!r}: the question is empty.")
         golds = [i for i, d in enumerate(self.ctxs) if d.isgold]
-        if self.gold_index is None:
+        if self.support:
+            self._check_support(golds)
+        elif self.gold_index is None:
             if len(golds) > 1:
                 raise ValueError(
                     f"TaskExample {self.id!r}: {len(golds)} documents are marked isgold "
-                    f"(indices {golds}); mark exactly one or none."
+                    f"(indices {golds}); mark exactly one or none, or list several in support=."
                 )
             self.gold_index = golds[0] if golds else None
         else:
@@ -227,6 +251,36 @@ class TaskExample:
                 f"TaskExample {self.id!r}: unknown template {self.template!r}; use one of {TEMPLATES}."
             )
 
+    def _check_support(self, golds: list[int]) -> None:
+        """Validate ``support`` (ints, in range, no duplicates, holds ``gold_index``); sort it, mark isgold."""
+        sup = self.support
+        if isinstance(sup, (str, bytes)) or not isinstance(sup, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in sup
+        ):
+            raise ValueError(f"TaskExample {self.id!r}: support must be a list of document indices, got {sup!r}.")
+        n = len(self.ctxs)
+        bad = [i for i in sup if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"TaskExample {self.id!r}: support indices {bad} are outside its {n} documents.")
+        if len(set(sup)) != len(sup):
+            dup = sorted({i for i in sup if list(sup).count(i) > 1})
+            raise ValueError(f"TaskExample {self.id!r}: support lists documents {dup} more than once.")
+        if self.gold_index is None:
+            self.gold_index = sup[0]
+        if self.gold_index not in sup:
+            raise ValueError(
+                f"TaskExample {self.id!r}: support {list(sup)} does not include gold_index {self.gold_index}; "
+                "the gold document is one of the support documents (add it)."
+            )
+        stray = [i for i in golds if i not in sup]
+        if stray:
+            raise ValueError(
+                f"TaskExample {self.id!r}: documents {stray} are marked isgold but are not in support {list(sup)}."
+            )
+        self.support = sorted(sup)
+        for i in self.support:
+            self.ctxs[i].isgold = True
+
     # -- views ------------------------------------------------------------------------------------
 
     @property
@@ -238,13 +292,22 @@ class TaskExample:
         return None if self.gold_index is None else self.ctxs[self.gold_index]
 
     @property
+    def support_indices(self) -> list[int]:
+        """Indices of every gold document: ``support``, or ``[gold_index]`` (``[]`` with no gold)."""
+        if self.support:
+            return list(self.support)
+        return [] if self.gold_index is None else [self.gold_index]
+
+    @property
     def distractors(self) -> list[Document]:
-        return [d for i, d in enumerate(self.ctxs) if i != self.gold_index]
+        """Every document that is not gold (not ``gold_index``, not in ``support``)."""
+        gold = set(self.support_indices)
+        return [d for i, d in enumerate(self.ctxs) if i not in gold]
 
     def with_gold_at(self, position: int) -> "TaskExample":
         """A copy with the gold document moved to ``position`` (0-based; negative counts from the end).
 
-        The other documents keep their relative order.
+        The other documents keep their relative order (``support`` follows them).
         """
         if self.gold_index is None:
             raise ValueError(f"TaskExample {self.id!r} has no gold document to move.")
@@ -252,13 +315,18 @@ class TaskExample:
         pos = position + n if position < 0 else position
         if not 0 <= pos < n:
             raise ValueError(f"gold position {position} is outside 0..{n - 1} ({n} documents).")
-        docs = list(self.ctxs)
-        g = docs.pop(self.gold_index)
-        docs.insert(pos, g)
-        return replace(self, ctxs=docs, gold_index=pos, meta=dict(self.meta))
+        order = list(range(n))
+        order.insert(pos, order.pop(self.gold_index))
+        docs = [self.ctxs[j] for j in order]
+        support = sorted(order.index(j) for j in self.support)
+        return replace(self, ctxs=docs, gold_index=pos, meta=dict(self.meta), support=support)
 
     def variant(self, variant: Variant | str = "original") -> "TaskExample":
-        """The record that the prompt ``variant`` renders (a copy; ``"original"`` returns ``self``)."""
+        """The record that the prompt ``variant`` renders (a copy; ``"original"`` returns ``self``).
+
+        With several gold documents (``support``), ``"gold_only"`` keeps all of them (in order) and
+        ``"negative"`` drops all of them: the bounds are "every relevant document" and "none".
+        """
         variant = normalise_variant(variant)
         if variant == "original":
             return self
@@ -266,12 +334,15 @@ class TaskExample:
             raise ValueError(
                 f"Variant {variant!r} needs a gold document, and TaskExample {self.id!r} has none."
             )
+        gold = self.support_indices
         if variant == "gold_only":
-            return replace(self, ctxs=[self.ctxs[self.gold_index]], gold_index=0, meta=dict(self.meta))
-        docs = [d for i, d in enumerate(self.ctxs) if i != self.gold_index]
+            support = list(range(len(gold))) if self.support else []
+            return replace(self, ctxs=[self.ctxs[i] for i in gold], gold_index=gold.index(self.gold_index),
+                           meta=dict(self.meta), support=support)
+        docs = [d for i, d in enumerate(self.ctxs) if i not in gold]
         if not docs:
             raise ValueError(f"Variant 'negative' of {self.id!r} would have no documents at all.")
-        return replace(self, ctxs=docs, gold_index=None, meta=dict(self.meta))
+        return replace(self, ctxs=docs, gold_index=None, meta=dict(self.meta), support=[])
 
     # -- (de)serialisation ------------------------------------------------------------------------
 
@@ -289,6 +360,8 @@ class TaskExample:
             d["id"] = self.id
         if self.template != "qa":
             d["template"] = self.template
+        if self.support:
+            d["support"] = list(self.support)
         for k, v in self.meta.items():
             if k not in d:
                 d[k] = copy.deepcopy(v)
@@ -323,8 +396,11 @@ class TaskExample:
         dist = d.get("distractor_answers") or []
         if not isinstance(dist, list) or not all(isinstance(a, str) for a in dist):
             raise ValueError("'distractor_answers' must be a list of strings")
+        support = d.get("support") or []
+        if not isinstance(support, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in support):
+            raise ValueError("'support' must be a list of document indices (integers)")
         known = {"question", "answers", "ctxs", "gold_index", "distractor_answers", "id", "task",
-                 "template"}
+                 "template", "support"}
         meta = {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
         return cls(
             question=d["question"],
@@ -336,6 +412,7 @@ class TaskExample:
             meta=meta,
             id=str(d.get("id", id if id is not None else "")),
             template=str(d.get("template", "qa")),
+            support=list(support),
         )
 
 
@@ -377,18 +454,29 @@ def _parts(ex: TaskExample) -> list:
             parts.append(seg)
         parts += ["}\n\n", ("question", f'Key: "{ex.question}"'), "\nCorresponding value:"]
     elif ex.template == "needle":
-        # RULER niah_multikey: instruction, haystack with needles, question.
+        # RULER niah: instruction, haystack with needles, question (plural with several answers, as
+        # RULER's niah_multivalue asks).
         parts += [("instruction", NEEDLE_INSTRUCTION), "\n"]
         for j, seg in enumerate(docs):
             if j:
                 parts.append(" ")
             parts.append(seg)
+        ask = (
+            f"What are all the special magic numbers for {ex.question} mentioned in the provided text?"
+            if len(ex.answers) > 1
+            else f"What is the special magic number for {ex.question} mentioned in the provided text?"
+        )
+        parts += ["\n", ("question", ask), "\nAnswer:"]
+    elif ex.template == "variable_tracking":
+        # RULER vt: instruction, blank line, assignments and noise (one document a line), question.
+        parts += [("instruction", VT_INSTRUCTION), "\n\n"]
+        for j, seg in enumerate(docs):
+            if j:
+                parts.append("\n")
+            parts.append(seg)
         parts += [
             "\n",
-            (
-                "question",
-                f"What is the special magic number for {ex.question} mentioned in the provided text?",
-            ),
+            ("question", f"Question: Find all variables that are assigned the value {ex.question} in the text above."),
             "\nAnswer:",
         ]
     else:  # pragma: no cover - checked in TaskExample
@@ -414,7 +502,7 @@ class RenderedExample:
         variant: ``"original"``, ``"gold_only"`` or ``"negative"``.
         relevant: span of the gold document / gold key-value pair / needle (``None`` for
             ``"negative"``).
-        distractors: spans of the other documents, in prompt order.
+        distractors: spans of the other (non-gold, non-support) documents, in prompt order.
         answers: accepted answers.
         distractor_answers: answers stated by the distractors.
         source: the record before the variant and gold position were applied.
@@ -460,6 +548,12 @@ class RenderedExample:
     def gold_span(self) -> Span | None:
         """Alias of :attr:`relevant`."""
         return self.relevant
+
+    @property
+    def support_spans(self) -> list[Span]:
+        """Spans of every gold document (``example.support``), in prompt order; ``[gold_span]`` for a
+        single-gold record, ``[]`` with no gold document (``"negative"``). The ``"support"`` span rule."""
+        return [self.doc_spans[i] for i in self.example.support_indices]
 
     @property
     def question_span(self) -> Span:
@@ -527,12 +621,13 @@ def render(
     prompt = build_prompt(tok, _parts(ex), chat=chat, system=system, max_length=max_length)
     spans = [prompt.spans[f"doc_{i + 1}"] for i in range(ex.n_docs)]
     g = ex.gold_index
+    gold = set(ex.support_indices)
     return RenderedExample(
         example=ex,
         prompt=prompt,
         variant=variant,
         relevant=None if g is None else spans[g],
-        distractors=[s for i, s in enumerate(spans) if i != g],
+        distractors=[s for i, s in enumerate(spans) if i not in gold],
         answers=list(ex.answers),
         distractor_answers=list(ex.distractor_answers),
         source=example,

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
-from .records import Document, TaskExample
+from .records import NEEDLE_SENTENCE, Document, TaskExample
 
 __all__ = [
     "RELATIONS",
@@ -474,7 +474,7 @@ def make_needle(
             if v not in values:
                 values.append(v)
         needles = [
-            Document(title="", text=f"One of the special magic numbers for {k} is: {v}.", answers=[v],
+            Document(title="", text=NEEDLE_SENTENCE.format(key=k, value=v), answers=[v],
                      kind="needle")
             for k, v in zip(keys, values)
         ]

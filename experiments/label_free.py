@@ -80,10 +80,14 @@ DIRECTIONS = ROOT / "experiments" / "results" / "real_directions" / "directions"
 DIRECTIONS_K, DIRECTIONS_ALPHA = 10, 0.25  # chosen on validation in experiments/results/real_directions/
 N_CAL = 16  # unlabelled validation prompts calibrating the magnitude control's sink target
 TAU = 0.2
-MAX_NEW = {"nq10": 16, "nq10val": 16, "gold_only": 16, "positions": 16, "syn10": 20}
+RULER = {"niah_mk": ("make_niah_multikey", "RULER multi-key needles"),
+         "niah_mv": ("make_niah_multivalue", "RULER multi-value needles"),
+         "vt": ("make_variable_tracking", "RULER variable tracking"),
+         "hotpotqa": ("make_hotpotqa", "RULER HotpotQA")}
+MAX_NEW = {"nq10": 16, "nq10val": 16, "gold_only": 16, "positions": 16, "syn10": 20, **{t: 16 for t in RULER}}
 TASKS = {"nq10": "NQ-open, 10 real documents (test)", "gold_only": "gold-only prompts (harm)",
-         "syn10": "synthetic QA, 10 documents"}
-STAGES = ("select", "test", "gold_only", "attention", "positions", "syn10")
+         "syn10": "synthetic QA, 10 documents", **{t: d for t, (_, d) in RULER.items()}}
+STAGES = ("select", "test", "gold_only", "attention", "positions", "syn10", "ruler")
 
 # Validation grids, mildest first (ties go to the earlier setting). Calibration t: the per-token relevance
 # of a 1.4k-token prompt spreads over ~3e-4 between documents (SmolLM2), so t = 5e-5 is nearly one-hot and
@@ -200,7 +204,14 @@ def nq_split(a, split: str, *, every: bool = False) -> tuple[list, dict]:
 
 
 def task_data(a, task: str, n: int) -> tuple[list, dict, str]:
-    """``(examples, identity, variant)`` of a task's first ``n`` examples."""
+    """``(examples, identity, variant)`` of a task's first ``n`` examples (built once per run)."""
+    key = (task, n)
+    if key not in a.data_cache:
+        a.data_cache[key] = _task_data(a, task, n)
+    return a.data_cache[key]
+
+
+def _task_data(a, task: str, n: int) -> tuple[list, dict, str]:
     if task == "syn10":
         exs = make_synthetic_qa(n, n_docs=3 if a.quick else 10, seed=403)
         return exs, {"synthetic": examples_identity(exs)}, "original"
@@ -212,6 +223,13 @@ def task_data(a, task: str, n: int) -> tuple[list, dict, str]:
     if task == "nq10val":
         exs, data = nq_split(a, "validation")
         return exs[:n], data, "original"
+    if task in RULER:  # ~--ruler-length tokens (focuslens.tasks.ruler; the package's SQuAD is never read)
+        import focuslens.tasks as T
+
+        length = 448 if a.quick else a.ruler_length  # the tiny model's 512-token context (plumbing only)
+        kw = {"doc_tokens": 32} if a.quick and task.startswith("niah") else {}
+        exs = getattr(T, RULER[task][0])(n, a.tokenizer, length=length, seed=409, **kw)
+        return exs, {"ruler": task, "length": length, "seed": 409, "examples": examples_identity(exs)}, "original"
     if task == "positions":  # question-major: the first n questions, each with the gold at every position
         exs, data = nq_split(a, "test", every=True)
         n_docs = len(exs[0].ctxs)
@@ -300,11 +318,13 @@ def select(a, model, eng, heads) -> dict:
         return {"methods": {}, "cells": {}}
     base = run_cell(a, model, "nq10val", "unmodified", None, a.n_val)
     out: dict[str, Any] = {"n_val": a.n_val, "methods": {}, "cells": {}, "unmodified": base["acc"]}
-    loc = locator_hits(a, model, eng, heads, "nq10val", a.n_val, LOCATORS)
-    rates = hit_rate(loc)
-    best_loc = max(LOCATORS, key=lambda l: rates[json.dumps(l, sort_keys=True)][0])  # ties: earlier
-    out["locator_hits"] = {k: list(v) for k, v in rates.items()}
-    out["locator_hits_top2"] = {k: list(v) for k, v in hit_rate(loc, 2).items()}
+    best_loc = None
+    if "self_located" in a.methods:  # the locator: the best gold hit rate on validation (ties: the earlier)
+        loc = locator_hits(a, model, eng, heads, "nq10val", a.n_val, LOCATORS)
+        rates = hit_rate(loc)
+        best_loc = max(LOCATORS, key=lambda l: rates[json.dumps(l, sort_keys=True)][0])
+        out["locator_hits"] = {k: list(v) for k, v in rates.items()}
+        out["locator_hits_top2"] = {k: list(v) for k, v in hit_rate(loc, 2).items()}
     for method in a.methods:
         best = None
         for setting in GRIDS[method]:
@@ -319,8 +339,8 @@ def select(a, model, eng, heads) -> dict:
                                   **({"locator": best_loc} if method == "self_located" else {})}
         log(f"selected {method}: {best[0]} (validation Δ {100 * best[1]:+.1f})")
         old = load_json(p) or {}  # after each method; parallel workers (--methods) each add theirs
-        out["methods"] = {**old.get("methods", {}), **out["methods"]}
-        out["cells"] = {**old.get("cells", {}), **out["cells"]}
+        out = {**old, **out, "methods": {**old.get("methods", {}), **out["methods"]},
+               "cells": {**old.get("cells", {}), **out["cells"]}}
         atomic_write_json(p, out, indent=1)
     return out
 
@@ -377,11 +397,12 @@ def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: dict 
             m, s = k.split(" ", 1)
             mark = " **(chosen)**" if json.loads(s) == selection["methods"].get(m, {}).get("setting") else ""
             L.append(f"| {m} | {s}{mark} | {100 * v['delta']:+.1f} ± {100 * v['se']:.1f} (n={v['n']}) |")
-        L += ["", "Locators (which document the top heads attend to most; gold hit rate on validation, top-1 / "
+        L += [""] + (["Locators (which document the top heads attend to most; gold hit rate on validation, top-1 / "
               "top-2): " + "; ".join(f"{k}: {100 * v[0]:.0f}% / {100 * selection['locator_hits_top2'][k][0]:.0f}%"
                                      for k, v in selection["locator_hits"].items()), ""]
+                     if "locator_hits" in selection else [])
     # main table
-    tasks = [t for t in ("nq10", "gold_only", "syn10") if any((t, r) in cells for r in ROW_NAMES)]
+    tasks = [t for t in ("nq10", "gold_only", "syn10", *RULER) if any((t, r) in cells for r in ROW_NAMES)]
     L += ["**Test** (" + "; ".join(f"{TASKS[t]}: n = {cells[(t, 'unmodified')]['n']}, unmodified accuracy "
                                    f"{cells[(t, 'unmodified')]['acc']:.3f}" for t in tasks if (t, "unmodified") in cells)
           + "):", "", "| row | setting | " + " | ".join(TASKS[t] for t in tasks)
@@ -430,7 +451,7 @@ def row_setting(row: str, selection: dict) -> str:
         return json.dumps(sel["setting"]) + (f", τ = {TAU}, locator {json.dumps(loc)}" if loc else "")
     return {"focus_directions": f"k = {DIRECTIONS_K}, α = {DIRECTIONS_ALPHA}",
             "focus_directions_auto": f"k = {DIRECTIONS_K}, α = auto (sink target of α = {DIRECTIONS_ALPHA})",
-            "oracle": f"τ = {TAU} on the gold document", "random_heads": f"τ = {TAU}, gold document, random heads (seed 0)",
+            "oracle": f"τ = {TAU} on the gold document(s)", "random_heads": f"τ = {TAU}, gold document(s), random heads (seed 0)",
             }.get(row, "")
 
 
@@ -487,7 +508,7 @@ def figure(a, cells: dict, pos: dict) -> None:
 
     from focuslens.plot.figures import save_figure
 
-    tasks = [t for t in ("nq10", "gold_only", "syn10") if (t, "unmodified") in cells]
+    tasks = [t for t in ("nq10", "gold_only", "syn10", *RULER) if (t, "unmodified") in cells]
     rows_ = [r for r in ROW_NAMES if r != "unmodified" and any((t, r) in cells for t in tasks)]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
                         subplot_titles=("Δ accuracy vs unmodified (points, ± paired SE)",
@@ -534,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos-rows", nargs="+", default=["unmodified", "oracle", "self_located", "calibration",
                                                       "sink", "focus_directions"], choices=ROW_NAMES)
     ap.add_argument("--n-syn", type=int, default=40)
+    ap.add_argument("--n-ruler", type=int, default=40, help="examples per RULER task")
+    ap.add_argument("--ruler-length", type=int, default=1024, help="RULER prompt length in tokens (2048, ...)")
     ap.add_argument("--k", type=int, default=20, help="top contextual heads the methods act on")
     ap.add_argument("--heads", type=Path, default=ROOT / "figures" / "contextual_heads.json",
                     help="the model's head ranking (focuslens score --output ...: contextual_heads.json)")
@@ -553,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.out = (a.out or (ROOT / "runs" / "label_free_quick" if a.quick else OUT)).resolve()
     a.read_only = a.report
+    a.data_cache = {}
     a.argv = list(argv if argv is not None else sys.argv[1:])
     if a.quick:
         a.n, a.n_val, a.n_att, a.n_pos, a.n_syn = min(a.n, 4), min(a.n_val, 4), min(a.n_att, 2), min(a.n_pos, 1), min(a.n_syn, 2)
+        a.n_ruler = min(a.n_ruler, 2)
     torch.set_num_threads(a.threads)
     t_start = time.time()
     if a.quick:
@@ -569,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         heads = load_heads(a.heads, k=a.k, model=model)
         a.model_name = f"{a.model or 'SmolLM2-135M-Instruct'} ({a.dtype}, {a.device})"
     a.mid = model_identity(model)
+    a.tokenizer = model.tokenizer
     eng = engine_for(model)
     selection = select(a, model, eng, heads) if ("select" in a.stages or a.report) else {}
     if not selection and not a.report:
@@ -584,11 +610,15 @@ def main(argv: list[str] | None = None) -> int:
             specs[row] = factories[row]()
         except LookupError as e:
             log(f"{row}: skipped ({e})")
-    plan = [("test", "nq10", a.n), ("gold_only", "gold_only", a.n), ("syn10", "syn10", a.n_syn)]
+    plan = [("test", "nq10", a.n), ("gold_only", "gold_only", a.n), ("syn10", "syn10", a.n_syn),
+            # --quick: HotpotQA's paragraphs do not fit the tiny model's 512-token context
+            *(("ruler", t, a.n_ruler) for t in RULER if not (a.quick and t == "hotpotqa"))]
     for stage, task, n in plan:
         if stage not in a.stages and not a.report:
             continue
         for row, spec in specs.items():
+            if task in RULER and isinstance(spec, SplitSoftmax):  # multi-gold tasks: every gold document
+                spec = SplitSoftmax(spec.heads, spec.tau, span="support")
             c = run_cell(a, model, task, row, spec, n, read_only=a.report or stage not in a.stages)
             if c is not None:
                 cells[(task, row)] = c

@@ -560,10 +560,12 @@ def _hotpot_distractors(q: dict, pool: Sequence[tuple[str, str]], rng: random.Ra
 
     def offer(title: str, text: str, kind: str) -> None:
         nonlocal total
-        if title in seen or contains_answer(text, [answer]) or contains_answer(title, [answer]):
+        # cheapest test first: no tokenizer puts more than ~12 characters in a token on average, so a
+        # longer text cannot fit max_doc (skipping it untokenized keeps short lengths fast)
+        if title in seen or len(title) + len(text) > 12 * max_doc:
             return
         n = n_tok(title, text)
-        if n > max_doc:
+        if n > max_doc or contains_answer(text, [answer]) or contains_answer(title, [answer]):
             return
         seen.add(title)
         candidates.append(Document(title=title, text=text, kind=kind))

@@ -526,8 +526,12 @@ def test_label_free_experiment_quick_run_resumes(tmp_path, load_script):
     out = tmp_path / "lf"
     report = (out / "report.md").read_text()
     for row in ("| unmodified |", "| calibration |", "| sink |", "| temperature |", "| ssmax |", "| self_located |",
-                "| oracle |", "| random_heads |", "**Lost in the middle**", "Selection on validation", "Locators"):
+                "| oracle |", "| random_heads |", "**Lost in the middle**", "Selection on validation", "Locators",
+                "RULER multi-key needles", "RULER multi-value needles", "RULER variable tracking"):
         assert row in report, row
+    # multi-gold RULER tasks: the oracle edits every gold document (span rule "support")
+    oracle = json.loads(next((out / "cells" / "niah_mv").glob("oracle-*.json")).read_text())
+    assert "span='support'" in oracle["setting"]
     assert (out / "figures" / "label_free.html").exists()
     sel = json.loads(next(out.glob("selection-*.json")).read_text())
     assert set(sel["methods"]) == set(mod.GRIDS)

@@ -59,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from focuslens.core.errors import OutputBusy  # noqa: E402
 from focuslens.core.io import atomic_write, atomic_write_json, content_hash  # noqa: E402
 from focuslens.core.models import load_model, model_identity  # noqa: E402
 from focuslens.directions import FocusDirections, calibrate_sink_target  # noqa: E402
@@ -254,9 +255,13 @@ def run_cell(a, model, task: str, row: str, spec, n: int, *, read_only: bool = F
     if read_only:
         return old if old is not None and old.get("n") == len(exs) else None
     t0 = time.time()
-    res = evaluate(model, exs, intervene=spec, max_new_tokens=MAX_NEW[task], progress=a.progress, tag=data,
-                   batch_size=a.batch_size, variant=variant,
-                   output=a.out / "evals" / task / f"{row}-{key}.jsonl")
+    try:
+        res = evaluate(model, exs, intervene=spec, max_new_tokens=MAX_NEW[task], progress=a.progress, tag=data,
+                       batch_size=a.batch_size, variant=variant,
+                       output=a.out / "evals" / task / f"{row}-{key}.jsonl")
+    except OutputBusy as e:  # a parallel worker is computing this cell: leave it to that one
+        log(f"{task} {row}: skipped here ({e})")
+        return None
     s = res.summary()
     cell = {"task": task, "row": row, "spec": None if spec is None else spec.id, "setting": repr(spec),
             "n": s["n"], "acc": s["accuracy"], "se": s["accuracy_se"], "em": [float(r["em"]) for r in res.records],

@@ -632,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     att: dict[str, dict] = {}
     if "attention" in a.stages or a.report:
         for row, spec in specs.items():
-            c = cells.get(("nq10", row)) or run_cell(a, model, "nq10", row, spec, a.n, read_only=True)
+            # not read-only: a cell cached without its answers gets them back from its records (no decoding)
+            c = cells.get(("nq10", row)) or run_cell(a, model, "nq10", row, spec, a.n, read_only=a.report)
             if c is not None and c["n"] >= a.n_att:
                 m = attention_cell(a, model, eng, heads, "nq10", row, spec, c, a.n_att)
                 if m is not None:

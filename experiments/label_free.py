@@ -35,6 +35,12 @@ Stages (``--stages``, in this order; each reads what the earlier ones wrote):
 5. ``positions``: the lost-in-the-middle curve: the first ``--n-pos`` test questions with the gold at each
    of the 10 positions, for ``--pos-rows``.
 6. ``syn10``: synthetic QA with 10 documents (seed 403), ``--n-syn`` examples, every row.
+7. ``ruler``: the RULER tasks of ``focuslens.tasks.ruler`` (multi-key and multi-value needles, variable
+   tracking, HotpotQA; ``--n-ruler`` examples each at ~``--ruler-length`` tokens, seed 409), every row;
+   split softmax rows on every gold document of the example (span rule ``"support"``).
+
+Beside the selected rows, ``self_located_top2`` is the self-located span with the validation's runner-up
+``top=2`` (not chosen: an analysis row, run where an example has several gold documents; ``--rows``).
 
 Heads: the top ``--k`` contextual heads of ``figures/contextual_heads.json``, ranked on *synthetic* data
 only (no real-document label picks them). Cells are Δ accuracy vs unmodified on the same examples, ± paired
@@ -157,8 +163,15 @@ def rows(a, model, heads, selection: dict) -> dict[str, Callable[[], Any]]:
             return label_free_spec(method, sel["setting"], heads, sel.get("locator"))
         return make
 
+    def top2():  # not a selection: the runner-up top on validation, for tasks with several gold documents
+        sel = selection.get("self_located")
+        if sel is None:
+            raise LookupError("self_located: not selected yet (run the select stage)")
+        return label_free_spec("self_located", {**sel["setting"], "top": 2}, heads, sel.get("locator"))
+
     out: dict[str, Callable[[], Any]] = {"unmodified": lambda: None}
     out.update({m: chosen(m) for m in LABEL_FREE})
+    out["self_located_top2"] = top2
     out.update({
         "focus_directions": directions(False),
         "focus_directions_auto": directions(True),
@@ -283,11 +296,13 @@ def locator_hits(a, model, eng, heads, task: str, n: int, locators: list[dict]) 
     p = locate_path(a, heads, task, data, locators, len(exs))
     if (old := load_json(p)) is not None or a.read_only:
         return old
-    out = {"locators": locators, "gold": [], "ranking": {json.dumps(l, sort_keys=True): [] for l in locators}}
+    out = {"locators": locators, "gold": [], "support": [],
+           "ranking": {json.dumps(l, sort_keys=True): [] for l in locators}}
     t0 = time.time()
     for e in exs:
         r = render(e, model, chat=True)
         out["gold"].append(r.gold_position)
+        out["support"].append(r.example.support_indices)  # every gold document (RULER: several)
         for loc in locators:
             got = locate_span(model, r, heads=heads, query=loc["query"], baseline=loc["baseline"], top=1,
                               engine=eng)
@@ -303,11 +318,16 @@ def locate_path(a, heads, task: str, data: dict, locators: list[dict], n: int) -
     return a.out / "locate" / f"{task}-{key}.json"
 
 
+def gold_sets(loc: dict) -> list[list[int]]:
+    """Each example's gold documents (positions): ``support`` where recorded, else the one gold."""
+    return loc.get("support") or [[g] for g in loc["gold"]]
+
+
 def hit_rate(loc: dict, top: int = 1) -> dict[str, tuple[float, float]]:
-    """``{locator: (rate, se)}``: how often the gold document is among the ``top`` first."""
+    """``{locator: (rate, se)}``: how often a gold document is among the ``top`` first."""
     out = {}
     for name, ranks in loc["ranking"].items():
-        hits = [float(g in rk[:top]) for g, rk in zip(loc["gold"], ranks)]
+        hits = [float(any(d in gs for d in rk[:top])) for gs, rk in zip(gold_sets(loc), ranks)]
         out[name] = mean_se(hits)
     return out
 
@@ -383,7 +403,7 @@ def fmt_delta(c: dict | None, b: dict | None, extra: str = "") -> str:
     return f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({d.wins}/{d.losses}{extra})"
 
 
-def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: dict | None, pos: dict) -> str:
+def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: list[dict], pos: dict) -> str:
     """The markdown of ``docs/label_free.md``'s results section."""
     cmd = " ".join(["python experiments/label_free.py", *(x for x in a.argv if x != "--report")])
     src = ("random heads (plumbing)" if a.quick else
@@ -441,8 +461,8 @@ def report(a, heads, selection: dict, cells: dict, att: dict, locate_test: dict 
         L += ["", f"Heads' mass: the top-{len(heads)} heads' mean attention from the rows of each answer on the gold "
               f"document / the first token (sink) / the distractors, first n = {n_att} test questions, on the fused "
               "engine with the spec attached; Δ vs unmodified ± paired SE."]
-    if locate_test:
-        L += ["", locate_test["text"]]
+    for g in locate_test:
+        L += ["", g["text"]]
     if pos:
         L += ["", pos["text"]]
     return "\n".join(L) + "\n"
@@ -454,24 +474,29 @@ def row_setting(row: str, selection: dict) -> str:
     if sel is not None:
         loc = sel.get("locator")
         return json.dumps(sel["setting"]) + (f", τ = {TAU}, locator {json.dumps(loc)}" if loc else "")
+    if row == "self_located_top2" and (sel := selection.get("methods", {}).get("self_located")) is not None:
+        return (f"top 2 (not chosen: validation's runner-up, an analysis row for several gold documents), "
+                f"τ = {TAU}, locator {json.dumps(sel.get('locator'))}")
     return {"focus_directions": f"k = {DIRECTIONS_K}, α = {DIRECTIONS_ALPHA}",
             "focus_directions_auto": f"k = {DIRECTIONS_K}, α = auto (sink target of α = {DIRECTIONS_ALPHA})",
             "oracle": f"τ = {TAU} on the gold document(s)", "random_heads": f"τ = {TAU}, gold document(s), random heads (seed 0)",
             }.get(row, "")
 
 
-ROW_NAMES = ["unmodified", *LABEL_FREE, "focus_directions", "focus_directions_auto", "oracle", "random_heads"]
+ROW_NAMES = ["unmodified", *LABEL_FREE, "self_located_top2", "focus_directions", "focus_directions_auto", "oracle", "random_heads"]
 
 
-def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict) -> dict:
-    """How often the self-located span's guess is the gold on test, and the paired Δ on right vs wrong guesses."""
-    c, b = cells.get(("nq10", "self_located")), cells.get(("nq10", "unmodified"))
+def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict, task: str = "nq10") -> dict:
+    """How often the self-located span's guess is a gold document on ``task``, and the paired Δ on right vs
+    wrong guesses (right: a gold document among the ``top`` chosen)."""
+    c, b = cells.get((task, "self_located")), cells.get((task, "unmodified"))
     if c is None or b is None:
         return {}
     name = json.dumps(sel["methods"]["self_located"]["locator"], sort_keys=True)
     top = sel["methods"]["self_located"]["setting"]["top"]
     n = min(c["n"], b["n"], len(loc["gold"]))
-    hit = [loc["gold"][i] in loc["ranking"][name][i][:top] for i in range(n)]
+    golds = gold_sets(loc)[:n]
+    hit = [any(d in golds[i] for d in loc["ranking"][name][i][:top]) for i in range(n)]
     parts = []
     for label, want in (("right", True), ("wrong", False)):
         idx = [i for i in range(n) if hit[i] == want]
@@ -479,30 +504,45 @@ def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict) -> dict:
             d = paired_difference([c["em"][i] for i in idx], [b["em"][i] for i in idx])
             parts.append(f"guess {label} ({len(idx)}/{n}): Δ {100 * d.mean:+.1f} ± {100 * d.se:.1f} "
                          f"({d.wins}/{d.losses})")
-    rates = hit_rate({"gold": loc["gold"][:n], "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
-    text = (f"Self-located span on test (locator {name}, top-{top}): " + "; ".join(parts)
-            + ". Gold hit rates of every locator on the test questions (top-1): "
+    rates = hit_rate({"gold": loc["gold"][:n], "support": golds, "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
+    n_gold = sum(len(g) for g in golds) / max(n, 1)
+    what = "on the test questions" if task == "nq10" else f"on {TASKS[task]}"
+    text = (f"Self-located span {what} (locator {name}, top-{top}; {n_gold:.1f} gold documents per example): "
+            + "; ".join(parts) + ". Gold hit rates (top-1): "
             + "; ".join(f"{k}: {100 * v[0]:.0f} ± {100 * v[1]:.0f}%" for k, v in rates.items()) + ".")
     return {"text": text, "hit": hit}
 
 
 def positions_summary(a, cells_pos: dict) -> dict:
+    """The accuracy per gold position of each row, and each row's paired Δ vs unmodified: overall and at
+    its worst position (the bar: no position made worse), from the same questions at the same positions."""
     if "unmodified" not in cells_pos:
         return {}
     rows_ = list(cells_pos)
     n_docs = 3 if a.quick else a.n_docs
-    L = [f"**Lost in the middle** (first {cells_pos['unmodified']['n'] // n_docs} test questions, gold at each "
-         "position; accuracy per gold position):", "",
-         "| row | " + " | ".join(str(p + 1) for p in range(n_docs)) + " | mean |", "|---|" + "---|" * (n_docs + 1)]
+    base = cells_pos["unmodified"]
+
+    def at(c: dict, p: int) -> list[float]:
+        return [em for em, g in zip(c["em"], c["gold_position"]) if g == p]
+
+    L = [f"**Lost in the middle** (first {base['n'] // n_docs} test questions, gold at each "
+         "position; accuracy per gold position; Δ vs unmodified on the same questions and positions, in "
+         "points ± paired SE; worst: the position with the lowest Δ):", "",
+         "| row | " + " | ".join(str(p + 1) for p in range(n_docs)) + " | mean | Δ mean | worst position Δ |",
+         "|---|" + "---|" * (n_docs + 3)]
     curves = {}
     for row in rows_:
         c = cells_pos[row]
-        by = {}
-        for em, g in zip(c["em"], c["gold_position"]):
-            by.setdefault(g, []).append(em)
-        curve = [sum(by.get(p, [0])) / max(len(by.get(p, [])), 1) for p in range(n_docs)]
+        curve = [sum(at(c, p)) / max(len(at(c, p)), 1) for p in range(n_docs)]
         curves[row] = curve
-        L.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in curve) + f" | {c['acc']:.3f} |")
+        cols = ["", ""]
+        if row != "unmodified" and c["gold_position"] == base["gold_position"]:
+            d = paired_difference(c["em"], base["em"])
+            ds = [(p, paired_difference(at(c, p), at(base, p))) for p in range(n_docs)]
+            p_w, w = min(ds, key=lambda x: (x[1].mean, -x[1].se))
+            cols = [f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({d.wins}/{d.losses})",
+                    f"{100 * w.mean:+.1f} ± {100 * w.se:.1f} (position {p_w + 1})"]
+        L.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in curve) + f" | {c['acc']:.3f} | " + " | ".join(cols) + " |")
     return {"text": "\n".join(L), "curves": curves}
 
 
@@ -607,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
                               "heads": [list(h) for h in heads], "tau": TAU, "v": 1})[:12]
         selection = load_json(a.out / f"selection-{keyed}.json") or {}
     factories = rows(a, model, heads, selection.get("methods", {}))
-    names = [r for r in ROW_NAMES if a.rows is None or r in a.rows or r == "unmodified"]
+    # the analysis row runs only when named (--rows); --report shows every cached row
+    names = [r for r in ROW_NAMES if r == "unmodified" or (r in a.rows if a.rows is not None else
+                                                          a.report or r != "self_located_top2")]
     cells: dict[tuple[str, str], dict] = {}
     specs: dict[str, Any] = {}
     for row in names:
@@ -627,8 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             c = run_cell(a, model, task, row, spec, n, read_only=a.report or stage not in a.stages)
             if c is not None:
                 cells[(task, row)] = c
-        if stage == "test" and "self_located" in specs and not a.report:
-            locator_hits(a, model, eng, heads, "nq10", a.n, [selection["methods"]["self_located"]["locator"]])
+        if stage in ("test", "syn10", "ruler") and "self_located" in specs and not a.report:
+            locator_hits(a, model, eng, heads, task, n, [selection["methods"]["self_located"]["locator"]])
     att: dict[str, dict] = {}
     if "attention" in a.stages or a.report:
         for row, spec in specs.items():
@@ -646,12 +688,15 @@ def main(argv: list[str] | None = None) -> int:
                              read_only=a.report or "positions" not in a.stages)
                 if c is not None:
                     cells_pos[row] = c
-    loc_test = None
+    loc_test = []  # per task: how often the self-located guess is a gold document, and what a wrong one costs
     if selection.get("methods", {}).get("self_located"):
-        exs, data, _ = task_data(a, "nq10", a.n)
-        loc_p = locate_path(a, heads, "nq10", data, [selection["methods"]["self_located"]["locator"]], len(exs))
-        if (loc := load_json(loc_p)) is not None:
-            loc_test = wrong_guess_cost(a, selection, cells, loc)
+        for stage, task, n in plan:
+            if (task, "self_located") not in cells:
+                continue
+            exs, data, _ = task_data(a, task, n)
+            loc_p = locate_path(a, heads, task, data, [selection["methods"]["self_located"]["locator"]], len(exs))
+            if (loc := load_json(loc_p)) is not None and (g := wrong_guess_cost(a, selection, cells, loc, task)):
+                loc_test.append(g)
     md = report(a, heads, selection, cells, att, loc_test, positions_summary(a, cells_pos))
     atomic_write(a.out / "report.md", md)
     if not a.quick and a.out == OUT:  # the docs page's results section (the prose around it is kept)

@@ -527,8 +527,10 @@ def test_label_free_experiment_quick_run_resumes(tmp_path, load_script):
     report = (out / "report.md").read_text()
     for row in ("| unmodified |", "| calibration |", "| sink |", "| temperature |", "| ssmax |", "| self_located |",
                 "| oracle |", "| random_heads |", "**Lost in the middle**", "Selection on validation", "Locators",
-                "RULER multi-key needles", "RULER multi-value needles", "RULER variable tracking"):
+                "RULER multi-key needles", "RULER multi-value needles", "RULER variable tracking",
+                "worst position Δ", "Self-located span on RULER multi-value needles"):
         assert row in report, row
+    assert "| self_located_top2 |" not in report  # the analysis row runs only when named
     # multi-gold RULER tasks: the oracle edits every gold document (span rule "support")
     oracle = json.loads(next((out / "cells" / "niah_mv").glob("oracle-*.json")).read_text())
     assert "span='support'" in oracle["setting"]
@@ -548,3 +550,8 @@ def test_label_free_experiment_quick_run_resumes(tmp_path, load_script):
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     assert mod.main(argv + ["--report"]) == 0
     assert (out / "report.md").read_text() == report
+    # the analysis row, named: its cells join the report (top 2 of the chosen locator)
+    assert mod.main(argv + ["--stages", "ruler", "--rows", "self_located_top2"]) == 0
+    top2 = json.loads(next((out / "cells" / "niah_mv").glob("self_located_top2-*.json")).read_text())
+    assert "top=2" in top2["setting"]
+    assert "| self_located_top2 |" in (out / "report.md").read_text()

@@ -507,9 +507,13 @@ def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict, task: str = "nq10") -
     rates = hit_rate({"gold": loc["gold"][:n], "support": golds, "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
     n_gold = sum(len(g) for g in golds) / max(n, 1)
     what = "on the test questions" if task == "nq10" else f"on {TASKS[task]}"
+    both = ""  # several gold documents: how often the two best documents are both gold (what top=2 edits)
+    if any(len(g) > 1 for g in golds):
+        two = [float(all(d in golds[i] for d in loc["ranking"][name][i][:2])) for i in range(n)]
+        both = f" Both of the two best documents gold: {100 * sum(two) / n:.0f}%."
     text = (f"Self-located span {what} (locator {name}, top-{top}; {n_gold:.1f} gold documents per example): "
             + "; ".join(parts) + ". Gold hit rates (top-1): "
-            + "; ".join(f"{k}: {100 * v[0]:.0f} ± {100 * v[1]:.0f}%" for k, v in rates.items()) + ".")
+            + "; ".join(f"{k}: {100 * v[0]:.0f} ± {100 * v[1]:.0f}%" for k, v in rates.items()) + "." + both)
     return {"text": text, "hit": hit}
 
 
@@ -564,8 +568,12 @@ def figure(a, cells: dict, pos: dict) -> None:
                              error_x=dict(type="data", array=[100 * d.se if d else 0 for d in ds])), row=1, col=1)
     for row, curve in (pos.get("curves") or {}).items():
         fig.add_trace(go.Scatter(name=f"{row} (positions)", x=list(range(1, len(curve) + 1)), y=curve,
-                                 mode="lines+markers"), row=1, col=2)
-    fig.update_layout(barmode="group", height=520, width=1250, title=f"Label-free steering, {a.model_name}")
+                                 mode="lines+markers", line=dict(dash="dash" if row == "oracle" else "solid",
+                                                                 width=4 if row == "oracle" else 2)),
+                      row=1, col=2)  # the oracle wide and dashed: a row equal to it stays visible on top
+    # one group of bars per row, one bar per task: room for every task's bar and its error bar
+    fig.update_layout(barmode="group", height=max(520, 12 * len(rows_) * len(tasks) + 160), width=1250,
+                      title=f"Label-free steering, {a.model_name}")
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="gold position (of 10)", row=1, col=2)
     # the repository's figures load plotly.js from its CDN, as every figure in figures/ (no 4.8 MB copy)

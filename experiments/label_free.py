@@ -79,7 +79,7 @@ from focuslens.intervene import (  # noqa: E402
 from focuslens.intervene.label_free import locate_span  # noqa: E402
 from focuslens.score.ranking import load_heads  # noqa: E402
 from focuslens.tasks import load_litm, make_synthetic_qa, paired_difference, render  # noqa: E402
-from focuslens.tasks.metrics import mean_se  # noqa: E402
+from focuslens.tasks.metrics import accuracy_by_position, mean_se  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "label_free"
 SETS = ROOT / "runs" / "real_documents"
@@ -323,13 +323,16 @@ def gold_sets(loc: dict) -> list[list[int]]:
     return loc.get("support") or [[g] for g in loc["gold"]]
 
 
+def guess_hits(golds: list[list[int]], ranks: list[list[int]], top: int, *, every: bool = False) -> list[bool]:
+    """Per example: is a gold document among the ``top`` best ranked (``every``: are all ``top`` gold)?"""
+    test = all if every else any
+    return [test(d in gs for d in rk[:top]) for gs, rk in zip(golds, ranks)]
+
+
 def hit_rate(loc: dict, top: int = 1) -> dict[str, tuple[float, float]]:
     """``{locator: (rate, se)}``: how often a gold document is among the ``top`` first."""
-    out = {}
-    for name, ranks in loc["ranking"].items():
-        hits = [float(any(d in gs for d in rk[:top])) for gs, rk in zip(gold_sets(loc), ranks)]
-        out[name] = mean_se(hits)
-    return out
+    return {name: mean_se([float(h) for h in guess_hits(gold_sets(loc), ranks, top)])
+            for name, ranks in loc["ranking"].items()}
 
 
 def select(a, model, eng, heads) -> dict:
@@ -484,6 +487,7 @@ def row_setting(row: str, selection: dict) -> str:
 
 
 ROW_NAMES = ["unmodified", *LABEL_FREE, "self_located_top2", "focus_directions", "focus_directions_auto", "oracle", "random_heads"]
+ANALYSIS_ROWS = ("self_located_top2",)  # not selected on validation: run only when named (--rows)
 
 
 def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict, task: str = "nq10") -> dict:
@@ -496,7 +500,7 @@ def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict, task: str = "nq10") -
     top = sel["methods"]["self_located"]["setting"]["top"]
     n = min(c["n"], b["n"], len(loc["gold"]))
     golds = gold_sets(loc)[:n]
-    hit = [any(d in golds[i] for d in loc["ranking"][name][i][:top]) for i in range(n)]
+    hit = guess_hits(golds, loc["ranking"][name][:n], top)
     parts = []
     for label, want in (("right", True), ("wrong", False)):
         idx = [i for i in range(n) if hit[i] == want]
@@ -504,12 +508,12 @@ def wrong_guess_cost(a, sel: dict, cells: dict, loc: dict, task: str = "nq10") -
             d = paired_difference([c["em"][i] for i in idx], [b["em"][i] for i in idx])
             parts.append(f"guess {label} ({len(idx)}/{n}): Δ {100 * d.mean:+.1f} ± {100 * d.se:.1f} "
                          f"({d.wins}/{d.losses})")
-    rates = hit_rate({"gold": loc["gold"][:n], "support": golds, "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
+    rates = hit_rate({"support": golds, "ranking": {k: v[:n] for k, v in loc["ranking"].items()}})
     n_gold = sum(len(g) for g in golds) / max(n, 1)
     what = "on the test questions" if task == "nq10" else f"on {TASKS[task]}"
     both = ""  # several gold documents: how often the two best documents are both gold (what top=2 edits)
     if any(len(g) > 1 for g in golds):
-        two = [float(all(d in golds[i] for d in loc["ranking"][name][i][:2])) for i in range(n)]
+        two = guess_hits(golds, loc["ranking"][name][:n], 2, every=True)
         both = f" Both of the two best documents gold: {100 * sum(two) / n:.0f}%."
     text = (f"Self-located span {what} (locator {name}, top-{top}; {n_gold:.1f} gold documents per example): "
             + "; ".join(parts) + ". Gold hit rates (top-1): "
@@ -526,7 +530,7 @@ def positions_summary(a, cells_pos: dict) -> dict:
     n_docs = 3 if a.quick else a.n_docs
     base = cells_pos["unmodified"]
 
-    def at(c: dict, p: int) -> list[float]:
+    def at(c: dict, p: int) -> list[float]:  # the row's answers with the gold at position p, in question order
         return [em for em, g in zip(c["em"], c["gold_position"]) if g == p]
 
     L = [f"**Lost in the middle** (first {base['n'] // n_docs} test questions, gold at each "
@@ -537,7 +541,8 @@ def positions_summary(a, cells_pos: dict) -> dict:
     curves = {}
     for row in rows_:
         c = cells_pos[row]
-        curve = [sum(at(c, p)) / max(len(at(c, p)), 1) for p in range(n_docs)]
+        by = accuracy_by_position({"em": em, "gold_position": g} for em, g in zip(c["em"], c["gold_position"]))
+        curve = [by[p]["accuracy"] if p in by else 0.0 for p in range(n_docs)]
         curves[row] = curve
         cols = ["", ""]
         if row != "unmodified" and c["gold_position"] == base["gold_position"]:
@@ -655,9 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                               "heads": [list(h) for h in heads], "tau": TAU, "v": 1})[:12]
         selection = load_json(a.out / f"selection-{keyed}.json") or {}
     factories = rows(a, model, heads, selection.get("methods", {}))
-    # the analysis row runs only when named (--rows); --report shows every cached row
-    names = [r for r in ROW_NAMES if r == "unmodified" or (r in a.rows if a.rows is not None else
-                                                          a.report or r != "self_located_top2")]
+    wanted = a.rows if a.rows is not None else [r for r in ROW_NAMES if a.report or r not in ANALYSIS_ROWS]
+    names = [r for r in ROW_NAMES if r == "unmodified" or r in wanted]
     cells: dict[tuple[str, str], dict] = {}
     specs: dict[str, Any] = {}
     for row in names:
